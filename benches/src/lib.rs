@@ -1,0 +1,18 @@
+//! Benchmarks for oakestra-rs (`cargo bench -p oakestra-benches`).
+//!
+//! # Layout
+//! - `benches/protocol.rs`: SLA validation and address allocation, the per-request work of root-service.
+//!
+//! The network benches (packet translation, connection table, the overlay testbed) arrive with the NetManager.
+
+/// Times `f` over `iterations` runs after a short warm-up and returns nanoseconds per run.
+pub fn time_ns<T>(iterations: u32, mut f: impl FnMut() -> T) -> f64 {
+    for _ in 0..iterations.div_ceil(10) {
+        std::hint::black_box(f());
+    }
+    let start = std::time::Instant::now();
+    for _ in 0..iterations {
+        std::hint::black_box(f());
+    }
+    start.elapsed().as_secs_f64() * 1e9 / f64::from(iterations.max(1))
+}

@@ -1,0 +1,9 @@
+//! HTTP request and response bodies shared by more than one binary.
+//!
+//! - [`cluster`]: worker registration at the cluster manager (`POST /api/node/register`).
+//! - [`netmanager`]: the NetManager's local API on its unix socket (`/register`, `/container/deploy`, …).
+//!
+//! Like the MQTT payloads, bodies write the reference's JSON types and read any type a peer is known to send.
+
+pub mod cluster;
+pub mod netmanager;

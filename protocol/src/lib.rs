@@ -1,0 +1,26 @@
+//! The contracts every oakestra-rs tier shares. Pure data and pure rules: no I/O, no async runtime.
+//!
+//! # Layout
+//! - [`sla`]: the deployment descriptor (SLA v2.0) model, its validation (every problem at once, with JSON paths)
+//!   and the port-mapping grammar.
+//! - [`status`]: instance and job status strings exactly as Oakestra spells them, with the allowed transitions.
+//! - [`naming`]: job names `app.appns.svc.svcns` and task ids `<job>.instance.<n>`.
+//! - [`mqtt`]: MQTT topics and JSON payloads, worker ⇄ cluster ([`mqtt::worker`]) and NetManager ⇄ cluster
+//!   ([`mqtt::net`]).
+//! - [`api`]: HTTP bodies: worker registration at the cluster ([`api::cluster`]) and the NetManager local API
+//!   ([`api::netmanager`]).
+//! - [`addr`]: the overlay address plan, the balancing-policy encoding of IPv6 service addresses and the address
+//!   allocators.
+//!
+//! Field names on the wire are spelled exactly as the reference implementation spells them (including its
+//! inconsistencies, e.g. `MQTT_BROKER_PORT`, `nsAddressv6`), so that Oakestra peers interoperate with ours.
+
+pub mod addr;
+pub mod api;
+pub mod mqtt;
+pub mod naming;
+pub mod serde_util;
+pub mod sla;
+pub mod status;
+#[cfg(test)]
+mod test_util;

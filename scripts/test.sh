@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh Debian 12 machine: installs what is missing (apt packages, rustup components,
+# bpf-linker), then runs rustfmt, clippy, every test, and builds the eBPF object.
+#   ./scripts/test.sh            everything (what CI runs through .ci/run)
+#   OAKESTRA_SKIP_EBPF=1 ./scripts/test.sh   skip the eBPF toolchain and object (e.g. on a machine without LLVM 22)
+# Idempotent; with everything installed and built it only re-runs the checks.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+log() { printf '\n==> %s  [%s]\n' "$*" "$(date +%T)"; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else die "need root for: $*"; fi; }
+
+export DEBIAN_FRONTEND=noninteractive
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+SKIP_EBPF="${OAKESTRA_SKIP_EBPF:-0}"
+
+# --- system packages -------------------------------------------------------------------------------------------
+# gcc/libc6-dev: C code in -sys crates; pkg-config: crate build scripts; the llvm-22 set: bpf-linker (eBPF).
+packages=(gcc libc6-dev pkg-config)
+[ "$SKIP_EBPF" = 1 ] || packages+=(llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev binutils)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  log "installing apt packages: ${missing[*]}"
+  as_root apt-get -o DPkg::Lock::Timeout=900 update -qq
+  as_root apt-get -o DPkg::Lock::Timeout=900 install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+# --- Rust toolchains ---------------------------------------------------------------------------------------------
+command -v cargo >/dev/null || die "cargo not found: this project needs rustup with a stable toolchain (>= 1.95)"
+for c in rustfmt clippy; do
+  rustup component list --installed 2>/dev/null | grep -q "^$c" || { log "adding rustup component $c"; rustup component add "$c"; }
+done
+if [ "$SKIP_EBPF" != 1 ]; then
+  rustup toolchain list | grep -q '^nightly' || { log "installing the nightly toolchain"; rustup toolchain install nightly --profile minimal; }
+  rustup component list --toolchain nightly --installed 2>/dev/null | grep -q '^rust-src' \
+    || { log "adding rust-src to nightly"; rustup component add rust-src --toolchain nightly; }
+  if ! command -v bpf-linker >/dev/null && [ ! -x "$HOME/.cargo/bin/bpf-linker" ]; then
+    log "building bpf-linker against LLVM 22 (a few minutes, once)"
+    PATH="/usr/lib/llvm-22/bin:$PATH" LLVM_SYS_221_PREFIX=/usr/lib/llvm-22 \
+      cargo install bpf-linker --no-default-features --features llvm-22
+  fi
+  export PATH="$HOME/.cargo/bin:$PATH"
+fi
+
+# --- checks ------------------------------------------------------------------------------------------------------
+log "cargo fmt --check"
+cargo fmt --all -- --check
+
+log "cargo clippy (workspace, all targets, -D warnings)"
+cargo clippy --locked --workspace --all-targets -- -D warnings
+
+log "building the binaries (the cross-binary tests run them)"
+cargo build --locked --bins
+
+log "cargo test"
+test_log=$(mktemp)
+trap 'rm -f "$test_log"' EXIT
+set +e
+cargo test --locked 2>&1 | tee "$test_log"
+test_status=${PIPESTATUS[0]}
+set -e
+# cargo prints one `test result:` line per test binary; add them up for one closing line.
+read -r passed failed < <(awk '/^test result:/ { p += $4; f += $6 } END { print p + 0, f + 0 }' "$test_log")
+if [ "$test_status" -ne 0 ]; then
+  printf '\ntests: %d passed, %d failed\n' "$passed" "$failed"
+  die "cargo test failed"
+fi
+
+if [ "$SKIP_EBPF" != 1 ]; then
+  log "building the eBPF object (nightly, bpfel-unknown-none)"
+  (cd ebpf/programs && cargo build --locked --release)
+  obj=target/bpfel-unknown-none/release/oakestra-tc
+  [ -f "$obj" ] || die "eBPF object $obj was not produced"
+  # The object must hold both classifiers and the counter map; a build that silently produced an empty object fails.
+  syms=$(readelf -sW "$obj")
+  for s in oakestra_from_container oakestra_to_container COUNTERS; do
+    grep -qw "$s" <<<"$syms" || die "eBPF object $obj lacks symbol $s"
+  done
+  echo "eBPF object ok: $obj ($(stat -c %s "$obj") bytes, classifiers oakestra_from_container/oakestra_to_container)"
+fi
+
+log "all checks passed"
+printf 'tests: %d passed, %d failed\n' "$passed" "$failed"
