@@ -119,6 +119,10 @@ impl<S: AddressSpace> Pool<S> {
         let exhausted = AddrError::Exhausted {
             pool: self.space.name(),
         };
+        // A full pool answers at once instead of walking every used index.
+        if self.free_count() == 0 {
+            return Err(exhausted);
+        }
         let index = self
             .next_free_from(self.cursor)
             .ok_or_else(|| exhausted.clone())?;
