@@ -1,28 +1,141 @@
-//! `root-service`: the oakestra-rs root orchestrator: user API, auth, root scheduler and service-IP allocation
+//! `root-service`: the oakestra-rs root orchestrator: user API, auth, root scheduler and service-IP allocation.
 //!
-//! This binary is a placeholder until its issue lands (issue 3): it explains itself with `--help` and refuses to run
-//! with a clear "not implemented yet" error, so scripts and tests can already find it.
+//! This first slice serves authentication (login, refresh), a health probe and the embedded store.
+//!
+//! # Layout
+//! - [`config`]: the command-line flags (with environment fallbacks) and the validated [`Config`].
+//! - [`store`]: the embedded SQLite database (`<data-dir>/root.db`, WAL), migrations, users/organizations and the
+//!   default data (`Admin` in `root`).
+//! - [`auth`]: argon2 password hashing, the persisted HS256 key (`<data-dir>/jwt.key`), token issuing and the
+//!   access-token extractor.
+//! - [`api`]: the axum router and handlers.
+//!
+//! [`run`] binds the configured address; [`serve`] serves an already bound listener (tests use 127.0.0.1:0).
 
-use clap::Parser;
+pub mod api;
+pub mod auth;
+pub mod config;
+pub mod store;
 
-/// What the command line asks for.
-#[derive(Debug, Parser)]
-#[command(name = "root-service", version, about = "the oakestra-rs root orchestrator: user API, auth, root scheduler and service-IP allocation", long_about = None, after_help = "Status: not implemented yet (issue 3).")]
-pub struct Cli {
-    /// Arguments the finished binary will take (see the README); accepted here only to be refused.
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
-    pub args: Vec<String>,
-}
+use std::{future::Future, net::SocketAddr, path::PathBuf, sync::Arc};
 
-/// Why the binary stopped.
+pub use api::AppState;
+pub use config::{Cli, Config};
+
+/// Why the service could not start or stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The binary's issue has not landed yet.
-    #[error("root-service is not implemented yet (issue 3)")]
-    NotImplemented,
+    /// A flag has a value the service cannot use.
+    #[error("invalid value {value:?} for {flag}: {rule}")]
+    InvalidConfig {
+        /// The flag, e.g. `--access-ttl`.
+        flag: &'static str,
+        /// What was given.
+        value: String,
+        /// What is allowed.
+        rule: &'static str,
+    },
+    /// A file or directory could not be read or written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The database failed.
+    #[error("database {}: {source}", path.display())]
+    Db {
+        /// The database file.
+        path: PathBuf,
+        /// The SQLite error.
+        source: rusqlite::Error,
+    },
+    /// A stored file or value is not what the service wrote.
+    #[error("{}: {what}", path.display())]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        what: String,
+    },
+    /// The listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// Serving stopped with an error.
+    #[error("HTTP server failed: {0}")]
+    Serve(std::io::Error),
+    /// Password hashing failed.
+    #[error("password hashing failed: {0}")]
+    Hash(String),
+    /// Token signing failed.
+    #[error("token signing failed: {0}")]
+    Token(String),
+    /// The OS random source failed.
+    #[error("random source failed: {0}")]
+    Random(String),
+    /// A blocking task panicked or was cancelled.
+    #[error("background task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
 }
 
-/// Runs the binary.
-pub fn run(_cli: Cli) -> Result<(), Error> {
-    Err(Error::NotImplemented)
+/// Opens the store, creates the default data, loads (or creates) the signing key: everything a server needs.
+pub async fn build_state(config: &Config) -> Result<AppState, Error> {
+    let store = store::Store::open(config.data_dir.clone()).await?;
+    let admin_default = store.ensure_defaults(config.admin_password.clone()).await?;
+    if admin_default {
+        tracing::warn!(
+            "user Admin still has the default password `Admin`: set one with --admin-password (env OAKESTRA_ADMIN_PASSWORD)"
+        );
+    }
+    let data_dir = config.data_dir.clone();
+    let keys = tokio::task::spawn_blocking(move || auth::Keys::load_or_create(&data_dir)).await??;
+    let dummy_hash = tokio::task::spawn_blocking(|| {
+        let mut pw = [0_u8; 16];
+        getrandom::fill(&mut pw).map_err(|e| Error::Random(e.to_string()))?;
+        auth::hash_password(&pw.iter().map(|b| format!("{b:02x}")).collect::<String>())
+    })
+    .await??;
+    Ok(AppState {
+        store,
+        keys: Arc::new(keys),
+        access_ttl: config.access_ttl,
+        refresh_ttl: config.refresh_ttl,
+        dummy_hash: dummy_hash.into(),
+    })
+}
+
+/// Serves the API on an already bound listener until `shutdown` completes, then finishes in-flight requests.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "root-service listening");
+    }
+    axum::serve(listener, api::router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(Error::Serve)?;
+    tracing::info!("root-service stopped");
+    Ok(())
+}
+
+/// Runs the service described by `config` until `shutdown` completes.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), Error> {
+    tracing::info!(?config, "starting root-service");
+    let state = build_state(&config).await?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| Error::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    serve(listener, state, shutdown).await
 }

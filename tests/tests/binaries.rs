@@ -1,5 +1,14 @@
 //! Every binary of the workspace runs, explains itself with `--help`, reports its version, and a binary whose issue
-//! has not landed refuses to run with a clear error instead of pretending to work.
+//! has not landed refuses to run with a clear error instead of pretending to work; `root-service` serves its API.
+
+#![allow(clippy::unwrap_used, reason = "test code: a panic is the clearest failure")]
+
+use std::{
+    io::{Read, Write},
+    net::{TcpListener, TcpStream},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
 
 use oakestra_tests::procs;
 
@@ -10,6 +19,9 @@ const BINARIES: &[(&str, &str)] = &[
     ("cluster-service", "cluster orchestrator"),
     ("root-service", "root orchestrator"),
 ];
+
+/// Binaries whose first slice has landed: they run instead of refusing.
+const FINISHED: &[&str] = &["root-service"];
 
 #[test]
 fn help_explains_each_binary() {
@@ -43,10 +55,83 @@ fn version_is_the_workspace_version() {
 
 #[test]
 fn unfinished_binaries_refuse_to_run() {
-    for (name, _) in BINARIES {
+    for (name, _) in BINARIES.iter().filter(|(name, _)| !FINISHED.contains(name)) {
         let out = procs::run(name, &["-a", "127.0.0.1"]);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{name} should exit 2: {out:?}");
         assert!(stderr.contains("not implemented yet"), "{name} stderr: {stderr}");
     }
+}
+
+#[test]
+fn root_service_refuses_a_bad_listen_address() {
+    let out = procs::run(
+        "root-service",
+        &["--listen", "nonsense", "--data-dir", "/nonexistent/never-created"],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(64),
+        "root-service should exit 64: {out:?}"
+    );
+    assert!(
+        stderr.contains("--listen") && stderr.contains("nonsense"),
+        "stderr: {stderr}"
+    );
+}
+
+#[test]
+fn root_service_answers_health() {
+    let data_dir = std::env::temp_dir().join(format!("oakestra-binaries-root-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data_dir);
+    // Ask the OS for a free port, release it, hand it to the binary.
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut child = Command::new(procs::binary("root-service"))
+        .arg("--data-dir")
+        .arg(&data_dir)
+        .args(["--listen", &listen])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let answer = loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("root-service exited early: {status}");
+        }
+        if let Some(answer) = get(&listen, "/api/health") {
+            break answer;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "root-service did not answer on {listen} within 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&data_dir);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains(r#""status":"ok""#), "{answer}");
+    assert!(answer.contains(env!("CARGO_PKG_VERSION")), "{answer}");
+}
+
+/// A plain HTTP/1.1 GET; `None` while nothing listens.
+fn get(addr: &str, path: &str) -> Option<String> {
+    let mut stream = TcpStream::connect(addr).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).ok()?;
+    Some(answer)
 }

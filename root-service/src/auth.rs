@@ -1,0 +1,255 @@
+//! Password hashing (argon2id), the persisted HS256 signing key, token issuing/verification, and the
+//! [`AccessClaims`] extractor guarding protected routes.
+
+use std::{
+    io::Write,
+    path::{Path, PathBuf},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use argon2::{Argon2, PasswordHasher, PasswordVerifier};
+use axum::{extract::FromRequestParts, http::request::Parts};
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, api::ApiError};
+
+/// Length of the HS256 key in bytes.
+pub const KEY_LEN: usize = 32;
+/// File name of the key inside the data directory.
+pub const KEY_FILE: &str = "jwt.key";
+
+/// Hashes a password into a PHC string (argon2id, random salt). CPU-bound: call it from a blocking context.
+pub fn hash_password(password: &str) -> Result<String, Error> {
+    Argon2::default()
+        .hash_password(password.as_bytes())
+        .map(|h| h.to_string())
+        .map_err(|e| Error::Hash(e.to_string()))
+}
+
+/// Whether `password` matches the PHC string `hash`. A malformed hash never matches. CPU-bound.
+pub fn verify_password(password: &str, hash: &str) -> bool {
+    Argon2::default()
+        .verify_password(password.as_bytes(), hash)
+        .is_ok()
+}
+
+/// Which kind of token a JWT is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TokenType {
+    /// Short-lived, accepted by protected routes.
+    Access,
+    /// Long-lived, accepted only by `POST /api/auth/refresh`.
+    Refresh,
+}
+
+/// The claims of every token this server issues.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claims {
+    /// User name.
+    pub sub: String,
+    /// Access or refresh.
+    #[serde(rename = "type")]
+    pub kind: TokenType,
+    /// Roles in `organization`.
+    pub roles: Vec<String>,
+    /// Organization id.
+    pub organization: String,
+    /// Issued at (Unix seconds).
+    pub iat: u64,
+    /// Not before (Unix seconds).
+    pub nbf: u64,
+    /// Expires (Unix seconds).
+    pub exp: u64,
+    /// Unique token id (24 hex digits).
+    pub jti: String,
+}
+
+/// The HS256 key, loaded from or created at `<data-dir>/jwt.key`.
+#[derive(Clone)]
+pub struct Keys {
+    encoding: EncodingKey,
+    decoding: DecodingKey,
+    validation: Validation,
+}
+
+impl std::fmt::Debug for Keys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Keys(<hs256 secret>)")
+    }
+}
+
+impl Keys {
+    /// Builds the keys from raw secret bytes.
+    pub fn from_secret(secret: &[u8]) -> Self {
+        let mut validation = Validation::new(Algorithm::HS256);
+        // Tokens are checked to the second: an expired token is refused at once.
+        validation.leeway = 0;
+        validation.validate_nbf = true;
+        validation.set_required_spec_claims(&["exp", "nbf", "sub"]);
+        Self {
+            encoding: EncodingKey::from_secret(secret),
+            decoding: DecodingKey::from_secret(secret),
+            validation,
+        }
+    }
+
+    /// Reads `<data_dir>/jwt.key`, or creates it (32 random bytes, mode 0600) when absent. Blocking.
+    pub fn load_or_create(data_dir: &Path) -> Result<Self, Error> {
+        let path = data_dir.join(KEY_FILE);
+        let io = |source| Error::Io {
+            path: path.clone(),
+            source,
+        };
+        match std::fs::read(&path) {
+            Ok(bytes) if bytes.len() == KEY_LEN => return Ok(Self::from_secret(&bytes)),
+            Ok(bytes) => {
+                return Err(Error::Corrupt {
+                    path,
+                    what: format!("signing key has {} bytes, expected {KEY_LEN}", bytes.len()),
+                });
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(e)),
+        }
+        std::fs::create_dir_all(data_dir).map_err(|source| Error::Io {
+            path: data_dir.to_path_buf(),
+            source,
+        })?;
+        let mut secret = [0_u8; KEY_LEN];
+        getrandom::fill(&mut secret).map_err(|e| Error::Random(e.to_string()))?;
+        write_private(&path, &secret).map_err(io)?;
+        tracing::info!(path = %path.display(), "created a new token-signing key");
+        Ok(Self::from_secret(&secret))
+    }
+
+    /// Signs a token of `kind` for `sub` valid for `ttl` from now.
+    pub fn issue(
+        &self,
+        kind: TokenType,
+        sub: &str,
+        roles: &[String],
+        organization: &str,
+        ttl: Duration,
+    ) -> Result<String, Error> {
+        let now = unix_now();
+        let claims = Claims {
+            sub: sub.to_owned(),
+            kind,
+            roles: roles.to_vec(),
+            organization: organization.to_owned(),
+            iat: now,
+            nbf: now,
+            exp: now.saturating_add(ttl.as_secs()),
+            jti: crate::store::new_id()?,
+        };
+        self.sign(&claims)
+    }
+
+    /// Signs arbitrary claims (tests use it to craft expired tokens).
+    pub fn sign(&self, claims: &Claims) -> Result<String, Error> {
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), claims, &self.encoding)
+            .map_err(|e| Error::Token(e.to_string()))
+    }
+
+    /// Verifies signature, time window and kind; returns the claims or why the token is refused.
+    pub fn verify(&self, token: &str, kind: TokenType) -> Result<Claims, String> {
+        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
+            .map_err(|e| e.to_string())?;
+        if data.claims.kind != kind {
+            return Err(format!(
+                "expected a {kind:?} token, got a {:?} token",
+                data.claims.kind
+            ));
+        }
+        Ok(data.claims)
+    }
+}
+
+/// Writes a new file readable by its owner only.
+fn write_private(path: &PathBuf, bytes: &[u8]) -> std::io::Result<()> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options.open(path)?;
+    file.write_all(bytes)?;
+    file.sync_all()
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The bearer token of a request, if it carries one.
+pub fn bearer(parts: &Parts) -> Option<&str> {
+    let value = parts
+        .headers
+        .get(axum::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?;
+    let (scheme, token) = value.trim().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
+/// A request authenticated with a valid **access** token; anything else is refused with 401
+/// `{"message":"Missing authentication token"}`.
+#[derive(Debug, Clone)]
+pub struct AccessClaims(pub Claims);
+
+impl<S> FromRequestParts<S> for AccessClaims
+where
+    S: Send + Sync,
+    std::sync::Arc<Keys>: axum::extract::FromRef<S>,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let keys = <std::sync::Arc<Keys> as axum::extract::FromRef<S>>::from_ref(state);
+        let token = bearer(parts).ok_or_else(ApiError::missing_token)?;
+        keys.verify(token, TokenType::Access)
+            .map(AccessClaims)
+            .map_err(|why| {
+                tracing::debug!(%why, "access token refused");
+                ApiError::missing_token()
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hash_and_verify() {
+        let h = hash_password("pw").unwrap();
+        assert!(h.starts_with("$argon2id$"), "{h}");
+        assert!(verify_password("pw", &h));
+        assert!(!verify_password("other", &h));
+        assert!(!verify_password("pw", "not a hash"));
+    }
+
+    #[test]
+    fn kinds_are_not_interchangeable() {
+        let keys = Keys::from_secret(&[7; KEY_LEN]);
+        let t = keys
+            .issue(TokenType::Refresh, "u", &[], "o", Duration::from_secs(60))
+            .unwrap();
+        assert!(keys.verify(&t, TokenType::Access).is_err());
+        let c = keys.verify(&t, TokenType::Refresh).unwrap();
+        assert_eq!(c.sub, "u");
+        let other = Keys::from_secret(&[8; KEY_LEN]);
+        assert!(other.verify(&t, TokenType::Refresh).is_err());
+    }
+}

@@ -1,0 +1,185 @@
+//! Command-line flags (with environment fallbacks) and the validated [`Config`] built from them.
+
+use std::{fmt, net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::Parser;
+
+use crate::Error;
+
+/// Default access-token lifetime: 10 minutes, as Oakestra's token generator uses.
+pub const DEFAULT_ACCESS_TTL_SECS: u64 = 600;
+/// Default refresh-token lifetime: 30 days, as Oakestra's JWT library defaults to.
+pub const DEFAULT_REFRESH_TTL_SECS: u64 = 30 * 24 * 60 * 60;
+
+/// What the command line (and the environment) asks for. Turn it into a [`Config`] with [`Config::from_cli`].
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "root-service",
+    version,
+    about = "the oakestra-rs root orchestrator: user API, auth, root scheduler and service-IP allocation",
+    long_about = None,
+    after_help = "Status: auth (login, refresh), health and the embedded store only so far.\n\
+                  On first start the user `Admin` (password `Admin` unless --admin-password is given) is created in \
+                  organization `root` with all four roles."
+)]
+pub struct Cli {
+    /// Address and port the user API (HTTP) listens on.
+    #[arg(
+        long,
+        env = "OAKESTRA_ROOT_LISTEN",
+        value_name = "ADDR:PORT",
+        default_value = "0.0.0.0:10000"
+    )]
+    pub listen: SocketAddr,
+
+    /// Directory holding the database (`root.db`) and the token-signing key (`jwt.key`); created if missing.
+    #[arg(
+        long,
+        env = "OAKESTRA_ROOT_DATA_DIR",
+        value_name = "DIR",
+        default_value = "/var/lib/oakestra/root"
+    )]
+    pub data_dir: PathBuf,
+
+    /// Sets (or updates) the password of the user `Admin` at start. Without it a new Admin gets the password `Admin`.
+    #[arg(
+        long,
+        env = "OAKESTRA_ADMIN_PASSWORD",
+        value_name = "PASSWORD",
+        hide_env_values = true
+    )]
+    pub admin_password: Option<String>,
+
+    /// Lifetime of access tokens, in seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = DEFAULT_ACCESS_TTL_SECS)]
+    pub access_ttl: u64,
+
+    /// Lifetime of refresh tokens, in seconds (default 30 days).
+    #[arg(long, value_name = "SECONDS", default_value_t = DEFAULT_REFRESH_TTL_SECS)]
+    pub refresh_ttl: u64,
+}
+
+/// The validated configuration of a running root service.
+#[derive(Clone)]
+pub struct Config {
+    /// Where the user API listens.
+    pub listen: SocketAddr,
+    /// Where the database and the signing key live.
+    pub data_dir: PathBuf,
+    /// The Admin password to set at start, if any.
+    pub admin_password: Option<String>,
+    /// Access-token lifetime.
+    pub access_ttl: Duration,
+    /// Refresh-token lifetime.
+    pub refresh_ttl: Duration,
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("listen", &self.listen)
+            .field("data_dir", &self.data_dir)
+            .field(
+                "admin_password",
+                &self.admin_password.as_ref().map(|_| "<redacted>"),
+            )
+            .field("access_ttl", &self.access_ttl)
+            .field("refresh_ttl", &self.refresh_ttl)
+            .finish()
+    }
+}
+
+/// Longest token lifetime accepted: ten years (keeps `exp` far away from any overflow).
+const MAX_TTL_SECS: u64 = 10 * 365 * 24 * 60 * 60;
+
+impl Config {
+    /// A configuration with the defaults, rooted at `data_dir` and listening on `listen` (handy for tests).
+    pub fn new(listen: SocketAddr, data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            listen,
+            data_dir: data_dir.into(),
+            admin_password: None,
+            access_ttl: Duration::from_secs(DEFAULT_ACCESS_TTL_SECS),
+            refresh_ttl: Duration::from_secs(DEFAULT_REFRESH_TTL_SECS),
+        }
+    }
+
+    /// Validates the flags. Each error names the flag, the offending value and the rule.
+    pub fn from_cli(cli: Cli) -> Result<Self, Error> {
+        let invalid = |flag: &'static str, value: String, rule: &'static str| Error::InvalidConfig {
+            flag,
+            value,
+            rule,
+        };
+        if cli.data_dir.as_os_str().is_empty() {
+            return Err(invalid("--data-dir", String::new(), "must not be empty"));
+        }
+        if let Some(pw) = &cli.admin_password {
+            if pw.is_empty() {
+                return Err(invalid("--admin-password", String::new(), "must not be empty"));
+            }
+            if pw.len() > 1024 {
+                return Err(invalid(
+                    "--admin-password",
+                    "<redacted>".into(),
+                    "must be at most 1024 bytes",
+                ));
+            }
+        }
+        for (flag, value) in [
+            ("--access-ttl", cli.access_ttl),
+            ("--refresh-ttl", cli.refresh_ttl),
+        ] {
+            if value == 0 || value > MAX_TTL_SECS {
+                return Err(invalid(
+                    flag,
+                    value.to_string(),
+                    "must be between 1 and 315360000 seconds (10 years)",
+                ));
+            }
+        }
+        Ok(Self {
+            listen: cli.listen,
+            data_dir: cli.data_dir,
+            admin_password: cli.admin_password,
+            access_ttl: Duration::from_secs(cli.access_ttl),
+            refresh_ttl: Duration::from_secs(cli.refresh_ttl),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, String> {
+        let cli = Cli::try_parse_from(std::iter::once("root-service").chain(args.iter().copied()))
+            .map_err(|e| e.to_string())?;
+        Config::from_cli(cli).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn defaults() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.listen.to_string(), "0.0.0.0:10000");
+        assert_eq!(c.data_dir, PathBuf::from("/var/lib/oakestra/root"));
+        assert_eq!(c.access_ttl, Duration::from_secs(600));
+        assert_eq!(c.refresh_ttl, Duration::from_secs(2_592_000));
+    }
+
+    #[test]
+    fn errors_name_flag_and_value() {
+        let e = parse(&["--listen", "nonsense"]).unwrap_err();
+        assert!(e.contains("--listen") && e.contains("nonsense"), "{e}");
+        let e = parse(&["--access-ttl", "0"]).unwrap_err();
+        assert!(e.contains("--access-ttl") && e.contains('0'), "{e}");
+        let e = parse(&["--admin-password", ""]).unwrap_err();
+        assert!(e.contains("--admin-password"), "{e}");
+    }
+
+    #[test]
+    fn debug_hides_the_password() {
+        let c = parse(&["--admin-password", "s3cret"]).unwrap();
+        assert!(!format!("{c:?}").contains("s3cret"));
+    }
+}

@@ -1,0 +1,327 @@
+//! The embedded SQLite store (`<data-dir>/root.db`, WAL mode) with its schema migrations.
+//!
+//! rusqlite is synchronous: every public method runs its statement on the blocking thread pool
+//! (`tokio::task::spawn_blocking`), never on the async runtime.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::{Error, auth};
+
+/// The four roles Oakestra knows.
+pub const ALL_ROLES: [&str; 4] = [
+    "Admin",
+    "Organization_Admin",
+    "Application_Provider",
+    "Infrastructure_Provider",
+];
+/// The user created at every start if absent.
+pub const ADMIN_USER: &str = "Admin";
+/// Its password unless `--admin-password` says otherwise.
+pub const DEFAULT_ADMIN_PASSWORD: &str = "Admin";
+/// The organization created at every start if absent.
+pub const ROOT_ORG: &str = "root";
+
+/// Schema migrations, applied in order; the index + 1 is the schema version recorded in `schema_version`.
+const MIGRATIONS: &[&str] = &["CREATE TABLE users (
+        id TEXT PRIMARY KEY NOT NULL,
+        name TEXT NOT NULL UNIQUE,
+        password_hash TEXT NOT NULL,
+        email TEXT NOT NULL DEFAULT '',
+        created_at TEXT NOT NULL
+    );
+    CREATE TABLE organizations (
+        id TEXT PRIMARY KEY NOT NULL,
+        name TEXT NOT NULL UNIQUE
+    );
+    CREATE TABLE memberships (
+        user_id TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+        org_id TEXT NOT NULL REFERENCES organizations(id) ON DELETE CASCADE,
+        roles TEXT NOT NULL DEFAULT '[]' CHECK (json_valid(roles)),
+        PRIMARY KEY (user_id, org_id)
+    );"];
+
+/// A user as the server sees it. The password hash stays inside the server.
+#[derive(Debug, Clone)]
+pub struct User {
+    /// 24 lowercase hex digits.
+    pub id: String,
+    /// Unique user name.
+    pub name: String,
+    /// PHC string (argon2id).
+    pub password_hash: String,
+}
+
+/// An organization.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Organization {
+    /// 24 lowercase hex digits.
+    pub id: String,
+    /// Unique name.
+    pub name: String,
+}
+
+/// A handle on the database; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Store {
+    conn: Arc<Mutex<Connection>>,
+    path: PathBuf,
+}
+
+impl Store {
+    /// Opens (creating if needed) `<data_dir>/root.db` and migrates it. Blocking: call it from a blocking context.
+    pub fn open_blocking(data_dir: &Path) -> Result<Self, Error> {
+        std::fs::create_dir_all(data_dir).map_err(|source| Error::Io {
+            path: data_dir.to_path_buf(),
+            source,
+        })?;
+        let path = data_dir.join("root.db");
+        let db = |source| Error::Db {
+            path: path.clone(),
+            source,
+        };
+        let mut conn = Connection::open(&path).map_err(db)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(db)?;
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+            .map_err(db)?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            tracing::warn!(%mode, path = %path.display(), "SQLite refused WAL mode");
+        }
+        conn.execute_batch("PRAGMA foreign_keys = ON; PRAGMA synchronous = NORMAL;")
+            .map_err(db)?;
+        migrate(&mut conn).map_err(db)?;
+        Ok(Self {
+            conn: Arc::new(Mutex::new(conn)),
+            path,
+        })
+    }
+
+    /// Opens the store on the blocking pool.
+    pub async fn open(data_dir: PathBuf) -> Result<Self, Error> {
+        tokio::task::spawn_blocking(move || Self::open_blocking(&data_dir)).await?
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `f` with the connection on the blocking pool.
+    async fn with<T, F>(&self, f: F) -> Result<T, Error>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T, Error> + Send + 'static,
+    {
+        let conn = Arc::clone(&self.conn);
+        tokio::task::spawn_blocking(move || {
+            // A panic while holding the lock cannot leave a half-applied statement behind (SQLite rolls it back),
+            // so a poisoned lock is safe to reuse.
+            let mut guard = conn.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            f(&mut guard)
+        })
+        .await?
+    }
+
+    /// Creates the default data if absent: organization `root`, user `Admin` and Admin's membership with all four
+    /// roles. With `admin_password` the Admin password is set to it (also when Admin exists). Returns whether
+    /// Admin's password is still the default `Admin`.
+    pub async fn ensure_defaults(&self, admin_password: Option<String>) -> Result<bool, Error> {
+        let path = self.path.clone();
+        self.with(move |conn| {
+            let db = |source| Error::Db { path: path.clone(), source };
+            let tx = conn.transaction().map_err(db)?;
+            let org_id = match tx
+                .query_row("SELECT id FROM organizations WHERE name = ?1", [ROOT_ORG], |r| r.get::<_, String>(0))
+                .optional()
+                .map_err(db)?
+            {
+                Some(id) => id,
+                None => {
+                    let id = new_id()?;
+                    tx.execute("INSERT INTO organizations (id, name) VALUES (?1, ?2)", params![id, ROOT_ORG])
+                        .map_err(db)?;
+                    tracing::info!(org = ROOT_ORG, %id, "created the default organization");
+                    id
+                }
+            };
+            let existing = tx
+                .query_row("SELECT id, password_hash FROM users WHERE name = ?1", [ADMIN_USER], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+                })
+                .optional()
+                .map_err(db)?;
+            let (user_id, hash) = match (existing, admin_password) {
+                (Some((id, _)), Some(pw)) => {
+                    let hash = auth::hash_password(&pw)?;
+                    tx.execute("UPDATE users SET password_hash = ?1 WHERE id = ?2", params![hash, id]).map_err(db)?;
+                    tracing::info!(user = ADMIN_USER, "Admin password set from --admin-password");
+                    (id, hash)
+                }
+                (Some(existing), None) => existing,
+                (None, pw) => {
+                    let id = new_id()?;
+                    let hash = auth::hash_password(pw.as_deref().unwrap_or(DEFAULT_ADMIN_PASSWORD))?;
+                    tx.execute(
+                        "INSERT INTO users (id, name, password_hash, email, created_at) VALUES (?1, ?2, ?3, '', ?4)",
+                        params![id, ADMIN_USER, hash, now_unix_secs()],
+                    )
+                    .map_err(db)?;
+                    tracing::info!(user = ADMIN_USER, %id, "created the default user");
+                    (id, hash)
+                }
+            };
+            let roles = serde_json::to_string(&ALL_ROLES).unwrap_or_else(|_| "[]".into());
+            tx.execute(
+                "INSERT OR IGNORE INTO memberships (user_id, org_id, roles) VALUES (?1, ?2, ?3)",
+                params![user_id, org_id, roles],
+            )
+            .map_err(db)?;
+            tx.commit().map_err(db)?;
+            Ok(auth::verify_password(DEFAULT_ADMIN_PASSWORD, &hash))
+        })
+        .await
+    }
+
+    /// The user called `name`, if any.
+    pub async fn user_by_name(&self, name: String) -> Result<Option<User>, Error> {
+        let path = self.path.clone();
+        self.with(move |conn| {
+            conn.query_row(
+                "SELECT id, name, password_hash FROM users WHERE name = ?1",
+                [name],
+                |r| {
+                    Ok(User {
+                        id: r.get(0)?,
+                        name: r.get(1)?,
+                        password_hash: r.get(2)?,
+                    })
+                },
+            )
+            .optional()
+            .map_err(|source| Error::Db { path, source })
+        })
+        .await
+    }
+
+    /// The organization called `name`, if any.
+    pub async fn organization_by_name(&self, name: String) -> Result<Option<Organization>, Error> {
+        let path = self.path.clone();
+        self.with(move |conn| {
+            conn.query_row(
+                "SELECT id, name FROM organizations WHERE name = ?1",
+                [name],
+                |r| {
+                    Ok(Organization {
+                        id: r.get(0)?,
+                        name: r.get(1)?,
+                    })
+                },
+            )
+            .optional()
+            .map_err(|source| Error::Db { path, source })
+        })
+        .await
+    }
+
+    /// The roles `user_id` holds in `org_id`, or `None` when the user is not a member.
+    pub async fn roles(&self, user_id: String, org_id: String) -> Result<Option<Vec<String>>, Error> {
+        let path = self.path.clone();
+        self.with(move |conn| {
+            let raw: Option<String> = conn
+                .query_row(
+                    "SELECT roles FROM memberships WHERE user_id = ?1 AND org_id = ?2",
+                    params![user_id, org_id],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(|source| Error::Db {
+                    path: path.clone(),
+                    source,
+                })?;
+            raw.map(|raw| {
+                serde_json::from_str::<Vec<String>>(&raw).map_err(|e| Error::Corrupt {
+                    path,
+                    what: format!("memberships.roles = {raw:?}: {e}"),
+                })
+            })
+            .transpose()
+        })
+        .await
+    }
+}
+
+/// Applies the migrations the database has not seen yet, each in its own transaction.
+fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
+    conn.execute_batch("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")?;
+    let current: i64 = conn.query_row("SELECT COALESCE(MAX(version), 0) FROM schema_version", [], |r| {
+        r.get(0)
+    })?;
+    for (version, sql) in (1_i64..).zip(MIGRATIONS) {
+        if version <= current {
+            continue;
+        }
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.execute("INSERT INTO schema_version (version) VALUES (?1)", [version])?;
+        tx.commit()?;
+        tracing::info!(version, "applied schema migration");
+    }
+    Ok(())
+}
+
+/// A fresh id in MongoDB ObjectId shape: 24 lowercase hex digits (4 bytes of Unix seconds, 8 random bytes).
+pub fn new_id() -> Result<String, Error> {
+    let mut bytes = [0_u8; 12];
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    // ObjectIds keep the low 32 bits of the timestamp by design (they wrap in 2106).
+    let secs = u32::try_from(secs & u64::from(u32::MAX)).unwrap_or(0);
+    bytes[..4].copy_from_slice(&secs.to_be_bytes());
+    getrandom::fill(&mut bytes[4..]).map_err(|e| Error::Random(e.to_string()))?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Current time as seconds since the Unix epoch, stored as text (no calendar crate needed).
+fn now_unix_secs() -> String {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+        .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_object_id_shaped_and_unique() {
+        let a = new_id().unwrap();
+        let b = new_id().unwrap();
+        assert_eq!(a.len(), 24);
+        assert!(
+            a.chars().all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c)),
+            "{a}"
+        );
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn migrations_are_idempotent() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        migrate(&mut conn).unwrap();
+        migrate(&mut conn).unwrap();
+        let v: i64 = conn
+            .query_row("SELECT MAX(version) FROM schema_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, i64::try_from(MIGRATIONS.len()).unwrap());
+    }
+}
