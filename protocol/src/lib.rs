@@ -7,8 +7,8 @@
 //! - [`naming`]: job names `app.appns.svc.svcns` and task ids `<job>.instance.<n>`.
 //! - [`mqtt`]: MQTT topics and JSON payloads, worker ⇄ cluster ([`mqtt::worker`]) and NetManager ⇄ cluster
 //!   ([`mqtt::net`]).
-//! - [`api`]: HTTP bodies: worker registration at the cluster ([`api::cluster`]) and the NetManager local API
-//!   ([`api::netmanager`]).
+//! - [`api`]: HTTP bodies: worker registration at the cluster ([`api::cluster`]), the NetManager local API
+//!   ([`api::netmanager`]) and the cluster → root report with its worker aggregation ([`api::root`]).
 //! - [`addr`]: the overlay address plan, the balancing-policy encoding of IPv6 service addresses and the address
 //!   allocators.
 //!

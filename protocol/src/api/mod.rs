@@ -2,8 +2,11 @@
 //!
 //! - [`cluster`]: worker registration at the cluster manager (`POST /api/node/register`).
 //! - [`netmanager`]: the NetManager's local API on its unix socket (`/register`, `/container/deploy`, …).
+//! - [`root`]: the cluster's periodic report to root (`POST /api/information/<cluster_id>`): the aggregation of its
+//!   worker documents and a typed view of the body.
 //!
 //! Like the MQTT payloads, bodies write the reference's JSON types and read any type a peer is known to send.
 
 pub mod cluster;
 pub mod netmanager;
+pub mod root;
