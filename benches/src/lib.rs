@@ -2,6 +2,7 @@
 //!
 //! # Layout
 //! - `benches/protocol.rs`: SLA validation and address allocation, the per-request work of root-service.
+//! - `benches/scheduler.rs`: placement decisions over 1,000 candidates, with and without live reservations.
 //!
 //! The network benches (packet translation, connection table, the overlay testbed) arrive with the NetManager.
 

@@ -11,6 +11,8 @@
 //!   ([`api::netmanager`]) and the cluster → root report with its worker aggregation ([`api::root`]).
 //! - [`addr`]: the overlay address plan, the balancing-policy encoding of IPv6 service addresses and the address
 //!   allocators.
+//! - [`sched`]: the placement policy both tiers share (root picks a cluster, a cluster picks a worker), with
+//!   capacity reservations and the reading of a job's demand.
 //!
 //! Field names on the wire are spelled exactly as the reference implementation spells them (including its
 //! inconsistencies, e.g. `MQTT_BROKER_PORT`, `nsAddressv6`), so that Oakestra peers interoperate with ours.
@@ -19,6 +21,7 @@ pub mod addr;
 pub mod api;
 pub mod mqtt;
 pub mod naming;
+pub mod sched;
 pub mod serde_util;
 pub mod sla;
 pub mod status;
