@@ -9,6 +9,7 @@
 //!   ([`mqtt::net`]).
 //! - [`api`]: HTTP bodies: worker registration at the cluster ([`api::cluster`]), the NetManager local API
 //!   ([`api::netmanager`]) and the cluster → root report with its worker aggregation ([`api::root`]).
+//! - `client` (feature `client`): the small HTTP/1.1 JSON client tiers use to call each other; the only I/O here.
 //! - [`addr`]: the overlay address plan, the balancing-policy encoding of IPv6 service addresses and the address
 //!   allocators.
 //! - [`sched`]: the placement policy both tiers share (root picks a cluster, a cluster picks a worker), with
@@ -19,6 +20,8 @@
 
 pub mod addr;
 pub mod api;
+#[cfg(feature = "client")]
+pub mod client;
 pub mod mqtt;
 pub mod naming;
 pub mod sched;

@@ -3,6 +3,7 @@
 use std::{fmt, net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::Parser;
+use oakestra_protocol::sched::Policy;
 
 use crate::Error;
 
@@ -18,9 +19,12 @@ pub const DEFAULT_REFRESH_TTL_SECS: u64 = 30 * 24 * 60 * 60;
     version,
     about = "the oakestra-rs root orchestrator: user API, auth, root scheduler and service-IP allocation",
     long_about = None,
-    after_help = "Status: auth (login, refresh), health and the embedded store only so far.\n\
+    after_help = "One listener serves both sides: the user API (/api/auth, /api/application, /api/service, ...) \
+                  and the cluster-facing API (/api/cluster/register, /api/information, /api/result/deploy, \
+                  /api/net/...). Clusters register with the join token and then use their own per-cluster secret.\n\
                   On first start the user `Admin` (password `Admin` unless --admin-password is given) is created in \
-                  organization `root` with all four roles."
+                  organization `root` with all four roles, and a join token is generated into <data-dir>/join.token \
+                  unless --join-token is given. The OpenAPI document is at /docs/openapi.json, a docs page at /api/docs."
 )]
 pub struct Cli {
     /// Address and port the user API (HTTP) listens on.
@@ -57,7 +61,36 @@ pub struct Cli {
     /// Lifetime of refresh tokens, in seconds (default 30 days).
     #[arg(long, value_name = "SECONDS", default_value_t = DEFAULT_REFRESH_TTL_SECS)]
     pub refresh_ttl: u64,
+
+    /// The token clusters present to register (`Authorization: Bearer <token>` on /api/cluster/register), at
+    /// least 16 characters. Without it one is generated at first start into <data-dir>/join.token and logged.
+    #[arg(
+        long,
+        env = "OAKESTRA_JOIN_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    pub join_token: Option<String>,
+
+    /// A cluster is active while its last report is younger than this many seconds; instances on a cluster that
+    /// stops reporting are rescheduled on other clusters.
+    #[arg(long, value_name = "SECONDS", default_value_t = DEFAULT_LIVENESS_SECS)]
+    pub liveness_window: u64,
+
+    /// How the root scheduler ranks the clusters that fit an instance: `best-fit` (least memory left over),
+    /// `spread` (most left over) or `first-fit` (first registered).
+    #[arg(long, value_name = "POLICY", default_value = "best-fit")]
+    pub scheduler_policy: String,
+
+    /// Seconds between retries of instances no cluster could take (and checks for lost clusters).
+    #[arg(long, value_name = "SECONDS", default_value_t = DEFAULT_RETRY_SECS)]
+    pub retry_interval: u64,
 }
+
+/// Default liveness window: 30 s, the reference's (two cluster report intervals).
+pub const DEFAULT_LIVENESS_SECS: u64 = 30;
+/// Default retry interval for unplaced instances: one cluster report interval.
+pub const DEFAULT_RETRY_SECS: u64 = 15;
 
 /// The validated configuration of a running root service.
 #[derive(Clone)]
@@ -72,6 +105,14 @@ pub struct Config {
     pub access_ttl: Duration,
     /// Refresh-token lifetime.
     pub refresh_ttl: Duration,
+    /// The cluster join token, if set on the command line (else read or created in the data directory).
+    pub join_token: Option<String>,
+    /// Cluster liveness window.
+    pub liveness_window: Duration,
+    /// Root scheduling policy.
+    pub scheduler_policy: Policy,
+    /// Retry interval for unplaced instances.
+    pub retry_interval: Duration,
 }
 
 impl fmt::Debug for Config {
@@ -85,6 +126,10 @@ impl fmt::Debug for Config {
             )
             .field("access_ttl", &self.access_ttl)
             .field("refresh_ttl", &self.refresh_ttl)
+            .field("join_token", &self.join_token.as_ref().map(|_| "<redacted>"))
+            .field("liveness_window", &self.liveness_window)
+            .field("scheduler_policy", &self.scheduler_policy)
+            .field("retry_interval", &self.retry_interval)
             .finish()
     }
 }
@@ -101,6 +146,10 @@ impl Config {
             admin_password: None,
             access_ttl: Duration::from_secs(DEFAULT_ACCESS_TTL_SECS),
             refresh_ttl: Duration::from_secs(DEFAULT_REFRESH_TTL_SECS),
+            join_token: None,
+            liveness_window: Duration::from_secs(DEFAULT_LIVENESS_SECS),
+            scheduler_policy: Policy::BestFit,
+            retry_interval: Duration::from_secs(DEFAULT_RETRY_SECS),
         }
     }
 
@@ -138,12 +187,44 @@ impl Config {
                 ));
             }
         }
+        if let Some(token) = &cli.join_token
+            && (token.len() < 16 || token.len() > 256 || !token.bytes().all(|b| b.is_ascii_graphic()))
+        {
+            return Err(invalid(
+                "--join-token",
+                "<redacted>".into(),
+                "must be 16 to 256 printable ASCII characters without spaces",
+            ));
+        }
+        for (flag, value) in [
+            ("--liveness-window", cli.liveness_window),
+            ("--retry-interval", cli.retry_interval),
+        ] {
+            if value == 0 || value > 86_400 {
+                return Err(invalid(
+                    flag,
+                    value.to_string(),
+                    "must be between 1 and 86400 seconds",
+                ));
+            }
+        }
+        let scheduler_policy = cli.scheduler_policy.parse::<Policy>().map_err(|_| {
+            invalid(
+                "--scheduler-policy",
+                cli.scheduler_policy.clone(),
+                "must be best-fit, spread or first-fit",
+            )
+        })?;
         Ok(Self {
             listen: cli.listen,
             data_dir: cli.data_dir,
             admin_password: cli.admin_password,
             access_ttl: Duration::from_secs(cli.access_ttl),
             refresh_ttl: Duration::from_secs(cli.refresh_ttl),
+            join_token: cli.join_token,
+            liveness_window: Duration::from_secs(cli.liveness_window),
+            scheduler_policy,
+            retry_interval: Duration::from_secs(cli.retry_interval),
         })
     }
 }
@@ -175,6 +256,12 @@ mod tests {
         assert!(e.contains("--access-ttl") && e.contains('0'), "{e}");
         let e = parse(&["--admin-password", ""]).unwrap_err();
         assert!(e.contains("--admin-password"), "{e}");
+        let e = parse(&["--scheduler-policy", "random"]).unwrap_err();
+        assert!(e.contains("--scheduler-policy") && e.contains("random"), "{e}");
+        let e = parse(&["--join-token", "short"]).unwrap_err();
+        assert!(e.contains("--join-token") && !e.contains("short"), "{e}");
+        let e = parse(&["--liveness-window", "0"]).unwrap_err();
+        assert!(e.contains("--liveness-window"), "{e}");
     }
 
     #[test]

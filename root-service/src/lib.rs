@@ -1,20 +1,20 @@
 //! `root-service`: the oakestra-rs root orchestrator: user API, auth, root scheduler and service-IP allocation.
 //!
-//! This first slice serves authentication (login, refresh), a health probe and the embedded store.
-//!
 //! # Layout
 //! - [`config`]: the command-line flags (with environment fallbacks) and the validated [`Config`].
 //! - [`store`]: the embedded SQLite database (`<data-dir>/root.db`, WAL), migrations, users/organizations and the
-//!   default data (`Admin` in `root`).
+//!   default data (`Admin` in `root`), applications/services/instances, clusters, addresses.
 //! - [`auth`]: argon2 password hashing, the persisted HS256 key (`<data-dir>/jwt.key`), token issuing and the
 //!   access-token extractor.
-//! - [`api`]: the axum router and handlers.
+//! - [`engine`]: placement on clusters, calls to clusters, fallback and rescheduling, reports.
+//! - [`api`]: the axum router and handlers, user-facing and cluster-facing on one listener.
 //!
 //! [`run`] binds the configured address; [`serve`] serves an already bound listener (tests use 127.0.0.1:0).
 
 pub mod api;
 pub mod auth;
 pub mod config;
+pub mod engine;
 pub mod store;
 
 use std::{future::Future, net::SocketAddr, path::PathBuf, sync::Arc};
@@ -79,6 +79,32 @@ pub enum Error {
     /// The OS random source failed.
     #[error("random source failed: {0}")]
     Random(String),
+    /// A statement failed.
+    #[error("database: {0}")]
+    Sql(#[from] rusqlite::Error),
+    /// An address pool refused (exhausted, or an address outside it).
+    #[error("address allocation failed: {0}")]
+    Address(oakestra_protocol::addr::AddrError),
+    /// The thing asked for does not exist (or is not the caller's).
+    #[error("{what} {id:?} not found")]
+    NotFound {
+        /// What kind of thing.
+        what: &'static str,
+        /// Its id.
+        id: String,
+    },
+    /// The request clashes with what exists (a name or address already taken).
+    #[error("{message}")]
+    Conflict {
+        /// What clashes with what.
+        message: String,
+    },
+    /// The request is malformed in a way the body parser could not see.
+    #[error("{message}")]
+    BadRequest {
+        /// What is wrong.
+        message: String,
+    },
     /// A blocking task panicked or was cancelled.
     #[error("background task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
@@ -101,13 +127,67 @@ pub async fn build_state(config: &Config) -> Result<AppState, Error> {
         auth::hash_password(&pw.iter().map(|b| format!("{b:02x}")).collect::<String>())
     })
     .await??;
+    let join_token = match &config.join_token {
+        Some(token) => token.clone(),
+        None => {
+            let data_dir = config.data_dir.clone();
+            tokio::task::spawn_blocking(move || load_or_create_join_token(&data_dir)).await??
+        }
+    };
+    let engine = Arc::new(engine::Engine::new(
+        store.clone(),
+        config.scheduler_policy,
+        config.liveness_window,
+        config.retry_interval,
+    ));
     Ok(AppState {
         store,
         keys: Arc::new(keys),
         access_ttl: config.access_ttl,
         refresh_ttl: config.refresh_ttl,
         dummy_hash: dummy_hash.into(),
+        engine,
+        join_token: join_token.into(),
     })
+}
+
+/// File of the generated join token inside the data directory.
+pub const JOIN_TOKEN_FILE: &str = "join.token";
+
+/// Reads `<data-dir>/join.token`, or creates it (mode 0600) with a random token and logs the token once.
+fn load_or_create_join_token(data_dir: &std::path::Path) -> Result<String, Error> {
+    let path = data_dir.join(JOIN_TOKEN_FILE);
+    let io = |source| Error::Io {
+        path: path.clone(),
+        source,
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(text) if text.trim().len() >= 16 => {
+            tracing::info!(file = %path.display(), "clusters join with the token in this file");
+            return Ok(text.trim().to_owned());
+        }
+        Ok(_) => {
+            return Err(Error::Corrupt {
+                path,
+                what: "the join token is shorter than 16 characters".into(),
+            });
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(e)),
+    }
+    let token = store::new_id()? + &store::new_id()?;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(&path).map_err(io)?;
+    std::io::Write::write_all(&mut file, format!("{token}\n").as_bytes()).map_err(io)?;
+    tracing::warn!(
+        file = %path.display(),
+        join_token = %token,
+        "generated the cluster join token: give it to clusters (cluster-service --join-token)"
+    );
+    Ok(token)
 }
 
 /// Serves the API on an already bound listener until `shutdown` completes, then finishes in-flight requests.
@@ -119,10 +199,17 @@ pub async fn serve(
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "root-service listening");
     }
-    axum::serve(listener, api::router(state))
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let maintenance =
+        tokio::spawn(Arc::clone(&state.engine).run_maintenance(state.engine.retry_interval(), stop_rx));
+    let app = api::router(state).into_make_service_with_connect_info::<SocketAddr>();
+    let served = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
-        .map_err(Error::Serve)?;
+        .map_err(Error::Serve);
+    let _ = stop_tx.send(true);
+    let _ = maintenance.await;
+    served?;
     tracing::info!("root-service stopped");
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! HTTP request and response bodies shared by more than one binary.
 //!
 //! - [`cluster`]: worker registration at the cluster manager (`POST /api/node/register`).
+//! - [`federation`]: root ⇄ cluster: registration, deploy/undeploy and results, root's network endpoints.
 //! - [`netmanager`]: the NetManager's local API on its unix socket (`/register`, `/container/deploy`, …).
 //! - [`root`]: the cluster's periodic report to root (`POST /api/information/<cluster_id>`): the aggregation of its
 //!   worker documents and a typed view of the body.
@@ -8,5 +9,6 @@
 //! Like the MQTT payloads, bodies write the reference's JSON types and read any type a peer is known to send.
 
 pub mod cluster;
+pub mod federation;
 pub mod netmanager;
 pub mod root;

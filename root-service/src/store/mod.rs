@@ -1,7 +1,18 @@
-//! The embedded SQLite store (`<data-dir>/root.db`, WAL mode) with its schema migrations.
+//! The embedded SQLite store (`<data-dir>/root.db`, WAL mode): schema migrations, the default data, and the
+//! in-memory address pools that mirror the `addresses` table.
 //!
 //! rusqlite is synchronous: every public method runs its statement on the blocking thread pool
-//! (`tokio::task::spawn_blocking`), never on the async runtime.
+//! (`tokio::task::spawn_blocking`), never on the async runtime. One mutex guards the connection and the pools
+//! together, so an allocation and the row recording it commit (or roll back) as one step, and read-modify-write
+//! sequences such as taking the next instance number are atomic.
+//!
+//! - [`apps`]: applications, services (jobs) and instances.
+//! - [`clusters`]: registered clusters and their reports.
+//! - [`net`]: service/instance addresses, worker subnets, interests.
+
+pub mod apps;
+pub mod clusters;
+pub mod net;
 
 use std::{
     path::{Path, PathBuf},
@@ -12,6 +23,8 @@ use std::{
 use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::{Error, auth};
+
+pub use self::net::Pools;
 
 /// The four roles Oakestra knows.
 pub const ALL_ROLES: [&str; 4] = [
@@ -28,7 +41,8 @@ pub const DEFAULT_ADMIN_PASSWORD: &str = "Admin";
 pub const ROOT_ORG: &str = "root";
 
 /// Schema migrations, applied in order; the index + 1 is the schema version recorded in `schema_version`.
-const MIGRATIONS: &[&str] = &["CREATE TABLE users (
+const MIGRATIONS: &[&str] = &[
+    "CREATE TABLE users (
         id TEXT PRIMARY KEY NOT NULL,
         name TEXT NOT NULL UNIQUE,
         password_hash TEXT NOT NULL,
@@ -44,7 +58,76 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE users (
         org_id TEXT NOT NULL REFERENCES organizations(id) ON DELETE CASCADE,
         roles TEXT NOT NULL DEFAULT '[]' CHECK (json_valid(roles)),
         PRIMARY KEY (user_id, org_id)
-    );"];
+    );",
+    "CREATE TABLE applications (
+        id TEXT PRIMARY KEY NOT NULL,
+        name TEXT NOT NULL,
+        namespace TEXT NOT NULL,
+        description TEXT NOT NULL DEFAULT '',
+        owner TEXT NOT NULL,
+        organization TEXT NOT NULL DEFAULT '',
+        extra TEXT NOT NULL DEFAULT '{}' CHECK (json_valid(extra)),
+        created INTEGER NOT NULL,
+        UNIQUE (name, namespace, owner)
+    );
+    CREATE TABLE services (
+        id TEXT PRIMARY KEY NOT NULL,
+        app_id TEXT NOT NULL REFERENCES applications(id) ON DELETE CASCADE,
+        job_name TEXT NOT NULL UNIQUE,
+        doc TEXT NOT NULL CHECK (json_valid(doc)),
+        status TEXT NOT NULL,
+        status_detail TEXT NOT NULL DEFAULT '',
+        next_instance INTEGER NOT NULL DEFAULT 0,
+        rr_ip TEXT,
+        rr_ip_v6 TEXT,
+        created INTEGER NOT NULL
+    );
+    CREATE INDEX services_app ON services(app_id);
+    CREATE TABLE instances (
+        service_id TEXT NOT NULL REFERENCES services(id) ON DELETE CASCADE,
+        number INTEGER NOT NULL,
+        cluster_id TEXT,
+        status TEXT NOT NULL,
+        status_detail TEXT NOT NULL DEFAULT '',
+        instance_ip TEXT,
+        instance_ip_v6 TEXT,
+        tried TEXT NOT NULL DEFAULT '[]' CHECK (json_valid(tried)),
+        report TEXT NOT NULL DEFAULT '{}' CHECK (json_valid(report)),
+        net TEXT NOT NULL DEFAULT '{}' CHECK (json_valid(net)),
+        placed INTEGER,
+        updated INTEGER NOT NULL,
+        PRIMARY KEY (service_id, number)
+    );
+    CREATE INDEX instances_cluster ON instances(cluster_id);
+    CREATE TABLE clusters (
+        id TEXT PRIMARY KEY NOT NULL,
+        name TEXT NOT NULL UNIQUE,
+        location TEXT NOT NULL DEFAULT '',
+        address TEXT NOT NULL,
+        manager_port INTEGER NOT NULL,
+        network_port INTEGER NOT NULL,
+        token TEXT NOT NULL,
+        registered INTEGER NOT NULL,
+        last_report INTEGER,
+        aggregate TEXT NOT NULL DEFAULT '{}' CHECK (json_valid(aggregate)),
+        cpu_history TEXT NOT NULL DEFAULT '[]' CHECK (json_valid(cpu_history)),
+        memory_history TEXT NOT NULL DEFAULT '[]' CHECK (json_valid(memory_history))
+    );
+    CREATE TABLE addresses (
+        address TEXT PRIMARY KEY NOT NULL,
+        pool TEXT NOT NULL,
+        service_id TEXT,
+        instance INTEGER,
+        cluster_id TEXT,
+        worker TEXT
+    );
+    CREATE INDEX addresses_service ON addresses(service_id, instance);
+    CREATE TABLE interests (
+        job_name TEXT NOT NULL,
+        cluster_id TEXT NOT NULL REFERENCES clusters(id) ON DELETE CASCADE,
+        PRIMARY KEY (job_name, cluster_id)
+    );",
+];
 
 /// A user as the server sees it. The password hash stays inside the server.
 #[derive(Debug, Clone)]
@@ -66,10 +149,19 @@ pub struct Organization {
     pub name: String,
 }
 
+/// What the store's mutex guards: the connection and the address pools mirroring the `addresses` table.
+#[derive(Debug)]
+pub struct Inner {
+    /// The SQLite connection.
+    pub conn: Connection,
+    /// The address pools.
+    pub pools: Pools,
+}
+
 /// A handle on the database; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Store {
-    conn: Arc<Mutex<Connection>>,
+    inner: Arc<Mutex<Inner>>,
     path: PathBuf,
 }
 
@@ -96,8 +188,9 @@ impl Store {
         conn.execute_batch("PRAGMA foreign_keys = ON; PRAGMA synchronous = NORMAL;")
             .map_err(db)?;
         migrate(&mut conn).map_err(db)?;
+        let pools = Pools::load(&conn)?;
         Ok(Self {
-            conn: Arc::new(Mutex::new(conn)),
+            inner: Arc::new(Mutex::new(Inner { conn, pools })),
             path,
         })
     }
@@ -112,17 +205,18 @@ impl Store {
         &self.path
     }
 
-    /// Runs `f` with the connection on the blocking pool.
-    async fn with<T, F>(&self, f: F) -> Result<T, Error>
+    /// Runs `f` with the connection and pools on the blocking pool, holding the store's lock.
+    pub async fn with<T, F>(&self, f: F) -> Result<T, Error>
     where
         T: Send + 'static,
-        F: FnOnce(&mut Connection) -> Result<T, Error> + Send + 'static,
+        F: FnOnce(&mut Inner) -> Result<T, Error> + Send + 'static,
     {
-        let conn = Arc::clone(&self.conn);
+        let inner = Arc::clone(&self.inner);
         tokio::task::spawn_blocking(move || {
             // A panic while holding the lock cannot leave a half-applied statement behind (SQLite rolls it back),
-            // so a poisoned lock is safe to reuse.
-            let mut guard = conn.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            // and pool changes are only made after the statements they mirror succeeded, so a poisoned lock is
+            // safe to reuse.
+            let mut guard = inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             f(&mut guard)
         })
         .await?
@@ -133,9 +227,9 @@ impl Store {
     /// Admin's password is still the default `Admin`.
     pub async fn ensure_defaults(&self, admin_password: Option<String>) -> Result<bool, Error> {
         let path = self.path.clone();
-        self.with(move |conn| {
+        self.with(move |inner| {
             let db = |source| Error::Db { path: path.clone(), source };
-            let tx = conn.transaction().map_err(db)?;
+            let tx = inner.conn.transaction().map_err(db)?;
             let org_id = match tx
                 .query_row("SELECT id FROM organizations WHERE name = ?1", [ROOT_ORG], |r| r.get::<_, String>(0))
                 .optional()
@@ -191,20 +285,43 @@ impl Store {
     /// The user called `name`, if any.
     pub async fn user_by_name(&self, name: String) -> Result<Option<User>, Error> {
         let path = self.path.clone();
-        self.with(move |conn| {
-            conn.query_row(
-                "SELECT id, name, password_hash FROM users WHERE name = ?1",
-                [name],
-                |r| {
-                    Ok(User {
-                        id: r.get(0)?,
-                        name: r.get(1)?,
-                        password_hash: r.get(2)?,
-                    })
-                },
-            )
-            .optional()
-            .map_err(|source| Error::Db { path, source })
+        self.with(move |inner| {
+            inner
+                .conn
+                .query_row(
+                    "SELECT id, name, password_hash FROM users WHERE name = ?1",
+                    [name],
+                    |r| {
+                        Ok(User {
+                            id: r.get(0)?,
+                            name: r.get(1)?,
+                            password_hash: r.get(2)?,
+                        })
+                    },
+                )
+                .optional()
+                .map_err(|source| Error::Db { path, source })
+        })
+        .await
+    }
+
+    /// The user with id `id`, if any.
+    pub async fn user_by_id(&self, id: String) -> Result<Option<User>, Error> {
+        self.with(move |inner| {
+            Ok(inner
+                .conn
+                .query_row(
+                    "SELECT id, name, password_hash FROM users WHERE id = ?1",
+                    [id],
+                    |r| {
+                        Ok(User {
+                            id: r.get(0)?,
+                            name: r.get(1)?,
+                            password_hash: r.get(2)?,
+                        })
+                    },
+                )
+                .optional()?)
         })
         .await
     }
@@ -212,19 +329,21 @@ impl Store {
     /// The organization called `name`, if any.
     pub async fn organization_by_name(&self, name: String) -> Result<Option<Organization>, Error> {
         let path = self.path.clone();
-        self.with(move |conn| {
-            conn.query_row(
-                "SELECT id, name FROM organizations WHERE name = ?1",
-                [name],
-                |r| {
-                    Ok(Organization {
-                        id: r.get(0)?,
-                        name: r.get(1)?,
-                    })
-                },
-            )
-            .optional()
-            .map_err(|source| Error::Db { path, source })
+        self.with(move |inner| {
+            inner
+                .conn
+                .query_row(
+                    "SELECT id, name FROM organizations WHERE name = ?1",
+                    [name],
+                    |r| {
+                        Ok(Organization {
+                            id: r.get(0)?,
+                            name: r.get(1)?,
+                        })
+                    },
+                )
+                .optional()
+                .map_err(|source| Error::Db { path, source })
         })
         .await
     }
@@ -232,8 +351,9 @@ impl Store {
     /// The roles `user_id` holds in `org_id`, or `None` when the user is not a member.
     pub async fn roles(&self, user_id: String, org_id: String) -> Result<Option<Vec<String>>, Error> {
         let path = self.path.clone();
-        self.with(move |conn| {
-            let raw: Option<String> = conn
+        self.with(move |inner| {
+            let raw: Option<String> = inner
+                .conn
                 .query_row(
                     "SELECT roles FROM memberships WHERE user_id = ?1 AND org_id = ?2",
                     params![user_id, org_id],
@@ -287,6 +407,15 @@ pub fn new_id() -> Result<String, Error> {
     bytes[..4].copy_from_slice(&secs.to_be_bytes());
     getrandom::fill(&mut bytes[4..]).map_err(|e| Error::Random(e.to_string()))?;
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Current time in milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .ok()
+        .and_then(|d| i64::try_from(d.as_millis()).ok())
+        .unwrap_or(0)
 }
 
 /// Current time as seconds since the Unix epoch, stored as text (no calendar crate needed).

@@ -1,0 +1,153 @@
+//! Login, token refresh and whoami.
+
+use std::sync::Arc;
+
+use axum::{
+    Json,
+    extract::{Request, State},
+    http::StatusCode,
+    routing::{MethodRouter, get, post},
+};
+use serde::{Deserialize, Serialize};
+
+use super::{ApiError, AppState, JsonBody};
+use crate::{
+    Error,
+    auth::{self, AccessClaims, TokenType},
+    store::ROOT_ORG,
+};
+
+/// The routes of this module.
+pub fn routes() -> Vec<(&'static str, MethodRouter<AppState>)> {
+    vec![
+        ("/api/auth/login", post(login)),
+        ("/api/auth/refresh", post(refresh)),
+        ("/api/auth/whoami", get(whoami)),
+    ]
+}
+
+/// Body of `POST /api/auth/login`.
+#[derive(Debug, Deserialize)]
+pub struct LoginRequest {
+    /// User name.
+    pub username: String,
+    /// Password.
+    pub password: String,
+    /// Organization name (what Oakestra's code reads); default `root`.
+    #[serde(default)]
+    pub organization_name: Option<String>,
+    /// Organization name as Oakestra's schema spells it.
+    #[serde(default)]
+    pub organization: Option<String>,
+}
+
+/// Answer of a successful login.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct LoginResponse {
+    /// Access token.
+    pub token: String,
+    /// Refresh token.
+    pub refresh_token: String,
+}
+
+/// Answer of a successful refresh.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RefreshResponse {
+    /// New access token.
+    pub token: String,
+}
+
+/// Answer of `GET /api/auth/whoami`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct WhoAmI {
+    /// User name.
+    pub username: String,
+    /// Roles in the organization.
+    pub roles: Vec<String>,
+    /// Organization id.
+    pub organization: String,
+}
+
+async fn login(
+    State(state): State<AppState>,
+    JsonBody(body): JsonBody<LoginRequest>,
+) -> Result<Json<LoginResponse>, ApiError> {
+    let org_name = body
+        .organization_name
+        .or(body.organization)
+        .unwrap_or_else(|| ROOT_ORG.to_owned());
+    let user = state.store.user_by_name(body.username.clone()).await?;
+    let hash: Arc<str> = user.as_ref().map_or_else(
+        || Arc::clone(&state.dummy_hash),
+        |u| u.password_hash.as_str().into(),
+    );
+    let password = body.password;
+    let matches = tokio::task::spawn_blocking(move || auth::verify_password(&password, &hash))
+        .await
+        .map_err(Error::from)?;
+    let user = match user {
+        Some(user) if matches => user,
+        _ => {
+            tracing::info!(username = %body.username, "login refused: invalid username or password");
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "invalid username or password",
+            ));
+        }
+    };
+    let Some(org) = state.store.organization_by_name(org_name.clone()).await? else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("organization {org_name:?} not found"),
+        ));
+    };
+    let Some(roles) = state.store.roles(user.id.clone(), org.id.clone()).await? else {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!(
+                "user {:?} is not a member of organization {org_name:?}",
+                user.name
+            ),
+        ));
+    };
+    let token = state
+        .keys
+        .issue(TokenType::Access, &user.name, &roles, &org.id, state.access_ttl)?;
+    let refresh_token =
+        state
+            .keys
+            .issue(TokenType::Refresh, &user.name, &roles, &org.id, state.refresh_ttl)?;
+    tracing::info!(username = %user.name, organization = %org.name, "login");
+    Ok(Json(LoginResponse { token, refresh_token }))
+}
+
+async fn refresh(State(state): State<AppState>, req: Request) -> Result<Json<RefreshResponse>, ApiError> {
+    let (parts, _body) = req.into_parts();
+    let token = auth::bearer(&parts).ok_or_else(ApiError::missing_token)?;
+    let claims = state.keys.verify(token, TokenType::Refresh).map_err(|why| {
+        tracing::debug!(%why, "refresh token refused");
+        ApiError::missing_token()
+    })?;
+    if state.store.user_by_name(claims.sub.clone()).await?.is_none() {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("user {:?} not found", claims.sub),
+        ));
+    }
+    let token = state.keys.issue(
+        TokenType::Access,
+        &claims.sub,
+        &claims.roles,
+        &claims.organization,
+        state.access_ttl,
+    )?;
+    Ok(Json(RefreshResponse { token }))
+}
+
+async fn whoami(AccessClaims(claims): AccessClaims) -> Json<WhoAmI> {
+    Json(WhoAmI {
+        username: claims.sub,
+        roles: claims.roles,
+        organization: claims.organization,
+    })
+}

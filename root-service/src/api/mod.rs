@@ -1,0 +1,210 @@
+//! The HTTP API (axum): the router, shared state, the error type and the JSON body extractor.
+//!
+//! Every route answers with and without a trailing slash. Errors are JSON `{"message": …}` (plus details such as
+//! the SLA problems); a malformed body is a 4xx naming the problem, never a 500.
+//!
+//! - [`auth`]: login, refresh, whoami.
+//! - [`apps`]: applications, services, instances, logs.
+//! - [`clusters`]: the cluster list for users, and the cluster-facing side (registration, reports, results).
+//! - [`net`]: the network endpoints clusters use.
+//! - [`users`]: users and organizations.
+//! - [`docs`]: the OpenAPI document and the docs page.
+
+pub mod apps;
+pub mod auth;
+pub mod clusters;
+pub mod docs;
+pub mod net;
+pub mod users;
+
+use std::{sync::Arc, time::Duration};
+
+use axum::{
+    Json, Router,
+    extract::{DefaultBodyLimit, FromRef, FromRequest, FromRequestParts, Request, rejection::JsonRejection},
+    http::{StatusCode, request::Parts},
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use serde_json::{Map, Value, json};
+
+use crate::{
+    Error,
+    auth::{Claims, Keys, bearer},
+    engine::Engine,
+    store::{Store, clusters::ClusterRow},
+};
+
+/// Largest request body accepted.
+pub const BODY_LIMIT: usize = 1024 * 1024;
+
+/// What every handler can reach.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    /// The database.
+    pub store: Store,
+    /// The token-signing key.
+    pub keys: Arc<Keys>,
+    /// Access-token lifetime.
+    pub access_ttl: Duration,
+    /// Refresh-token lifetime.
+    pub refresh_ttl: Duration,
+    /// A hash of a random password, verified against when the user does not exist so that an unknown user name
+    /// takes as long as a wrong password.
+    pub dummy_hash: Arc<str>,
+    /// The orchestrator (scheduling, cluster calls).
+    pub engine: Arc<Engine>,
+    /// The token clusters register with.
+    pub join_token: Arc<str>,
+}
+
+impl FromRef<AppState> for Arc<Keys> {
+    fn from_ref(state: &AppState) -> Self {
+        Arc::clone(&state.keys)
+    }
+}
+
+/// An error answer: a status and a JSON `{"message": …}` body, optionally with more fields.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// Human-readable reason.
+    pub message: String,
+    /// More fields for the body (e.g. `problems`).
+    pub details: Map<String, Value>,
+}
+
+impl ApiError {
+    /// Any status with a message.
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+            details: Map::new(),
+        }
+    }
+
+    /// Adds a field to the body.
+    pub fn with(mut self, key: &str, value: Value) -> Self {
+        self.details.insert(key.to_owned(), value);
+        self
+    }
+
+    /// 403 with the reference's text.
+    pub fn not_enough_permissions() -> Self {
+        Self::new(StatusCode::FORBIDDEN, "You have not enough permissions!")
+    }
+
+    /// 401 for a missing, invalid, expired or wrong-kind token (Oakestra's exact text).
+    pub fn missing_token() -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "Missing authentication token")
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut body = self.details;
+        body.insert("message".into(), json!(self.message));
+        (self.status, Json(Value::Object(body))).into_response()
+    }
+}
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> Self {
+        use oakestra_protocol::addr::AddrError;
+        match &e {
+            Error::NotFound { .. } => Self::new(StatusCode::NOT_FOUND, e.to_string()),
+            Error::Conflict { message } => Self::new(StatusCode::CONFLICT, message.clone()),
+            Error::BadRequest { message } => Self::new(StatusCode::BAD_REQUEST, message.clone()),
+            Error::Address(AddrError::Exhausted { .. }) => {
+                tracing::error!(error = %e, "address pool exhausted");
+                Self::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+            }
+            Error::Address(_) => Self::new(StatusCode::BAD_REQUEST, e.to_string()),
+            _ => {
+                tracing::error!(error = %e, "request failed");
+                Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
+            }
+        }
+    }
+}
+
+/// Whether the token holds the `Admin` role.
+pub fn is_admin(claims: &Claims) -> bool {
+    claims.roles.iter().any(|r| r == "Admin")
+}
+
+/// A request from a registered cluster: `Authorization: Bearer <its secret>`; anything else is refused with 401.
+#[derive(Debug, Clone)]
+pub struct ClusterAuth(pub ClusterRow);
+
+impl FromRequestParts<AppState> for ClusterAuth {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        let refuse = || ApiError::new(StatusCode::UNAUTHORIZED, "missing or unknown cluster token");
+        let token = bearer(parts).ok_or_else(refuse)?.to_owned();
+        let found = state
+            .store
+            .with(move |inner| crate::store::clusters::by_token(&inner.conn, &token))
+            .await?;
+        found.map(ClusterAuth).ok_or_else(refuse)
+    }
+}
+
+/// A JSON body whose rejections (bad syntax, wrong types, wrong content type, too large) become [`ApiError`]s.
+#[derive(Debug)]
+pub struct JsonBody<T>(pub T);
+
+impl<S, T> FromRequest<S> for JsonBody<T>
+where
+    S: Send + Sync,
+    Json<T>: FromRequest<S, Rejection = JsonRejection>,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        // Refuse an oversized body from its announced length, before reading (or waiting for) any of it.
+        let announced = req
+            .headers()
+            .get(axum::http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if let Some(len) = announced.filter(|&len| len > BODY_LIMIT as u64) {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("request body of {len} bytes is larger than the limit of {BODY_LIMIT} bytes"),
+            ));
+        }
+        Json::<T>::from_request(req, state)
+            .await
+            .map(|Json(v)| Self(v))
+            .map_err(|rejection| ApiError::new(rejection.status(), rejection.body_text()))
+    }
+}
+
+/// The router with every route (each also under its trailing-slash form).
+pub fn router(state: AppState) -> Router {
+    let mut router = Router::new();
+    let routes = std::iter::once(("/api/health", get(health)))
+        .chain(auth::routes())
+        .chain(apps::routes())
+        .chain(clusters::routes())
+        .chain(net::routes())
+        .chain(users::routes())
+        .chain(docs::routes());
+    for (path, method) in routes {
+        router = router
+            .route(path, method.clone())
+            .route(&format!("{path}/"), method);
+    }
+    router
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not found") })
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .with_state(state)
+}
+
+async fn health() -> Json<Value> {
+    Json(json!({ "status": "ok", "version": env!("CARGO_PKG_VERSION") }))
+}

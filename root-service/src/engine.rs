@@ -1,0 +1,651 @@
+//! The root orchestrator's moving parts: placing instances on clusters (the shared placement policy plus capacity
+//! reservations), deploy/undeploy calls to clusters, fallback to the next cluster when one cannot run an instance,
+//! rescheduling when a cluster stops reporting, cluster reports and results, and job-update fan-out to interested
+//! clusters.
+//!
+//! Calls to clusters run in background tasks with a deadline and a few retries; their failures feed back into
+//! placement (an unreachable cluster counts as one that refused), so nothing waits on a dead peer and nothing is
+//! left half-placed.
+
+use std::{
+    collections::BTreeMap,
+    future::Future,
+    pin::Pin,
+    sync::{Arc, Mutex, PoisonError},
+    time::Duration,
+};
+
+use hyper::Method;
+use oakestra_protocol::{
+    api::{
+        federation::{DeployResult, JOB_UPDATE_PATH, JobUpdate, service_instance_path},
+        root::ClusterAggregate,
+    },
+    client::{self, base_url},
+    mqtt::net::UpdateType,
+    sched::{self, Candidate, Capacity, Policy, Reservations},
+    status::Status,
+};
+use serde_json::{Map, Value};
+
+use crate::{
+    Error,
+    store::{
+        Store,
+        apps::{self, InstanceRow, ServiceRow},
+        clusters::{self, ClusterRow},
+        net, now_ms,
+    },
+};
+
+/// Deadline of one call to a cluster.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Deadline of one job-update notification (the reference's).
+pub const NOTIFY_TIMEOUT: Duration = Duration::from_secs(2);
+/// Attempts per call before giving up.
+pub const ATTEMPTS: u32 = 3;
+
+/// The orchestrator; shared as `Arc<Engine>`.
+#[derive(Debug)]
+pub struct Engine {
+    store: Store,
+    policy: Policy,
+    liveness_ms: i64,
+    retry_ms: i64,
+    reservations: Mutex<Reservations>,
+}
+
+/// `"<job_id>/<n>"`: the key of an instance's reservation.
+fn key(service_id: &str, number: i64) -> String {
+    format!("{service_id}/{number}")
+}
+
+fn non_negative(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// The placement view of a cluster: its last aggregate and whether it is active.
+pub fn candidate(row: &ClusterRow, active: bool) -> Candidate {
+    let agg: ClusterAggregate =
+        serde_json::from_value(Value::Object(row.aggregate.clone())).unwrap_or_default();
+    let capacity = |vcpus: i64, memory: i64, gpus: i64| Capacity {
+        vcpus: non_negative(vcpus),
+        memory_mib: non_negative(memory),
+        gpus: non_negative(gpus),
+    };
+    let total = capacity(agg.vcpus, agg.memory, agg.vgpus);
+    let max_node = match (agg.max_node_vcpus, agg.max_node_memory) {
+        (Some(v), Some(m)) => Some(capacity(v, m, agg.vgpus)),
+        _ => None,
+    };
+    Candidate {
+        id: row.id.clone(),
+        name: row.name.clone(),
+        active,
+        virtualization: agg.virtualization,
+        cpu_percent: agg.cpu_percent,
+        total,
+        per_arch: agg
+            .aggregation_per_architecture
+            .iter()
+            .map(|(arch, a)| (arch.clone(), capacity(a.vcpus, a.memory, a.vgpus)))
+            .collect::<BTreeMap<_, _>>(),
+        max_node,
+        csi_drivers: agg.csi_drivers,
+        addons: agg.supported_addons,
+    }
+}
+
+impl Engine {
+    /// An engine over `store`.
+    pub fn new(store: Store, policy: Policy, liveness_window: Duration, retry_interval: Duration) -> Self {
+        Self {
+            store,
+            policy,
+            liveness_ms: millis(liveness_window),
+            retry_ms: millis(retry_interval),
+            reservations: Mutex::new(Reservations::default()),
+        }
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The interval of maintenance rounds.
+    pub fn retry_interval(&self) -> Duration {
+        Duration::from_millis(u64::try_from(self.retry_ms).unwrap_or(u64::MAX))
+    }
+
+    /// The liveness window in milliseconds.
+    pub fn liveness_ms(&self) -> i64 {
+        self.liveness_ms
+    }
+
+    fn reservations(&self) -> std::sync::MutexGuard<'_, Reservations> {
+        // Reservations are plain bookkeeping; a panic elsewhere cannot leave them inconsistent.
+        self.reservations.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// How many placements currently hold a reservation.
+    pub fn reservation_count(&self) -> usize {
+        self.reservations().len()
+    }
+
+    /// Creates instance `n` (the next number) of `service_id` and schedules it. Returns the instance as it stands
+    /// after the scheduling decision.
+    pub async fn request_instance(self: &Arc<Self>, service_id: &str) -> Result<InstanceRow, Error> {
+        let id = service_id.to_owned();
+        let row = self
+            .store
+            .with(move |inner| apps::new_instance(&mut inner.conn, &id))
+            .await?;
+        tracing::info!(job = %service_id, instance = row.number, "instance requested");
+        self.schedule(service_id, row.number, Vec::new()).await
+    }
+
+    /// Picks a cluster for instance `number` (excluding `tried`), reserves the capacity, records the placement
+    /// and sends the deploy call in the background; or records why no cluster can take it.
+    pub async fn schedule(
+        self: &Arc<Self>,
+        service_id: &str,
+        number: i64,
+        tried: Vec<String>,
+    ) -> Result<InstanceRow, Error> {
+        let id = service_id.to_owned();
+        let (service, all) = self
+            .store
+            .with(move |inner| Ok((apps::service(&inner.conn, &id)?, clusters::all(&inner.conn)?)))
+            .await?;
+        let Some(service) = service else {
+            return Err(Error::NotFound {
+                what: "service",
+                id: service_id.to_owned(),
+            });
+        };
+        let now = now_ms();
+        let candidates: Vec<Candidate> = all
+            .iter()
+            .map(|c| candidate(c, c.is_active(now, self.liveness_ms)))
+            .collect();
+        let mut demand = sched::demand_from_job(&Value::Object(service.doc.clone()), key(service_id, number));
+        demand.exclude.clone_from(&tried);
+        let choice = {
+            let mut reservations = self.reservations();
+            reservations.expire(u64::try_from(now).unwrap_or(0));
+            let choice = sched::place(&candidates, &demand, &reservations, self.policy).map(|c| c.id.clone());
+            if let Ok(cluster_id) = &choice {
+                reservations.reserve(
+                    cluster_id,
+                    &demand.key,
+                    demand.need,
+                    u64::try_from(now).unwrap_or(0),
+                    u64::try_from(self.liveness_ms.saturating_mul(2)).unwrap_or(u64::MAX),
+                );
+            }
+            choice
+        };
+        let sid = service_id.to_owned();
+        match choice {
+            Ok(cluster_id) => {
+                let cid = cluster_id.clone();
+                let placed = self
+                    .store
+                    .with(move |inner| apps::place_instance(inner, &sid, number, &cid, &tried))
+                    .await;
+                let placed = match placed {
+                    Ok(row) => row,
+                    Err(e) => {
+                        self.reservations().release(&demand.key);
+                        return Err(e);
+                    }
+                };
+                tracing::info!(job = %service.job_name, instance = number, cluster = %cluster_id, "instance placed");
+                if let Some(cluster) = all.into_iter().find(|c| c.id == cluster_id) {
+                    let engine = Arc::clone(self);
+                    let service_id = service_id.to_owned();
+                    tokio::spawn(async move { engine.deploy_to(cluster, service_id, number).await });
+                }
+                Ok(placed)
+            }
+            Err(refusal) => {
+                let (status, detail) = if tried.is_empty() {
+                    (refusal.root_status(), refusal.to_string())
+                } else {
+                    (
+                        Status::NoActiveClusterWithCapacity,
+                        format!(
+                            "no other cluster can run it ({refusal}); refused by {}",
+                            tried.join(", ")
+                        ),
+                    )
+                };
+                tracing::info!(job = %service.job_name, instance = number, %status, %detail, "instance not placed");
+                let detail2 = detail.clone();
+                self.store
+                    .with(move |inner| {
+                        apps::unplace_instance(&inner.conn, &sid, number, status.as_str(), &detail2, &tried)?;
+                        apps::instance(&inner.conn, &sid, number)
+                    })
+                    .await?
+                    .ok_or_else(|| Error::NotFound {
+                        what: "instance",
+                        id: key(service_id, number),
+                    })
+            }
+        }
+    }
+
+    /// Sends the deploy call for instance `number` to `cluster`; a cluster that does not accept it counts as one
+    /// that refused it.
+    async fn deploy_to(self: Arc<Self>, cluster: ClusterRow, service_id: String, number: i64) {
+        let id = service_id.clone();
+        let service = match self
+            .store
+            .with(move |inner| apps::service(&inner.conn, &id))
+            .await
+        {
+            Ok(Some(s)) => s,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::error!(job = %service_id, instance = number, error = %e, "cannot load the job to deploy");
+                return;
+            }
+        };
+        if service.instance(number).and_then(|i| i.cluster_id.as_deref()) != Some(cluster.id.as_str()) {
+            return; // Deleted or moved meanwhile.
+        }
+        let body = service.to_json_for_instance(number);
+        let path = service_instance_path(&service_id, number);
+        match call_cluster(&cluster, Method::POST, &path, Some(&body), CALL_TIMEOUT).await {
+            Ok(()) => {
+                tracing::info!(job = %service.job_name, instance = number, cluster = %cluster.name, "deploy sent");
+            }
+            Err(why) => {
+                tracing::warn!(job = %service.job_name, instance = number, cluster = %cluster.name, %why, "deploy call failed");
+                if let Err(e) = self
+                    .cluster_refused(
+                        &service_id,
+                        number,
+                        &cluster.id,
+                        &format!("deploy call failed: {why}"),
+                    )
+                    .await
+                {
+                    tracing::error!(job = %service_id, instance = number, error = %e, "fallback failed");
+                }
+            }
+        }
+    }
+
+    /// `cluster_id` cannot run instance `number`: drop it there and try the next cluster.
+    ///
+    /// Boxed because it closes the cycle schedule → deploy → refused → schedule, whose future type the compiler
+    /// could not otherwise prove `Send`.
+    pub fn cluster_refused<'a>(
+        self: &'a Arc<Self>,
+        service_id: &'a str,
+        number: i64,
+        cluster_id: &'a str,
+        why: &'a str,
+    ) -> Pin<Box<dyn Future<Output = Result<(), Error>> + Send + 'a>> {
+        Box::pin(async move {
+            let (sid, cid) = (service_id.to_owned(), cluster_id.to_owned());
+            let found = self
+                .store
+                .with(move |inner| {
+                    Ok((
+                        apps::instance(&inner.conn, &sid, number)?,
+                        clusters::by_id(&inner.conn, &cid)?,
+                    ))
+                })
+                .await?;
+            let (Some(instance), cluster) = found else {
+                return Ok(());
+            };
+            if instance.cluster_id.as_deref() != Some(cluster_id) {
+                return Ok(()); // Already moved on.
+            }
+            tracing::info!(job = %service_id, instance = number, cluster = %cluster_id, %why, "cluster cannot run the instance; trying the next one");
+            self.reservations().release(&key(service_id, number));
+            if let Some(cluster) = cluster {
+                spawn_undeploy(cluster, service_id.to_owned(), number);
+            }
+            let mut tried = instance.tried;
+            if !tried.iter().any(|t| t == cluster_id) {
+                tried.push(cluster_id.to_owned());
+            }
+            self.schedule(service_id, number, tried).await.map(|_| ())
+        })
+    }
+
+    /// Deletes instance `number`: frees its addresses and reservation, undeploys it from its cluster and tells
+    /// interested clusters.
+    pub async fn delete_instance(self: &Arc<Self>, service: &ServiceRow, number: i64) -> Result<(), Error> {
+        let (sid, job) = (service.id.clone(), service.job_name.clone());
+        let (row, cluster, interested) = self
+            .store
+            .with(move |inner| {
+                let interested = interested_clusters(&inner.conn, &job)?;
+                let row = apps::delete_instance(inner, &sid, number)?;
+                let cluster = match &row.cluster_id {
+                    Some(id) => clusters::by_id(&inner.conn, id)?,
+                    None => None,
+                };
+                Ok((row, cluster, interested))
+            })
+            .await?;
+        self.reservations().release(&key(&service.id, number));
+        if let Some(cluster) = cluster {
+            spawn_undeploy(cluster, service.id.clone(), row.number);
+        }
+        notify(interested, &service.job_name, number, UpdateType::Undeployment);
+        tracing::info!(job = %service.job_name, instance = number, "instance deleted");
+        Ok(())
+    }
+
+    /// Undeploys every instance of services that were just deleted from the store and tells interested clusters.
+    pub async fn services_deleted(self: &Arc<Self>, services: Vec<(ServiceRow, Vec<ClusterRow>)>) {
+        for (service, interested) in services {
+            let mut on: Vec<String> = service
+                .instances
+                .iter()
+                .filter_map(|i| i.cluster_id.clone())
+                .collect();
+            on.sort();
+            on.dedup();
+            for instance in &service.instances {
+                self.reservations().release(&key(&service.id, instance.number));
+            }
+            let ids = on.clone();
+            let clusters = self
+                .store
+                .with(move |inner| {
+                    ids.iter()
+                        .filter_map(|id| clusters::by_id(&inner.conn, id).transpose())
+                        .collect::<Result<Vec<_>, _>>()
+                })
+                .await
+                .unwrap_or_default();
+            for cluster in clusters {
+                spawn_undeploy(cluster, service.id.clone(), -1);
+            }
+            notify(interested, &service.job_name, -1, UpdateType::Undeployment);
+            tracing::info!(job = %service.job_name, "service deleted");
+        }
+    }
+
+    /// Applies a cluster report: the aggregate (liveness), instance and job statuses, reservations, fallback for
+    /// instances the cluster cannot place, and reconciliation (jobs or instances root does not have there are
+    /// deleted on the cluster).
+    pub async fn report(
+        self: &Arc<Self>,
+        cluster: &ClusterRow,
+        body: Map<String, Value>,
+    ) -> Result<(), Error> {
+        let mut aggregate = body;
+        let jobs = match aggregate.remove("jobs") {
+            Some(Value::Array(jobs)) => jobs,
+            _ => Vec::new(),
+        };
+        // The address a cluster registered with never changes through a report.
+        aggregate.remove("ip");
+        let id = cluster.id.clone();
+        let outcome = self
+            .store
+            .with(move |inner| {
+                clusters::record_report(&inner.conn, &id, &aggregate)?;
+                apps::apply_report(&mut inner.conn, &id, &jobs)
+            })
+            .await?;
+        {
+            let mut reservations = self.reservations();
+            for key in &outcome.settled {
+                reservations.release(key);
+            }
+        }
+        for job in outcome.unknown_jobs {
+            tracing::info!(cluster = %cluster.name, job = %job, "cluster runs a job root does not know; deleting it there");
+            spawn_undeploy(cluster.clone(), job, -1);
+        }
+        for (job, number) in outcome.stray_instances {
+            tracing::info!(cluster = %cluster.name, job = %job, instance = number, "cluster runs an instance root placed elsewhere; deleting it there");
+            spawn_undeploy(cluster.clone(), job, number);
+        }
+        for (job, number, status) in outcome.refused {
+            self.cluster_refused(&job, number, &cluster.id, &status).await?;
+        }
+        Ok(())
+    }
+
+    /// Applies a cluster's scheduling result for one instance.
+    pub async fn result(self: &Arc<Self>, cluster: &ClusterRow, result: &DeployResult) -> Result<(), Error> {
+        let (job, number) = result.target();
+        let Some(number) = number else {
+            return Err(Error::BadRequest {
+                message: format!(
+                    "job_id {:?}: the instance number is missing (send \"<job_id>/<n>\" or instance_number)",
+                    result.job_id
+                ),
+            });
+        };
+        let (sid, cid) = (job.to_owned(), cluster.id.clone());
+        let instance = self
+            .store
+            .with(move |inner| apps::instance(&inner.conn, &sid, number))
+            .await?
+            .filter(|i| i.cluster_id.as_deref() == Some(cid.as_str()))
+            .ok_or_else(|| Error::NotFound {
+                what: "instance on this cluster",
+                id: key(job, number),
+            })?;
+        if let Some(status) = result.status.as_deref().filter(|s| !s.is_empty()) {
+            let why = match result.status_detail.as_deref() {
+                Some(detail) if !detail.is_empty() => format!("{status}: {detail}"),
+                _ => status.to_owned(),
+            };
+            return self.cluster_refused(job, number, &cluster.id, &why).await;
+        }
+        let detail = result
+            .candidate_id
+            .as_deref()
+            .map(|w| format!("worker {w}"))
+            .unwrap_or_default();
+        let sid = instance.service_id.clone();
+        self.store
+            .with(move |inner| {
+                apps::set_instance_status(&inner.conn, &sid, number, Status::NodeScheduled.as_str(), &detail)
+            })
+            .await
+    }
+
+    /// One maintenance round: expire reservations, move instances off clusters that stopped reporting, and retry
+    /// instances no cluster could take.
+    pub async fn tick(self: &Arc<Self>) -> Result<(), Error> {
+        let now = now_ms();
+        self.reservations().expire(u64::try_from(now).unwrap_or(0));
+        let window = self.liveness_ms;
+        let (lost, waiting) = self
+            .store
+            .with(move |inner| {
+                let mut lost = Vec::new();
+                for cluster in clusters::all(&inner.conn)? {
+                    if cluster.is_active(now, window) {
+                        continue;
+                    }
+                    for instance in apps::instances_on_cluster(&inner.conn, &cluster.id)? {
+                        let terminal = instance.status.parse::<Status>().is_ok_and(Status::is_terminal);
+                        if !terminal {
+                            lost.push((cluster.id.clone(), instance));
+                        }
+                    }
+                }
+                Ok((lost, apps::unplaced_instances(&inner.conn)?))
+            })
+            .await?;
+        for (cluster_id, instance) in lost {
+            tracing::warn!(job = %instance.service_id, instance = instance.number, cluster = %cluster_id, "cluster stopped reporting; rescheduling the instance");
+            self.reservations()
+                .release(&key(&instance.service_id, instance.number));
+            self.schedule(&instance.service_id, instance.number, vec![cluster_id])
+                .await?;
+        }
+        for instance in waiting {
+            if now - instance.updated >= self.retry_ms {
+                self.schedule(&instance.service_id, instance.number, Vec::new())
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs [`Self::tick`] every `interval` until `stop` fires.
+    pub async fn run_maintenance(
+        self: Arc<Self>,
+        interval: Duration,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let mut timer = tokio::time::interval(interval);
+        timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = timer.tick() => {
+                    if let Err(e) = self.tick().await {
+                        tracing::error!(error = %e, "maintenance round failed");
+                    }
+                }
+                _ = stop.changed() => return,
+            }
+        }
+    }
+
+    /// Records a cluster's network report for a job's instances and tells interested clusters.
+    pub async fn net_deploy_status(
+        self: &Arc<Self>,
+        job_id: &str,
+        instances: Vec<(i64, Map<String, Value>)>,
+    ) -> Result<(), Error> {
+        let id = job_id.to_owned();
+        let (service, interested, changed) = self
+            .store
+            .with(move |inner| {
+                let Some(service) = apps::service(&inner.conn, &id)? else {
+                    return Err(Error::NotFound { what: "job", id });
+                };
+                let mut changed = Vec::new();
+                for (number, fields) in &instances {
+                    if apps::set_instance_net(&inner.conn, &id, *number, fields)? {
+                        changed.push(*number);
+                    }
+                }
+                let interested = interested_clusters(&inner.conn, &service.job_name)?;
+                Ok((service, interested, changed))
+            })
+            .await?;
+        for number in changed {
+            notify(
+                interested.clone(),
+                &service.job_name,
+                number,
+                UpdateType::Deployment,
+            );
+        }
+        Ok(())
+    }
+}
+
+/// The clusters interested in `job_name`.
+pub fn interested_clusters(conn: &rusqlite::Connection, job_name: &str) -> Result<Vec<ClusterRow>, Error> {
+    net::interested(conn, job_name)?
+        .iter()
+        .filter_map(|id| clusters::by_id(conn, id).transpose())
+        .collect()
+}
+
+/// One call to a cluster's manager with retries; `Ok` on a 2xx answer.
+async fn call_cluster(
+    cluster: &ClusterRow,
+    method: Method,
+    path: &str,
+    body: Option<&Value>,
+    timeout: Duration,
+) -> Result<(), String> {
+    call_with_retries(
+        &cluster.address,
+        cluster.manager_port,
+        &cluster.token,
+        method,
+        path,
+        body,
+        timeout,
+    )
+    .await
+}
+
+async fn call_with_retries(
+    host: &str,
+    port: u16,
+    token: &str,
+    method: Method,
+    path: &str,
+    body: Option<&Value>,
+    timeout: Duration,
+) -> Result<(), String> {
+    let url = format!("{}{path}", base_url(host, port));
+    let mut last = String::new();
+    for attempt in 0..ATTEMPTS {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_millis(500 << attempt)).await;
+        }
+        match client::call(method.clone(), &url, Some(token), body, timeout).await {
+            Ok(r) if r.is_success() => return Ok(()),
+            // A 4xx will not change by retrying.
+            Ok(r) if (400..500).contains(&r.status) => return Err(format!("HTTP {}: {}", r.status, r.body)),
+            Ok(r) => last = format!("HTTP {}: {}", r.status, r.body),
+            Err(e) => last = e.to_string(),
+        }
+    }
+    Err(last)
+}
+
+/// Tells `cluster` to remove instance `number` of `job` (`-1`: all), in the background.
+fn spawn_undeploy(cluster: ClusterRow, job: String, number: i64) {
+    tokio::spawn(async move {
+        let path = service_instance_path(&job, number);
+        if let Err(why) = call_cluster(&cluster, Method::DELETE, &path, None, CALL_TIMEOUT).await {
+            tracing::warn!(cluster = %cluster.name, job = %job, instance = number, %why, "undeploy call failed; the next report reconciles it");
+        }
+    });
+}
+
+/// Sends a job update to each interested cluster's network component, in the background.
+fn notify(clusters: Vec<ClusterRow>, job_name: &str, number: i64, kind: UpdateType) {
+    for cluster in clusters {
+        let update = JobUpdate {
+            job_name: job_name.to_owned(),
+            instance_number: number,
+            kind: kind.clone(),
+        };
+        tokio::spawn(async move {
+            let body = serde_json::to_value(&update).unwrap_or(Value::Null);
+            let result = call_with_retries(
+                &cluster.address,
+                cluster.network_port,
+                &cluster.token,
+                Method::POST,
+                JOB_UPDATE_PATH,
+                Some(&body),
+                NOTIFY_TIMEOUT,
+            )
+            .await;
+            if let Err(why) = result {
+                tracing::warn!(cluster = %cluster.name, job = %update.job_name, %why, "job update not delivered");
+            }
+        });
+    }
+}
