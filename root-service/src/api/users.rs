@@ -1,11 +1,741 @@
 //! Users and organizations: registration by an Admin, permissions, profile and password changes, listings, and
 //! organization management with the four roles.
+//!
+//! Answers are plain JSON and never carry a password hash. User and organization names are 1–64 characters of
+//! `[A-Za-z0-9_.-]`, passwords 1–1024 bytes, roles one of [`ALL_ROLES`]; anything else is a 422 naming it.
+//! The default data stays usable: user `Admin` cannot be deleted nor lose the `Admin` role in `root`, and `root`
+//! cannot be deleted or renamed.
 
-use axum::routing::MethodRouter;
+use std::collections::{HashMap, HashSet};
 
-use super::AppState;
+use axum::{
+    Json,
+    extract::{Path, State},
+    http::StatusCode,
+    routing::{MethodRouter, get, post},
+};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::{ApiError, AppState, JsonBody, is_admin};
+use crate::{
+    Error,
+    auth::{self, AccessClaims},
+    store::{
+        ADMIN_USER, ALL_ROLES, ROOT_ORG,
+        users::{self, Member, Membership, NewUser, OrgRow, UserRow, UserUpdate},
+    },
+};
+
+/// Longest user or organization name.
+pub const MAX_NAME_LEN: usize = 64;
+/// Longest password in bytes.
+pub const MAX_PASSWORD_LEN: usize = 1024;
+/// Longest e-mail address in bytes.
+pub const MAX_EMAIL_LEN: usize = 320;
+/// Longest `created_at` text.
+pub const MAX_CREATED_AT_LEN: usize = 64;
+/// The role a registered user gets when the request names none.
+pub const DEFAULT_ROLE: &str = "Application_Provider";
 
 /// The routes of this module.
 pub fn routes() -> Vec<(&'static str, MethodRouter<AppState>)> {
-    Vec::new()
+    vec![
+        ("/api/auth/register", post(register)),
+        ("/api/permission/{username}", get(permission)),
+        (
+            "/api/user/{username}",
+            get(get_user)
+                .put(update_user)
+                .delete(delete_user)
+                .post(change_password),
+        ),
+        ("/api/user", post(password_reset).put(password_reset)),
+        ("/api/users", get(all_users)),
+        ("/api/users/{organization_id}", get(organization_users)),
+        (
+            "/api/organization",
+            get(all_organizations).post(create_organization),
+        ),
+        (
+            "/api/organization/{id}",
+            get(get_organization)
+                .put(update_organization)
+                .delete(delete_organization),
+        ),
+    ]
+}
+
+/// What a store closure returns when it also checks policy: the outer error is the database's, the inner one the
+/// request's.
+type Checked<T> = Result<Result<T, ApiError>, Error>;
+
+fn unprocessable(message: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, message)
+}
+
+fn conflict(message: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::CONFLICT, message)
+}
+
+fn require_admin(claims: &AccessClaims) -> Result<(), ApiError> {
+    if is_admin(&claims.0) {
+        Ok(())
+    } else {
+        Err(ApiError::not_enough_permissions())
+    }
+}
+
+/// Self or Admin.
+fn require_self_or_admin(claims: &AccessClaims, username: &str) -> Result<(), ApiError> {
+    if claims.0.sub == username || is_admin(&claims.0) {
+        Ok(())
+    } else {
+        Err(ApiError::not_enough_permissions())
+    }
+}
+
+/// A user or organization name: 1–64 characters of `[A-Za-z0-9_.-]`.
+pub fn check_name(what: &str, name: &str) -> Result<(), ApiError> {
+    let ok = (1..=MAX_NAME_LEN).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(unprocessable(format!(
+            "{what} name {name:?} is invalid: it must be 1 to {MAX_NAME_LEN} characters of A-Z, a-z, 0-9, '_', '.', '-'"
+        )))
+    }
+}
+
+/// A password: 1–1024 bytes.
+pub fn check_password(what: &str, password: &str) -> Result<(), ApiError> {
+    if (1..=MAX_PASSWORD_LEN).contains(&password.len()) {
+        Ok(())
+    } else {
+        Err(unprocessable(format!(
+            "{what} must be 1 to {MAX_PASSWORD_LEN} bytes long (got {})",
+            password.len()
+        )))
+    }
+}
+
+fn check_email(email: &str) -> Result<(), ApiError> {
+    if email.len() <= MAX_EMAIL_LEN {
+        Ok(())
+    } else {
+        Err(unprocessable(format!(
+            "email must be at most {MAX_EMAIL_LEN} bytes long"
+        )))
+    }
+}
+
+/// Checks every role against [`ALL_ROLES`]; returns them without repetitions, in the given order.
+pub fn check_roles(roles: Vec<String>) -> Result<Vec<String>, ApiError> {
+    let mut out: Vec<String> = Vec::with_capacity(roles.len());
+    for role in roles {
+        if !ALL_ROLES.contains(&role.as_str()) {
+            return Err(unprocessable(format!(
+                "unknown role {role:?}: roles are {}",
+                ALL_ROLES.join(", ")
+            ))
+            .with("role", json!(role)));
+        }
+        if !out.contains(&role) {
+            out.push(role);
+        }
+    }
+    Ok(out)
+}
+
+/// Hashes on the blocking pool (argon2 is CPU-bound).
+async fn hash(password: String) -> Result<String, ApiError> {
+    Ok(
+        tokio::task::spawn_blocking(move || auth::hash_password(&password))
+            .await
+            .map_err(Error::from)??,
+    )
+}
+
+/// Verifies on the blocking pool.
+async fn verify(password: String, hash: String) -> Result<bool, ApiError> {
+    Ok(
+        tokio::task::spawn_blocking(move || auth::verify_password(&password, &hash))
+            .await
+            .map_err(Error::from)?,
+    )
+}
+
+fn memberships_json(memberships: &[Membership]) -> Value {
+    memberships
+        .iter()
+        .map(|m| {
+            json!({
+                "organization_id": m.org_id,
+                "organization_name": m.org_name,
+                "roles": m.roles,
+            })
+        })
+        .collect()
+}
+
+/// The user document: `{_id, name, email, created_at, organizations}`.
+fn user_doc(user: &UserRow, memberships: &HashMap<String, Vec<Membership>>) -> Value {
+    let mine = memberships.get(&user.id).map_or(&[][..], Vec::as_slice);
+    json!({
+        "_id": user.id,
+        "name": user.name,
+        "email": user.email,
+        "created_at": user.created_at,
+        "organizations": memberships_json(mine),
+    })
+}
+
+/// The organization document: `{_id, name, member: [{user_id, roles}]}`.
+fn org_doc(org: &OrgRow) -> Value {
+    json!({
+        "_id": org.id,
+        "name": org.name,
+        "member": org
+            .members
+            .iter()
+            .map(|m| json!({ "user_id": m.user_id, "roles": m.roles }))
+            .collect::<Vec<_>>(),
+    })
+}
+
+/// The documents of every user, or of the members of `org`.
+fn user_docs(conn: &rusqlite::Connection, org: Option<&str>) -> Result<Vec<Value>, Error> {
+    let list = users::users(conn, org)?;
+    let memberships = users::memberships(conn, None)?;
+    Ok(list.iter().map(|u| user_doc(u, &memberships)).collect())
+}
+
+fn unix_secs_text() -> String {
+    auth::unix_now().to_string()
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Users
+
+/// Body of `POST /api/auth/register`.
+#[derive(Debug, Deserialize)]
+pub struct RegisterRequest {
+    /// User name.
+    pub name: String,
+    /// Password.
+    pub password: String,
+    /// E-mail address.
+    #[serde(default)]
+    pub email: Option<String>,
+    /// Creation time (text or number); default now (Unix seconds).
+    #[serde(default)]
+    pub created_at: Option<Value>,
+    /// Roles in the organization; default `["Application_Provider"]`.
+    #[serde(default)]
+    pub roles: Option<Vec<String>>,
+    /// Organization **name** to join; default the caller's organization.
+    #[serde(default)]
+    pub organization: Option<String>,
+}
+
+/// `POST /api/auth/register` (Admin): creates a user with a membership; answers the user with its roles there.
+async fn register(
+    State(state): State<AppState>,
+    claims: AccessClaims,
+    JsonBody(body): JsonBody<RegisterRequest>,
+) -> Result<Json<Value>, ApiError> {
+    require_admin(&claims)?;
+    check_name("user", &body.name)?;
+    check_password("password", &body.password)?;
+    let email = body.email.unwrap_or_default();
+    check_email(&email)?;
+    let created_at = match body.created_at {
+        None | Some(Value::Null) => unix_secs_text(),
+        Some(Value::String(s)) if s.len() <= MAX_CREATED_AT_LEN => s,
+        Some(Value::Number(n)) => n.to_string(),
+        Some(_) => {
+            return Err(unprocessable(format!(
+                "created_at must be a text of at most {MAX_CREATED_AT_LEN} bytes or a number"
+            )));
+        }
+    };
+    let roles = check_roles(body.roles.unwrap_or_else(|| vec![DEFAULT_ROLE.to_owned()]))?;
+    let password_hash = hash(body.password).await?;
+    let user = NewUser {
+        name: body.name,
+        password_hash,
+        email,
+        created_at,
+    };
+    let (org_name, caller_org) = (body.organization, claims.0.organization.clone());
+    let created = state
+        .store
+        .with(move |inner| -> Checked<(UserRow, Vec<String>)> {
+            let org_id = match &org_name {
+                Some(name) => users::organization_id(&inner.conn, name)?,
+                None => users::organization(&inner.conn, &caller_org)?.map(|o| o.id),
+            };
+            let Some(org_id) = org_id else {
+                let shown = org_name.unwrap_or(caller_org);
+                return Ok(Err(ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    format!("organization {shown:?} not found"),
+                )));
+            };
+            let row = users::create_user(&mut inner.conn, &user, &org_id, &roles)?;
+            Ok(Ok((row, roles)))
+        })
+        .await??;
+    let (user, roles) = created;
+    tracing::info!(by = %claims.0.sub, user = %user.name, roles = ?roles, "user registered");
+    Ok(Json(json!({
+        "_id": user.id,
+        "name": user.name,
+        "email": user.email,
+        "created_at": user.created_at,
+        "roles": roles,
+    })))
+}
+
+/// `GET /api/permission/{username}` (self or Admin): `{roles}` in the caller's organization.
+async fn permission(
+    State(state): State<AppState>,
+    claims: AccessClaims,
+    Path(username): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    require_self_or_admin(&claims, &username)?;
+    let org = claims.0.organization.clone();
+    let roles = state
+        .store
+        .with(move |inner| {
+            let Some(user) = users::user(&inner.conn, &username)? else {
+                return Err(Error::NotFound {
+                    what: "user",
+                    id: username,
+                });
+            };
+            users::roles_in(&inner.conn, &user.id, &org)
+        })
+        .await?;
+    Ok(Json(json!({ "roles": roles.unwrap_or_default() })))
+}
+
+/// `GET /api/user/{username}` (self or Admin): the user document.
+async fn get_user(
+    State(state): State<AppState>,
+    claims: AccessClaims,
+    Path(username): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    require_self_or_admin(&claims, &username)?;
+    let doc = state
+        .store
+        .with(move |inner| {
+            let Some(user) = users::user(&inner.conn, &username)? else {
+                return Err(Error::NotFound {
+                    what: "user",
+                    id: username,
+                });
+            };
+            let memberships = users::memberships(&inner.conn, Some(&user.id))?;
+            Ok(user_doc(&user, &memberships))
+        })
+        .await?;
+    Ok(Json(doc))
+}
+
+/// Body of `PUT /api/user/{username}`.
+#[derive(Debug, Deserialize)]
+pub struct UpdateUserRequest {
+    /// New e-mail address.
+    #[serde(default)]
+    pub email: Option<String>,
+    /// New password.
+    #[serde(default)]
+    pub password: Option<String>,
+    /// New roles in the caller's organization.
+    #[serde(default)]
+    pub roles: Option<Vec<String>>,
+}
+
+/// `PUT /api/user/{username}` (Admin): sets the e-mail, the password and/or the roles in the caller's organization.
+async fn update_user(
+    State(state): State<AppState>,
+    claims: AccessClaims,
+    Path(username): Path<String>,
+    JsonBody(body): JsonBody<UpdateUserRequest>,
+) -> Result<Json<Value>, ApiError> {
+    require_admin(&claims)?;
+    if let Some(email) = &body.email {
+        check_email(email)?;
+    }
+    let roles = body.roles.map(check_roles).transpose()?;
+    let password_hash = match body.password {
+        Some(pw) => {
+            check_password("password", &pw)?;
+            Some(hash(pw).await?)
+        }
+        None => None,
+    };
+    let org = claims.0.organization.clone();
+    let update = UserUpdate {
+        email: body.email,
+        password_hash,
+        roles: roles.map(|r| (org.clone(), r)),
+    };
+    let name = username.clone();
+    state
+        .store
+        .with(move |inner| -> Checked<()> {
+            if let Some((org_id, roles)) = &update.roles {
+                let Some(org) = users::organization(&inner.conn, org_id)? else {
+                    return Ok(Err(ApiError::new(
+                        StatusCode::NOT_FOUND,
+                        format!("organization {org_id:?} not found"),
+                    )));
+                };
+                if name == ADMIN_USER && org.name == ROOT_ORG && !roles.iter().any(|r| r == "Admin") {
+                    return Ok(Err(conflict(format!(
+                        "user {ADMIN_USER} must keep the Admin role in organization {ROOT_ORG}"
+                    ))));
+                }
+            }
+            users::update_user(&mut inner.conn, &name, &update)?;
+            Ok(Ok(()))
+        })
+        .await??;
+    tracing::info!(by = %claims.0.sub, user = %username, "user updated");
+    Ok(Json(json!({ "message": "ok" })))
+}
+
+/// `DELETE /api/user/{username}` (Admin): deletes the user; answers the remaining users.
+async fn delete_user(
+    State(state): State<AppState>,
+    claims: AccessClaims,
+    Path(username): Path<String>,
+) -> Result<Json<Vec<Value>>, ApiError> {
+    require_admin(&claims)?;
+    if username == ADMIN_USER {
+        return Err(conflict(format!("user {ADMIN_USER} cannot be deleted")));
+    }
+    if username == claims.0.sub {
+        return Err(conflict("you cannot delete yourself"));
+    }
+    let name = username.clone();
+    let remaining = state
+        .store
+        .with(move |inner| {
+            users::delete_user(&inner.conn, &name)?;
+            user_docs(&inner.conn, None)
+        })
+        .await?;
+    tracing::info!(by = %claims.0.sub, user = %username, "user deleted");
+    Ok(Json(remaining))
+}
+
+/// Body of `POST /api/user/{username}`.
+#[derive(Debug, Deserialize)]
+pub struct ChangePasswordRequest {
+    /// The current password.
+    #[serde(rename = "oldPassword")]
+    pub old_password: String,
+    /// The new password.
+    #[serde(rename = "newPassword")]
+    pub new_password: String,
+}
+
+/// `POST /api/user/{username}` (self only): changes the caller's password.
+async fn change_password(
+    State(state): State<AppState>,
+    claims: AccessClaims,
+    Path(username): Path<String>,
+    JsonBody(body): JsonBody<ChangePasswordRequest>,
+) -> Result<Json<Value>, ApiError> {
+    if claims.0.sub != username {
+        return Err(ApiError::not_enough_permissions());
+    }
+    let bad = |message: &str| ApiError::new(StatusCode::BAD_REQUEST, message);
+    if body.new_password == body.old_password {
+        return Err(bad("the new password must differ from the old one"));
+    }
+    check_password("newPassword", &body.new_password)?;
+    let name = username.clone();
+    let old_hash = state
+        .store
+        .with(move |inner| users::password_hash(&inner.conn, &name))
+        .await?
+        .ok_or_else(|| Error::NotFound {
+            what: "user",
+            id: username.clone(),
+        })?;
+    // No stored password is longer than the limit, so a longer old password is wrong without hashing it.
+    if body.old_password.len() > MAX_PASSWORD_LEN || !verify(body.old_password, old_hash.clone()).await? {
+        tracing::info!(user = %username, "password change refused: wrong old password");
+        return Err(bad("the old password is wrong"));
+    }
+    let new_hash = hash(body.new_password).await?;
+    let name = username.clone();
+    let outcome = state
+        .store
+        .with(move |inner| -> Result<Option<bool>, Error> {
+            if users::replace_password_hash(&inner.conn, &name, &old_hash, &new_hash)? {
+                return Ok(Some(true));
+            }
+            Ok(users::user_id(&inner.conn, &name)?.map(|_| false))
+        })
+        .await?;
+    match outcome {
+        Some(true) => {
+            tracing::info!(user = %username, "password changed");
+            Ok(Json(json!({})))
+        }
+        Some(false) => Err(conflict(
+            "the password was changed by another request meanwhile; try again",
+        )),
+        None => Err(Error::NotFound {
+            what: "user",
+            id: username,
+        }
+        .into()),
+    }
+}
+
+/// `POST /api/user/` and `PUT /api/user/`: password reset by e-mail, which this server does not offer. Needs no
+/// token, as in the reference: whoever forgot a password has none.
+async fn password_reset() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_IMPLEMENTED,
+        "password reset by e-mail is not supported; an Admin can set a new password with \
+         PUT /api/user/<name> {\"password\": \"...\"}",
+    )
+}
+
+/// `GET /api/users/` (Admin): every user.
+async fn all_users(
+    State(state): State<AppState>,
+    claims: AccessClaims,
+) -> Result<Json<Vec<Value>>, ApiError> {
+    require_admin(&claims)?;
+    let docs = state.store.with(|inner| user_docs(&inner.conn, None)).await?;
+    Ok(Json(docs))
+}
+
+/// `GET /api/users/{organization_id}` (Admin): the members of an organization.
+async fn organization_users(
+    State(state): State<AppState>,
+    claims: AccessClaims,
+    Path(org_id): Path<String>,
+) -> Result<Json<Vec<Value>>, ApiError> {
+    require_admin(&claims)?;
+    let docs = state
+        .store
+        .with(move |inner| {
+            if users::organization(&inner.conn, &org_id)?.is_none() {
+                return Err(Error::NotFound {
+                    what: "organization",
+                    id: org_id,
+                });
+            }
+            user_docs(&inner.conn, Some(&org_id))
+        })
+        .await?;
+    Ok(Json(docs))
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Organizations
+
+/// One member in an organization request.
+#[derive(Debug, Deserialize)]
+pub struct MemberRequest {
+    /// User id.
+    pub user_id: String,
+    /// Roles; default none.
+    #[serde(default)]
+    pub roles: Vec<String>,
+}
+
+/// Body of `POST /api/organization/` and `PUT /api/organization/{id}`.
+#[derive(Debug, Deserialize)]
+pub struct OrganizationRequest {
+    /// Name (required to create).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Members (replacing the current ones on update).
+    #[serde(default)]
+    pub member: Option<Vec<MemberRequest>>,
+}
+
+/// Checks the roles of every member and that no user appears twice.
+fn check_members(members: Vec<MemberRequest>) -> Result<Vec<Member>, ApiError> {
+    let mut seen = HashSet::new();
+    members
+        .into_iter()
+        .map(|m| {
+            if !seen.insert(m.user_id.clone()) {
+                return Err(unprocessable(format!(
+                    "user {:?} is listed twice in member",
+                    m.user_id
+                )));
+            }
+            Ok(Member {
+                roles: check_roles(m.roles)?,
+                user_id: m.user_id,
+            })
+        })
+        .collect()
+}
+
+/// 422 naming the member ids that are no user's.
+fn unknown_members(conn: &rusqlite::Connection, members: &[Member]) -> Result<Option<ApiError>, Error> {
+    let ids: Vec<&str> = members.iter().map(|m| m.user_id.as_str()).collect();
+    let missing = users::missing_users(conn, &ids)?;
+    Ok((!missing.is_empty()).then(|| {
+        unprocessable(format!("unknown user ids in member: {}", missing.join(", ")))
+            .with("unknown_user_ids", json!(missing))
+    }))
+}
+
+/// `GET /api/organization/` (Admin): every organization.
+async fn all_organizations(
+    State(state): State<AppState>,
+    claims: AccessClaims,
+) -> Result<Json<Vec<Value>>, ApiError> {
+    require_admin(&claims)?;
+    let orgs = state
+        .store
+        .with(|inner| users::organizations(&inner.conn))
+        .await?;
+    Ok(Json(orgs.iter().map(org_doc).collect()))
+}
+
+/// `GET /api/organization/{id}` (Admin): one organization.
+async fn get_organization(
+    State(state): State<AppState>,
+    claims: AccessClaims,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    require_admin(&claims)?;
+    let org = state
+        .store
+        .with(move |inner| {
+            users::organization(&inner.conn, &id)?.ok_or(Error::NotFound {
+                what: "organization",
+                id,
+            })
+        })
+        .await?;
+    Ok(Json(org_doc(&org)))
+}
+
+/// `POST /api/organization/` (Admin): creates an organization.
+async fn create_organization(
+    State(state): State<AppState>,
+    claims: AccessClaims,
+    JsonBody(body): JsonBody<OrganizationRequest>,
+) -> Result<Json<Value>, ApiError> {
+    require_admin(&claims)?;
+    let name = body.name.ok_or_else(|| unprocessable("name is required"))?;
+    check_name("organization", &name)?;
+    let members = check_members(body.member.unwrap_or_default())?;
+    let org = state
+        .store
+        .with(move |inner| -> Checked<OrgRow> {
+            if let Some(e) = unknown_members(&inner.conn, &members)? {
+                return Ok(Err(e));
+            }
+            Ok(Ok(users::create_organization(&mut inner.conn, &name, &members)?))
+        })
+        .await??;
+    tracing::info!(by = %claims.0.sub, organization = %org.name, id = %org.id, "organization created");
+    Ok(Json(org_doc(&org)))
+}
+
+/// `PUT /api/organization/{id}` (Admin): renames and/or replaces the members.
+async fn update_organization(
+    State(state): State<AppState>,
+    claims: AccessClaims,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody<OrganizationRequest>,
+) -> Result<Json<Value>, ApiError> {
+    require_admin(&claims)?;
+    if let Some(name) = &body.name {
+        check_name("organization", name)?;
+    }
+    let members = body.member.map(check_members).transpose()?;
+    let name = body.name;
+    let org = state
+        .store
+        .with(move |inner| -> Checked<OrgRow> {
+            let Some(current) = users::organization(&inner.conn, &id)? else {
+                return Err(Error::NotFound {
+                    what: "organization",
+                    id,
+                });
+            };
+            if current.name == ROOT_ORG {
+                if name.as_deref().is_some_and(|n| n != ROOT_ORG) {
+                    return Ok(Err(conflict(format!(
+                        "organization {ROOT_ORG} cannot be renamed"
+                    ))));
+                }
+                if let Some(members) = &members {
+                    let admin_id = users::user_id(&inner.conn, ADMIN_USER)?;
+                    let keeps_admin = members.iter().any(|m| {
+                        Some(&m.user_id) == admin_id.as_ref() && m.roles.iter().any(|r| r == "Admin")
+                    });
+                    if admin_id.is_some() && !keeps_admin {
+                        return Ok(Err(conflict(format!(
+                            "organization {ROOT_ORG} must keep user {ADMIN_USER} with the Admin role"
+                        ))));
+                    }
+                }
+            }
+            if let Some(members) = &members
+                && let Some(e) = unknown_members(&inner.conn, members)?
+            {
+                return Ok(Err(e));
+            }
+            Ok(Ok(users::update_organization(
+                &mut inner.conn,
+                &id,
+                name.as_deref(),
+                members.as_deref(),
+            )?))
+        })
+        .await??;
+    tracing::info!(by = %claims.0.sub, organization = %org.name, id = %org.id, "organization updated");
+    Ok(Json(org_doc(&org)))
+}
+
+/// `DELETE /api/organization/{id}` (Admin): deletes an organization other than `root`.
+async fn delete_organization(
+    State(state): State<AppState>,
+    claims: AccessClaims,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    require_admin(&claims)?;
+    let org_id = id.clone();
+    state
+        .store
+        .with(move |inner| -> Checked<()> {
+            let Some(org) = users::organization(&inner.conn, &org_id)? else {
+                return Err(Error::NotFound {
+                    what: "organization",
+                    id: org_id,
+                });
+            };
+            if org.name == ROOT_ORG {
+                return Ok(Err(conflict(format!(
+                    "organization {ROOT_ORG} cannot be deleted"
+                ))));
+            }
+            users::delete_organization(&inner.conn, &org_id)?;
+            Ok(Ok(()))
+        })
+        .await??;
+    tracing::info!(by = %claims.0.sub, organization = %id, "organization deleted");
+    Ok(Json(json!({ "message": "ok" })))
 }

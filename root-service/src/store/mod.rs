@@ -9,10 +9,12 @@
 //! - [`apps`]: applications, services (jobs) and instances.
 //! - [`clusters`]: registered clusters and their reports.
 //! - [`net`]: service/instance addresses, worker subnets, interests.
+//! - [`users`]: users, organizations and memberships.
 
 pub mod apps;
 pub mod clusters;
 pub mod net;
+pub mod users;
 
 use std::{
     path::{Path, PathBuf},

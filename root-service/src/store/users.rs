@@ -1,0 +1,471 @@
+//! Users, organizations and memberships (the roles a user holds in an organization).
+//!
+//! Users are global; roles live in the `memberships` rows, which the database deletes with their user or
+//! organization. Nothing here returns a password hash except [`password_hash`], which the password change needs.
+//! Policy (who may do what, which names and roles are valid, what `root` must keep) is the API's; these functions
+//! only refuse what the schema would (an unknown row: [`Error::NotFound`], a taken name: [`Error::Conflict`]).
+
+use std::collections::HashMap;
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::new_id;
+use crate::Error;
+
+/// A user without its password hash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserRow {
+    /// 24 lowercase hex digits.
+    pub id: String,
+    /// Unique user name.
+    pub name: String,
+    /// E-mail address (may be empty).
+    pub email: String,
+    /// Creation time as given at registration (default: Unix seconds).
+    pub created_at: String,
+}
+
+/// One organization a user belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Membership {
+    /// Organization id.
+    pub org_id: String,
+    /// Organization name.
+    pub org_name: String,
+    /// The user's roles there.
+    pub roles: Vec<String>,
+}
+
+/// One member of an organization.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    /// User id.
+    pub user_id: String,
+    /// The user's roles in the organization.
+    pub roles: Vec<String>,
+}
+
+/// An organization with its members.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OrgRow {
+    /// 24 lowercase hex digits.
+    pub id: String,
+    /// Unique name.
+    pub name: String,
+    /// Members, in user-name order.
+    pub members: Vec<Member>,
+}
+
+/// A user to create.
+#[derive(Debug, Clone)]
+pub struct NewUser {
+    /// Unique user name.
+    pub name: String,
+    /// PHC string (argon2id).
+    pub password_hash: String,
+    /// E-mail address (may be empty).
+    pub email: String,
+    /// Creation time.
+    pub created_at: String,
+}
+
+/// What an update of a user changes; `None` leaves a field as it is.
+#[derive(Debug, Clone, Default)]
+pub struct UserUpdate {
+    /// New e-mail address.
+    pub email: Option<String>,
+    /// New password hash.
+    pub password_hash: Option<String>,
+    /// New roles in an organization (organization id, roles); makes the user a member if it was not.
+    pub roles: Option<(String, Vec<String>)>,
+}
+
+/// Parses a `memberships.roles` column.
+fn parse_roles(conn: &Connection, raw: &str) -> Result<Vec<String>, Error> {
+    serde_json::from_str(raw).map_err(|e| Error::Corrupt {
+        path: conn.path().unwrap_or_default().into(),
+        what: format!("memberships.roles = {raw:?}: {e}"),
+    })
+}
+
+fn roles_text(roles: &[String]) -> String {
+    serde_json::Value::from(roles).to_string()
+}
+
+fn user_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<UserRow> {
+    Ok(UserRow {
+        id: r.get(0)?,
+        name: r.get(1)?,
+        email: r.get(2)?,
+        created_at: r.get(3)?,
+    })
+}
+
+/// The user called `name`, if any.
+pub fn user(conn: &Connection, name: &str) -> Result<Option<UserRow>, Error> {
+    Ok(conn
+        .query_row(
+            "SELECT id, name, email, created_at FROM users WHERE name = ?1",
+            [name],
+            user_from_row,
+        )
+        .optional()?)
+}
+
+/// Every user (`org = None`) or the members of organization `org`, in name order.
+pub fn users(conn: &Connection, org: Option<&str>) -> Result<Vec<UserRow>, Error> {
+    let rows = match org {
+        None => conn
+            .prepare("SELECT id, name, email, created_at FROM users ORDER BY name")?
+            .query_map([], user_from_row)?
+            .collect::<rusqlite::Result<Vec<_>>>()?,
+        Some(org) => conn
+            .prepare(
+                "SELECT u.id, u.name, u.email, u.created_at FROM users u
+                 JOIN memberships m ON m.user_id = u.id WHERE m.org_id = ?1 ORDER BY u.name",
+            )?
+            .query_map([org], user_from_row)?
+            .collect::<rusqlite::Result<Vec<_>>>()?,
+    };
+    Ok(rows)
+}
+
+/// The memberships of every user (`user_id = None`) or of one user, keyed by user id, in organization-name order.
+pub fn memberships(
+    conn: &Connection,
+    user_id: Option<&str>,
+) -> Result<HashMap<String, Vec<Membership>>, Error> {
+    let mut stmt = conn.prepare(
+        "SELECT m.user_id, o.id, o.name, m.roles FROM memberships m JOIN organizations o ON o.id = m.org_id
+         WHERE ?1 IS NULL OR m.user_id = ?1 ORDER BY o.name",
+    )?;
+    let rows = stmt
+        .query_map([user_id], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+            ))
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let mut out: HashMap<String, Vec<Membership>> = HashMap::new();
+    for (user, org_id, org_name, raw) in rows {
+        let roles = parse_roles(conn, &raw)?;
+        out.entry(user).or_default().push(Membership {
+            org_id,
+            org_name,
+            roles,
+        });
+    }
+    Ok(out)
+}
+
+/// The roles `user_id` holds in `org_id`, or `None` when it is not a member.
+pub fn roles_in(conn: &Connection, user_id: &str, org_id: &str) -> Result<Option<Vec<String>>, Error> {
+    let raw: Option<String> = conn
+        .query_row(
+            "SELECT roles FROM memberships WHERE user_id = ?1 AND org_id = ?2",
+            params![user_id, org_id],
+            |r| r.get(0),
+        )
+        .optional()?;
+    raw.map(|raw| parse_roles(conn, &raw)).transpose()
+}
+
+/// Creates `user` with a membership in `org_id` holding `roles`. A taken name is a conflict.
+pub fn create_user(
+    conn: &mut Connection,
+    user: &NewUser,
+    org_id: &str,
+    roles: &[String],
+) -> Result<UserRow, Error> {
+    let tx = conn.transaction()?;
+    let taken: Option<String> = tx
+        .query_row("SELECT id FROM users WHERE name = ?1", [&user.name], |r| r.get(0))
+        .optional()?;
+    if taken.is_some() {
+        return Err(Error::Conflict {
+            message: "Username already exists".into(),
+        });
+    }
+    let id = new_id()?;
+    tx.execute(
+        "INSERT INTO users (id, name, password_hash, email, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![id, user.name, user.password_hash, user.email, user.created_at],
+    )?;
+    tx.execute(
+        "INSERT INTO memberships (user_id, org_id, roles) VALUES (?1, ?2, ?3)",
+        params![id, org_id, roles_text(roles)],
+    )?;
+    tx.commit()?;
+    Ok(UserRow {
+        id,
+        name: user.name.clone(),
+        email: user.email.clone(),
+        created_at: user.created_at.clone(),
+    })
+}
+
+/// Applies `update` to the user called `name`.
+pub fn update_user(conn: &mut Connection, name: &str, update: &UserUpdate) -> Result<(), Error> {
+    let tx = conn.transaction()?;
+    let id: String = tx
+        .query_row("SELECT id FROM users WHERE name = ?1", [name], |r| r.get(0))
+        .optional()?
+        .ok_or_else(|| Error::NotFound {
+            what: "user",
+            id: name.to_owned(),
+        })?;
+    if let Some(email) = &update.email {
+        tx.execute("UPDATE users SET email = ?1 WHERE id = ?2", params![email, id])?;
+    }
+    if let Some(hash) = &update.password_hash {
+        tx.execute(
+            "UPDATE users SET password_hash = ?1 WHERE id = ?2",
+            params![hash, id],
+        )?;
+    }
+    if let Some((org_id, roles)) = &update.roles {
+        tx.execute(
+            "INSERT INTO memberships (user_id, org_id, roles) VALUES (?1, ?2, ?3)
+             ON CONFLICT (user_id, org_id) DO UPDATE SET roles = excluded.roles",
+            params![id, org_id, roles_text(roles)],
+        )?;
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+/// Deletes the user called `name` (its memberships go with it).
+pub fn delete_user(conn: &Connection, name: &str) -> Result<(), Error> {
+    match conn.execute("DELETE FROM users WHERE name = ?1", [name])? {
+        0 => Err(Error::NotFound {
+            what: "user",
+            id: name.to_owned(),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// The password hash of the user called `name`, if the user exists.
+pub fn password_hash(conn: &Connection, name: &str) -> Result<Option<String>, Error> {
+    Ok(conn
+        .query_row("SELECT password_hash FROM users WHERE name = ?1", [name], |r| {
+            r.get(0)
+        })
+        .optional()?)
+}
+
+/// Sets the password hash of `name` to `new` if it still is `old`; whether it was set.
+pub fn replace_password_hash(conn: &Connection, name: &str, old: &str, new: &str) -> Result<bool, Error> {
+    let changed = conn.execute(
+        "UPDATE users SET password_hash = ?1 WHERE name = ?2 AND password_hash = ?3",
+        params![new, name, old],
+    )?;
+    Ok(changed > 0)
+}
+
+/// The ids in `ids` that are no user's.
+pub fn missing_users(conn: &Connection, ids: &[&str]) -> Result<Vec<String>, Error> {
+    let mut stmt = conn.prepare("SELECT 1 FROM users WHERE id = ?1")?;
+    let mut missing = Vec::new();
+    for id in ids {
+        if !stmt.exists([id])? {
+            missing.push((*id).to_owned());
+        }
+    }
+    Ok(missing)
+}
+
+/// The id of the user called `name`, if any.
+pub fn user_id(conn: &Connection, name: &str) -> Result<Option<String>, Error> {
+    Ok(conn
+        .query_row("SELECT id FROM users WHERE name = ?1", [name], |r| r.get(0))
+        .optional()?)
+}
+
+fn members(conn: &Connection, org_id: &str) -> Result<Vec<Member>, Error> {
+    let rows = conn
+        .prepare(
+            "SELECT m.user_id, m.roles FROM memberships m JOIN users u ON u.id = m.user_id
+             WHERE m.org_id = ?1 ORDER BY u.name",
+        )?
+        .query_map([org_id], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    rows.into_iter()
+        .map(|(user_id, raw)| {
+            Ok(Member {
+                user_id,
+                roles: parse_roles(conn, &raw)?,
+            })
+        })
+        .collect()
+}
+
+/// The organization with id `id`, if any.
+pub fn organization(conn: &Connection, id: &str) -> Result<Option<OrgRow>, Error> {
+    let name: Option<String> = conn
+        .query_row("SELECT name FROM organizations WHERE id = ?1", [id], |r| r.get(0))
+        .optional()?;
+    name.map(|name| {
+        Ok(OrgRow {
+            id: id.to_owned(),
+            members: members(conn, id)?,
+            name,
+        })
+    })
+    .transpose()
+}
+
+/// The id of the organization called `name`, if any.
+pub fn organization_id(conn: &Connection, name: &str) -> Result<Option<String>, Error> {
+    Ok(conn
+        .query_row("SELECT id FROM organizations WHERE name = ?1", [name], |r| {
+            r.get(0)
+        })
+        .optional()?)
+}
+
+/// Every organization, in name order.
+pub fn organizations(conn: &Connection) -> Result<Vec<OrgRow>, Error> {
+    let rows = conn
+        .prepare("SELECT id, name FROM organizations ORDER BY name")?
+        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    rows.into_iter()
+        .map(|(id, name)| {
+            Ok(OrgRow {
+                members: members(conn, &id)?,
+                id,
+                name,
+            })
+        })
+        .collect()
+}
+
+fn name_taken(conn: &Connection, name: &str, except: Option<&str>) -> Result<(), Error> {
+    match organization_id(conn, name)? {
+        Some(id) if Some(id.as_str()) != except => Err(Error::Conflict {
+            message: format!("organization {name:?} already exists"),
+        }),
+        _ => Ok(()),
+    }
+}
+
+fn insert_members(conn: &Connection, org_id: &str, members: &[Member]) -> Result<(), Error> {
+    let mut stmt = conn.prepare("INSERT INTO memberships (user_id, org_id, roles) VALUES (?1, ?2, ?3)")?;
+    for m in members {
+        stmt.execute(params![m.user_id, org_id, roles_text(&m.roles)])?;
+    }
+    Ok(())
+}
+
+/// Creates an organization called `name` with `members` (existing, distinct users). A taken name is a conflict.
+pub fn create_organization(conn: &mut Connection, name: &str, members: &[Member]) -> Result<OrgRow, Error> {
+    let tx = conn.transaction()?;
+    name_taken(&tx, name, None)?;
+    let id = new_id()?;
+    tx.execute(
+        "INSERT INTO organizations (id, name) VALUES (?1, ?2)",
+        params![id, name],
+    )?;
+    insert_members(&tx, &id, members)?;
+    let org = organization(&tx, &id)?.ok_or_else(|| Error::NotFound {
+        what: "organization",
+        id: id.clone(),
+    })?;
+    tx.commit()?;
+    Ok(org)
+}
+
+/// Renames organization `id` and/or replaces its members (existing, distinct users).
+pub fn update_organization(
+    conn: &mut Connection,
+    id: &str,
+    name: Option<&str>,
+    members: Option<&[Member]>,
+) -> Result<OrgRow, Error> {
+    let tx = conn.transaction()?;
+    let not_found = || Error::NotFound {
+        what: "organization",
+        id: id.to_owned(),
+    };
+    if organization(&tx, id)?.is_none() {
+        return Err(not_found());
+    }
+    if let Some(name) = name {
+        name_taken(&tx, name, Some(id))?;
+        tx.execute(
+            "UPDATE organizations SET name = ?1 WHERE id = ?2",
+            params![name, id],
+        )?;
+    }
+    if let Some(members) = members {
+        tx.execute("DELETE FROM memberships WHERE org_id = ?1", [id])?;
+        insert_members(&tx, id, members)?;
+    }
+    let org = organization(&tx, id)?.ok_or_else(not_found)?;
+    tx.commit()?;
+    Ok(org)
+}
+
+/// Deletes organization `id` (its memberships go with it).
+pub fn delete_organization(conn: &Connection, id: &str) -> Result<(), Error> {
+    match conn.execute("DELETE FROM organizations WHERE id = ?1", [id])? {
+        0 => Err(Error::NotFound {
+            what: "organization",
+            id: id.to_owned(),
+        }),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conn() -> Connection {
+        let mut conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch("PRAGMA foreign_keys = ON").unwrap();
+        crate::store::migrate(&mut conn).unwrap();
+        conn
+    }
+
+    fn new_user(name: &str) -> NewUser {
+        NewUser {
+            name: name.into(),
+            password_hash: "h".into(),
+            email: String::new(),
+            created_at: "0".into(),
+        }
+    }
+
+    #[test]
+    fn memberships_cascade_with_user_and_organization() {
+        let mut conn = conn();
+        let org = create_organization(&mut conn, "o", &[]).unwrap();
+        let roles = vec!["Admin".to_owned()];
+        let bob = create_user(&mut conn, &new_user("bob"), &org.id, &roles).unwrap();
+        assert_eq!(roles_in(&conn, &bob.id, &org.id).unwrap(), Some(roles));
+        assert!(matches!(
+            create_user(&mut conn, &new_user("bob"), &org.id, &[]),
+            Err(Error::Conflict { .. })
+        ));
+        delete_organization(&conn, &org.id).unwrap();
+        assert_eq!(roles_in(&conn, &bob.id, &org.id).unwrap(), None);
+        let org2 = create_organization(
+            &mut conn,
+            "p",
+            &[Member {
+                user_id: bob.id.clone(),
+                roles: vec![],
+            }],
+        )
+        .unwrap();
+        assert_eq!(org2.members.len(), 1);
+        delete_user(&conn, "bob").unwrap();
+        assert!(organization(&conn, &org2.id).unwrap().unwrap().members.is_empty());
+        assert!(matches!(delete_user(&conn, "bob"), Err(Error::NotFound { .. })));
+    }
+}
