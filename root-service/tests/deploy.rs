@@ -842,3 +842,83 @@ async fn network_endpoints_resolve_and_fan_out() {
     assert_eq!(status, 404);
     root.stop().await;
 }
+
+#[tokio::test]
+async fn users_see_and_change_only_their_own_applications() {
+    let dir = TempDir::new();
+    let root = Server::start(config(&dir.0, false)).await;
+    let admin = root.admin().await;
+    for name in ["alice", "bob"] {
+        let (status, body) = root
+            .post(
+                "/api/auth/register",
+                &admin,
+                &json!({"name": name, "password": format!("{name}-pw"), "roles": ["Application_Provider"]}),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let alice = root.login("alice", "alice-pw").await;
+    let bob = root.login("bob", "bob-pw").await;
+
+    let (status, apps) = root.post("/api/application", &alice, &clientsrvr()).await;
+    assert_eq!(status, 200, "{apps}");
+    let app = app_id(&apps, "clientsrvr");
+    assert_eq!(apps[0]["userId"], "alice");
+    let job = services_of(&root, &alice, &app).await[0]["_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    // Bob sees nothing of it and can change nothing.
+    for path in [
+        format!("/api/application/{app}"),
+        format!("/api/services/{app}"),
+        format!("/api/service/{job}"),
+        format!("/api/service/{job}/instance/0/logs"),
+    ] {
+        let (status, body) = root.get(&path, &bob).await;
+        assert_eq!(status, 404, "bob GET {path}: {body}");
+    }
+    let (status, _) = root
+        .post(&format!("/api/service/{job}/instance"), &bob, &json!({}))
+        .await;
+    assert_eq!(status, 404);
+    let (status, _) = root.delete(&format!("/api/service/{job}"), &bob).await;
+    assert_eq!(status, 404);
+    let (status, _) = root.delete(&format!("/api/application/{app}"), &bob).await;
+    assert_eq!(status, 404);
+    let (status, body) = root.get("/api/applications", &bob).await;
+    assert_eq!(status, 403, "listing everything is Admin-only: {body}");
+    assert_eq!(body["message"], "You have not enough permissions!");
+    let (status, _) = root.get("/api/services", &bob).await;
+    assert_eq!(status, 403);
+    let (status, mine) = root.get("/api/applications/bob", &bob).await;
+    assert_eq!(status, 200);
+    assert_eq!(mine, json!([]));
+    let (status, _) = root.get("/api/applications/alice", &bob).await;
+    assert_eq!(status, 401, "another user's list");
+    // The same names are free for bob: applications are unique per user.
+    let (status, body) = root
+        .post("/api/application", &bob, &one_service_sla("clientsrvr", 10))
+        .await;
+    assert_eq!(status, 200, "{body}");
+
+    // Alice and the Admin see hers.
+    let (status, mine) = root.get("/api/applications/alice", &alice).await;
+    assert_eq!(status, 200);
+    assert_eq!(mine.as_array().unwrap().len(), 1);
+    let (status, _) = root.get(&format!("/api/application/{app}"), &admin).await;
+    assert_eq!(status, 200);
+    let (_, all) = root.get("/api/applications", &admin).await;
+    assert_eq!(all.as_array().unwrap().len(), 2);
+
+    // A user who owns applications cannot be deleted (they would pass to the next user of that name).
+    let (status, body) = root.delete("/api/user/alice", &admin).await;
+    assert_eq!(status, 409, "{body}");
+    let (status, _) = root.delete(&format!("/api/application/{app}"), &alice).await;
+    assert_eq!(status, 200);
+    let (status, body) = root.delete("/api/user/alice", &admin).await;
+    assert_eq!(status, 200, "{body}");
+    root.stop().await;
+}

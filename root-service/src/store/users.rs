@@ -239,6 +239,17 @@ pub fn update_user(conn: &mut Connection, name: &str, update: &UserUpdate) -> Re
 
 /// Deletes the user called `name` (its memberships go with it).
 pub fn delete_user(conn: &Connection, name: &str) -> Result<(), Error> {
+    // Applications are owned by user name: a user registered later under the same name would inherit them.
+    let owned: i64 = conn.query_row(
+        "SELECT COUNT(*) FROM applications WHERE owner = ?1",
+        [name],
+        |r| r.get(0),
+    )?;
+    if owned > 0 {
+        return Err(Error::Conflict {
+            message: format!("user {name:?} still owns {owned} application(s): delete them first"),
+        });
+    }
     match conn.execute("DELETE FROM users WHERE name = ?1", [name])? {
         0 => Err(Error::NotFound {
             what: "user",
