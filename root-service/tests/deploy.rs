@@ -554,6 +554,9 @@ async fn refused_instances_fall_back_to_the_next_cluster() {
         .post(&format!("/api/service/{job}/instance"), &token, &json!({}))
         .await;
     assert_eq!(r["cluster_id"], tight.id.as_str());
+    tight
+        .wait_for("deploy of instance 1", |c| is_deploy(c, &job, 1))
+        .await;
     tight.answer_deploys_with(500);
     roomy.answer_deploys_with(500);
     let (_, r2) = root
@@ -575,7 +578,11 @@ async fn refused_instances_fall_back_to_the_next_cluster() {
         }
     })
     .await;
-    assert!(detail.as_str().unwrap().contains(&tight.id), "{detail}");
+    // Instance 1's reservation leaves `tight` too little room; `roomy` was tried and refused.
+    assert!(detail.as_str().unwrap().contains(&roomy.id), "{detail}");
+    roomy
+        .wait_for("undeploy after the failed deploy", |c| is_undeploy(c, &job, n2))
+        .await;
 
     // A result about an instance the cluster does not hold is a 404 with the reference's status.
     let (status, body) = root
