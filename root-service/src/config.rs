@@ -27,7 +27,7 @@ pub const DEFAULT_REFRESH_TTL_SECS: u64 = 30 * 24 * 60 * 60;
                   unless --join-token is given. The OpenAPI document is at /docs/openapi.json, a docs page at /api/docs."
 )]
 pub struct Cli {
-    /// Address and port the user API (HTTP) listens on.
+    /// Address and port the HTTP API (users and clusters) listens on.
     #[arg(
         long,
         env = "OAKESTRA_ROOT_LISTEN",
@@ -36,7 +36,8 @@ pub struct Cli {
     )]
     pub listen: SocketAddr,
 
-    /// Directory holding the database (`root.db`) and the token-signing key (`jwt.key`); created if missing.
+    /// Directory holding the database (`root.db`), the token-signing key (`jwt.key`) and the generated join token
+    /// (`join.token`); created if missing.
     #[arg(
         long,
         env = "OAKESTRA_ROOT_DATA_DIR",
@@ -63,7 +64,7 @@ pub struct Cli {
     pub refresh_ttl: u64,
 
     /// The token clusters present to register (`Authorization: Bearer <token>` on /api/cluster/register), at
-    /// least 16 characters. Without it one is generated at first start into <data-dir>/join.token and logged.
+    /// least 16 characters. Without it one is generated at first start into `<data-dir>/join.token` and logged.
     #[arg(
         long,
         env = "OAKESTRA_JOIN_TOKEN",
@@ -78,7 +79,7 @@ pub struct Cli {
     pub liveness_window: u64,
 
     /// How the root scheduler ranks the clusters that fit an instance: `best-fit` (least memory left over),
-    /// `spread` (most left over) or `first-fit` (first registered).
+    /// `spread` (most left over) or `first-fit` (first by name).
     #[arg(long, value_name = "POLICY", default_value = "best-fit")]
     pub scheduler_policy: String,
 

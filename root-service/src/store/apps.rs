@@ -384,7 +384,7 @@ fn app_from_row(conn: &Connection, r: &Row<'_>) -> rusqlite::Result<AppRow> {
 }
 
 fn service_ids(conn: &Connection, app_id: &str) -> rusqlite::Result<Vec<String>> {
-    let mut stmt = conn.prepare_cached("SELECT id FROM services WHERE app_id = ?1 ORDER BY created, id")?;
+    let mut stmt = conn.prepare_cached("SELECT id FROM services WHERE app_id = ?1 ORDER BY rowid")?;
     let rows = stmt.query_map([app_id], |r| r.get(0))?;
     rows.collect()
 }
@@ -403,7 +403,7 @@ pub fn application(conn: &Connection, id: &str) -> Result<Option<AppRow>, Error>
 /// The applications of `owner`, or all of them.
 pub fn applications(conn: &Connection, owner: Option<&str>) -> Result<Vec<AppRow>, Error> {
     let mut stmt = conn.prepare(&format!(
-        "SELECT {APP_COLUMNS} FROM applications WHERE ?1 IS NULL OR owner = ?1 ORDER BY created, id"
+        "SELECT {APP_COLUMNS} FROM applications WHERE ?1 IS NULL OR owner = ?1 ORDER BY rowid"
     ))?;
     let rows = stmt.query_map([owner], |r| app_from_row(conn, r))?;
     Ok(rows.collect::<Result<Vec<_>, _>>()?)
@@ -508,9 +508,7 @@ pub fn service_by_job_name(conn: &Connection, job_name: &str) -> Result<Option<S
 
 /// The services of application `app_id`.
 pub fn services_of_app(conn: &Connection, app_id: &str) -> Result<Vec<ServiceRow>, Error> {
-    let mut stmt = conn.prepare(&format!(
-        "{SERVICE_SELECT} WHERE s.app_id = ?1 ORDER BY s.created, s.id"
-    ))?;
+    let mut stmt = conn.prepare(&format!("{SERVICE_SELECT} WHERE s.app_id = ?1 ORDER BY s.rowid"))?;
     let rows = stmt.query_map([app_id], |r| service_from_row(conn, r))?;
     Ok(rows.collect::<Result<Vec<_>, _>>()?)
 }
@@ -518,7 +516,7 @@ pub fn services_of_app(conn: &Connection, app_id: &str) -> Result<Vec<ServiceRow
 /// Every service, or those of `owner`.
 pub fn services(conn: &Connection, owner: Option<&str>) -> Result<Vec<ServiceRow>, Error> {
     let mut stmt = conn.prepare(&format!(
-        "{SERVICE_SELECT} WHERE ?1 IS NULL OR a.owner = ?1 ORDER BY s.created, s.id"
+        "{SERVICE_SELECT} WHERE ?1 IS NULL OR a.owner = ?1 ORDER BY s.rowid"
     ))?;
     let rows = stmt.query_map([owner], |r| service_from_row(conn, r))?;
     Ok(rows.collect::<Result<Vec<_>, _>>()?)
