@@ -1,7 +1,14 @@
 //! `cluster-service`: the oakestra-rs cluster orchestrator: cluster manager, MQTT broker, cluster scheduler and network service
 //!
-//! This binary is a placeholder until its issue lands (issue 4): it explains itself with `--help` and refuses to run
-//! with a clear "not implemented yet" error, so scripts and tests can already find it.
+//! The binary still refuses to run ("not implemented yet", issue 4) until workers can join; the library already
+//! holds the finished parts:
+//! - [`store`]: the embedded SQLite database (`<data-dir>/cluster.db`) and the persisted identity at root;
+//! - [`root_link`]: registration with root (join token, back-off, re-registration keeping the id) and the report.
+
+pub mod root_link;
+pub mod store;
+
+use std::path::PathBuf;
 
 use clap::Parser;
 
@@ -20,6 +27,33 @@ pub enum Error {
     /// The binary's issue has not landed yet.
     #[error("cluster-service is not implemented yet (issue 4)")]
     NotImplemented,
+    /// A file or directory could not be read or written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A database statement failed.
+    #[error("database: {0}")]
+    Sql(#[from] rusqlite::Error),
+    /// A blocking task panicked or was cancelled.
+    #[error("background task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+    /// Root could not be reached.
+    #[error("calling root: {0}")]
+    Call(#[from] oakestra_protocol::client::ClientError),
+    /// Root answered with an error.
+    #[error("{url}: root answered HTTP {status}: {body}")]
+    Root {
+        /// The URL called.
+        url: String,
+        /// The status.
+        status: u16,
+        /// The answer body.
+        body: String,
+    },
 }
 
 /// Runs the binary.
