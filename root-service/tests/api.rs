@@ -5,82 +5,13 @@
     reason = "test helpers outside #[test] fns: a panic is the clearest failure"
 )]
 
-use std::{
-    net::SocketAddr,
-    path::{Path, PathBuf},
-    sync::atomic::{AtomicU32, Ordering},
-    time::Duration,
-};
+mod support;
 
-use oakestra_root_service::{
-    Config,
-    auth::{Claims, Keys, TokenType},
-};
+use oakestra_root_service::auth::{Claims, Keys, TokenType};
 use serde_json::{Value, json};
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
-    sync::oneshot,
-    task::JoinHandle,
-};
-
-/// A data directory removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> Self {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos();
-        let dir = std::env::temp_dir().join(format!(
-            "oakestra-root-test-{}-{}-{nanos}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        Self(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A running server; stopped (gracefully) by [`Server::stop`].
-struct Server {
-    addr: SocketAddr,
-    stop: oneshot::Sender<()>,
-    task: JoinHandle<()>,
-}
+use support::{Server, TempDir, plain_config};
 
 impl Server {
-    async fn start(config: Config) -> Self {
-        let state = oakestra_root_service::build_state(&config).await.unwrap();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            oakestra_root_service::serve(listener, state, async {
-                let _ = rx.await;
-            })
-            .await
-            .unwrap();
-        });
-        Self { addr, stop, task }
-    }
-
-    async fn on(dir: &Path) -> Self {
-        Self::start(config(dir)).await
-    }
-
-    async fn stop(self) {
-        let _ = self.stop.send(());
-        self.task.await.unwrap();
-    }
-
     /// One HTTP/1.1 request over a fresh connection; returns the status and the body parsed as JSON (Null if none).
     async fn request(
         &self,
@@ -89,42 +20,8 @@ impl Server {
         token: Option<&str>,
         body: Option<&str>,
     ) -> (u16, Value) {
-        let mut stream = TcpStream::connect(self.addr).await.unwrap();
-        let mut req = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n",
-            self.addr
-        );
-        if let Some(token) = token {
-            req.push_str(&format!("Authorization: Bearer {token}\r\n"));
-        }
-        let body = body.unwrap_or("");
-        if !body.is_empty() || method == "POST" {
-            req.push_str(&format!(
-                "Content-Type: application/json\r\nContent-Length: {}\r\n",
-                body.len()
-            ));
-        }
-        req.push_str("\r\n");
-        req.push_str(body);
-        stream.write_all(req.as_bytes()).await.unwrap();
-        let mut raw = Vec::new();
-        tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut raw))
-            .await
-            .unwrap()
-            .unwrap();
-        let raw = String::from_utf8(raw).unwrap();
-        let (head, body) = raw.split_once("\r\n\r\n").unwrap();
-        assert!(
-            !head.to_ascii_lowercase().contains("transfer-encoding: chunked"),
-            "client cannot read chunked: {head}"
-        );
-        let status = head.split(' ').nth(1).unwrap().parse().unwrap();
-        let json = if body.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_str(body).unwrap()
-        };
-        (status, json)
+        let answer = self.raw(method, path, token, body).await;
+        (answer.status, answer.json())
     }
 
     async fn login(&self, user: &str, password: &str) -> (u16, Value) {
@@ -140,10 +37,6 @@ impl Server {
             body["refresh_token"].as_str().unwrap().to_owned(),
         )
     }
-}
-
-fn config(dir: &Path) -> Config {
-    Config::new("127.0.0.1:0".parse().unwrap(), dir)
 }
 
 #[tokio::test]
@@ -333,7 +226,7 @@ async fn admin_password_flag_changes_the_password() {
     first.admin_tokens().await;
     first.stop().await;
 
-    let mut cfg = config(&dir.0);
+    let mut cfg = plain_config(&dir.0);
     cfg.admin_password = Some("correct horse".into());
     let second = Server::start(cfg).await;
     assert_eq!(
@@ -407,18 +300,12 @@ async fn malformed_bodies_are_4xx_with_a_message() {
         .await;
     assert!(res["message"].as_str().unwrap().contains("password"), "{res}");
     // A body announced larger than the limit is refused from its Content-Length, before it is sent.
-    let mut stream = TcpStream::connect(server.addr).await.unwrap();
     let head = format!(
         "POST /api/auth/login HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\n\
          Content-Length: {}\r\n\r\n",
         2 * 1024 * 1024
     );
-    stream.write_all(head.as_bytes()).await.unwrap();
-    let mut raw = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut raw))
-        .await
-        .unwrap()
-        .unwrap();
+    let raw = server.send(&head).await;
     let raw = String::from_utf8_lossy(&raw);
     assert!(raw.starts_with("HTTP/1.1 413"), "{raw}");
     server.stop().await;

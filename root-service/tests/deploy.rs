@@ -16,6 +16,26 @@ use support::{
     Call, FakeCluster, JOIN_TOKEN, Server, TempDir, clientsrvr, config, eventually, one_service_sla,
 };
 
+impl Server {
+    /// Logs `user` in; returns the access token.
+    async fn login(&self, user: &str, password: &str) -> String {
+        let (status, body) = self
+            .call(
+                Method::POST,
+                "/api/auth/login",
+                None,
+                Some(&json!({"username": user, "password": password})),
+            )
+            .await;
+        assert_eq!(status, 200, "login {user}: {body}");
+        body["token"].as_str().unwrap().to_owned()
+    }
+
+    async fn admin(&self) -> String {
+        self.login("Admin", "Admin").await
+    }
+}
+
 fn app_id(apps: &Value, name: &str) -> String {
     apps.as_array()
         .unwrap()

@@ -2,159 +2,32 @@
 //! The API description over real TCP on 127.0.0.1:0: the OpenAPI document and the docs page are served, and the
 //! document's methods are exactly the ones the router answers.
 
-use std::{
-    net::SocketAddr,
-    path::PathBuf,
-    sync::atomic::{AtomicU32, Ordering},
-    time::Duration,
-};
+mod support;
 
-use oakestra_root_service::Config;
-use serde_json::Value;
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
-    sync::oneshot,
-    task::JoinHandle,
-};
-
-/// The users and organizations paths the document describes ahead of their routes (being added in parallel):
-/// until they are routed, the router answers them with its "not found" fallback.
-const PENDING_USERS_PATHS: &[&str] = &[
-    "/api/auth/register",
-    "/api/permission/{username}",
-    "/api/user/{username}",
-    "/api/user",
-    "/api/users",
-    "/api/users/{organization_id}",
-    "/api/organization",
-    "/api/organization/{id}",
-];
+use oakestra_root_service::api::docs::PENDING_USERS_PATHS;
+use support::{Answer, Server, header};
 
 /// The methods checked against the router.
 const METHODS: &[&str] = &["GET", "POST", "PUT", "DELETE", "PATCH"];
 
-/// A data directory removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> Self {
-        static N: AtomicU32 = AtomicU32::new(0);
-        Self(std::env::temp_dir().join(format!(
-            "oakestra-root-docs-test-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        )))
+impl Server {
+    /// One HTTP/1.1 request without credentials over a fresh connection (POST, PUT and PATCH with an empty JSON
+    /// body).
+    async fn request(&self, method: &str, path: &str) -> Answer {
+        self.raw(method, path, None, None).await
     }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A running server with its own data directory.
-struct Server {
-    addr: SocketAddr,
-    stop: oneshot::Sender<()>,
-    task: JoinHandle<()>,
-    _dir: TempDir,
-}
-
-/// One answer: status, lower-cased head and the body text.
-struct Answer {
-    status: u16,
-    head: String,
-    body: String,
 }
 
 impl Answer {
-    fn json(&self) -> Value {
-        if self.body.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_str(&self.body).unwrap()
-        }
-    }
-
     /// Whether this is the router's fallback (no route for the path), not a handler's 404.
     fn is_fallback(&self) -> bool {
         self.status == 404 && self.json()["message"] == "not found"
     }
 }
 
-impl Server {
-    async fn start() -> Self {
-        let dir = TempDir::new();
-        let config = Config::new("127.0.0.1:0".parse().unwrap(), &dir.0);
-        let state = oakestra_root_service::build_state(&config).await.unwrap();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            oakestra_root_service::serve(listener, state, async {
-                let _ = rx.await;
-            })
-            .await
-            .unwrap();
-        });
-        Self {
-            addr,
-            stop,
-            task,
-            _dir: dir,
-        }
-    }
-
-    async fn stop(self) {
-        let _ = self.stop.send(());
-        self.task.await.unwrap();
-    }
-
-    /// One HTTP/1.1 request without credentials over a fresh connection (POST and PUT with an empty JSON body).
-    async fn request(&self, method: &str, path: &str) -> Answer {
-        let mut stream = TcpStream::connect(self.addr).await.unwrap();
-        let mut req = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n",
-            self.addr
-        );
-        if matches!(method, "POST" | "PUT" | "PATCH") {
-            req.push_str("Content-Type: application/json\r\nContent-Length: 0\r\n");
-        }
-        req.push_str("\r\n");
-        stream.write_all(req.as_bytes()).await.unwrap();
-        let mut raw = Vec::new();
-        tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut raw))
-            .await
-            .unwrap()
-            .unwrap();
-        let raw = String::from_utf8(raw).unwrap();
-        let (head, body) = raw.split_once("\r\n\r\n").unwrap();
-        let head = head.to_ascii_lowercase();
-        assert!(
-            !head.contains("transfer-encoding: chunked"),
-            "client cannot read chunked: {head}"
-        );
-        Answer {
-            status: head.split(' ').nth(1).unwrap().parse().unwrap(),
-            head,
-            body: body.to_owned(),
-        }
-    }
-}
-
-/// The value of a response header in a lower-cased head.
-fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
-    head.lines()
-        .filter_map(|line| line.split_once(':'))
-        .find(|(k, _)| k.trim() == name)
-        .map(|(_, v)| v.trim())
-}
-
 #[tokio::test]
 async fn openapi_document_is_served_as_json() {
-    let server = Server::start().await;
+    let server = Server::fresh().await;
     let answer = server.request("GET", "/docs/openapi.json").await;
     assert_eq!(answer.status, 200);
     let content_type = header(&answer.head, "content-type").unwrap();
@@ -170,7 +43,7 @@ async fn openapi_document_is_served_as_json() {
 
 #[tokio::test]
 async fn docs_page_is_served_as_html() {
-    let server = Server::start().await;
+    let server = Server::fresh().await;
     for path in ["/api/docs", "/api/docs/"] {
         let answer = server.request("GET", path).await;
         assert_eq!(answer.status, 200, "{path}");
@@ -185,7 +58,7 @@ async fn docs_page_is_served_as_html() {
 /// on a described path is 405: the document lists exactly the methods the router serves.
 #[tokio::test]
 async fn documented_methods_are_the_served_methods() {
-    let server = Server::start().await;
+    let server = Server::fresh().await;
     let doc = server.request("GET", "/docs/openapi.json").await.json();
     let paths = doc["paths"].as_object().unwrap();
     let mut checked = 0;

@@ -3,82 +3,12 @@
 
 #![allow(clippy::unwrap_used, reason = "tests")]
 
-use std::{
-    net::SocketAddr,
-    path::PathBuf,
-    sync::atomic::{AtomicU32, Ordering},
-    time::Duration,
-};
+mod support;
 
-use oakestra_root_service::Config;
 use serde_json::{Value, json};
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
-    sync::oneshot,
-    task::JoinHandle,
-};
-
-/// A data directory removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> Self {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos();
-        Self(std::env::temp_dir().join(format!(
-            "oakestra-users-test-{}-{}-{nanos}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        )))
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A running server with its data directory.
-struct Server {
-    addr: SocketAddr,
-    stop: oneshot::Sender<()>,
-    task: JoinHandle<()>,
-    _dir: TempDir,
-}
+use support::Server;
 
 impl Server {
-    async fn start() -> Self {
-        let dir = TempDir::new();
-        let config = Config::new("127.0.0.1:0".parse().unwrap(), dir.0.as_path());
-        let state = oakestra_root_service::build_state(&config).await.unwrap();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            oakestra_root_service::serve(listener, state, async {
-                let _ = rx.await;
-            })
-            .await
-            .unwrap();
-        });
-        Self {
-            addr,
-            stop,
-            task,
-            _dir: dir,
-        }
-    }
-
-    async fn stop(self) {
-        let _ = self.stop.send(());
-        self.task.await.unwrap();
-    }
-
     /// One HTTP/1.1 request over a fresh connection; the status and the body as JSON (Null if none). Fails the
     /// test if the body holds a password hash.
     async fn request(
@@ -88,42 +18,14 @@ impl Server {
         token: Option<&str>,
         body: Option<Value>,
     ) -> (u16, Value) {
-        let mut stream = TcpStream::connect(self.addr).await.unwrap();
-        let mut req = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n",
-            self.addr
-        );
-        if let Some(token) = token {
-            req.push_str(&format!("Authorization: Bearer {token}\r\n"));
-        }
-        let body = body.map(|b| b.to_string()).unwrap_or_default();
-        if !body.is_empty() || method == "POST" || method == "PUT" {
-            req.push_str(&format!(
-                "Content-Type: application/json\r\nContent-Length: {}\r\n",
-                body.len()
-            ));
-        }
-        req.push_str("\r\n");
-        req.push_str(&body);
-        stream.write_all(req.as_bytes()).await.unwrap();
-        let mut raw = Vec::new();
-        tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut raw))
-            .await
-            .unwrap()
-            .unwrap();
-        let raw = String::from_utf8(raw).unwrap();
-        let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+        let body = body.map(|b| b.to_string());
+        let answer = self.raw(method, path, token, body.as_deref()).await;
         assert!(
-            !body.contains("$argon2") && !body.contains("password_hash"),
-            "{method} {path} leaked a password hash: {body}"
+            !answer.body.contains("$argon2") && !answer.body.contains("password_hash"),
+            "{method} {path} leaked a password hash: {}",
+            answer.body
         );
-        let status = head.split(' ').nth(1).unwrap().parse().unwrap();
-        let json = if body.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_str(body).unwrap()
-        };
-        (status, json)
+        (answer.status, answer.json())
     }
 
     async fn login_as(&self, user: &str, password: &str, org: Option<&str>) -> (u16, Value) {
@@ -165,7 +67,7 @@ fn names(list: &Value) -> Vec<&str> {
 
 #[tokio::test]
 async fn admin_registers_and_only_admin_may() {
-    let server = Server::start().await;
+    let server = Server::fresh().await;
     let admin = server.admin().await;
     let (status, bob) = server
         .register(&admin, "bob", json!({ "email": "bob@example.org" }))
@@ -239,7 +141,7 @@ async fn admin_registers_and_only_admin_may() {
 
 #[tokio::test]
 async fn permissions_are_self_or_admin() {
-    let server = Server::start().await;
+    let server = Server::fresh().await;
     let admin = server.admin().await;
     server.register(&admin, "bob", json!({})).await;
     let bob = server.token("bob", "bob-pw").await;
@@ -266,7 +168,7 @@ async fn permissions_are_self_or_admin() {
 
 #[tokio::test]
 async fn user_documents_are_self_or_admin_and_hold_no_hash() {
-    let server = Server::start().await;
+    let server = Server::fresh().await;
     let admin = server.admin().await;
     server
         .register(&admin, "bob", json!({ "created_at": "2024-01-01" }))
@@ -316,7 +218,7 @@ async fn user_documents_are_self_or_admin_and_hold_no_hash() {
 
 #[tokio::test]
 async fn users_change_their_own_password() {
-    let server = Server::start().await;
+    let server = Server::fresh().await;
     let admin = server.admin().await;
     server.register(&admin, "bob", json!({})).await;
     let bob = server.token("bob", "bob-pw").await;
@@ -374,7 +276,7 @@ async fn users_change_their_own_password() {
 
 #[tokio::test]
 async fn admin_updates_users() {
-    let server = Server::start().await;
+    let server = Server::fresh().await;
     let admin = server.admin().await;
     server.register(&admin, "bob", json!({})).await;
     let bob = server.token("bob", "bob-pw").await;
@@ -451,7 +353,7 @@ async fn admin_updates_users() {
 
 #[tokio::test]
 async fn password_reset_by_mail_is_not_supported() {
-    let server = Server::start().await;
+    let server = Server::fresh().await;
     for (method, path) in [
         ("POST", "/api/user/"),
         ("PUT", "/api/user/"),
@@ -468,7 +370,7 @@ async fn password_reset_by_mail_is_not_supported() {
 
 #[tokio::test]
 async fn admin_deletes_users_but_not_admin_nor_itself() {
-    let server = Server::start().await;
+    let server = Server::fresh().await;
     let admin = server.admin().await;
     server.register(&admin, "bob", json!({})).await;
     server
@@ -513,7 +415,7 @@ async fn admin_deletes_users_but_not_admin_nor_itself() {
 
 #[tokio::test]
 async fn organizations_lifecycle() {
-    let server = Server::start().await;
+    let server = Server::fresh().await;
     let admin = server.admin().await;
     let (_, bob) = server.register(&admin, "bob", json!({})).await;
     let bob_id = bob["_id"].as_str().unwrap().to_owned();
@@ -690,7 +592,7 @@ async fn organizations_lifecycle() {
 
 #[tokio::test]
 async fn every_route_needs_a_token() {
-    let server = Server::start().await;
+    let server = Server::fresh().await;
     let routes = [
         ("POST", "/api/auth/register"),
         ("GET", "/api/permission/Admin"),

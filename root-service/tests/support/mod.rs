@@ -1,6 +1,8 @@
-//! Shared by the root-service integration tests: a temporary data directory, the real server on 127.0.0.1:0, an
-//! HTTP client (the protocol crate's), and a fake cluster: a real HTTP server that records every call root makes
-//! to it and reports to root like a cluster would.
+//! Shared by the root-service integration tests: a temporary data directory, the real server on 127.0.0.1:0, two
+//! HTTP clients (the protocol crate's, and a raw HTTP/1.1 one that also returns the response head), and a fake
+//! cluster: a real HTTP server that records every call root makes to it and reports to root like a cluster would.
+//!
+//! A test file adds its own request helpers (login, tokens) in an `impl Server` block of its own.
 
 #![allow(
     dead_code,
@@ -27,7 +29,12 @@ use axum::{
 use oakestra_protocol::client;
 use oakestra_root_service::Config;
 use serde_json::{Value, json};
-use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+    sync::oneshot,
+    task::JoinHandle,
+};
 
 /// The join token the tests configure.
 pub const JOIN_TOKEN: &str = "test-join-token-0123456789";
@@ -56,9 +63,14 @@ impl Drop for TempDir {
     }
 }
 
+/// The default configuration on 127.0.0.1:0 with `dir` as the data directory.
+pub fn plain_config(dir: &Path) -> Config {
+    Config::new("127.0.0.1:0".parse().unwrap(), dir)
+}
+
 /// The test configuration: a join token, and short liveness/retry periods when `fast`.
 pub fn config(dir: &Path, fast: bool) -> Config {
-    let mut c = Config::new("127.0.0.1:0".parse().unwrap(), dir);
+    let mut c = plain_config(dir);
     c.join_token = Some(JOIN_TOKEN.to_owned());
     if fast {
         c.liveness_window = Duration::from_secs(2);
@@ -67,15 +79,60 @@ pub fn config(dir: &Path, fast: bool) -> Config {
     c
 }
 
-/// A running root-service.
+/// A running root-service; stopped (gracefully) by [`Server::stop`].
 pub struct Server {
     pub addr: SocketAddr,
     stop: oneshot::Sender<()>,
     task: JoinHandle<()>,
+    /// The data directory when the server owns it ([`Server::fresh`]): removed after the server stopped.
+    _dir: Option<TempDir>,
+}
+
+/// One answer read by [`Server::raw`]: the status, the lower-cased head and the body text.
+pub struct Answer {
+    pub status: u16,
+    pub head: String,
+    pub body: String,
+}
+
+impl Answer {
+    /// The body parsed as JSON (Null if empty).
+    pub fn json(&self) -> Value {
+        if self.body.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&self.body).unwrap()
+        }
+    }
+}
+
+/// The value of a response header in a lower-cased head.
+pub fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines()
+        .filter_map(|line| line.split_once(':'))
+        .find(|(k, _)| k.trim() == name)
+        .map(|(_, v)| v.trim())
 }
 
 impl Server {
+    /// Starts on `config`'s data directory, listening on 127.0.0.1:0.
     pub async fn start(config: Config) -> Self {
+        Self::start_owning(config, None).await
+    }
+
+    /// Starts with the default configuration on `dir`.
+    pub async fn on(dir: &Path) -> Self {
+        Self::start(plain_config(dir)).await
+    }
+
+    /// Starts with the default configuration on a temporary data directory of its own.
+    pub async fn fresh() -> Self {
+        let dir = TempDir::new();
+        Self::start_owning(plain_config(&dir.0), Some(dir)).await
+    }
+
+    /// Starts on `config`, keeping `dir` (the data directory) until the server is dropped.
+    async fn start_owning(config: Config, dir: Option<TempDir>) -> Self {
         let state = oakestra_root_service::build_state(&config).await.unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -87,12 +144,63 @@ impl Server {
             .await
             .unwrap();
         });
-        Self { addr, stop, task }
+        Self {
+            addr,
+            stop,
+            task,
+            _dir: dir,
+        }
     }
 
     pub async fn stop(self) {
         let _ = self.stop.send(());
         self.task.await.unwrap();
+    }
+
+    /// One HTTP/1.1 request over a fresh connection ([`Server::send`]) with a bearer `token` if given, and a JSON
+    /// content type and length when there is a body or the method is POST, PUT or PATCH. Fails the test on a
+    /// chunked answer, which this client does not decode.
+    pub async fn raw(&self, method: &str, path: &str, token: Option<&str>, body: Option<&str>) -> Answer {
+        let mut req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n",
+            self.addr
+        );
+        if let Some(token) = token {
+            req.push_str(&format!("Authorization: Bearer {token}\r\n"));
+        }
+        let body = body.unwrap_or("");
+        if !body.is_empty() || matches!(method, "POST" | "PUT" | "PATCH") {
+            req.push_str(&format!(
+                "Content-Type: application/json\r\nContent-Length: {}\r\n",
+                body.len()
+            ));
+        }
+        req.push_str("\r\n");
+        req.push_str(body);
+        let raw = String::from_utf8(self.send(&req).await).unwrap();
+        let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+        let head = head.to_ascii_lowercase();
+        assert!(
+            !head.contains("transfer-encoding: chunked"),
+            "client cannot read chunked: {head}"
+        );
+        Answer {
+            status: head.split(' ').nth(1).unwrap().parse().unwrap(),
+            head,
+            body: body.to_owned(),
+        }
+    }
+
+    /// Writes `request` as it is over a fresh connection and returns all the server answers (10 s at most).
+    pub async fn send(&self, request: &str) -> Vec<u8> {
+        let mut stream = TcpStream::connect(self.addr).await.unwrap();
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut raw = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut raw))
+            .await
+            .unwrap()
+            .unwrap();
+        raw
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -123,23 +231,6 @@ impl Server {
 
     pub async fn delete(&self, path: &str, token: &str) -> (u16, Value) {
         self.call(Method::DELETE, path, Some(token), None).await
-    }
-
-    pub async fn login(&self, user: &str, password: &str) -> String {
-        let (status, body) = self
-            .call(
-                Method::POST,
-                "/api/auth/login",
-                None,
-                Some(&json!({"username": user, "password": password})),
-            )
-            .await;
-        assert_eq!(status, 200, "login {user}: {body}");
-        body["token"].as_str().unwrap().to_owned()
-    }
-
-    pub async fn admin(&self) -> String {
-        self.login("Admin", "Admin").await
     }
 }
 
