@@ -55,13 +55,10 @@ impl Store {
             source,
         })?;
         let path = data_dir.join("cluster.db");
-        let mut conn = Connection::open(&path)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+        let (mut conn, mode) = oakestra_protocol::sqlite::open(&path)?;
         if !mode.eq_ignore_ascii_case("wal") {
             tracing::warn!(%mode, path = %path.display(), "SQLite refused WAL mode");
         }
-        conn.execute_batch("PRAGMA foreign_keys = ON; PRAGMA synchronous = NORMAL;")?;
         migrate(&mut conn)?;
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
@@ -123,20 +120,9 @@ impl Store {
     }
 }
 
-/// Applies the migrations the database has not seen yet, each in its own transaction.
+/// Applies the migrations the database has not seen yet.
 fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
-    conn.execute_batch("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")?;
-    let current: i64 = conn.query_row("SELECT COALESCE(MAX(version), 0) FROM schema_version", [], |r| {
-        r.get(0)
-    })?;
-    for (version, sql) in (1_i64..).zip(MIGRATIONS) {
-        if version <= current {
-            continue;
-        }
-        let tx = conn.transaction()?;
-        tx.execute_batch(sql)?;
-        tx.execute("INSERT INTO schema_version (version) VALUES (?1)", [version])?;
-        tx.commit()?;
+    for version in oakestra_protocol::sqlite::migrate(conn, MIGRATIONS)? {
         tracing::info!(version, "applied schema migration");
     }
     Ok(())

@@ -9,7 +9,8 @@
 //!   ([`mqtt::net`]).
 //! - [`api`]: HTTP bodies: worker registration at the cluster ([`api::cluster`]), the NetManager local API
 //!   ([`api::netmanager`]) and the cluster → root report with its worker aggregation ([`api::root`]).
-//! - `client` (feature `client`): the small HTTP/1.1 JSON client tiers use to call each other; the only I/O here.
+//! - `client` (feature `client`): the small HTTP/1.1 JSON client tiers use to call each other; `sqlite` (feature
+//!   `sqlite`): how the root and cluster stores open SQLite and migrate. The only I/O here, both opt-in.
 //! - [`addr`]: the overlay address plan, the balancing-policy encoding of IPv6 service addresses and the address
 //!   allocators.
 //! - [`sched`]: the placement policy both tiers share (root picks a cluster, a cluster picks a worker), with
@@ -27,6 +28,8 @@ pub mod naming;
 pub mod sched;
 pub mod serde_util;
 pub mod sla;
+#[cfg(feature = "sqlite")]
+pub mod sqlite;
 pub mod status;
 #[cfg(test)]
 mod test_util;

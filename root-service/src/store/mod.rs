@@ -179,16 +179,10 @@ impl Store {
             path: path.clone(),
             source,
         };
-        let mut conn = Connection::open(&path).map_err(db)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(db)?;
-        let mode: String = conn
-            .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
-            .map_err(db)?;
+        let (mut conn, mode) = oakestra_protocol::sqlite::open(&path).map_err(db)?;
         if !mode.eq_ignore_ascii_case("wal") {
             tracing::warn!(%mode, path = %path.display(), "SQLite refused WAL mode");
         }
-        conn.execute_batch("PRAGMA foreign_keys = ON; PRAGMA synchronous = NORMAL;")
-            .map_err(db)?;
         migrate(&mut conn).map_err(db)?;
         let pools = Pools::load(&conn)?;
         Ok(Self {
@@ -378,20 +372,9 @@ impl Store {
     }
 }
 
-/// Applies the migrations the database has not seen yet, each in its own transaction.
-fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
-    conn.execute_batch("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")?;
-    let current: i64 = conn.query_row("SELECT COALESCE(MAX(version), 0) FROM schema_version", [], |r| {
-        r.get(0)
-    })?;
-    for (version, sql) in (1_i64..).zip(MIGRATIONS) {
-        if version <= current {
-            continue;
-        }
-        let tx = conn.transaction()?;
-        tx.execute_batch(sql)?;
-        tx.execute("INSERT INTO schema_version (version) VALUES (?1)", [version])?;
-        tx.commit()?;
+/// Applies the migrations the database has not seen yet.
+pub(crate) fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
+    for version in oakestra_protocol::sqlite::migrate(conn, MIGRATIONS)? {
         tracing::info!(version, "applied schema migration");
     }
     Ok(())
