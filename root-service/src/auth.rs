@@ -302,11 +302,12 @@ pub fn unix_now() -> u64 {
 
 /// The bearer token of a request, if it carries one.
 pub fn bearer(parts: &Parts) -> Option<&str> {
-    let value = parts
-        .headers
-        .get(axum::http::header::AUTHORIZATION)?
-        .to_str()
-        .ok()?;
+    bearer_in(&parts.headers)
+}
+
+/// The token of an `Authorization: Bearer <token>` header among `headers`, if any.
+pub fn bearer_in(headers: &axum::http::HeaderMap) -> Option<&str> {
+    let value = headers.get(axum::http::header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.trim().split_once(' ')?;
     scheme
         .eq_ignore_ascii_case("bearer")

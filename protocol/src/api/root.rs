@@ -42,9 +42,6 @@ use serde_json::{Map, Number, Value};
 
 use crate::serde_util;
 
-/// Path prefix of the report endpoint on root's system manager (port 10000); the cluster id follows.
-pub const INFORMATION_PATH_PREFIX: &str = "/api/information/";
-
 /// Keys the reference never aggregates.
 const EXCLUDED_KEYS: [&str; 5] = ["_id", "ip", "port", "candidate_name", "candidate_location"];
 /// Keys averaged over the workers (besides any key ending in one of [`MEAN_SUFFIXES`]).

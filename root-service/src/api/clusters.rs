@@ -66,11 +66,7 @@ async fn register(
     headers: HeaderMap,
     JsonBody(body): JsonBody<ClusterRegistration>,
 ) -> Result<Json<ClusterRegistered>, ApiError> {
-    let presented = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-        .map(str::trim);
+    let presented = crate::auth::bearer_in(&headers);
     if !presented.is_some_and(|t| same_secret(t, &state.join_token)) {
         tracing::warn!(%peer, cluster = %body.cluster_name, "cluster registration refused: wrong or missing join token");
         return Err(ApiError::new(
