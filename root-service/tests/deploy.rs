@@ -53,6 +53,18 @@ async fn services_of(root: &Server, token: &str, app: &str) -> Vec<Value> {
     body.as_array().unwrap().clone()
 }
 
+/// Creates the one-service application `app` asking for `memory` MiB and returns its service (job) id.
+async fn one_service_job(root: &Server, token: &str, app: &str, memory: u64) -> String {
+    let (status, apps) = root
+        .post("/api/application", token, &one_service_sla(app, memory))
+        .await;
+    assert_eq!(status, 200, "{apps}");
+    services_of(root, token, &app_id(&apps, app)).await[0]["_id"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
 fn service_named<'a>(services: &'a [Value], name: &str) -> &'a Value {
     services
         .iter()
@@ -536,13 +548,7 @@ async fn refused_instances_fall_back_to_the_next_cluster() {
     let dir = TempDir::new();
     let root = Server::start(config(&dir.0, false)).await;
     let token = root.admin().await;
-    let (_, apps) = root
-        .post("/api/application", &token, &one_service_sla("fb", 1000))
-        .await;
-    let job = services_of(&root, &token, &app_id(&apps, "fb")).await[0]["_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let job = one_service_job(&root, &token, "fb", 1000).await;
     // Best fit picks the tighter cluster first.
     let tight = FakeCluster::start(&root, "tight").await;
     let roomy = FakeCluster::start(&root, "roomy").await;
@@ -623,13 +629,7 @@ async fn reservations_spread_a_burst_and_reports_reconcile() {
     let dir = TempDir::new();
     let root = Server::start(config(&dir.0, false)).await;
     let token = root.admin().await;
-    let (_, apps) = root
-        .post("/api/application", &token, &one_service_sla("burst", 3000))
-        .await;
-    let job = services_of(&root, &token, &app_id(&apps, "burst")).await[0]["_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let job = one_service_job(&root, &token, "burst", 3000).await;
     let a = FakeCluster::start(&root, "a").await;
     let b = FakeCluster::start(&root, "b").await;
     a.report(&root, 4, 4000, json!([])).await;
@@ -688,13 +688,7 @@ async fn instances_move_off_a_cluster_that_stops_reporting() {
     let dir = TempDir::new();
     let root = Server::start(config(&dir.0, true)).await;
     let token = root.admin().await;
-    let (_, apps) = root
-        .post("/api/application", &token, &one_service_sla("move", 500))
-        .await;
-    let job = services_of(&root, &token, &app_id(&apps, "move")).await[0]["_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let job = one_service_job(&root, &token, "move", 500).await;
     let dying = FakeCluster::start(&root, "dying").await;
     let alive = FakeCluster::start(&root, "alive").await;
     dying.report(&root, 4, 1000, json!([])).await;
@@ -726,13 +720,7 @@ async fn unplaced_instances_are_retried_when_a_cluster_appears() {
     let dir = TempDir::new();
     let root = Server::start(config(&dir.0, true)).await;
     let token = root.admin().await;
-    let (_, apps) = root
-        .post("/api/application", &token, &one_service_sla("later", 100))
-        .await;
-    let job = services_of(&root, &token, &app_id(&apps, "later")).await[0]["_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let job = one_service_job(&root, &token, "later", 100).await;
     let (_, r) = root
         .post(&format!("/api/service/{job}/instance"), &token, &json!({}))
         .await;
