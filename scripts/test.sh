@@ -16,8 +16,9 @@ export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 SKIP_EBPF="${OAKESTRA_SKIP_EBPF:-0}"
 
 # --- system packages -------------------------------------------------------------------------------------------
-# gcc/libc6-dev: C code in -sys crates; pkg-config: crate build scripts; the llvm-22 set: bpf-linker (eBPF).
-packages=(gcc libc6-dev pkg-config)
+# gcc/libc6-dev: C code in -sys crates; pkg-config: crate build scripts; the llvm-22 set: bpf-linker (eBPF);
+# mosquitto: the cluster-service broker tests run a real Mosquitto as the external broker (they fail without it).
+packages=(gcc libc6-dev pkg-config mosquitto)
 [ "$SKIP_EBPF" = 1 ] || packages+=(llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev binutils)
 missing=()
 for p in "${packages[@]}"; do

@@ -1,32 +1,54 @@
-//! `cluster-service`: the oakestra-rs cluster orchestrator: cluster manager, MQTT broker, cluster scheduler and network service
+//! `cluster-service`: the oakestra-rs cluster orchestrator: cluster manager, MQTT broker, cluster scheduler and
+//! network service, in one process.
 //!
-//! The binary still refuses to run ("not implemented yet", issue 4) until workers can join; the library already
-//! holds the finished parts:
-//! - [`store`]: the embedded SQLite database (`<data-dir>/cluster.db`) and the persisted identity at root;
-//! - [`root_link`]: registration with root (join token, back-off, re-registration keeping the id) and the report.
+//! - [`config`]: flags and environment, validated into a [`Config`];
+//! - [`store`]: the embedded SQLite database (`<data-dir>/cluster.db`): identity, workers, jobs, instances;
+//! - [`root_link`]: registration with root (join token, back-off, re-registration keeping the id) and the report;
+//! - [`broker`]: the embedded MQTT broker or an external one, and per-worker MQTT credentials;
+//! - [`mqtt`]: the cluster's own MQTT client;
+//! - [`state`]: workers, jobs, instances, the instance state machine, scheduling and self-healing (pure);
+//! - [`engine`]: the driver that feeds [`state`] and carries out its effects;
+//! - [`net`]: the cluster network service (subnets, table queries, interests, job updates);
+//! - [`api`]: the HTTP API on the manager port.
 
+pub mod api;
+pub mod broker;
+pub mod config;
+pub mod engine;
+pub mod mqtt;
+pub mod net;
 pub mod root_link;
+pub mod state;
 pub mod store;
 
-use std::path::PathBuf;
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
-use clap::Parser;
+pub use config::{Cli, Config};
+use oakestra_protocol::api::federation::ClusterRegistration;
+use serde_json::Map;
+use tokio::sync::watch;
 
-/// What the command line asks for.
-#[derive(Debug, Parser)]
-#[command(name = "cluster-service", version, about = "the oakestra-rs cluster orchestrator: cluster manager, MQTT broker, cluster scheduler and network service", long_about = None, after_help = "Status: not implemented yet (issue 4).")]
-pub struct Cli {
-    /// Arguments the finished binary will take (see the README); accepted here only to be refused.
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
-    pub args: Vec<String>,
-}
+use crate::{
+    broker::{Broker, Credentials},
+    engine::{Engine, now_ms},
+    root_link::RootLink,
+    state::State,
+    store::Store,
+};
 
-/// Why the binary stopped.
+/// Why the service stopped (or did not start).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The binary's issue has not landed yet.
-    #[error("cluster-service is not implemented yet (issue 4)")]
-    NotImplemented,
+    /// A flag or environment variable is invalid.
+    #[error("{flag} = {value:?}: {rule}")]
+    InvalidConfig {
+        /// The flag.
+        flag: &'static str,
+        /// What was given.
+        value: String,
+        /// The rule it breaks.
+        rule: &'static str,
+    },
     /// A file or directory could not be read or written.
     #[error("{}: {source}", path.display())]
     Io {
@@ -35,9 +57,23 @@ pub enum Error {
         /// The OS error.
         source: std::io::Error,
     },
+    /// The HTTP listener could not bind.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// Serving HTTP failed.
+    #[error("HTTP server: {0}")]
+    Serve(std::io::Error),
     /// A database statement failed.
     #[error("database: {0}")]
     Sql(#[from] rusqlite::Error),
+    /// A record could not be encoded for the database.
+    #[error("encoding a record: {0}")]
+    Encode(String),
     /// A blocking task panicked or was cancelled.
     #[error("background task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
@@ -54,9 +90,128 @@ pub enum Error {
         /// The answer body.
         body: String,
     },
+    /// The MQTT broker could not start or take credentials.
+    #[error("MQTT broker: {0}")]
+    Broker(#[from] broker::BrokerError),
 }
 
-/// Runs the binary.
-pub fn run(_cli: Cli) -> Result<(), Error> {
-    Err(Error::NotImplemented)
+/// A started service: its addresses and a way to stop it.
+#[derive(Debug)]
+pub struct Running {
+    /// Where the HTTP API listens.
+    pub addr: SocketAddr,
+    /// The shared engine (tests inspect it).
+    pub engine: Arc<Engine>,
+    stop: watch::Sender<bool>,
+    server: tokio::task::JoinHandle<Result<(), Error>>,
+}
+
+impl Running {
+    /// Stops the background tasks and the HTTP server and waits for the server to finish. The embedded broker
+    /// thread has no shutdown API: it ends with the process.
+    pub async fn stop(self) -> Result<(), Error> {
+        self.stop.send_replace(true);
+        self.engine.publisher.disconnect().await;
+        match self.server.await {
+            Ok(result) => result,
+            Err(e) => Err(Error::Task(e)),
+        }
+    }
+}
+
+/// The key of the cluster's own MQTT secret in the settings table.
+const MQTT_SECRET: &str = "mqtt_secret";
+
+/// Starts everything: database, broker, MQTT client, HTTP API, self-healing and the link to root.
+pub async fn start(config: Config) -> Result<Running, Error> {
+    let store = Store::open(config.data_dir.clone()).await?;
+    let saved = store.load().await?;
+    let mut state = State::new(config.timing, config.scheduler_policy);
+    let node_hashes: Vec<(String, String)> = saved
+        .nodes
+        .iter()
+        .map(|n| (n.id.clone(), n.password_hash.clone()))
+        .collect();
+    tracing::info!(
+        workers = saved.nodes.len(),
+        jobs = saved.jobs.len(),
+        instances = saved.instances.len(),
+        "restored the cluster database"
+    );
+    state.restore(saved.nodes, saved.jobs, saved.instances, now_ms());
+
+    let secret = match store.setting(MQTT_SECRET).await? {
+        Some(s) => s,
+        None => {
+            let s = broker::new_secret();
+            store.set_setting(MQTT_SECRET, s.clone()).await?;
+            s
+        }
+    };
+    let credentials = Credentials::new(mqtt::CLUSTER_USER, &broker::hash_password(&secret));
+    for (id, hash) in &node_hashes {
+        credentials.set_node(id, hash);
+    }
+    let broker = Broker::start(config.broker.clone(), credentials).await?;
+
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| Error::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(Error::Serve)?;
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (host, port) = broker.client_endpoint();
+    let (publisher, messages, mqtt_up) = mqtt::start(&host, port, &secret, stop_rx.clone());
+    let mqtt_port = config.mqtt_advertise_port.unwrap_or_else(|| broker.worker_port());
+    let root = RootLink {
+        root_url: config.root_url.clone(),
+        join_token: config.join_token.clone(),
+        registration: ClusterRegistration {
+            cluster_name: config.cluster_name.clone(),
+            cluster_location: config.cluster_location.clone(),
+            manager_port: addr.port(),
+            // One listener serves the network component's routes too.
+            network_component_port: addr.port(),
+            cluster_address: config.advertise_address.clone(),
+            extra: Map::new(),
+        },
+        store: store.clone(),
+    };
+    let engine = Arc::new(Engine::new(
+        state, store, publisher, broker, root, mqtt_port, mqtt_up,
+    ));
+
+    tokio::spawn(Arc::clone(&engine).dispatch(messages));
+    let tick = Duration::from_millis((config.timing.worker_timeout_ms / 4).clamp(50, 1000));
+    tokio::spawn(Arc::clone(&engine).maintain(tick, stop_rx.clone()));
+    tokio::spawn(Arc::clone(&engine).report_to_root(config.report_interval, stop_rx.clone()));
+
+    let app = api::router(Arc::clone(&engine));
+    let mut server_stop = stop_rx;
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = server_stop.wait_for(|s| *s).await;
+            })
+            .await
+            .map_err(Error::Serve)
+    });
+    tracing::info!(%addr, mqtt_port, "cluster-service listening");
+    Ok(Running {
+        addr,
+        engine,
+        stop: stop_tx,
+        server,
+    })
+}
+
+/// Runs until `shutdown` completes, then stops cleanly.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), Error> {
+    tracing::info!(?config, "starting cluster-service");
+    let running = start(config).await?;
+    shutdown.await;
+    running.stop().await
 }

@@ -1,22 +1,88 @@
-//! Entry point of `cluster-service`: parse flags, run, map the error to an exit code.
+//! Entry point of `cluster-service`: parse flags, set up logging, run until SIGTERM/SIGINT, map errors to exit codes
+//! (64 invalid configuration, 1 runtime failure).
 
 use std::process::ExitCode;
 
 use clap::Parser;
+use oakestra_cluster_service::{Cli, Config, Error};
+use tracing_subscriber::EnvFilter;
+
+/// sysexits `EX_USAGE`: the command line or the environment is wrong.
+const EXIT_USAGE: u8 = 64;
 
 fn main() -> ExitCode {
-    let cli = oakestra_cluster_service::Cli::parse();
-    match oakestra_cluster_service::run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(), // --help, --version
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let config = match Config::from_cli(cli) {
+        Ok(config) => config,
         Err(e) => {
             #[allow(
                 clippy::print_stderr,
-                reason = "the one line a user sees when the binary refuses to run"
+                reason = "a usage error is for the user, like clap's own errors"
             )]
             {
-                eprintln!("error: {e}");
+                eprintln!("error: {e}\n\nFor more information, try '--help'.");
             }
-            ExitCode::from(2)
+            return ExitCode::from(EXIT_USAGE);
         }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => return fail(&Error::Serve(e), 1),
+    };
+    match runtime.block_on(oakestra_cluster_service::run(config, shutdown_signal())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e, 1),
+    }
+}
+
+fn fail(e: &Error, code: u8) -> ExitCode {
+    tracing::error!("{e}");
+    #[allow(
+        clippy::print_stderr,
+        reason = "the one line a user sees even with logging filtered out"
+    )]
+    {
+        eprintln!("error: {e}");
+    }
+    ExitCode::from(code)
+}
+
+/// Completes at the first SIGTERM or SIGINT (Ctrl-C).
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!("cannot listen for SIGINT: {e}");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!("cannot listen for SIGTERM: {e}");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => tracing::info!("SIGINT received, shutting down"),
+        () = term => tracing::info!("SIGTERM received, shutting down"),
     }
 }

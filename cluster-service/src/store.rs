@@ -10,13 +10,48 @@ use std::{
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-use crate::Error;
+use serde_json::{Map, Value};
+
+use crate::{
+    Error,
+    state::{Effect, Instance, NodeRecord},
+};
+
+/// Everything [`Store::load`] reads back at start.
+#[derive(Debug, Default)]
+pub struct Saved {
+    /// The workers.
+    pub nodes: Vec<NodeRecord>,
+    /// (id, job name, document) of every job.
+    pub jobs: Vec<(String, String, Map<String, Value>)>,
+    /// (job id, instance) of every instance.
+    pub instances: Vec<(String, Instance)>,
+}
 
 /// Schema migrations in order; the index + 1 is the version recorded in `schema_version`.
-const MIGRATIONS: &[&str] = &["CREATE TABLE identity (
+const MIGRATIONS: &[&str] = &[
+    "CREATE TABLE identity (
         key TEXT PRIMARY KEY NOT NULL,
         value TEXT NOT NULL
-    );"];
+    );",
+    // Rows hold the records as JSON: the service reads them all at start and writes one row per change.
+    "CREATE TABLE nodes (
+        id TEXT PRIMARY KEY NOT NULL,
+        name TEXT NOT NULL,
+        record TEXT NOT NULL
+    );
+    CREATE TABLE jobs (
+        id TEXT PRIMARY KEY NOT NULL,
+        job_name TEXT NOT NULL UNIQUE,
+        doc TEXT NOT NULL
+    );
+    CREATE TABLE instances (
+        job_id TEXT NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+        number INTEGER NOT NULL,
+        body TEXT NOT NULL,
+        PRIMARY KEY (job_id, number)
+    );",
+];
 
 /// The cluster's identity at root: its id and its per-cluster secret.
 #[derive(Clone, PartialEq, Eq)]
@@ -118,6 +153,121 @@ impl Store {
         })
         .await
     }
+}
+
+impl Store {
+    /// A value of the small key-value table (the identity, the cluster's own MQTT secret).
+    pub async fn setting(&self, key: &'static str) -> Result<Option<String>, Error> {
+        self.with(move |conn| {
+            Ok(conn
+                .query_row("SELECT value FROM identity WHERE key = ?1", [key], |r| r.get(0))
+                .optional()?)
+        })
+        .await
+    }
+
+    /// Sets a value of the key-value table.
+    pub async fn set_setting(&self, key: &'static str, value: String) -> Result<(), Error> {
+        self.with(move |conn| {
+            conn.execute(
+                "INSERT INTO identity (key, value) VALUES (?1, ?2)
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                params![key, value],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Reads every worker, job and instance. A row that no longer parses is logged and skipped, never fatal.
+    pub async fn load(&self) -> Result<Saved, Error> {
+        self.with(|conn| {
+            let mut saved = Saved::default();
+            let mut stmt = conn.prepare("SELECT id, record FROM nodes")?;
+            for row in stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))? {
+                let (id, text) = row?;
+                match serde_json::from_str(&text) {
+                    Ok(record) => saved.nodes.push(record),
+                    Err(e) => tracing::error!(node = %id, error = %e, "unreadable worker row skipped"),
+                }
+            }
+            let mut stmt = conn.prepare("SELECT id, job_name, doc FROM jobs")?;
+            for row in stmt.query_map([], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?))
+            })? {
+                let (id, name, text) = row?;
+                match serde_json::from_str(&text) {
+                    Ok(doc) => saved.jobs.push((id, name, doc)),
+                    Err(e) => tracing::error!(job = %id, error = %e, "unreadable job row skipped"),
+                }
+            }
+            let mut stmt = conn.prepare("SELECT job_id, number, body FROM instances")?;
+            for row in stmt.query_map([], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, String>(2)?))
+            })? {
+                let (job, number, text) = row?;
+                match serde_json::from_str(&text) {
+                    Ok(instance) => saved.instances.push((job, instance)),
+                    Err(e) => {
+                        tracing::error!(job = %job, instance = number, error = %e, "unreadable instance row skipped");
+                    }
+                }
+            }
+            Ok(saved)
+        })
+        .await
+    }
+
+    /// Writes the database side of `effects` in one transaction (the others are ignored).
+    pub async fn apply(&self, effects: Vec<Effect>) -> Result<(), Error> {
+        self.with(move |conn| {
+            let tx = conn.transaction()?;
+            for effect in effects {
+                match effect {
+                    Effect::SaveNode(record) => {
+                        tx.execute(
+                            "INSERT INTO nodes (id, name, record) VALUES (?1, ?2, ?3)
+                             ON CONFLICT (id) DO UPDATE SET name = excluded.name, record = excluded.record",
+                            params![record.id, record.name, json(&record)?],
+                        )?;
+                    }
+                    Effect::SaveJob { id, job_name, doc } => {
+                        tx.execute(
+                            "INSERT INTO jobs (id, job_name, doc) VALUES (?1, ?2, ?3)
+                             ON CONFLICT (id) DO UPDATE SET job_name = excluded.job_name, doc = excluded.doc",
+                            params![id, job_name, json(&doc)?],
+                        )?;
+                    }
+                    Effect::DropJob { id } => {
+                        tx.execute("DELETE FROM instances WHERE job_id = ?1", [&id])?;
+                        tx.execute("DELETE FROM jobs WHERE id = ?1", [&id])?;
+                    }
+                    Effect::SaveInstance { job_id, instance } => {
+                        tx.execute(
+                            "INSERT INTO instances (job_id, number, body) VALUES (?1, ?2, ?3)
+                             ON CONFLICT (job_id, number) DO UPDATE SET body = excluded.body",
+                            params![job_id, instance.instance_number, json(&instance)?],
+                        )?;
+                    }
+                    Effect::DropInstance { job_id, number } => {
+                        tx.execute(
+                            "DELETE FROM instances WHERE job_id = ?1 AND number = ?2",
+                            params![job_id, number],
+                        )?;
+                    }
+                    _ => {}
+                }
+            }
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+}
+
+/// A record as the JSON text of its row.
+fn json<T: serde::Serialize>(value: &T) -> Result<String, Error> {
+    serde_json::to_string(value).map_err(|e| Error::Encode(e.to_string()))
 }
 
 /// Applies the migrations the database has not seen yet.

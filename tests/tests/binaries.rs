@@ -21,7 +21,7 @@ const BINARIES: &[(&str, &str)] = &[
 ];
 
 /// Binaries whose first slice has landed: they run instead of refusing.
-const FINISHED: &[&str] = &["root-service"];
+const FINISHED: &[&str] = &["root-service", "cluster-service"];
 
 #[test]
 fn help_explains_each_binary() {
@@ -79,6 +79,35 @@ fn root_service_refuses_a_bad_listen_address() {
         stderr.contains("--listen") && stderr.contains("nonsense"),
         "stderr: {stderr}"
     );
+}
+
+#[test]
+fn cluster_service_names_the_bad_flag() {
+    let out = procs::run(
+        "cluster-service",
+        &[
+            "--cluster-name",
+            "c1",
+            "--join-token",
+            "0123456789abcdef",
+            "--worker-timeout",
+            "0",
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(64),
+        "cluster-service should exit 64: {out:?}"
+    );
+    assert!(
+        stderr.contains("--worker-timeout") && stderr.contains("\"0\""),
+        "stderr: {stderr}"
+    );
+    let out = procs::run("cluster-service", &["--cluster-name", "c1"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    assert!(stderr.contains("--join-token"), "stderr: {stderr}");
 }
 
 #[test]

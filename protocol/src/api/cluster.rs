@@ -170,6 +170,15 @@ pub struct NodeRegistered {
     /// The broker port, a **string** on the wire (`"10003"`).
     #[serde(rename = "MQTT_BROKER_PORT", default, deserialize_with = "serde_util::string")]
     pub mqtt_broker_port: String,
+    /// oakestra-rs extension: the node's MQTT secret. NetManager connects as user `<id>`, NodeEngine as
+    /// `<id>-ne`, both with this password (and the user name as client id). Absent from reference clusters, whose
+    /// broker is anonymous.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "serde_util::opt_string"
+    )]
+    pub mqtt_password: Option<String>,
     /// Every other key, verbatim (also makes the type accept only a JSON object).
     #[serde(flatten)]
     pub extra: Map<String, Value>,
@@ -181,6 +190,7 @@ impl NodeRegistered {
         Self {
             id: id.into(),
             mqtt_broker_port: port.to_string(),
+            mqtt_password: None,
             extra: Map::new(),
         }
     }

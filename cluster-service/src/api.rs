@@ -1,0 +1,215 @@
+//! The HTTP API on the manager port (10100): worker registration, the calls root makes (deploy, undeploy, job
+//! updates, authenticated with the per-cluster secret) and the operator's status views.
+
+use std::sync::{Arc, atomic::Ordering};
+
+use axum::{
+    Json, Router,
+    body::Bytes,
+    extract::{Path, State},
+    http::{HeaderMap, StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use oakestra_protocol::api::{cluster::REGISTER_PATH, federation::JobUpdate};
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+
+use crate::{
+    engine::{Engine, NodeError, now_ms},
+    state::RegisterError,
+};
+
+/// Largest request body accepted (a job document with inline files stays well below).
+const MAX_BODY: usize = 1024 * 1024;
+
+/// An error answer: a status and `{"message": …}` naming what was wrong.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(json!({"message": self.message}))).into_response()
+    }
+}
+
+/// Parses a JSON body, or says which part is wrong (400 for bad JSON, 422 for the wrong shape).
+fn body<T: DeserializeOwned>(bytes: &Bytes) -> Result<T, ApiError> {
+    let value: Value = serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("the body is not JSON: {e}")))?;
+    serde_json::from_value(value).map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))
+}
+
+/// Checks `Authorization: Bearer <cluster secret>` (the secret root gave this cluster).
+fn root_only(engine: &Engine, headers: &HeaderMap) -> Result<(), ApiError> {
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let Some(identity) = engine.identity() else {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the cluster has not registered with root yet",
+        ));
+    };
+    match presented {
+        Some(token) if same_secret(token, &identity.token) => Ok(()),
+        Some(_) => Err(ApiError::new(StatusCode::UNAUTHORIZED, "wrong cluster secret")),
+        None => Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "missing Authorization: Bearer <cluster secret>",
+        )),
+    }
+}
+
+/// Compares two secrets in time independent of where they differ.
+fn same_secret(a: &str, b: &str) -> bool {
+    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The routes, over the shared engine.
+pub fn router(engine: Arc<Engine>) -> Router {
+    Router::new()
+        .route(REGISTER_PATH, post(register))
+        .route("/api/node/register/", post(register))
+        .route("/api/service/{job}/{number}", post(deploy).delete(undeploy))
+        .route("/api/net/job/update", post(job_update))
+        .route("/api/net/job/update/", post(job_update))
+        .route("/api/cluster/status", get(status))
+        .route("/api/cluster/report", get(report))
+        .route("/api/cluster/workers", get(workers))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .with_state(engine)
+}
+
+async fn register(State(engine): State<Arc<Engine>>, bytes: Bytes) -> Result<Json<Value>, ApiError> {
+    let value: Value = body(&bytes)?;
+    match engine.register_node(value).await {
+        Ok(answer) => Ok(Json(serde_json::to_value(answer).unwrap_or(Value::Null))),
+        Err(NodeError::Refused(e @ RegisterError::Duplicate { .. })) => {
+            Err(ApiError::new(StatusCode::CONFLICT, e.to_string()))
+        }
+        Err(NodeError::Refused(e)) => Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string())),
+        Err(NodeError::Body(e)) => Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e)),
+        Err(NodeError::Internal(e)) => {
+            tracing::error!(error = %e, "worker registration failed");
+            Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the registration could not be stored",
+            ))
+        }
+    }
+}
+
+/// The instance number of a path: an integer (`-1` only where every instance is meant).
+fn number(text: &str) -> Result<i64, ApiError> {
+    text.parse().map_err(|_| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("instance number = {text:?}: must be an integer"),
+        )
+    })
+}
+
+async fn deploy(
+    State(engine): State<Arc<Engine>>,
+    headers: HeaderMap,
+    Path((job, n)): Path<(String, String)>,
+    bytes: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    root_only(&engine, &headers)?;
+    let n = number(&n)?;
+    let doc: serde_json::Map<String, Value> = body(&bytes)?;
+    engine
+        .deploy(&job, n, doc)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?;
+    Ok(Json(json!({"status": "ok"})))
+}
+
+async fn undeploy(
+    State(engine): State<Arc<Engine>>,
+    headers: HeaderMap,
+    Path((job, n)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    root_only(&engine, &headers)?;
+    let n = number(&n)?;
+    if engine.delete(&job, n).await {
+        Ok(Json(json!({"status": "ok"})))
+    } else {
+        Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("job {job:?} has no instance {n} on this cluster"),
+        ))
+    }
+}
+
+async fn job_update(
+    State(engine): State<Arc<Engine>>,
+    headers: HeaderMap,
+    bytes: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    root_only(&engine, &headers)?;
+    let update: JobUpdate = body(&bytes)?;
+    // Answered at once, like the reference: the refresh from root runs in the background.
+    tokio::spawn(Arc::clone(&engine).job_update(update));
+    Ok(Json(json!({"message": "ok"})))
+}
+
+async fn status(State(engine): State<Arc<Engine>>) -> Json<Value> {
+    let identity = engine.identity();
+    let state = engine.state();
+    let workers = state.nodes().count();
+    let active = state.nodes().filter(|n| n.alive).count();
+    let jobs = state.jobs().count();
+    let instances: usize = state.jobs().map(|j| j.instances.len()).sum();
+    Json(json!({
+        "cluster_name": engine.root.registration.cluster_name,
+        "cluster_id": identity.map(|i| i.id),
+        "connected_to_root": engine.connected_to_root.load(Ordering::Relaxed),
+        "mqtt_connected": *engine.mqtt_up.borrow(),
+        "workers": workers,
+        "active_workers": active,
+        "jobs": jobs,
+        "instances": instances,
+    }))
+}
+
+async fn report(State(engine): State<Arc<Engine>>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
+    root_only(&engine, &headers)?;
+    Ok(Json(Value::Object(engine.state().report())))
+}
+
+async fn workers(State(engine): State<Arc<Engine>>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
+    root_only(&engine, &headers)?;
+    let now = now_ms();
+    let state = engine.state();
+    let list: Vec<Value> = state
+        .nodes()
+        .map(|n| {
+            json!({
+                "id": n.record.id,
+                "name": n.record.name,
+                "ip": n.ip(),
+                "active": n.alive,
+                "silent_ms": now.saturating_sub(n.last_seen_ms),
+                "subnet": n.record.subnet.as_ref().map(|s| &s.0),
+                "subnet_v6": n.record.subnet.as_ref().map(|s| &s.1),
+            })
+        })
+        .collect();
+    Ok(Json(Value::Array(list)))
+}

@@ -1,0 +1,430 @@
+//! The driver around [`State`]: turns MQTT messages, HTTP calls and clock ticks into state changes, and carries out
+//! the resulting [`Effect`]s (MQTT commands, database writes, calls to root, early reports).
+
+use std::{
+    sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use hyper::Method;
+use oakestra_protocol::{
+    api::{
+        cluster::{NodeRegistered, NodeRegistration},
+        federation::{DEPLOY_RESULT_PATH, DeployResult},
+    },
+    client,
+    mqtt::{
+        topics::{Topic, TopicId},
+        worker::{ControlError, JobStatusReport, NodeInformation, ResourcesReport},
+    },
+};
+use serde::de::DeserializeOwned;
+use serde_json::{Map, Value};
+use tokio::sync::{Notify, mpsc, watch};
+
+use crate::{
+    broker::{self, Broker},
+    mqtt::{Message, Publisher},
+    net::NetCache,
+    root_link::{CALL_TIMEOUT, Delivery, RootLink},
+    state::{CallError, Effect, RegisterError, State},
+    store::{Identity, Store},
+};
+
+/// Milliseconds since 1970 (the clock every state decision uses).
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// Everything the service shares between its tasks.
+#[derive(Debug)]
+pub struct Engine {
+    state: Mutex<State>,
+    /// The database.
+    pub store: Store,
+    /// MQTT commands to workers.
+    pub publisher: Publisher,
+    /// The broker and its credentials.
+    pub broker: Broker,
+    /// The way to root.
+    pub root: RootLink,
+    identity: RwLock<Option<Identity>>,
+    report_soon: Notify,
+    /// The network service's cache of resolved jobs and interests.
+    pub(crate) net: Mutex<NetCache>,
+    /// The broker port told to workers.
+    pub mqtt_port: u16,
+    /// Whether the MQTT client is connected and subscribed.
+    pub mqtt_up: watch::Receiver<bool>,
+    /// Whether the last report reached root.
+    pub connected_to_root: std::sync::atomic::AtomicBool,
+}
+
+/// Why a worker registration failed.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// Refused by the registration rules.
+    #[error(transparent)]
+    Refused(#[from] RegisterError),
+    /// The body is not a node document.
+    #[error("the body is not a node document: {0}")]
+    Body(String),
+    /// The node could not be saved.
+    #[error(transparent)]
+    Internal(#[from] crate::Error),
+}
+
+impl Engine {
+    /// Assembles the engine.
+    pub fn new(
+        state: State,
+        store: Store,
+        publisher: Publisher,
+        broker: Broker,
+        root: RootLink,
+        mqtt_port: u16,
+        mqtt_up: watch::Receiver<bool>,
+    ) -> Self {
+        Self {
+            state: Mutex::new(state),
+            store,
+            publisher,
+            broker,
+            root,
+            identity: RwLock::new(None),
+            report_soon: Notify::new(),
+            net: Mutex::new(NetCache::default()),
+            mqtt_port,
+            mqtt_up,
+            connected_to_root: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// The state, locked. Never held across an `.await`.
+    pub fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The identity root gave, once registered.
+    pub fn identity(&self) -> Option<Identity> {
+        self.identity
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn set_identity(&self, identity: Identity) {
+        *self.identity.write().unwrap_or_else(PoisonError::into_inner) = Some(identity);
+    }
+
+    /// Carries out `effects`: database writes in one transaction first (so a command never refers to state a
+    /// crash would lose), then MQTT commands, root calls and early reports.
+    pub async fn apply(self: &Arc<Self>, effects: Vec<Effect>) {
+        if effects.is_empty() {
+            return;
+        }
+        let writes: Vec<Effect> = effects
+            .iter()
+            .filter(|e| {
+                matches!(
+                    e,
+                    Effect::SaveNode(_)
+                        | Effect::SaveJob { .. }
+                        | Effect::DropJob { .. }
+                        | Effect::SaveInstance { .. }
+                        | Effect::DropInstance { .. }
+                )
+            })
+            .cloned()
+            .collect();
+        if !writes.is_empty()
+            && let Err(e) = self.store.apply(writes).await
+        {
+            tracing::error!(error = %e, "cannot write the cluster database");
+        }
+        for effect in effects {
+            match effect {
+                Effect::Deploy { node, command } => {
+                    self.publish(&node, Topic::ControlDeploy, &command).await;
+                }
+                Effect::Delete { node, command } => {
+                    self.publish(&node, Topic::ControlDelete, &command).await;
+                }
+                Effect::NotRegistered { node } => {
+                    self.publish(&node, Topic::ControlError, &ControlError::node_not_registered())
+                        .await;
+                }
+                Effect::Refused {
+                    job_id,
+                    number,
+                    status,
+                    detail,
+                } => {
+                    let engine = Arc::clone(self);
+                    tokio::spawn(async move {
+                        engine
+                            .tell_root_refused(&job_id, number, status.as_str(), &detail)
+                            .await;
+                    });
+                }
+                Effect::Placed { job_name } => {
+                    let engine = Arc::clone(self);
+                    tokio::spawn(async move { engine.prefetch(&job_name).await });
+                }
+                Effect::ReportSoon => self.report_soon.notify_one(),
+                Effect::SaveNode(_)
+                | Effect::SaveJob { .. }
+                | Effect::DropJob { .. }
+                | Effect::SaveInstance { .. }
+                | Effect::DropInstance { .. } => {}
+            }
+        }
+    }
+
+    /// Publishes a node command; failures are logged (the self-healing deadlines catch lost commands).
+    pub(crate) async fn publish<T: serde::Serialize>(
+        &self,
+        node: &str,
+        topic: fn(TopicId) -> Topic,
+        payload: &T,
+    ) {
+        let topic = match TopicId::new(node) {
+            Ok(id) => topic(id),
+            Err(e) => {
+                tracing::error!(node = %node, error = %e, "node id cannot be a topic segment");
+                return;
+            }
+        };
+        if let Err(e) = self.publisher.publish(&topic, payload).await {
+            tracing::error!(node = %node, error = %e, "cannot publish");
+        }
+    }
+
+    /// Tells root that no worker here can take instance `number`, so root tries another cluster.
+    async fn tell_root_refused(&self, job_id: &str, number: i64, status: &str, detail: &str) {
+        let body = DeployResult {
+            job_id: format!("{job_id}/{number}"),
+            instance_number: Some(number),
+            candidate_id: None,
+            status: Some(status.to_owned()),
+            status_detail: Some(detail.to_owned()),
+        };
+        match self
+            .call_root(Method::POST, DEPLOY_RESULT_PATH, Some(&body))
+            .await
+        {
+            Ok(_) => {
+                tracing::info!(job = %job_id, instance = number, status, "told root the cluster cannot place the instance")
+            }
+            Err(why) => {
+                tracing::warn!(job = %job_id, instance = number, %why, "cannot tell root; retrying locally")
+            }
+        }
+    }
+
+    /// One authenticated call to root; the answer body on 2xx, a description otherwise.
+    pub(crate) async fn call_root<B: serde::Serialize + ?Sized>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<client::Response, String> {
+        let Some(identity) = self.identity() else {
+            return Err("not registered with root yet".to_owned());
+        };
+        let url = format!("{}{path}", self.root.root_url);
+        match client::call(method, &url, Some(&identity.token), body, CALL_TIMEOUT).await {
+            Ok(r) if r.is_success() => Ok(r),
+            Ok(r) => Err(format!("{url}: HTTP {}: {}", r.status, r.body)),
+            Err(e) => Err(format!("{url}: {e}")),
+        }
+    }
+
+    // --- inputs ------------------------------------------------------------------------------------------------
+
+    /// Handles one message from a worker. Garbage is logged and dropped; nothing here can panic the service.
+    pub async fn on_message(self: &Arc<Self>, message: Message) {
+        let topic = match Topic::parse(&message.topic) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::debug!(topic = %message.topic, error = %e, "ignoring a message outside the contract");
+                return;
+            }
+        };
+        let now = now_ms();
+        let node = topic.id().as_str().to_owned();
+        let effects = match &topic {
+            Topic::Information(_) => match decode::<NodeInformation>(&topic, &message.payload) {
+                Some(info) => self.state().information(&node, &info, now),
+                None => return,
+            },
+            Topic::JobsResources(_) => match decode::<ResourcesReport>(&topic, &message.payload) {
+                Some(report) => self.state().resources(&node, &report, now),
+                None => return,
+            },
+            Topic::Job(_) => match decode::<JobStatusReport>(&topic, &message.payload) {
+                Some(report) => self.state().job_status(&node, &report, now),
+                None => return,
+            },
+            Topic::NetSubnet(_)
+            | Topic::NetTableQueryRequest(_)
+            | Topic::NetServiceDeployed(_)
+            | Topic::NetServiceAddressChanged(_)
+            | Topic::NetInterestRemove(_)
+            | Topic::NetServiceUndeployed(_) => {
+                self.on_net(&topic, &message.payload).await;
+                return;
+            }
+            // Our own commands and results, echoed because we subscribe to `nodes/+/net/#`.
+            _ => return,
+        };
+        self.apply(effects).await;
+    }
+
+    /// `POST /api/node/register`: a stable id per hostname, a fresh MQTT secret, the broker port.
+    pub async fn register_node(self: &Arc<Self>, body: Value) -> Result<NodeRegistered, NodeError> {
+        let Value::Object(map) = body else {
+            return Err(NodeError::Body(format!("expected a JSON object, got {body}")));
+        };
+        let registration: NodeRegistration =
+            serde_json::from_value(Value::Object(map.clone())).map_err(|e| NodeError::Body(e.to_string()))?;
+        let secret = broker::new_secret();
+        let hash = broker::hash_password(&secret);
+        let claimed_id = registration.id.clone();
+        let token = registration
+            .extra
+            .get("token")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned();
+        let (id, effects) = self.state().register(
+            &registration,
+            map,
+            hash.clone(),
+            |record| {
+                !token.is_empty()
+                    && record.id == claimed_id
+                    && broker::verify_password(&record.password_hash, &token)
+            },
+            new_node_id,
+            now_ms(),
+        )?;
+        self.broker.credentials().set_node(&id, &hash);
+        if let Err(e) = self.broker.credentials_changed().await {
+            tracing::error!(node = %id, error = %e, "the broker did not take the new credentials");
+        }
+        self.apply(effects).await;
+        tracing::info!(node = %id, name = %registration.host, ip = %registration.ip, "worker registered");
+        let mut answer = NodeRegistered::new(id, self.mqtt_port);
+        answer.mqtt_password = Some(secret);
+        Ok(answer)
+    }
+
+    /// `POST /api/service/<job>/<n>` from root.
+    pub async fn deploy(
+        self: &Arc<Self>,
+        job_id: &str,
+        number: i64,
+        doc: Map<String, Value>,
+    ) -> Result<(), CallError> {
+        let effects = self.state().deploy(job_id, number, doc, now_ms())?;
+        self.apply(effects).await;
+        Ok(())
+    }
+
+    /// `DELETE /api/service/<job>/<n|-1>` from root; whether anything was there.
+    pub async fn delete(self: &Arc<Self>, job_id: &str, number: i64) -> bool {
+        let (found, effects) = self.state().delete(job_id, number);
+        self.apply(effects).await;
+        found
+    }
+
+    // --- loops -------------------------------------------------------------------------------------------------
+
+    /// Handles worker messages until the channel closes.
+    pub async fn dispatch(self: Arc<Self>, mut messages: mpsc::Receiver<Message>) {
+        while let Some(message) = messages.recv().await {
+            self.on_message(message).await;
+        }
+    }
+
+    /// Self-healing: one [`State::tick`] per `period` until `stop`.
+    pub async fn maintain(self: Arc<Self>, period: Duration, mut stop: watch::Receiver<bool>) {
+        let mut ticker = tokio::time::interval(period);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                () = stopped(&mut stop) => return,
+            }
+            let effects = self.state().tick(now_ms());
+            self.apply(effects).await;
+        }
+    }
+
+    /// Registers with root (retrying until it answers), then reports every `period` and soon after each status
+    /// change, until `stop`.
+    pub async fn report_to_root(self: Arc<Self>, period: Duration, mut stop: watch::Receiver<bool>) {
+        let Some(mut identity) = self.root.ensure_registered(&mut stop).await else {
+            return;
+        };
+        tracing::info!(cluster = %self.root.registration.cluster_name, id = %identity.id, "cluster identity");
+        self.set_identity(identity.clone());
+        let mut connected = None;
+        loop {
+            let body = self.state().report();
+            let delivery = self.root.report(&mut identity, &body).await;
+            if delivery == Delivery::Reregistered {
+                self.set_identity(identity.clone());
+            }
+            let ok = !matches!(delivery, Delivery::Failed(_));
+            if connected != Some(ok) {
+                match &delivery {
+                    Delivery::Failed(why) => tracing::warn!(%why, "cannot report to root"),
+                    _ => tracing::info!("reporting to root"),
+                }
+                connected = Some(ok);
+            }
+            self.connected_to_root
+                .store(ok, std::sync::atomic::Ordering::Relaxed);
+            tokio::select! {
+                () = tokio::time::sleep(period) => {}
+                () = self.report_soon.notified() => {
+                    // Coalesce a burst of changes into one report.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                () = stopped(&mut stop) => return,
+            }
+        }
+    }
+}
+
+/// Completes once `stop` turns true (or its sender is gone).
+pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// Decodes a worker payload; a bad one is logged with its topic and dropped.
+fn decode<T: DeserializeOwned>(topic: &Topic, payload: &[u8]) -> Option<T> {
+    match serde_json::from_slice(payload) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            tracing::warn!(topic = %topic, error = %e, "unreadable payload dropped");
+            None
+        }
+    }
+}
+
+/// A fresh node id: 24 random hex digits, shaped like the reference's Mongo ObjectIds.
+fn new_node_id() -> String {
+    let mut bytes = [0u8; 12];
+    if getrandom::fill(&mut bytes).is_err() {
+        // Practically unreachable (the OS RNG failed); fall back to the clock, still unique per registration.
+        let now = now_ms().to_be_bytes();
+        bytes[..8].copy_from_slice(&now);
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

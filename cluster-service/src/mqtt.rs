@@ -1,0 +1,128 @@
+//! The cluster's own MQTT client: connects to the broker (embedded or external) as the cluster user, subscribes to
+//! every worker topic the cluster handles, hands each received message to a channel, and publishes commands.
+//!
+//! The connection is kept up forever: a broker that goes away is retried with capped back-off, and the
+//! subscriptions are renewed on every (clean-session) reconnect.
+
+use std::time::Duration;
+
+use oakestra_protocol::mqtt::topics::{CLUSTER_MANAGER_SUBSCRIPTIONS, SUB_NODES_NET, Topic};
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS, SubscribeFilter};
+use serde::Serialize;
+use tokio::sync::{mpsc, watch};
+
+use crate::engine::stopped;
+
+/// Largest MQTT packet accepted or sent (a deploy command carries a whole job document).
+pub const MAX_PACKET: usize = 1024 * 1024;
+/// The user (and client id) the cluster connects as.
+pub const CLUSTER_USER: &str = "oakestra-cluster";
+
+/// One message a worker published.
+#[derive(Debug, Clone)]
+pub struct Message {
+    /// Its topic, as received.
+    pub topic: String,
+    /// Its payload.
+    pub payload: bytes::Bytes,
+}
+
+/// Publishes to workers; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Publisher {
+    client: AsyncClient,
+}
+
+impl Publisher {
+    /// Publishes `payload` as JSON on `topic` with QoS 1 (what the reference workers subscribe with).
+    /// Queued while the broker is away; an error means the client is shutting down.
+    pub async fn publish<T: Serialize>(&self, topic: &Topic, payload: &T) -> Result<(), String> {
+        let body =
+            serde_json::to_vec(payload).map_err(|e| format!("encoding the payload for {topic}: {e}"))?;
+        self.client
+            .publish(topic.to_string(), QoS::AtLeastOnce, false, body)
+            .await
+            .map_err(|e| format!("publishing on {topic}: {e}"))
+    }
+
+    /// Says goodbye to the broker.
+    pub async fn disconnect(&self) {
+        let _ = self.client.disconnect().await;
+    }
+}
+
+/// Connects to `host:port` and starts the connection task. Received messages arrive on the returned channel;
+/// `connected` turns true at each CONNACK and false when the connection drops.
+pub fn start(
+    host: &str,
+    port: u16,
+    password: &str,
+    mut stop: watch::Receiver<bool>,
+) -> (Publisher, mpsc::Receiver<Message>, watch::Receiver<bool>) {
+    let mut options = MqttOptions::new(CLUSTER_USER, host, port);
+    options
+        .set_credentials(CLUSTER_USER, password)
+        .set_keep_alive(Duration::from_secs(5))
+        .set_clean_session(true)
+        .set_max_packet_size(MAX_PACKET, MAX_PACKET)
+        .set_inflight(1000);
+    let (client, eventloop) = AsyncClient::new(options, 10_000);
+    let (tx, rx) = mpsc::channel(10_000);
+    let (up_tx, up_rx) = watch::channel(false);
+    let publisher = Publisher {
+        client: client.clone(),
+    };
+    tokio::spawn(async move {
+        tokio::select! {
+            () = drive(client, eventloop, tx, up_tx) => {}
+            () = stopped(&mut stop) => {}
+        }
+    });
+    (publisher, rx, up_rx)
+}
+
+/// Polls the connection forever: subscribes after each CONNACK, forwards publishes, backs off on errors.
+async fn drive(
+    client: AsyncClient,
+    mut eventloop: EventLoop,
+    tx: mpsc::Sender<Message>,
+    up: watch::Sender<bool>,
+) {
+    let filters: Vec<SubscribeFilter> = CLUSTER_MANAGER_SUBSCRIPTIONS
+        .iter()
+        .chain(std::iter::once(&SUB_NODES_NET))
+        .map(|f| SubscribeFilter::new((*f).to_owned(), QoS::AtLeastOnce))
+        .collect();
+    let mut pause = Duration::from_millis(200);
+    loop {
+        match eventloop.poll().await {
+            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                tracing::info!(code = ?ack.code, "connected to the MQTT broker");
+                pause = Duration::from_millis(200);
+                if let Err(e) = client.try_subscribe_many(filters.clone()) {
+                    tracing::error!(error = %e, "cannot queue the subscriptions");
+                }
+            }
+            Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                tracing::debug!(codes = ?ack.return_codes, "subscribed");
+                up.send_replace(true);
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                let message = Message {
+                    topic: p.topic,
+                    payload: p.payload,
+                };
+                if tx.send(message).await.is_err() {
+                    return; // The service is stopping.
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                up.send_replace(false);
+                tracing::warn!(error = %e, retry_in = ?pause, "MQTT connection lost");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+}

@@ -1,0 +1,1611 @@
+//! The cluster's truth in memory: its workers (registration, liveness, latest snapshot), its jobs and their
+//! instances, and the instance state machine with self-healing.
+//!
+//! Pure: every operation takes the wall-clock time in milliseconds and returns the [`Effect`]s the driver
+//! ([`crate::engine`]) carries out — MQTT commands to workers, database writes, calls to root — so the whole state
+//! machine is unit-tested without a broker, a database or a clock.
+
+use std::collections::{BTreeMap, HashMap};
+
+use oakestra_protocol::{
+    api::{
+        cluster::NodeRegistration,
+        root::{InstanceReport, JobReport, aggregate_workers},
+    },
+    mqtt::worker::{DeleteCommand, DeployCommand, JobStatusReport, NodeInformation, ResourcesReport},
+    sched::{self, Candidate, Capacity, Policy, Refusal, Reservations},
+    status::Status,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// The clocks of self-healing, in milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timing {
+    /// A worker silent for this long is dead (the reference waits 30 s).
+    pub worker_timeout_ms: u64,
+    /// Longest time an instance may wait for a worker (`REQUESTED`, `CLUSTER_SCHEDULED`).
+    pub scheduling_deadline_ms: u64,
+    /// Longest time from the deploy command to the first resource report (`NODE_SCHEDULED`, `CREATING`,
+    /// `CREATED`): image pulls over slow links take a while.
+    pub deploy_deadline_ms: u64,
+    /// A `RUNNING` instance missing from its worker's resource reports for this long has failed.
+    pub stale_after_ms: u64,
+    /// First pause of the crash-loop back-off; it doubles per consecutive failure.
+    pub backoff_base_ms: u64,
+    /// Longest pause of the crash-loop back-off.
+    pub backoff_cap_ms: u64,
+    /// An instance running this long is healthy again: its failure count resets.
+    pub stable_after_ms: u64,
+    /// Pause before placing again an instance no worker could take.
+    pub no_capacity_retry_ms: u64,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Self {
+            worker_timeout_ms: 10_000,
+            scheduling_deadline_ms: 30_000,
+            deploy_deadline_ms: 300_000,
+            stale_after_ms: 30_000,
+            backoff_base_ms: 2_000,
+            backoff_cap_ms: 300_000,
+            stable_after_ms: 60_000,
+            no_capacity_retry_ms: 15_000,
+        }
+    }
+}
+
+impl Timing {
+    /// The pause before restart number `failures` (1 = the first failure).
+    pub fn backoff_ms(&self, failures: u32) -> u64 {
+        let doublings = failures.saturating_sub(1).min(32);
+        self.backoff_base_ms
+            .saturating_mul(1u64 << doublings)
+            .min(self.backoff_cap_ms)
+    }
+}
+
+// === Records ===================================================================================================
+
+/// A worker as stored: what it registered with and its MQTT credential.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    /// The node id (24 hex digits, like the reference's ObjectIds); also its MQTT topic segment.
+    pub id: String,
+    /// Its hostname: unique among live workers.
+    pub name: String,
+    /// The registration body, verbatim.
+    pub registration: Map<String, Value>,
+    /// The `$6$` hash of its MQTT secret.
+    pub password_hash: String,
+    /// Its overlay subnets (IPv4, IPv6) once root handed them out.
+    #[serde(default)]
+    pub subnet: Option<(String, String)>,
+}
+
+/// A worker with its live state.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Node {
+    /// What is persisted.
+    pub record: NodeRecord,
+    /// The registration merged with every later `information` snapshot (what the report aggregates).
+    pub info: Map<String, Value>,
+    /// When it last published anything.
+    pub last_seen_ms: u64,
+    /// Whether it reported within the worker timeout (updated by [`State::tick`]).
+    pub alive: bool,
+}
+
+impl Node {
+    fn number(&self, key: &str) -> f64 {
+        match self.info.get(key) {
+            Some(Value::Number(n)) => n.as_f64().unwrap_or(0.0),
+            Some(Value::String(s)) => s.trim().parse().unwrap_or(0.0),
+            _ => 0.0,
+        }
+    }
+
+    fn strings(&self, key: &str) -> Vec<String> {
+        self.info
+            .get(key)
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(Value::as_str).map(str::to_owned).collect())
+            .unwrap_or_default()
+    }
+
+    /// The node's IP as it reported it.
+    pub fn ip(&self) -> String {
+        self.info
+            .get("ip")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned()
+    }
+}
+
+/// One instance of a job on this cluster.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Instance {
+    /// The number root assigned.
+    pub instance_number: i64,
+    /// Where it is in its lifecycle.
+    pub status: Status,
+    /// Why, in words.
+    #[serde(default)]
+    pub status_detail: String,
+    /// The worker it is placed on.
+    #[serde(default)]
+    pub worker_id: Option<String>,
+    /// That worker's IP.
+    #[serde(default)]
+    pub host_ip: Option<String>,
+    /// The worker's public IP as it reported it.
+    #[serde(default)]
+    pub publicip: Option<String>,
+    /// CPU use (percent of the node) from the latest resource report.
+    #[serde(default)]
+    pub cpu_percent: Option<f64>,
+    /// Memory use from the latest resource report.
+    #[serde(default)]
+    pub memory_percent: Option<f64>,
+    /// Disk use in bytes from the latest resource report.
+    #[serde(default)]
+    pub disk: Option<f64>,
+    /// The last KiB of its log.
+    #[serde(default)]
+    pub logs: Option<String>,
+    /// What the worker's NetManager said about it (`namespace_ip`, `namespace_ip_v6`, `host_port`, …).
+    #[serde(default)]
+    pub net: Map<String, Value>,
+    /// When it entered `status`.
+    pub since_ms: u64,
+    /// When anything about it last changed or was reported.
+    pub last_update_ms: u64,
+    /// Consecutive failures (crash loop); reset once it runs for [`Timing::stable_after_ms`].
+    #[serde(default)]
+    pub failures: u32,
+    /// Not placed again before this time (back-off).
+    #[serde(default)]
+    pub retry_at_ms: u64,
+}
+
+impl Instance {
+    fn new(number: i64, now_ms: u64) -> Self {
+        Self {
+            instance_number: number,
+            status: Status::ClusterScheduled,
+            status_detail: String::new(),
+            worker_id: None,
+            host_ip: None,
+            publicip: None,
+            cpu_percent: None,
+            memory_percent: None,
+            disk: None,
+            logs: None,
+            net: Map::new(),
+            since_ms: now_ms,
+            last_update_ms: now_ms,
+            failures: 0,
+            retry_at_ms: 0,
+        }
+    }
+
+    fn set_status(&mut self, status: Status, detail: impl Into<String>, now_ms: u64) {
+        if self.status != status {
+            self.since_ms = now_ms;
+        }
+        self.status = status;
+        self.status_detail = detail.into();
+        self.last_update_ms = now_ms;
+    }
+
+    fn report(&self) -> InstanceReport {
+        InstanceReport {
+            instance_number: self.instance_number,
+            status: self.status.as_str().to_owned(),
+            status_detail: self.status_detail.clone(),
+            worker_id: self.worker_id.clone(),
+            host_ip: self.host_ip.clone(),
+            host_port: self.net.get("host_port").map(|v| match v {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            }),
+            publicip: self.publicip.clone(),
+            cpu_percent: self.cpu_percent,
+            memory_percent: self.memory_percent,
+            disk: self.disk,
+            logs: self.logs.clone(),
+            #[allow(
+                clippy::cast_precision_loss,
+                reason = "milliseconds since 1970 fit an f64 exactly"
+            )]
+            last_modified_timestamp: Some(self.last_update_ms as f64 / 1000.0),
+            extra: self
+                .net
+                .iter()
+                .filter(|(k, _)| k.as_str() != "host_port")
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        }
+    }
+}
+
+/// A job (service) with its instances on this cluster.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Job {
+    /// The id root gave (shared by both tiers).
+    pub id: String,
+    /// `app.appns.svc.svcns`.
+    pub job_name: String,
+    /// The job document root sent, without `instance_list`.
+    pub doc: Map<String, Value>,
+    /// Its instances here, by number.
+    pub instances: BTreeMap<i64, Instance>,
+}
+
+impl Job {
+    fn virtualization(&self) -> String {
+        self.doc
+            .get("virtualization")
+            .and_then(Value::as_str)
+            .unwrap_or("docker")
+            .to_owned()
+    }
+
+    fn demand(&self, number: i64) -> sched::Demand {
+        sched::demand_from_job_for_node(&Value::Object(self.doc.clone()), format!("{}/{number}", self.id))
+    }
+
+    /// The job status root sees: `RUNNING` only when every instance runs, otherwise the status of the instance
+    /// that most needs attention (failed before scheduling before deploying).
+    fn summary(&self) -> (String, String) {
+        let instances: Vec<&Instance> = self.instances.values().collect();
+        if instances.is_empty() {
+            return (String::new(), String::new());
+        }
+        if instances.iter().all(|i| i.status == instances[0].status) {
+            let detail = instances
+                .iter()
+                .map(|i| i.status_detail.as_str())
+                .find(|d| !d.is_empty())
+                .unwrap_or_default();
+            return (instances[0].status.as_str().to_owned(), detail.to_owned());
+        }
+        let weight = |s: Status| {
+            if s.needs_reschedule() {
+                0
+            } else if s.is_positive_scheduling() {
+                1
+            } else if s == Status::Running {
+                3
+            } else {
+                2
+            }
+        };
+        let worst = instances
+            .iter()
+            .min_by_key(|i| (weight(i.status), i.instance_number))
+            .copied();
+        match worst {
+            Some(i) => (
+                i.status.as_str().to_owned(),
+                format!("instance {}: {}", i.instance_number, i.status_detail),
+            ),
+            None => (String::new(), String::new()),
+        }
+    }
+}
+
+// === Effects ===================================================================================================
+
+/// What the driver must do after a state change.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Effect {
+    /// Publish `control/deploy` to `node`.
+    Deploy {
+        /// The worker.
+        node: String,
+        /// The command (the job document plus `instance_number`).
+        command: DeployCommand,
+    },
+    /// Publish `control/delete` to `node`.
+    Delete {
+        /// The worker.
+        node: String,
+        /// What to remove.
+        command: DeleteCommand,
+    },
+    /// Publish `control/error` "not registered" to `node`.
+    NotRegistered {
+        /// The unknown node id.
+        node: String,
+    },
+    /// Persist a worker.
+    SaveNode(NodeRecord),
+    /// Persist a job document.
+    SaveJob {
+        /// Job id.
+        id: String,
+        /// Job name.
+        job_name: String,
+        /// The document.
+        doc: Map<String, Value>,
+    },
+    /// Remove a job and its instances from the database.
+    DropJob {
+        /// Job id.
+        id: String,
+    },
+    /// Persist an instance.
+    SaveInstance {
+        /// Job id.
+        job_id: String,
+        /// The instance.
+        instance: Instance,
+    },
+    /// Remove an instance from the database.
+    DropInstance {
+        /// Job id.
+        job_id: String,
+        /// Instance number.
+        number: i64,
+    },
+    /// No worker can take the instance: tell root (`POST /api/result/deploy {job_id: "<job>/<n>", status}`) so it
+    /// can try another cluster.
+    Refused {
+        /// Job id.
+        job_id: String,
+        /// Instance number.
+        number: i64,
+        /// The negative scheduling status.
+        status: Status,
+        /// Why.
+        detail: String,
+    },
+    /// An instance landed on a worker: the network service fetches the job's addresses for its table.
+    Placed {
+        /// The job name.
+        job_name: String,
+    },
+    /// Something root should hear about before the next periodic report.
+    ReportSoon,
+}
+
+/// Why a worker registration was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RegisterError {
+    /// `host` is empty.
+    #[error("host = {0:?}: a worker registers with its hostname, which must not be empty")]
+    NoHost(String),
+    /// Another live worker already uses this hostname.
+    #[error(
+        "host = {host:?}: a live worker (node {id}) already registered with this hostname; give this machine a \
+         unique hostname, or wait until the other worker has been silent for {timeout_s} s"
+    )]
+    Duplicate {
+        /// The hostname.
+        host: String,
+        /// The node holding it.
+        id: String,
+        /// The worker timeout in seconds.
+        timeout_s: u64,
+    },
+}
+
+/// Why a deploy or delete call from root was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CallError {
+    /// The job document has no usable `job_name`.
+    #[error("job_name = {0:?}: the job document must carry its name app.appns.service.servicens")]
+    NoJobName(String),
+    /// The instance number is negative.
+    #[error("instance number = {0}: must be 0 or more (only DELETE accepts -1, meaning every instance)")]
+    BadNumber(i64),
+    /// The job id in the path and the job's name clash with another job.
+    #[error("job_name = {name:?} already belongs to job {other}, not {id}")]
+    NameTaken {
+        /// The name.
+        name: String,
+        /// The job that has it.
+        other: String,
+        /// The id in the call.
+        id: String,
+    },
+}
+
+// === State =====================================================================================================
+
+/// How long a reconciliation delete for the same (node, job, instance) waits before it is sent again.
+const RECONCILE_REPEAT_MS: u64 = 10_000;
+
+/// Workers, jobs and instances.
+#[derive(Debug, Default)]
+pub struct State {
+    /// Self-healing clocks.
+    pub timing: Timing,
+    /// How workers are chosen.
+    pub policy: Policy,
+    nodes: BTreeMap<String, Node>,
+    jobs: BTreeMap<String, Job>,
+    /// Job name → job id.
+    names: HashMap<String, String>,
+    /// (node, job name, instance) → when a reconciliation delete was last sent.
+    reconciled: HashMap<(String, String, i64), u64>,
+}
+
+impl State {
+    /// An empty state with these clocks and policy.
+    pub fn new(timing: Timing, policy: Policy) -> Self {
+        Self {
+            timing,
+            policy,
+            ..Self::default()
+        }
+    }
+
+    /// Restores what the database held. Workers get a full timeout to report again before they count as dead.
+    pub fn restore(
+        &mut self,
+        nodes: Vec<NodeRecord>,
+        jobs: Vec<(String, String, Map<String, Value>)>,
+        instances: Vec<(String, Instance)>,
+        now_ms: u64,
+    ) {
+        for record in nodes {
+            let info = record.registration.clone();
+            self.nodes.insert(
+                record.id.clone(),
+                Node {
+                    record,
+                    info,
+                    last_seen_ms: now_ms,
+                    alive: true,
+                },
+            );
+        }
+        for (id, job_name, doc) in jobs {
+            self.names.insert(job_name.clone(), id.clone());
+            self.jobs.insert(
+                id.clone(),
+                Job {
+                    id,
+                    job_name,
+                    doc,
+                    instances: BTreeMap::new(),
+                },
+            );
+        }
+        for (job_id, mut instance) in instances {
+            if let Some(job) = self.jobs.get_mut(&job_id) {
+                // The time the service was down is nobody's fault: deadlines restart now.
+                instance.since_ms = instance.since_ms.max(now_ms);
+                instance.last_update_ms = instance.last_update_ms.max(now_ms);
+                job.instances.insert(instance.instance_number, instance);
+            }
+        }
+    }
+
+    /// Every worker.
+    pub fn nodes(&self) -> impl Iterator<Item = &Node> {
+        self.nodes.values()
+    }
+
+    /// One worker.
+    pub fn node(&self, id: &str) -> Option<&Node> {
+        self.nodes.get(id)
+    }
+
+    /// The worker registered under hostname `name`.
+    pub fn node_by_name(&self, name: &str) -> Option<&Node> {
+        self.nodes.values().find(|n| n.record.name == name)
+    }
+
+    /// Every job.
+    pub fn jobs(&self) -> impl Iterator<Item = &Job> {
+        self.jobs.values()
+    }
+
+    /// One job by id.
+    pub fn job(&self, id: &str) -> Option<&Job> {
+        self.jobs.get(id)
+    }
+
+    /// One job by name.
+    pub fn job_by_name(&self, name: &str) -> Option<&Job> {
+        self.names.get(name).and_then(|id| self.jobs.get(id))
+    }
+
+    // --- workers -----------------------------------------------------------------------------------------------
+
+    /// Registers a worker. A hostname seen before keeps its node id; a hostname held by a *live* worker is refused
+    /// unless the caller proves it is that worker (`reclaims`: it sent the node's id and current secret).
+    pub fn register(
+        &mut self,
+        registration: &NodeRegistration,
+        body: Map<String, Value>,
+        password_hash: String,
+        reclaims: impl Fn(&NodeRecord) -> bool,
+        new_id: impl FnOnce() -> String,
+        now_ms: u64,
+    ) -> Result<(String, Vec<Effect>), RegisterError> {
+        let host = registration.host.trim();
+        if host.is_empty() {
+            return Err(RegisterError::NoHost(registration.host.clone()));
+        }
+        let existing = self.node_by_name(host);
+        let id = match existing {
+            Some(node) if node.alive && !reclaims(&node.record) => {
+                return Err(RegisterError::Duplicate {
+                    host: host.to_owned(),
+                    id: node.record.id.clone(),
+                    timeout_s: self.timing.worker_timeout_ms / 1000,
+                });
+            }
+            Some(node) => node.record.id.clone(),
+            None => new_id(),
+        };
+        let subnet = self.nodes.get(&id).and_then(|n| n.record.subnet.clone());
+        let mut registration_map = body;
+        registration_map.insert("id".to_owned(), Value::from(id.clone()));
+        let record = NodeRecord {
+            id: id.clone(),
+            name: host.to_owned(),
+            registration: registration_map.clone(),
+            password_hash,
+            subnet,
+        };
+        self.nodes.insert(
+            id.clone(),
+            Node {
+                record: record.clone(),
+                info: registration_map,
+                last_seen_ms: now_ms,
+                alive: true,
+            },
+        );
+        Ok((id, vec![Effect::SaveNode(record), Effect::ReportSoon]))
+    }
+
+    /// Records the subnets root handed out to `node`.
+    pub fn set_subnet(&mut self, node: &str, subnet: (String, String)) -> Vec<Effect> {
+        match self.nodes.get_mut(node) {
+            Some(n) => {
+                n.record.subnet = Some(subnet);
+                vec![Effect::SaveNode(n.record.clone())]
+            }
+            None => Vec::new(),
+        }
+    }
+
+    /// Marks `node` as heard from. `false` (and a `control/error`) if it is not registered.
+    fn seen(&mut self, node: &str, now_ms: u64, effects: &mut Vec<Effect>) -> bool {
+        match self.nodes.get_mut(node) {
+            Some(n) => {
+                n.last_seen_ms = now_ms;
+                if !n.alive {
+                    n.alive = true;
+                    tracing::info!(node = %node, name = %n.record.name, "worker is back");
+                    effects.push(Effect::ReportSoon);
+                }
+                true
+            }
+            None => {
+                effects.push(Effect::NotRegistered {
+                    node: node.to_owned(),
+                });
+                false
+            }
+        }
+    }
+
+    /// `nodes/<id>/information`: the worker's 2 s snapshot.
+    pub fn information(&mut self, node: &str, info: &NodeInformation, now_ms: u64) -> Vec<Effect> {
+        let mut effects = Vec::new();
+        if !self.seen(node, now_ms, &mut effects) {
+            return effects;
+        }
+        if let (Ok(patch), Some(n)) = (info.cluster_patch(), self.nodes.get_mut(node)) {
+            for (k, v) in patch {
+                n.info.insert(k, v);
+            }
+        }
+        effects
+    }
+
+    /// `nodes/<id>/jobs/resources`: marks the listed instances `RUNNING`, stores their metrics, and deletes the
+    /// ones this cluster does not place on that worker.
+    pub fn resources(&mut self, node: &str, report: &ResourcesReport, now_ms: u64) -> Vec<Effect> {
+        let mut effects = Vec::new();
+        if !self.seen(node, now_ms, &mut effects) {
+            return effects;
+        }
+        for service in &report.services {
+            let number = service.instance;
+            let instance = self
+                .names
+                .get(&service.job_name)
+                .and_then(|id| self.jobs.get_mut(id))
+                .and_then(|job| job.instances.get_mut(&number).map(|i| (job.id.clone(), i)));
+            match instance {
+                Some((job_id, i)) if i.worker_id.as_deref() == Some(node) && !i.status.is_terminal() => {
+                    if matches!(
+                        i.status,
+                        Status::NodeScheduled | Status::Creating | Status::Created
+                    ) {
+                        i.set_status(Status::Running, "", now_ms);
+                        tracing::info!(job = %service.job_name, instance = number, node = %node, "instance running");
+                        effects.push(Effect::SaveInstance {
+                            job_id,
+                            instance: i.clone(),
+                        });
+                        effects.push(Effect::ReportSoon);
+                    }
+                    if i.status == Status::Running {
+                        i.cpu_percent = service.cpu_percent_f64();
+                        i.memory_percent = service.memory_percent_f64();
+                        i.disk = service.disk_f64();
+                        i.logs = Some(service.logs.clone());
+                        i.last_update_ms = now_ms;
+                    }
+                }
+                Some((_, i)) if i.worker_id.as_deref() == Some(node) => {}
+                _ => self.reconcile(
+                    node,
+                    &service.job_name,
+                    &service.virtualization,
+                    number,
+                    now_ms,
+                    &mut effects,
+                ),
+            }
+        }
+        effects
+    }
+
+    /// Tells `node` to remove an instance this cluster does not place there (at most every 10 s per instance).
+    fn reconcile(
+        &mut self,
+        node: &str,
+        job_name: &str,
+        virtualization: &str,
+        number: i64,
+        now_ms: u64,
+        effects: &mut Vec<Effect>,
+    ) {
+        let key = (node.to_owned(), job_name.to_owned(), number);
+        if let Some(&at) = self.reconciled.get(&key)
+            && now_ms.saturating_sub(at) < RECONCILE_REPEAT_MS
+        {
+            return;
+        }
+        tracing::info!(node = %node, job = %job_name, instance = number, "worker runs an instance this cluster does not place there; deleting it");
+        self.reconciled.insert(key, now_ms);
+        effects.push(Effect::Delete {
+            node: node.to_owned(),
+            command: DeleteCommand::new(job_name, virtualization, number),
+        });
+    }
+
+    /// `nodes/<id>/job`: a status change the worker observed.
+    pub fn job_status(&mut self, node: &str, report: &JobStatusReport, now_ms: u64) -> Vec<Effect> {
+        let mut effects = Vec::new();
+        if !self.seen(node, now_ms, &mut effects) {
+            return effects;
+        }
+        let Ok(status) = report.status.parse::<Status>() else {
+            tracing::warn!(node = %node, job = %report.sname, status = %report.status, "unknown status in a job report; ignored");
+            return effects;
+        };
+        let timing = self.timing;
+        let Some(job) = self.names.get(&report.sname).and_then(|id| self.jobs.get_mut(id)) else {
+            if status != Status::Undeployed {
+                let virt = String::new();
+                self.reconcile(node, &report.sname, &virt, report.instance, now_ms, &mut effects);
+            }
+            return effects;
+        };
+        let job_id = job.id.clone();
+        let Some(i) = job.instances.get_mut(&report.instance) else {
+            return effects;
+        };
+        if i.worker_id.as_deref() != Some(node) {
+            // A report from a worker the instance has moved away from: the delete is already on its way.
+            return effects;
+        }
+        if !report.publicip.is_empty() {
+            i.publicip = Some(report.publicip.clone());
+        }
+        // A worker-side removal nobody asked for is a death like any other.
+        let status = if status == Status::Undeployed {
+            Status::Dead
+        } else {
+            status
+        };
+        if !i.status.can_transition(status) || i.status == status {
+            return effects;
+        }
+        match status {
+            Status::Failed | Status::Dead => {
+                i.failures = i.failures.saturating_add(1);
+                let pause = timing.backoff_ms(i.failures);
+                i.retry_at_ms = now_ms.saturating_add(pause);
+                let why = if report.status_detail.is_empty() {
+                    "the instance stopped".to_owned()
+                } else {
+                    report.status_detail.clone()
+                };
+                let detail = if i.failures > 1 {
+                    format!(
+                        "{why}; crash loop: failure {} in a row, restarting in {} s",
+                        i.failures,
+                        pause.div_ceil(1000)
+                    )
+                } else {
+                    format!("{why}; restarting in {} s", pause.div_ceil(1000))
+                };
+                tracing::warn!(job = %report.sname, instance = report.instance, node = %node, status = %status, detail = %detail, "instance failed");
+                i.set_status(status, detail, now_ms);
+            }
+            _ => i.set_status(status, report.status_detail.clone(), now_ms),
+        }
+        effects.push(Effect::SaveInstance {
+            job_id,
+            instance: i.clone(),
+        });
+        effects.push(Effect::ReportSoon);
+        effects
+    }
+
+    // --- calls from root ---------------------------------------------------------------------------------------
+
+    /// `POST /api/service/<job>/<n>`: root placed instance `number` of `doc` here. Idempotent: an instance that
+    /// already exists is left alone.
+    pub fn deploy(
+        &mut self,
+        job_id: &str,
+        number: i64,
+        mut doc: Map<String, Value>,
+        now_ms: u64,
+    ) -> Result<Vec<Effect>, CallError> {
+        if number < 0 {
+            return Err(CallError::BadNumber(number));
+        }
+        let job_name = doc
+            .get("job_name")
+            .and_then(Value::as_str)
+            .map(str::trim)
+            .unwrap_or_default()
+            .to_owned();
+        if job_name.is_empty() {
+            return Err(CallError::NoJobName(
+                doc.get("job_name").map(Value::to_string).unwrap_or_default(),
+            ));
+        }
+        if let Some(other) = self.names.get(&job_name)
+            && other != job_id
+        {
+            return Err(CallError::NameTaken {
+                name: job_name,
+                other: other.clone(),
+                id: job_id.to_owned(),
+            });
+        }
+        doc.remove("instance_list");
+        doc.insert("_id".to_owned(), Value::from(job_id));
+        let mut effects = Vec::new();
+        let job = self.jobs.entry(job_id.to_owned()).or_insert_with(|| Job {
+            id: job_id.to_owned(),
+            job_name: job_name.clone(),
+            doc: Map::new(),
+            instances: BTreeMap::new(),
+        });
+        if job.doc != doc {
+            job.doc = doc;
+            effects.push(Effect::SaveJob {
+                id: job.id.clone(),
+                job_name: job_name.clone(),
+                doc: job.doc.clone(),
+            });
+        }
+        self.names.insert(job_name, job_id.to_owned());
+        if job.instances.contains_key(&number) {
+            return Ok(effects);
+        }
+        job.instances.insert(number, Instance::new(number, now_ms));
+        self.place(job_id, number, now_ms, &mut effects);
+        Ok(effects)
+    }
+
+    /// `DELETE /api/service/<job>/<n|-1>`: removes the instance (or, for -1, every instance and the job). Whether
+    /// anything was there.
+    pub fn delete(&mut self, job_id: &str, number: i64) -> (bool, Vec<Effect>) {
+        let mut effects = Vec::new();
+        let Some(job) = self.jobs.get_mut(job_id) else {
+            return (false, effects);
+        };
+        let numbers: Vec<i64> = if number < 0 {
+            job.instances.keys().copied().collect()
+        } else {
+            job.instances.keys().copied().filter(|n| *n == number).collect()
+        };
+        let found = !numbers.is_empty() || number < 0;
+        let virtualization = job.virtualization();
+        for n in numbers {
+            if let Some(i) = job.instances.remove(&n) {
+                if let Some(worker) = i.worker_id {
+                    effects.push(Effect::Delete {
+                        node: worker,
+                        command: DeleteCommand::new(job.job_name.clone(), virtualization.clone(), n),
+                    });
+                }
+                effects.push(Effect::DropInstance {
+                    job_id: job_id.to_owned(),
+                    number: n,
+                });
+            }
+        }
+        if job.instances.is_empty() {
+            let name = job.job_name.clone();
+            self.jobs.remove(job_id);
+            self.names.remove(&name);
+            effects.push(Effect::DropJob {
+                id: job_id.to_owned(),
+            });
+        }
+        effects.push(Effect::ReportSoon);
+        (found, effects)
+    }
+
+    // --- scheduling --------------------------------------------------------------------------------------------
+
+    /// The live workers as scheduling candidates, with the capacity already promised to instances counted out:
+    /// every placed instance holds its vCPUs and GPUs; one not yet running also holds its memory (a running one's
+    /// memory already shows in the worker's reported free memory).
+    fn candidates(&self) -> Vec<Candidate> {
+        let mut held: HashMap<&str, Capacity> = HashMap::new();
+        for job in self.jobs.values() {
+            let need = job.demand(0).need;
+            for i in job.instances.values() {
+                if let Some(w) = i.worker_id.as_deref()
+                    && i.status.occupies_worker()
+                {
+                    let memory = if i.status == Status::Running {
+                        0
+                    } else {
+                        need.memory_mib
+                    };
+                    let h = held.entry(w).or_default();
+                    *h = h.saturating_add(Capacity::new(need.vcpus, memory, need.gpus));
+                }
+            }
+        }
+        self.nodes
+            .values()
+            .map(|n| {
+                let whole = Capacity::new(
+                    whole_units(n.number("vcpus")),
+                    whole_units(n.number("memory")),
+                    whole_units(n.number("vgpus")),
+                );
+                let free = whole.saturating_sub(held.get(n.record.id.as_str()).copied().unwrap_or_default());
+                let arch = n
+                    .info
+                    .get("architecture")
+                    .and_then(Value::as_str)
+                    .filter(|a| !a.is_empty())
+                    .unwrap_or("unknown")
+                    .to_owned();
+                Candidate {
+                    id: n.record.id.clone(),
+                    name: n.record.name.clone(),
+                    active: n.alive,
+                    virtualization: n.strings("virtualization"),
+                    cpu_percent: n.number("cpu_percent"),
+                    total: free,
+                    per_arch: BTreeMap::from([(arch, free)]),
+                    max_node: None,
+                    csi_drivers: n
+                        .info
+                        .get("csi_drivers")
+                        .and_then(Value::as_array)
+                        .map(|a| {
+                            a.iter()
+                                .filter_map(|d| {
+                                    d.get("csi_driver_name")
+                                        .and_then(Value::as_str)
+                                        .or_else(|| d.as_str())
+                                        .map(str::to_owned)
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                    addons: n.strings("supported_addons"),
+                }
+            })
+            .collect()
+    }
+
+    /// Picks a worker for instance `number` and sends it the deploy command, or records why none fits and tells
+    /// root.
+    fn place(&mut self, job_id: &str, number: i64, now_ms: u64, effects: &mut Vec<Effect>) {
+        let candidates = self.candidates();
+        let Some(job) = self.jobs.get(job_id) else { return };
+        let demand = job.demand(number);
+        let choice = sched::place(&candidates, &demand, &Reservations::new(), self.policy)
+            .map(|c| (c.id.clone(), c.name.clone()));
+        let no_capacity_retry = self.timing.no_capacity_retry_ms;
+        let ip = choice
+            .as_ref()
+            .ok()
+            .and_then(|(id, _)| self.nodes.get(id))
+            .map(Node::ip);
+        let Some(job) = self.jobs.get_mut(job_id) else {
+            return;
+        };
+        let job_name = job.job_name.clone();
+        let command = DeployCommand::from_job_document(job.doc.clone(), number);
+        let Some(i) = job.instances.get_mut(&number) else {
+            return;
+        };
+        match (choice, command) {
+            (Ok((worker, name)), Ok(command)) => {
+                i.worker_id = Some(worker.clone());
+                i.host_ip = ip;
+                i.cpu_percent = None;
+                i.memory_percent = None;
+                i.set_status(Status::NodeScheduled, format!("sent to worker {name}"), now_ms);
+                tracing::info!(job = %job_name, instance = number, node = %worker, name = %name, "instance placed");
+                effects.push(Effect::Deploy {
+                    node: worker,
+                    command,
+                });
+                effects.push(Effect::Placed { job_name });
+            }
+            (Err(refusal), _) => {
+                let status = refusal.cluster_status();
+                let detail = refusal_detail(refusal);
+                tracing::warn!(job = %job_name, instance = number, status = %status, "no worker can take the instance");
+                i.worker_id = None;
+                i.host_ip = None;
+                i.retry_at_ms = now_ms.saturating_add(no_capacity_retry);
+                i.set_status(status, detail.clone(), now_ms);
+                effects.push(Effect::Refused {
+                    job_id: job_id.to_owned(),
+                    number,
+                    status,
+                    detail,
+                });
+            }
+            (Ok(_), Err(e)) => {
+                i.worker_id = None;
+                i.retry_at_ms = now_ms.saturating_add(no_capacity_retry);
+                i.set_status(
+                    Status::Failed,
+                    format!("the job document cannot become a deploy command: {e}"),
+                    now_ms,
+                );
+            }
+        }
+        effects.push(Effect::SaveInstance {
+            job_id: job_id.to_owned(),
+            instance: i.clone(),
+        });
+        effects.push(Effect::ReportSoon);
+    }
+
+    /// Sends an instance back to `REQUESTED` (removing it from its old worker) and places it again.
+    fn reschedule(&mut self, job_id: &str, number: i64, now_ms: u64, effects: &mut Vec<Effect>) {
+        let Some(job) = self.jobs.get_mut(job_id) else {
+            return;
+        };
+        let (job_name, virtualization) = (job.job_name.clone(), job.virtualization());
+        let Some(i) = job.instances.get_mut(&number) else {
+            return;
+        };
+        if let Some(old) = i.worker_id.take() {
+            // The old worker may still hold it (e.g. it only looked dead); a delete is harmless if not.
+            effects.push(Effect::Delete {
+                node: old,
+                command: DeleteCommand::new(job_name, virtualization, number),
+            });
+        }
+        let detail = i.status_detail.clone();
+        i.set_status(Status::Requested, format!("rescheduling: {detail}"), now_ms);
+        self.place(job_id, number, now_ms, effects);
+    }
+
+    // --- self-healing ------------------------------------------------------------------------------------------
+
+    /// One pass of self-healing: dead workers, per-state deadlines, back-off expiry.
+    pub fn tick(&mut self, now_ms: u64) -> Vec<Effect> {
+        let mut effects = Vec::new();
+        let t = self.timing;
+        let mut dead = Vec::new();
+        for n in self.nodes.values_mut() {
+            if n.alive && now_ms.saturating_sub(n.last_seen_ms) > t.worker_timeout_ms {
+                n.alive = false;
+                tracing::warn!(node = %n.record.id, name = %n.record.name, silent_ms = now_ms.saturating_sub(n.last_seen_ms), "worker stopped reporting; rescheduling its instances");
+                dead.push(n.record.id.clone());
+                effects.push(Effect::ReportSoon);
+            }
+        }
+        self.reconciled
+            .retain(|_, at| now_ms.saturating_sub(*at) < RECONCILE_REPEAT_MS);
+
+        let mut redo = Vec::new();
+        for job in self.jobs.values_mut() {
+            for i in job.instances.values_mut() {
+                let in_state = now_ms.saturating_sub(i.since_ms);
+                let worker_dead = i.worker_id.as_ref().is_some_and(|w| dead.contains(w));
+                let failed = if worker_dead && !i.status.is_terminal() && !i.status.needs_reschedule() {
+                    Some(format!(
+                        "worker {} stopped reporting for {} s",
+                        i.worker_id.clone().unwrap_or_default(),
+                        t.worker_timeout_ms / 1000
+                    ))
+                } else {
+                    match i.status {
+                        Status::Requested | Status::ClusterScheduled
+                            if in_state > t.scheduling_deadline_ms =>
+                        {
+                            Some(format!("not placed within {} s", t.scheduling_deadline_ms / 1000))
+                        }
+                        Status::NodeScheduled | Status::Creating | Status::Created
+                            if in_state > t.deploy_deadline_ms =>
+                        {
+                            Some(format!(
+                                "stuck in {} for {} s on worker {}",
+                                i.status,
+                                in_state / 1000,
+                                i.worker_id.clone().unwrap_or_default()
+                            ))
+                        }
+                        Status::Running if now_ms.saturating_sub(i.last_update_ms) > t.stale_after_ms => {
+                            Some(format!(
+                                "no resource report from worker {} for {} s",
+                                i.worker_id.clone().unwrap_or_default(),
+                                t.stale_after_ms / 1000
+                            ))
+                        }
+                        _ => None,
+                    }
+                };
+                if let Some(why) = failed {
+                    tracing::warn!(job = %job.job_name, instance = i.instance_number, status = %i.status, why = %why, "instance failed; rescheduling");
+                    i.retry_at_ms = now_ms;
+                    i.set_status(Status::Failed, why, now_ms);
+                }
+                if i.status == Status::Running && i.failures > 0 && in_state > t.stable_after_ms {
+                    i.failures = 0;
+                    effects.push(Effect::SaveInstance {
+                        job_id: job.id.clone(),
+                        instance: i.clone(),
+                    });
+                }
+                if i.status.needs_reschedule() && now_ms >= i.retry_at_ms {
+                    redo.push((job.id.clone(), i.instance_number));
+                }
+            }
+        }
+        for (job_id, number) in redo {
+            self.reschedule(&job_id, number, now_ms, &mut effects);
+        }
+        effects
+    }
+
+    // --- reporting ---------------------------------------------------------------------------------------------
+
+    /// The body of the periodic report to root: the aggregate over live workers plus every job.
+    pub fn report(&self) -> Map<String, Value> {
+        let live: Vec<Map<String, Value>> = self
+            .nodes
+            .values()
+            .filter(|n| n.alive)
+            .map(|n| {
+                let mut m = n.info.clone();
+                m.insert("candidate_name".to_owned(), Value::from(n.record.name.clone()));
+                m
+            })
+            .collect();
+        let mut body = aggregate_workers(&live);
+        let jobs: Vec<JobReport> = self
+            .jobs
+            .values()
+            .map(|job| {
+                let (status, status_detail) = job.summary();
+                JobReport {
+                    id: job.id.clone(),
+                    job_name: job.job_name.clone(),
+                    status,
+                    status_detail,
+                    instance_list: job.instances.values().map(Instance::report).collect(),
+                    extra: Map::new(),
+                }
+            })
+            .collect();
+        body.insert(
+            "jobs".to_owned(),
+            serde_json::to_value(jobs).unwrap_or(Value::Array(Vec::new())),
+        );
+        body
+    }
+
+    /// Records what a worker's NetManager said about an instance (`service/deployed`, `address-changed`); the
+    /// instance's entry for root's `net_deploy_status`, if the instance is known.
+    pub fn instance_net(
+        &mut self,
+        job_name: &str,
+        number: i64,
+        fields: Map<String, Value>,
+        now_ms: u64,
+    ) -> Option<(String, Vec<Effect>)> {
+        let job = self.names.get(job_name).and_then(|id| self.jobs.get_mut(id))?;
+        let i = job.instances.get_mut(&number)?;
+        for (k, v) in fields {
+            i.net.insert(k, v);
+        }
+        i.last_update_ms = now_ms;
+        Some((
+            job.id.clone(),
+            vec![Effect::SaveInstance {
+                job_id: job.id.clone(),
+                instance: i.clone(),
+            }],
+        ))
+    }
+}
+
+/// A reported amount as a whole number (negative and garbage are 0; fractions round down).
+#[allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    reason = "clamped to [0, 2^53] first; a fraction of a core or MiB is not offered"
+)]
+fn whole_units(x: f64) -> u64 {
+    if x.is_finite() {
+        x.clamp(0.0, 9_007_199_254_740_992.0) as u64
+    } else {
+        0
+    }
+}
+
+/// The status detail for a refusal.
+fn refusal_detail(refusal: Refusal) -> String {
+    format!("{refusal} (cluster scheduler)")
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+    use serde_json::json;
+
+    use super::*;
+
+    const T0: u64 = 1_000_000;
+
+    fn state() -> State {
+        State::new(
+            Timing {
+                worker_timeout_ms: 1_000,
+                scheduling_deadline_ms: 5_000,
+                deploy_deadline_ms: 3_000,
+                stale_after_ms: 4_000,
+                backoff_base_ms: 1_000,
+                backoff_cap_ms: 8_000,
+                stable_after_ms: 10_000,
+                no_capacity_retry_ms: 2_000,
+            },
+            Policy::BestFit,
+        )
+    }
+
+    fn join(s: &mut State, host: &str, vcpus: i64, memory: i64, now: u64) -> String {
+        let body = json!({"host": host, "ip": format!("192.0.2.{}", host.len()), "vcpus": vcpus, "memory": memory,
+                          "architecture": "amd64", "virtualization": ["docker"]});
+        let reg: NodeRegistration = serde_json::from_value(body.clone()).unwrap();
+        let Value::Object(map) = body else { unreachable!() };
+        let mut counter = 0;
+        let (id, effects) = s
+            .register(
+                &reg,
+                map,
+                "hash".into(),
+                |_| false,
+                || {
+                    counter += 1;
+                    format!("id-{host}")
+                },
+                now,
+            )
+            .unwrap();
+        assert!(matches!(effects[0], Effect::SaveNode(_)));
+        id
+    }
+
+    fn job_doc(name: &str, extra: Value) -> Map<String, Value> {
+        let mut doc = json!({"job_name": name, "image": "docker.io/library/nginx:latest", "virtualization": "container",
+                             "vcpus": 1, "memory": 100, "instance_list": [{"instance_number": 0}]});
+        if let (Value::Object(d), Value::Object(e)) = (&mut doc, extra) {
+            d.extend(e);
+        }
+        let Value::Object(doc) = doc else { unreachable!() };
+        doc
+    }
+
+    fn deployed_to(effects: &[Effect]) -> Option<String> {
+        effects.iter().find_map(|e| match e {
+            Effect::Deploy { node, .. } => Some(node.clone()),
+            _ => None,
+        })
+    }
+
+    fn deleted_on(effects: &[Effect]) -> Vec<(String, String, i64)> {
+        effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Delete { node, command } => {
+                    Some((node.clone(), command.job_name.clone(), command.instance_number))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn status(s: &State, job: &str, n: i64) -> Status {
+        s.job(job).unwrap().instances[&n].status
+    }
+
+    fn alive(s: &mut State, node: &str, now: u64) {
+        s.information(node, &NodeInformation::default(), now);
+    }
+
+    fn resources(s: &mut State, node: &str, job: &str, n: i64, now: u64) -> Vec<Effect> {
+        let report: ResourcesReport = serde_json::from_value(json!({"services": [
+            {"job_name": job, "instance": n, "cpu_percent": "1.5", "memory_percent": "0.1", "disk": "10", "logs": "hi",
+             "virtualization": "docker"}]}))
+        .unwrap();
+        s.resources(node, &report, now)
+    }
+
+    fn job_report(s: &mut State, node: &str, job: &str, n: i64, st: &str, now: u64) -> Vec<Effect> {
+        let r = JobStatusReport::new(job, n, st, "198.51.100.1").with_detail("exit code 1");
+        s.job_status(node, &r, now)
+    }
+
+    #[test]
+    fn hostnames_are_identities_and_live_duplicates_are_refused() {
+        let mut s = state();
+        let id = join(&mut s, "edge1", 4, 1000, T0);
+        let reg: NodeRegistration = serde_json::from_value(json!({"host": "edge1"})).unwrap();
+        let err = s
+            .register(
+                &reg,
+                Map::new(),
+                "h2".into(),
+                |_| false,
+                || "other".into(),
+                T0 + 10,
+            )
+            .unwrap_err();
+        assert!(
+            matches!(&err, RegisterError::Duplicate { host, id: held, .. } if host == "edge1" && *held == id)
+        );
+        assert!(err.to_string().contains("edge1"), "{err}");
+        // The same worker proving who it is gets its id back while still live.
+        let (again, _) = s
+            .register(
+                &reg,
+                Map::new(),
+                "h3".into(),
+                |r| r.id == id,
+                || "other".into(),
+                T0 + 20,
+            )
+            .unwrap();
+        assert_eq!(again, id);
+        // Once silent past the timeout, a re-registration (e.g. after a reboot) keeps the id.
+        s.tick(T0 + 2_000);
+        assert!(!s.node(&id).unwrap().alive);
+        let (third, _) = s
+            .register(
+                &reg,
+                Map::new(),
+                "h4".into(),
+                |_| false,
+                || "other".into(),
+                T0 + 2_100,
+            )
+            .unwrap();
+        assert_eq!(third, id);
+        assert_eq!(s.node(&id).unwrap().record.password_hash, "h4");
+        let empty: NodeRegistration = serde_json::from_value(json!({"host": " "})).unwrap();
+        assert!(matches!(
+            s.register(&empty, Map::new(), "h".into(), |_| false, || "x".into(), T0),
+            Err(RegisterError::NoHost(_))
+        ));
+    }
+
+    #[test]
+    fn deploy_places_on_a_fitting_worker_and_the_first_resource_report_means_running() {
+        let mut s = state();
+        let small = join(&mut s, "small", 1, 50, T0);
+        let big = join(&mut s, "big", 4, 4000, T0);
+        let effects = s.deploy("j1", 0, job_doc("a.b.c.d", json!({})), T0).unwrap();
+        assert_eq!(deployed_to(&effects).as_deref(), Some(big.as_str()));
+        assert!(effects.iter().any(|e| matches!(e, Effect::SaveJob { .. })));
+        let Some(Effect::Deploy { command, .. }) =
+            effects.iter().find(|e| matches!(e, Effect::Deploy { .. }))
+        else {
+            unreachable!()
+        };
+        assert_eq!(command.instance_number, 0);
+        assert_eq!(command.id, "j1");
+        assert_eq!(status(&s, "j1", 0), Status::NodeScheduled);
+        // A repeated deploy call is idempotent.
+        let again = s.deploy("j1", 0, job_doc("a.b.c.d", json!({})), T0 + 1).unwrap();
+        assert!(deployed_to(&again).is_none());
+        // CREATED, then resources: RUNNING with metrics.
+        job_report(&mut s, &big, "a.b.c.d", 0, "CREATED", T0 + 10);
+        assert_eq!(status(&s, "j1", 0), Status::Created);
+        let effects = resources(&mut s, &big, "a.b.c.d", 0, T0 + 20);
+        assert!(effects.iter().any(|e| matches!(e, Effect::SaveInstance { .. })));
+        let i = &s.job("j1").unwrap().instances[&0];
+        assert_eq!(i.status, Status::Running);
+        assert_eq!(i.cpu_percent, Some(1.5));
+        assert_eq!(i.publicip.as_deref(), Some("198.51.100.1"));
+        // A report from the wrong worker changes nothing and gets a delete.
+        let effects = resources(&mut s, &small, "a.b.c.d", 0, T0 + 30);
+        assert_eq!(deleted_on(&effects), vec![(small.clone(), "a.b.c.d".into(), 0)]);
+        assert_eq!(status(&s, "j1", 0), Status::Running);
+        // The report to root carries the job and its instance.
+        let report = s.report();
+        assert_eq!(report["active_nodes"], json!(2));
+        assert_eq!(report["jobs"][0]["status"], json!("RUNNING"));
+        assert_eq!(report["jobs"][0]["instance_list"][0]["worker_id"], json!(big));
+    }
+
+    #[test]
+    fn unknown_instances_are_deleted_but_not_more_than_every_ten_seconds() {
+        let mut s = state();
+        let w = join(&mut s, "w", 4, 4000, T0);
+        assert_eq!(deleted_on(&resources(&mut s, &w, "x.x.x.x", 3, T0)).len(), 1);
+        assert!(deleted_on(&resources(&mut s, &w, "x.x.x.x", 3, T0 + 2_000)).is_empty());
+        assert_eq!(
+            deleted_on(&resources(&mut s, &w, "x.x.x.x", 3, T0 + 10_001)).len(),
+            1
+        );
+        // Reports from unregistered nodes get the error command and nothing else.
+        let effects = resources(&mut s, "ghost", "x.x.x.x", 3, T0);
+        assert_eq!(effects, vec![Effect::NotRegistered { node: "ghost".into() }]);
+    }
+
+    #[test]
+    fn no_fitting_worker_is_refused_to_root_and_capacity_is_held_for_placed_instances() {
+        let mut s = state();
+        join(&mut s, "w", 2, 4000, T0);
+        let doc = || job_doc("a.b.c.d", json!({"vcpus": 2}));
+        assert!(deployed_to(&s.deploy("j1", 0, doc(), T0).unwrap()).is_some());
+        // The first instance holds both cores although the worker has not reported anything yet.
+        let effects = s.deploy("j1", 1, doc(), T0).unwrap();
+        assert!(deployed_to(&effects).is_none());
+        assert!(effects.iter().any(|e| matches!(e,
+            Effect::Refused { job_id, number: 1, status: Status::NoWorkerCapacity, .. } if job_id == "j1")));
+        assert_eq!(status(&s, "j1", 1), Status::NoWorkerCapacity);
+        // A runtime nobody offers.
+        let effects = s
+            .deploy(
+                "j2",
+                0,
+                job_doc("u.u.u.u", json!({"virtualization": "unikernel", "vcpus": 0})),
+                T0,
+            )
+            .unwrap();
+        assert!(effects.iter().any(|e| matches!(
+            e,
+            Effect::Refused {
+                status: Status::NoQualifiedWorkerFound,
+                ..
+            }
+        )));
+        // A direct node list naming an unknown worker.
+        let effects = s
+            .deploy(
+                "j3",
+                0,
+                job_doc(
+                    "d.d.d.d",
+                    json!({"vcpus": 0, "constraints": [{"type": "direct", "node": "nope"}]}),
+                ),
+                T0,
+            )
+            .unwrap();
+        assert!(effects.iter().any(|e| matches!(
+            e,
+            Effect::Refused {
+                status: Status::NoNodeFound,
+                ..
+            }
+        )));
+        // Bad calls name the problem.
+        assert!(matches!(
+            s.deploy("j4", -1, doc(), T0),
+            Err(CallError::BadNumber(-1))
+        ));
+        assert!(matches!(
+            s.deploy("j4", 0, job_doc("", json!({})), T0),
+            Err(CallError::NoJobName(_))
+        ));
+        assert!(matches!(
+            s.deploy("j4", 0, doc(), T0),
+            Err(CallError::NameTaken { .. })
+        ));
+    }
+
+    #[test]
+    fn a_dead_worker_s_instances_move_to_another_worker() {
+        let mut s = state();
+        let a = join(&mut s, "a", 4, 4000, T0);
+        let effects = s.deploy("j1", 0, job_doc("a.b.c.d", json!({})), T0).unwrap();
+        assert_eq!(deployed_to(&effects).as_deref(), Some(a.as_str()));
+        resources(&mut s, &a, "a.b.c.d", 0, T0 + 100);
+        let b = join(&mut s, "b", 4, 4000, T0 + 200);
+        // b keeps reporting, a falls silent.
+        alive(&mut s, &b, T0 + 900);
+        let effects = s.tick(T0 + 1_150);
+        assert_eq!(deployed_to(&effects).as_deref(), Some(b.as_str()));
+        assert_eq!(deleted_on(&effects), vec![(a.clone(), "a.b.c.d".into(), 0)]);
+        let i = &s.job("j1").unwrap().instances[&0];
+        assert_eq!(i.status, Status::NodeScheduled);
+        assert_eq!(i.failures, 0, "a dead worker is not the instance's fault");
+        // Late reports from the old worker do not take the instance back.
+        job_report(&mut s, &a, "a.b.c.d", 0, "DEAD", T0 + 1_200);
+        assert_eq!(status(&s, "j1", 0), Status::NodeScheduled);
+    }
+
+    #[test]
+    fn every_non_terminal_state_has_a_deadline() {
+        let mut s = state();
+        let a = join(&mut s, "a", 4, 4000, T0);
+        s.deploy("j1", 0, job_doc("a.b.c.d", json!({})), T0).unwrap();
+        let keep = |s: &mut State, now| alive(s, &a, now);
+        keep(&mut s, T0 + 900);
+        assert!(s.tick(T0 + 1_000).is_empty() || status(&s, "j1", 0) == Status::NodeScheduled);
+        keep(&mut s, T0 + 1_800);
+        keep(&mut s, T0 + 2_700);
+        keep(&mut s, T0 + 3_000);
+        // Stuck in NODE_SCHEDULED past the deploy deadline: placed again (here, on the same and only worker).
+        let effects = s.tick(T0 + 3_100);
+        assert_eq!(deployed_to(&effects).as_deref(), Some(a.as_str()));
+        assert_eq!(
+            deleted_on(&effects).len(),
+            1,
+            "the old placement is removed first"
+        );
+        assert_eq!(status(&s, "j1", 0), Status::NodeScheduled);
+        // RUNNING without resource reports for the stale window fails and is placed again.
+        resources(&mut s, &a, "a.b.c.d", 0, T0 + 3_200);
+        for t in (3_300..8_000).step_by(500) {
+            keep(&mut s, T0 + t);
+        }
+        let effects = s.tick(T0 + 7_300);
+        assert_eq!(deployed_to(&effects).as_deref(), Some(a.as_str()));
+        // CLUSTER_SCHEDULED / negative states are retried too: with no worker left, placement is retried after
+        // the no-capacity pause.
+        let mut s = state();
+        let effects = s.deploy("j1", 0, job_doc("a.b.c.d", json!({})), T0).unwrap();
+        assert!(effects.iter().any(|e| matches!(
+            e,
+            Effect::Refused {
+                status: Status::NoQualifiedWorkerFound,
+                ..
+            }
+        )));
+        assert!(deployed_to(&s.tick(T0 + 1_000)).is_none());
+        let w = join(&mut s, "late", 4, 4000, T0 + 1_500);
+        assert_eq!(deployed_to(&s.tick(T0 + 2_001)).as_deref(), Some(w.as_str()));
+    }
+
+    #[test]
+    fn crash_loops_back_off_exponentially_up_to_the_cap() {
+        let mut s = state();
+        let a = join(&mut s, "a", 4, 4000, T0);
+        s.deploy("j1", 0, job_doc("a.b.c.d", json!({})), T0).unwrap();
+        let mut now = T0;
+        let mut pauses = Vec::new();
+        for _ in 0..6 {
+            now += 10;
+            alive(&mut s, &a, now);
+            job_report(&mut s, &a, "a.b.c.d", 0, "DEAD", now);
+            let i = s.job("j1").unwrap().instances[&0].clone();
+            assert_eq!(i.status, Status::Dead);
+            pauses.push(i.retry_at_ms - now);
+            // Not before the pause...
+            assert!(deployed_to(&s.tick(i.retry_at_ms - 1)).is_none());
+            // ...and right after it.
+            now = i.retry_at_ms;
+            alive(&mut s, &a, now);
+            assert_eq!(deployed_to(&s.tick(now)).as_deref(), Some(a.as_str()));
+        }
+        assert_eq!(pauses, vec![1_000, 2_000, 4_000, 8_000, 8_000, 8_000]);
+        // The detail says what is going on.
+        job_report(&mut s, &a, "a.b.c.d", 0, "FAILED", now + 1);
+        let detail = &s.job("j1").unwrap().instances[&0].status_detail;
+        assert!(
+            detail.contains("crash loop") && detail.contains("exit code 1"),
+            "{detail}"
+        );
+    }
+
+    #[test]
+    fn completed_one_shot_instances_are_left_alone() {
+        let mut s = state();
+        let a = join(&mut s, "a", 4, 4000, T0);
+        s.deploy("j1", 0, job_doc("a.b.c.d", json!({"one_shot": true})), T0)
+            .unwrap();
+        resources(&mut s, &a, "a.b.c.d", 0, T0 + 10);
+        job_report(&mut s, &a, "a.b.c.d", 0, "COMPLETED", T0 + 20);
+        assert_eq!(status(&s, "j1", 0), Status::Completed);
+        // Neither time, nor the worker's death, nor a later DEAD report moves it.
+        let b = join(&mut s, "b", 4, 4000, T0 + 30);
+        for t in (100..20_000).step_by(500) {
+            alive(&mut s, &b, T0 + t);
+            assert!(deployed_to(&s.tick(T0 + t)).is_none());
+        }
+        job_report(&mut s, &a, "a.b.c.d", 0, "DEAD", T0 + 20_000);
+        assert_eq!(status(&s, "j1", 0), Status::Completed);
+        assert_eq!(s.report()["jobs"][0]["status"], json!("COMPLETED"));
+    }
+
+    #[test]
+    fn deleting_removes_instances_from_workers_and_the_job_with_the_last_one() {
+        let mut s = state();
+        let a = join(&mut s, "a", 8, 8000, T0);
+        s.deploy("j1", 0, job_doc("a.b.c.d", json!({})), T0).unwrap();
+        s.deploy("j1", 1, job_doc("a.b.c.d", json!({})), T0).unwrap();
+        let (found, effects) = s.delete("j1", 1);
+        assert!(found);
+        assert_eq!(deleted_on(&effects), vec![(a.clone(), "a.b.c.d".into(), 1)]);
+        assert!(s.job("j1").is_some());
+        assert!(!s.delete("j1", 7).0);
+        let (found, effects) = s.delete("j1", -1);
+        assert!(found);
+        assert_eq!(deleted_on(&effects), vec![(a, "a.b.c.d".into(), 0)]);
+        assert!(effects.contains(&Effect::DropJob { id: "j1".into() }));
+        assert!(s.job("j1").is_none() && s.job_by_name("a.b.c.d").is_none());
+        assert!(!s.delete("j1", -1).0);
+    }
+
+    #[test]
+    fn restored_state_gives_workers_a_fresh_timeout() {
+        let mut s = state();
+        let a = join(&mut s, "a", 4, 4000, T0);
+        s.deploy("j1", 0, job_doc("a.b.c.d", json!({})), T0).unwrap();
+        let nodes: Vec<NodeRecord> = s.nodes().map(|n| n.record.clone()).collect();
+        let job = s.job("j1").unwrap().clone();
+        let mut restored = state();
+        let later = T0 + 60_000;
+        restored.restore(
+            nodes,
+            vec![(job.id.clone(), job.job_name.clone(), job.doc.clone())],
+            job.instances
+                .values()
+                .map(|i| ("j1".to_owned(), i.clone()))
+                .collect(),
+            later,
+        );
+        assert!(restored.node(&a).unwrap().alive);
+        assert!(restored.tick(later + 500).is_empty());
+        assert_eq!(status(&restored, "j1", 0), Status::NodeScheduled);
+        assert_eq!(restored.job_by_name("a.b.c.d").unwrap().id, "j1");
+    }
+
+    #[test]
+    fn backoff_is_capped_and_never_overflows() {
+        let t = Timing::default();
+        assert_eq!(t.backoff_ms(1), 2_000);
+        assert_eq!(t.backoff_ms(2), 4_000);
+        assert_eq!(t.backoff_ms(100), t.backoff_cap_ms);
+        assert_eq!(t.backoff_ms(u32::MAX), t.backoff_cap_ms);
+    }
+}
