@@ -698,11 +698,8 @@ impl State {
             return effects;
         };
         let timing = self.timing;
+        // Unknown instances are reconciled from resource reports, which name the runtime a delete needs.
         let Some(job) = self.names.get(&report.sname).and_then(|id| self.jobs.get_mut(id)) else {
-            if status != Status::Undeployed {
-                let virt = String::new();
-                self.reconcile(node, &report.sname, &virt, report.instance, now_ms, &mut effects);
-            }
             return effects;
         };
         let job_id = job.id.clone();
