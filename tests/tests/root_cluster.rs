@@ -85,6 +85,19 @@ async fn eventually<T, Fut: Future<Output = Option<T>>>(
     }
 }
 
+/// Cluster `name` as root's `/api/clusters/active` lists it, if it does.
+async fn active_cluster(root_url: &str, name: &str) -> Option<Value> {
+    let url = format!("{root_url}/api/clusters/active");
+    let r = client::call::<Value>("GET".parse().unwrap(), &url, None, None, Duration::from_secs(2))
+        .await
+        .ok()?;
+    r.body
+        .as_array()?
+        .iter()
+        .find(|c| c["cluster_name"] == json!(name))
+        .cloned()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instance_goes_from_root_through_the_cluster_to_a_worker_and_back() {
     let dir = std::env::temp_dir().join(format!("oakestra-root-cluster-{}", std::process::id()));
@@ -135,20 +148,7 @@ async fn an_instance_goes_from_root_through_the_cluster_to_a_worker_and_back() {
 
     // The cluster registers and reports: root lists it as active.
     eventually(20, "the cluster to be active at root", &both, || async {
-        let r = client::call::<Value>(
-            "GET".parse().unwrap(),
-            &format!("{root_url}/api/clusters/active"),
-            None,
-            None,
-            Duration::from_secs(2),
-        )
-        .await
-        .ok()?;
-        r.body
-            .as_array()?
-            .iter()
-            .any(|c| c["cluster_name"] == json!("edgecluster"))
-            .then_some(())
+        active_cluster(&root_url, "edgecluster").await.map(|_| ())
     })
     .await;
 
@@ -210,21 +210,7 @@ async fn an_instance_goes_from_root_through_the_cluster_to_a_worker_and_back() {
 
     // Root sees the worker's capacity in the cluster's report.
     eventually(20, "the worker's capacity at root", &both, || async {
-        let r = client::call::<Value>(
-            "GET".parse().unwrap(),
-            &format!("{root_url}/api/clusters/active"),
-            None,
-            None,
-            Duration::from_secs(2),
-        )
-        .await
-        .ok()?;
-        let c = r
-            .body
-            .as_array()?
-            .iter()
-            .find(|c| c["cluster_name"] == json!("edgecluster"))?
-            .clone();
+        let c = active_cluster(&root_url, "edgecluster").await?;
         (c["active_nodes"] == json!(1) && c["total_cpu_cores"] == json!(4)).then_some(())
     })
     .await;
