@@ -1,7 +1,10 @@
 //! `NodeEngine`: the oakestra-rs worker agent: registers with a cluster, runs containers through containerd and unikernels through QEMU, reports metrics
 //!
-//! This binary is a placeholder until its issue lands (issue 5): it explains itself with `--help` and refuses to run
-//! with a clear "not implemented yet" error, so scripts and tests can already find it.
+//! The binary still refuses to run ("not implemented yet", issue 5) until it can run workloads; the library already
+//! holds the finished parts:
+//! - [`config`]: `/etc/oakestra/conf.json` (read leniently, unknown keys kept) and the NetManager (`-n`) setting.
+
+pub mod config;
 
 use clap::Parser;
 
