@@ -3,6 +3,9 @@
 //! # Layout
 //! - `benches/protocol.rs`: SLA validation and address allocation, the per-request work of root-service.
 //! - `benches/scheduler.rs`: placement decisions over 1,000 candidates, with and without live reservations.
+//! - `benches/cluster_load.rs`: the real `cluster-service` binary under simulated workers: the report rate it keeps
+//!   up with (MQTT processing lag per worker count, CPU, RSS) and how fast it moves an instance off a dead worker
+//!   (run it with `benches/cluster-load.sh`).
 //!
 //! The network benches (packet translation, connection table, the overlay testbed) arrive with the NetManager.
 
