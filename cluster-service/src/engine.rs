@@ -345,9 +345,21 @@ impl Engine {
     // --- loops -------------------------------------------------------------------------------------------------
 
     /// Handles worker messages until the channel closes.
-    pub async fn dispatch(self: Arc<Self>, mut messages: mpsc::Receiver<Message>) {
+    pub async fn dispatch(self: Arc<Self>, mut messages: mpsc::UnboundedReceiver<Message>) {
+        let mut warned_at = 0usize;
         while let Some(message) = messages.recv().await {
             self.on_message(message).await;
+            // Say so once per tenfold growth of the backlog (the queue is unbounded so the MQTT reader never stalls).
+            let backlog = messages.len();
+            if backlog >= 10_000 && backlog >= warned_at.saturating_mul(10) {
+                tracing::warn!(
+                    backlog,
+                    "worker messages are arriving faster than they are handled"
+                );
+                warned_at = backlog;
+            } else if backlog < 100 {
+                warned_at = 0;
+            }
         }
     }
 
