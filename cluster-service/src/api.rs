@@ -11,7 +11,10 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{get, post},
 };
-use oakestra_protocol::api::{cluster::REGISTER_PATH, federation::JobUpdate};
+use oakestra_protocol::{
+    api::{cluster::REGISTER_PATH, federation::JobUpdate},
+    bearer,
+};
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
@@ -57,8 +60,7 @@ fn root_only(engine: &Engine, headers: &HeaderMap) -> Result<(), ApiError> {
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
+        .and_then(bearer::token);
     let Some(identity) = engine.identity() else {
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -66,18 +68,13 @@ fn root_only(engine: &Engine, headers: &HeaderMap) -> Result<(), ApiError> {
         ));
     };
     match presented {
-        Some(token) if same_secret(token, &identity.token) => Ok(()),
+        Some(token) if bearer::same_secret(token, &identity.token) => Ok(()),
         Some(_) => Err(ApiError::new(StatusCode::UNAUTHORIZED, "wrong cluster secret")),
         None => Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             "missing Authorization: Bearer <cluster secret>",
         )),
     }
-}
-
-/// Compares two secrets in time independent of where they differ.
-fn same_secret(a: &str, b: &str) -> bool {
-    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// The routes, over the shared engine.

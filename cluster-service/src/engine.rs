@@ -126,20 +126,7 @@ impl Engine {
         if effects.is_empty() {
             return;
         }
-        let writes: Vec<Effect> = effects
-            .iter()
-            .filter(|e| {
-                matches!(
-                    e,
-                    Effect::SaveNode(_)
-                        | Effect::SaveJob { .. }
-                        | Effect::DropJob { .. }
-                        | Effect::SaveInstance { .. }
-                        | Effect::DropInstance { .. }
-                )
-            })
-            .cloned()
-            .collect();
+        let writes: Vec<Effect> = effects.iter().filter(|e| e.is_write()).cloned().collect();
         if !writes.is_empty()
             && let Err(e) = self.store.apply(writes).await
         {
@@ -175,6 +162,7 @@ impl Engine {
                     tokio::spawn(async move { engine.prefetch(&job_name).await });
                 }
                 Effect::ReportSoon => self.report_soon.notify_one(),
+                // Written above.
                 Effect::SaveNode(_)
                 | Effect::SaveJob { .. }
                 | Effect::DropJob { .. }
@@ -419,8 +407,8 @@ pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
 
-/// Decodes a worker payload; a bad one is logged with its topic and dropped.
-fn decode<T: DeserializeOwned>(topic: &Topic, payload: &[u8]) -> Option<T> {
+/// Decodes a worker or NetManager payload; a bad one is logged with its topic and dropped.
+pub(crate) fn decode<T: DeserializeOwned>(topic: &Topic, payload: &[u8]) -> Option<T> {
     match serde_json::from_slice(payload) {
         Ok(v) => Some(v),
         Err(e) => {

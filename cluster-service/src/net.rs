@@ -22,10 +22,9 @@ use oakestra_protocol::{
         topics::{Topic, TopicId},
     },
 };
-use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
-use crate::engine::{Engine, now_ms};
+use crate::engine::{Engine, decode, now_ms};
 
 /// Jobs resolved for this cluster's workers and which workers asked for them.
 #[derive(Debug, Default)]
@@ -99,17 +98,6 @@ impl NetCache {
             self.jobs.remove(job);
         } else if let Some(j) = self.jobs.get_mut(job) {
             j.instance_list.retain(|i| i.instance_number != number);
-        }
-    }
-}
-
-/// Decodes a NetManager payload; a bad one is logged with its topic and dropped.
-fn decode<T: DeserializeOwned>(topic: &Topic, payload: &[u8]) -> Option<T> {
-    match serde_json::from_slice(payload) {
-        Ok(v) => Some(v),
-        Err(e) => {
-            tracing::warn!(topic = %topic, error = %e, "unreadable network payload dropped");
-            None
         }
     }
 }

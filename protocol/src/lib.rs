@@ -13,6 +13,7 @@
 //!   `sqlite`): how the root and cluster stores open SQLite and migrate. The only I/O here, both opt-in.
 //! - [`addr`]: the overlay address plan, the balancing-policy encoding of IPv6 service addresses and the address
 //!   allocators.
+//! - [`bearer`]: the `Authorization: Bearer` token and constant-time secret comparison.
 //! - [`sched`]: the placement policy both tiers share (root picks a cluster, a cluster picks a worker), with
 //!   capacity reservations and the reading of a job's demand.
 //!
@@ -21,6 +22,7 @@
 
 pub mod addr;
 pub mod api;
+pub mod bearer;
 #[cfg(feature = "client")]
 pub mod client;
 pub mod mqtt;

@@ -308,11 +308,7 @@ pub fn bearer(parts: &Parts) -> Option<&str> {
 /// The token of an `Authorization: Bearer <token>` header among `headers`, if any.
 pub fn bearer_in(headers: &axum::http::HeaderMap) -> Option<&str> {
     let value = headers.get(axum::http::header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = value.trim().split_once(' ')?;
-    scheme
-        .eq_ignore_ascii_case("bearer")
-        .then(|| token.trim())
-        .filter(|t| !t.is_empty())
+    oakestra_protocol::bearer::token(value)
 }
 
 /// A request authenticated with a valid **access** token; anything else is refused with 401

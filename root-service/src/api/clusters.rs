@@ -53,11 +53,6 @@ async fn active_clusters(State(state): State<AppState>) -> Result<Json<Vec<Value
     list(&state, true).await
 }
 
-/// Compares two secrets in time independent of where they first differ.
-fn same_secret(a: &str, b: &str) -> bool {
-    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0_u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 /// `POST /api/cluster/register` with `Authorization: Bearer <join token>`: registers the cluster (same name, same
 /// id) and hands out a fresh per-cluster secret.
 async fn register(
@@ -67,7 +62,7 @@ async fn register(
     JsonBody(body): JsonBody<ClusterRegistration>,
 ) -> Result<Json<ClusterRegistered>, ApiError> {
     let presented = crate::auth::bearer_in(&headers);
-    if !presented.is_some_and(|t| same_secret(t, &state.join_token)) {
+    if !presented.is_some_and(|t| oakestra_protocol::bearer::same_secret(t, &state.join_token)) {
         tracing::warn!(%peer, cluster = %body.cluster_name, "cluster registration refused: wrong or missing join token");
         return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
