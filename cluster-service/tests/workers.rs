@@ -9,7 +9,7 @@ mod support;
 use std::time::Duration;
 
 use axum::http::Method;
-use serde_json::json;
+use serde_json::{Value, json};
 use support::*;
 
 /// Registration: stable ids, 409 for a live duplicate hostname, 422 for a body without a host, secrets per node.
@@ -415,6 +415,29 @@ async fn network(broker: BrokerKind) {
         (r["jobs"][0]["instance_list"][0]["namespace_ip"] == json!("10.18.0.66")).then_some(())
     })
     .await;
+
+    // The instance's host address changes: root hears it and the workers are told to refresh.
+    w.publish(
+        "net/service/address-changed",
+        json!({"appname": "app.ns.svc.ns", "status": "", "instance_number": 0, "nsip": "", "nsipv6": "",
+               "host_ip": "192.0.2.99", "host_port": "50104"}),
+    )
+    .await;
+    let changed = eventually(5, "the changed address at root", || async {
+        root.calls("/api/net/service/net_deploy_status")
+            .into_iter()
+            .nth(1)
+    })
+    .await;
+    assert_eq!(changed.body["instances"][0]["host_ip"], json!("192.0.2.99"));
+    assert_eq!(changed.body["instances"][0]["host_port"], json!(50104));
+    assert_eq!(
+        changed.body["instances"][0]["namespace_ip"],
+        Value::Null,
+        "not part of an address change"
+    );
+    let update = w.next("jobs/app.ns.svc.ns/updates_available", 5).await;
+    assert_eq!(update, json!({"type": "DEPLOYMENT"}));
 
     // Root says the job changed: the workers hear it on jobs/<job>/updates_available.
     let r = call(
