@@ -17,8 +17,10 @@ SKIP_EBPF="${OAKESTRA_SKIP_EBPF:-0}"
 
 # --- system packages -------------------------------------------------------------------------------------------
 # gcc/libc6-dev: C code in -sys crates; pkg-config: crate build scripts; the llvm-22 set: bpf-linker (eBPF);
-# mosquitto: the cluster-service broker tests run a real Mosquitto as the external broker (they fail without it).
-packages=(gcc libc6-dev pkg-config mosquitto)
+# mosquitto: the cluster-service broker tests run a real Mosquitto as the external broker (they fail without it);
+# docker-registry, skopeo, busybox-static: the worker-agent registry tests push a busybox image built by
+# scripts/testbed/mk-oci-image.sh to a local registry (they fail without them).
+packages=(gcc libc6-dev pkg-config mosquitto docker-registry skopeo busybox-static)
 [ "$SKIP_EBPF" = 1 ] || packages+=(llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev binutils)
 missing=()
 for p in "${packages[@]}"; do

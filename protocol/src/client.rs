@@ -129,37 +129,104 @@ pub async fn call<B: Serialize + ?Sized>(
     timeout: Duration,
 ) -> Result<Response, ClientError> {
     let target = parse_url(url)?;
-    let payload = match body {
+    let payload = encode(body)?;
+    let exchange = async {
+        let stream = tokio::net::TcpStream::connect(&target.connect)
+            .await
+            .map_err(|e| transport(&method, url, format!("connect: {e}")))?;
+        exchange(
+            stream,
+            method.clone(),
+            url,
+            &target,
+            bearer,
+            body.is_some(),
+            payload,
+        )
+        .await
+    };
+    deadline(exchange, &method, url, timeout).await
+}
+
+/// Sends one request to an HTTP server on the unix socket `socket` (how the NodeEngine calls its NetManager):
+/// `path` is the request path, e.g. `/container/deploy`.
+#[cfg(unix)]
+pub async fn call_unix<B: Serialize + ?Sized>(
+    method: Method,
+    socket: &std::path::Path,
+    path: &str,
+    body: Option<&B>,
+    timeout: Duration,
+) -> Result<Response, ClientError> {
+    let url = format!("unix:{}:{path}", socket.display());
+    let target = Target {
+        authority: "localhost".to_owned(),
+        connect: socket.display().to_string(),
+        path: path.to_owned(),
+    };
+    let payload = encode(body)?;
+    let exchange = async {
+        let stream = tokio::net::UnixStream::connect(socket)
+            .await
+            .map_err(|e| transport(&method, &url, format!("connect: {e}")))?;
+        exchange(
+            stream,
+            method.clone(),
+            &url,
+            &target,
+            None,
+            body.is_some(),
+            payload,
+        )
+        .await
+    };
+    deadline(exchange, &method, &url, timeout).await
+}
+
+fn encode<B: Serialize + ?Sized>(body: Option<&B>) -> Result<Bytes, ClientError> {
+    Ok(match body {
         Some(b) => Bytes::from(serde_json::to_vec(b)?),
         None => Bytes::new(),
-    };
-    let exchange = exchange(method.clone(), url, &target, bearer, body.is_some(), payload);
+    })
+}
+
+fn transport(method: &Method, url: &str, reason: String) -> ClientError {
+    ClientError::Transport {
+        method: method.clone(),
+        url: url.to_owned(),
+        reason,
+    }
+}
+
+async fn deadline(
+    exchange: impl std::future::Future<Output = Result<Response, ClientError>>,
+    method: &Method,
+    url: &str,
+    timeout: Duration,
+) -> Result<Response, ClientError> {
     match tokio::time::timeout(timeout, exchange).await {
         Ok(result) => result,
         Err(_) => Err(ClientError::Timeout {
-            method,
+            method: method.clone(),
             url: url.to_owned(),
             timeout,
         }),
     }
 }
 
-async fn exchange(
+async fn exchange<S>(
+    stream: S,
     method: Method,
     url: &str,
     target: &Target,
     bearer: Option<&str>,
     has_body: bool,
     payload: Bytes,
-) -> Result<Response, ClientError> {
-    let transport = |reason: String| ClientError::Transport {
-        method: method.clone(),
-        url: url.to_owned(),
-        reason,
-    };
-    let stream = tokio::net::TcpStream::connect(&target.connect)
-        .await
-        .map_err(|e| transport(format!("connect: {e}")))?;
+) -> Result<Response, ClientError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let transport = |reason: String| transport(&method, url, reason);
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| transport(format!("handshake: {e}")))?;

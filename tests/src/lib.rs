@@ -1,9 +1,13 @@
 //! Harness for the cross-binary tests: finding the workspace's binaries and running them as real processes.
 //!
 //! # Layout
+//! - [`harness`]: free ports, child processes killed on drop, `eventually`.
+//! - [`containerd`]: a private containerd daemon, the busybox test image, a local registry.
 //! - [`procs`]: locate a built binary (`NodeEngine`, `NetManager`, `cluster-service`, `root-service`) and run it.
 //!
 //! The suites live in `tests/tests/*.rs`. They expect the binaries to be built first (`cargo build --bins`, which
 //! `./scripts/test.sh` does) and fail with a message saying so when they are not.
 
+pub mod containerd;
+pub mod harness;
 pub mod procs;

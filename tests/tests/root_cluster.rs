@@ -5,84 +5,21 @@
 
 #![allow(clippy::unwrap_used, reason = "test code: a panic is the clearest failure")]
 
-use std::{
-    net::TcpListener,
-    path::PathBuf,
-    process::{Child, Command, Stdio},
-    time::Duration,
-};
+use std::time::Duration;
 
 use oakestra_protocol::{api::cluster::NodeRegistered, client};
-use oakestra_tests::procs;
+use oakestra_tests::harness::{Proc, eventually, free_port};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
 const JOIN_TOKEN: &str = "root-cluster-test-join-token";
 
-/// A child process killed (and its data directory removed) on drop.
-struct Proc {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn start(name: &str, args: &[String], log: PathBuf) -> Self {
-        let child = Command::new(procs::binary(name))
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        Self { child, log }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 async fn call(method: &str, url: &str, bearer: Option<&str>, body: Option<&Value>) -> client::Response {
     let method = method.parse().unwrap();
     client::call(method, url, bearer, body, Duration::from_secs(10))
         .await
         .unwrap()
-}
-
-/// Polls `f` every 100 ms for up to `secs`; the processes' logs are printed on timeout.
-async fn eventually<T, Fut: Future<Output = Option<T>>>(
-    secs: u64,
-    what: &str,
-    procs: &[&Proc],
-    mut f: impl FnMut() -> Fut,
-) -> T {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        if tokio::time::Instant::now() > deadline {
-            let logs: Vec<String> = procs.iter().map(|p| p.log()).collect();
-            panic!("timed out waiting for {what}; logs:\n{}", logs.join("\n-----\n"));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// Cluster `name` as root's `/api/clusters/active` lists it, if it does.

@@ -1,31 +1,26 @@
-//! `NodeEngine`: the oakestra-rs worker agent: registers with a cluster, runs containers through containerd and unikernels through QEMU, reports metrics
+//! `NodeEngine`: the oakestra-rs worker agent: registers with a cluster, runs its instances through containerd,
+//! attaches them to the overlay, reports metrics and statuses.
 //!
-//! The binary still refuses to run ("not implemented yet", issue 5) until it can run workloads; the library already
-//! holds the finished parts:
+//! - [`cli`]: the reference's flags and subcommands, and the effective [`cli::Settings`].
 //! - [`config`]: `/etc/oakestra/conf.json` (read leniently, unknown keys kept) and the NetManager (`-n`) setting.
+//! - [`cluster`]: registration and the MQTT session.
+//! - [`agent`]: deploy, watch, undeploy, adopt, report.
+//! - [`containerd`]: the containerd client (images, containers, tasks, cleanup).
+//! - [`registry`]: OCI registry pulls (HTTPS with a plain-HTTP fallback, token and basic auth).
+//! - [`spec`]: the OCI runtime spec of an instance (pure).
+//! - [`overlay`]: the NetManager calls.
+//! - [`metrics`]: node samples, system facts, per-instance cgroup stats and log tails.
+//! - [`commands`]: `status`, `logs`, `stop`, `version`.
 
+pub mod agent;
+pub mod cli;
+pub mod cluster;
+pub mod commands;
 pub mod config;
+pub mod containerd;
+pub mod metrics;
+pub mod overlay;
+pub mod registry;
+pub mod spec;
 
-use clap::Parser;
-
-/// What the command line asks for.
-#[derive(Debug, Parser)]
-#[command(name = "NodeEngine", version, about = "the oakestra-rs worker agent: registers with a cluster, runs containers through containerd and unikernels through QEMU, reports metrics", long_about = None, after_help = "Status: not implemented yet (issue 5).")]
-pub struct Cli {
-    /// Arguments the finished binary will take (see the README); accepted here only to be refused.
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
-    pub args: Vec<String>,
-}
-
-/// Why the binary stopped.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// The binary's issue has not landed yet.
-    #[error("NodeEngine is not implemented yet (issue 5)")]
-    NotImplemented,
-}
-
-/// Runs the binary.
-pub fn run(_cli: Cli) -> Result<(), Error> {
-    Err(Error::NotImplemented)
-}
+pub use cli::{Cli, Command, Settings};

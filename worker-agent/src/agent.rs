@@ -1,0 +1,1016 @@
+//! The running agent: turns the cluster's deploy and delete commands into containerd instances, watches them until
+//! they exit, reports their status and resources and the node's metrics, adopts what a previous run left running,
+//! and stops cleanly.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use oakestra_protocol::api::cluster::{NodeRegistration, SystemInfo};
+use oakestra_protocol::mqtt::worker::{
+    DeleteCommand, DeployCommand, JobStatusReport, NodeInformation, ResourcesReport, ServiceResources,
+};
+use oakestra_protocol::naming::TaskId;
+use oakestra_protocol::status::Status;
+use serde_json::Value;
+use tokio::sync::{mpsc, watch};
+
+use crate::cli::{OnStop, Settings};
+use crate::cluster::{self, Identity, Inbound, Session};
+use crate::containerd::{Containerd, TaskState};
+use crate::metrics::{self, CpuTracker, NodeSampler};
+use crate::overlay::NetManager;
+use crate::registry::Platform;
+use crate::spec::{self, SpecOptions};
+
+/// The virtualization name the containerd runtime registers under (the reference's name for it).
+pub const CONTAINER_RUNTIME: &str = "docker";
+/// Grace between SIGTERM and SIGKILL when an instance is undeployed.
+pub const STOP_GRACE: Duration = Duration::from_secs(5);
+/// Bytes of an instance's log sent with each resources report.
+pub const LOG_TAIL_BYTES: u64 = 1024;
+
+/// Labels on our containers: what adoption after a restart needs to know about an instance.
+mod label {
+    pub const JOB: &str = "oakestra.job_name";
+    pub const INSTANCE: &str = "oakestra.instance";
+    pub const ONE_SHOT: &str = "oakestra.one_shot";
+    pub const PORT: &str = "oakestra.port";
+    pub const MEMORY: &str = "oakestra.memory_mib";
+    pub const ATTACHED: &str = "oakestra.overlay";
+}
+
+/// Why an instance is being stopped by us (not by its own exit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StopReason {
+    /// The cluster sent `control/delete`: report `UNDEPLOYED`.
+    Undeploy,
+    /// The worker is shutting down with `--on-stop stop`: report `DEAD`, so the cluster reschedules.
+    Shutdown,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Deploying,
+    Running { pid: u32 },
+}
+
+#[derive(Debug)]
+struct Instance {
+    job_name: String,
+    number: i64,
+    one_shot: bool,
+    port: String,
+    memory_mib: i64,
+    attached: bool,
+    phase: Phase,
+    stop: Option<StopReason>,
+    done: watch::Sender<bool>,
+}
+
+/// The agent's view of one instance, for `status`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct InstanceStatus {
+    /// Task id.
+    pub task: String,
+    /// `deploying` or `running`.
+    pub phase: String,
+    /// Init pid when running.
+    pub pid: u32,
+}
+
+/// What `NodeEngine status` reads (`<state dir>/status.json`, rewritten every report).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct StatusFile {
+    /// The agent's pid.
+    pub pid: u32,
+    /// The node id.
+    pub node_id: String,
+    /// The node name.
+    pub node_name: String,
+    /// `host:port` of the cluster.
+    pub cluster: String,
+    /// Whether the MQTT session is up.
+    pub connected: bool,
+    /// The instances.
+    pub instances: Vec<InstanceStatus>,
+    /// Unix seconds of the write.
+    pub updated_s: u64,
+}
+
+/// Why the agent could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// A directory cannot be created.
+    #[error("{}: {reason}", path.display())]
+    Dir {
+        /// The directory.
+        path: PathBuf,
+        /// What failed.
+        reason: String,
+    },
+}
+
+/// The running agent.
+#[derive(Debug)]
+pub struct Agent {
+    settings: Settings,
+    runtime: Containerd,
+    netmanager: Option<NetManager>,
+    session: Mutex<Session>,
+    node_id: Mutex<String>,
+    public_ip: Mutex<String>,
+    instances: Mutex<HashMap<String, Instance>>,
+    cpu: Mutex<CpuTracker>,
+    sampler: Mutex<NodeSampler>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn now_s() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
+}
+
+/// Sleeps `d` unless `shutdown` fires first (then `true`).
+async fn sleep_or_shutdown(d: Duration, shutdown: &mut watch::Receiver<bool>) -> bool {
+    if *shutdown.borrow() {
+        return true;
+    }
+    tokio::select! {
+        () = tokio::time::sleep(d) => false,
+        _ = shutdown.changed() => true,
+    }
+}
+
+/// Connects to containerd, retrying with back-off until it answers or `shutdown` fires.
+pub async fn connect_runtime(
+    settings: &Settings,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Option<Containerd> {
+    let registry = crate::registry::Registry::new(settings.registry_credentials.clone());
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        match Containerd::connect(
+            &settings.containerd,
+            &settings.namespace,
+            &settings.snapshotter,
+            registry.clone(),
+        )
+        .await
+        {
+            Ok(c) => {
+                let version = c.version().await.unwrap_or_default();
+                tracing::info!(socket = %settings.containerd.display(), version = %version, namespace = %settings.namespace, "containerd connected");
+                return Some(c);
+            }
+            Err(e) => tracing::warn!(error = %e, retry_s = backoff.as_secs_f32(), "containerd not available"),
+        }
+        if sleep_or_shutdown(backoff, shutdown).await {
+            return None;
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(30));
+    }
+}
+
+/// The IP this node uses towards the cluster (what peers reach it at): the source address the kernel picks for the
+/// cluster's address. No packet is sent.
+pub async fn local_ip_towards(host: &str, port: u16) -> Option<IpAddr> {
+    let target = tokio::net::lookup_host((host, port)).await.ok()?.next()?;
+    let bind = if target.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+    let socket = std::net::UdpSocket::bind(bind).ok()?;
+    socket.connect(target).ok()?;
+    Some(socket.local_addr().ok()?.ip())
+}
+
+impl Agent {
+    /// The registration body: the reference's node document.
+    fn registration(&self, sample: &metrics::NodeSample, info: &metrics::SystemInfo) -> NodeRegistration {
+        let s = &self.settings;
+        let (overlay, socket, port) = match &self.netmanager {
+            None => (false, String::new(), 0),
+            Some(NetManager::Socket(p)) => (true, p.display().to_string(), 0),
+            Some(NetManager::Port(p)) => (true, String::new(), i64::from(*p)),
+        };
+        let gpu = sample.gpus.first();
+        let mut body = NodeRegistration {
+            host: s.node_name.clone(),
+            ip: lock(&self.public_ip).clone(),
+            port: std::env::var("MY_PORT").unwrap_or_else(|_| "3000".into()),
+            system_info: SystemInfo {
+                kernel_version: info.kernel_version.clone(),
+                architecture: std::env::consts::ARCH.to_owned(),
+                os_version: info.os_version.clone(),
+                uptime: info.uptime_secs.to_string(),
+                full_stats: String::new(),
+                ..SystemInfo::default()
+            },
+            cpu_percent: sample.cpu_percent,
+            vcpus: sample.vcpus,
+            architecture: info.architecture.clone(),
+            memory_percent: sample.memory_percent,
+            memory: sample.memory_available_mib,
+            gpu_driver: gpu.map(|g| g.driver.clone()).unwrap_or_default(),
+            gpu_usage: gpu.map(|g| g.usage_percent).unwrap_or_default(),
+            vgpus: i64::try_from(sample.gpus.len()).unwrap_or_default(),
+            gpu_temp: gpu.map(|g| g.temperature_c).unwrap_or_default(),
+            vram: gpu.map(|g| g.memory_total_mib).unwrap_or_default(),
+            vram_percent: gpu
+                .filter(|g| g.memory_total_mib > 0.0)
+                .map(|g| g.memory_used_mib / g.memory_total_mib * 100.0)
+                .unwrap_or_default(),
+            virtualization: vec![CONTAINER_RUNTIME.to_owned()],
+            overlay,
+            overlay_socket: socket,
+            log_directory: s.app_logs.display().to_string(),
+            net_manager_port: port,
+            cluster_address: s.cluster_address.clone(),
+            ..NodeRegistration::default()
+        };
+        for (k, v) in &sample.disk {
+            body.disk_info.insert(k.clone(), Value::String(format!("{v:.2}")));
+        }
+        body
+    }
+
+    /// Registers with the cluster until it accepts (back-off 1 s doubling to 30 s), saves the identity and starts
+    /// the MQTT session. `None` when `shutdown` fired first.
+    async fn join(
+        settings: &Settings,
+        body: NodeRegistration,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Option<(
+        Identity,
+        Session,
+        mpsc::UnboundedReceiver<Inbound>,
+        tokio::task::JoinHandle<()>,
+    )> {
+        let cluster = format!("{}:{}", settings.cluster_address, settings.cluster_port);
+        let mut backoff = Duration::from_secs(1);
+        loop {
+            let previous = Identity::load(&settings.state_dir).filter(|i| i.cluster == cluster);
+            match cluster::register(
+                &settings.cluster_address,
+                settings.cluster_port,
+                body.clone(),
+                previous.as_ref(),
+            )
+            .await
+            {
+                Ok(answer) => {
+                    let port = answer.mqtt_broker_port_u16().unwrap_or(10003);
+                    let identity = Identity {
+                        node_id: answer.id.clone(),
+                        mqtt_password: answer.mqtt_password.clone().unwrap_or_default(),
+                        cluster,
+                    };
+                    if let Err(e) = identity.save(&settings.state_dir) {
+                        tracing::warn!(error = %e, "cannot save the node identity; a restart will register anew");
+                    }
+                    tracing::info!(node = %identity.node_id, broker_port = port, "registered with the cluster");
+                    let (session, rx, pump) = Session::start(
+                        &settings.cluster_address,
+                        port,
+                        &identity.node_id,
+                        &identity.mqtt_password,
+                    );
+                    return Some((identity, session, rx, pump));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_s = backoff.as_secs(), "cluster registration failed")
+                }
+            }
+            if sleep_or_shutdown(backoff, shutdown).await {
+                return None;
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(30));
+        }
+    }
+
+    /// The node id.
+    pub fn node_id(&self) -> String {
+        lock(&self.node_id).clone()
+    }
+
+    fn session(&self) -> Session {
+        lock(&self.session).clone()
+    }
+
+    /// Publishes a status change of an instance on `nodes/<id>/job`.
+    fn report(&self, job: &str, number: i64, status: Status, detail: &str) {
+        tracing::info!(job = %job, instance = number, status = status.as_str(), detail, "instance status");
+        let msg = JobStatusReport::new(job, number, status.as_str(), lock(&self.public_ip).clone())
+            .with_detail(detail);
+        self.session().publish("job", &msg);
+    }
+
+    fn instance_dir(&self, id: &str) -> PathBuf {
+        self.settings.state_dir.join("instances").join(id)
+    }
+
+    fn log_path(&self, id: &str) -> PathBuf {
+        self.settings.app_logs.join(id)
+    }
+
+    // === Deploy ===================================================================================================
+
+    /// Handles `control/deploy`.
+    pub async fn deploy(self: Arc<Self>, cmd: DeployCommand) {
+        let job = cmd.job_name.clone();
+        let number = cmd.instance_number;
+        let task = match u32::try_from(number).ok().and_then(|n| {
+            Some(TaskId {
+                job: job.parse().ok()?,
+                instance: n,
+            })
+        }) {
+            Some(t) => t.to_string(),
+            None => {
+                let detail = format!(
+                    "invalid deploy: job_name {job:?} must be app.appns.svc.svcns and instance_number {number} a non-negative integer"
+                );
+                self.report(&job, number, Status::Failed, &detail);
+                return;
+            }
+        };
+        match cmd.virtualization.trim() {
+            "" | "docker" | "container" | "containerd" => {}
+            "unikernel" => {
+                let detail = "unikernels are not available on this worker: the unikernel runtime is not part of this release";
+                self.report(&job, number, Status::Failed, detail);
+                return;
+            }
+            other => {
+                let detail =
+                    format!("virtualization {other:?} is not supported by this worker (supported: docker)");
+                self.report(&job, number, Status::Failed, &detail);
+                return;
+            }
+        }
+        {
+            let mut map = lock(&self.instances);
+            if let Some(existing) = map.get(&task) {
+                // QoS 1 may deliver a command twice; the instance is already on its way.
+                tracing::info!(task = %task, phase = ?existing.phase, "deploy for an existing instance ignored");
+                if matches!(existing.phase, Phase::Running { .. }) {
+                    drop(map);
+                    self.report(&job, number, Status::Created, "");
+                }
+                return;
+            }
+            let (done, _) = watch::channel(false);
+            map.insert(
+                task.clone(),
+                Instance {
+                    job_name: job.clone(),
+                    number,
+                    one_shot: cmd.one_shot,
+                    port: cmd.port.clone(),
+                    memory_mib: cmd.memory,
+                    attached: false,
+                    phase: Phase::Deploying,
+                    stop: None,
+                    done,
+                },
+            );
+        }
+        let started = Instant::now();
+        match self.clone().start_instance(&task, &cmd).await {
+            Ok(pid) => {
+                let stop = {
+                    let mut map = lock(&self.instances);
+                    map.get_mut(&task).and_then(|i| {
+                        i.phase = Phase::Running { pid };
+                        i.stop
+                    })
+                };
+                tracing::info!(task = %task, pid, elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX), "instance started");
+                self.report(&job, number, Status::Created, "");
+                if stop.is_some() {
+                    // A delete arrived while we were deploying; the watcher reports once it is gone.
+                    let _ = self.runtime.kill(&task, 9, true).await;
+                }
+            }
+            Err(detail) => {
+                tracing::warn!(task = %task, error = %detail, "deploy failed");
+                let attached = lock(&self.instances).get(&task).is_some_and(|i| i.attached);
+                if attached && let Some(nm) = &self.netmanager {
+                    let _ = nm.detach(&job, number, &cmd.port).await;
+                }
+                if let Err(e) = self.runtime.remove(&task).await {
+                    tracing::warn!(task = %task, error = %e, "cleanup after a failed deploy");
+                }
+                let _ = std::fs::remove_dir_all(self.instance_dir(&task));
+                let removed = lock(&self.instances).remove(&task);
+                let stop = removed.as_ref().and_then(|i| i.stop);
+                if let Some(i) = &removed {
+                    let _ = i.done.send(true);
+                }
+                match stop {
+                    Some(StopReason::Undeploy) => self.report(&job, number, Status::Undeployed, ""),
+                    _ => self.report(&job, number, Status::Failed, &detail),
+                }
+            }
+        }
+    }
+
+    /// Image, files, container, task, overlay attach, start. Returns the init pid, or the error text reported as the
+    /// `FAILED` detail. The watcher is running before the task starts.
+    async fn start_instance(self: Arc<Self>, task: &str, cmd: &DeployCommand) -> Result<u32, String> {
+        let platform = if cmd.platform.trim().is_empty() {
+            Platform::host()
+        } else {
+            Platform::parse(cmd.platform.trim()).map_err(|e| e.to_string())?
+        };
+        let image = self
+            .runtime
+            .ensure_image(cmd.image.trim(), &platform)
+            .await
+            .map_err(|e| e.to_string())?;
+        let hostname = format!("instance-{}", cmd.instance_number);
+        let files = self
+            .write_instance_files(task, &hostname)
+            .map_err(|e| e.to_string())?;
+        let opts = SpecOptions {
+            hostname,
+            cgroups_path: self.runtime.cgroups_path(task),
+            hosts_file: files.join("hosts").display().to_string(),
+            resolv_conf: files.join("resolv.conf").display().to_string(),
+            hostname_file: files.join("hostname").display().to_string(),
+        };
+        let spec = spec::build(&image.config, cmd, &opts).map_err(|e| e.to_string())?;
+        let labels = HashMap::from([
+            (label::JOB.to_owned(), cmd.job_name.clone()),
+            (label::INSTANCE.to_owned(), cmd.instance_number.to_string()),
+            (label::ONE_SHOT.to_owned(), cmd.one_shot.to_string()),
+            (label::PORT.to_owned(), cmd.port.clone()),
+            (label::MEMORY.to_owned(), cmd.memory.to_string()),
+            (label::ATTACHED.to_owned(), self.netmanager.is_some().to_string()),
+        ]);
+        self.runtime
+            .create_container(task, &image, &spec, labels)
+            .await
+            .map_err(|e| e.to_string())?;
+        let log = self.log_path(task);
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .map_err(|e| format!("{}: {e}", log.display()))?;
+        let pid = self
+            .runtime
+            .create_task(task, &log)
+            .await
+            .map_err(|e| e.to_string())?;
+        if let Some(nm) = &self.netmanager {
+            if let Some(i) = lock(&self.instances).get_mut(task) {
+                i.attached = true;
+            }
+            nm.attach(pid, &cmd.job_name, cmd.instance_number, &cmd.port)
+                .await
+                .map_err(|e| format!("overlay attach failed: {e}"))?;
+        }
+        tokio::spawn(self.clone().watch(task.to_owned()));
+        self.runtime.start_task(task).await.map_err(|e| e.to_string())?;
+        Ok(pid)
+    }
+
+    /// `/etc/hosts`, `/etc/resolv.conf` and `/etc/hostname` of an instance, under its state directory.
+    fn write_instance_files(&self, task: &str, hostname: &str) -> std::io::Result<PathBuf> {
+        let dir = self.instance_dir(task);
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(
+            dir.join("hosts"),
+            format!(
+                "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{hostname}\n"
+            ),
+        )?;
+        std::fs::write(dir.join("hostname"), format!("{hostname}\n"))?;
+        std::fs::write(dir.join("resolv.conf"), resolv_conf())?;
+        Ok(dir)
+    }
+
+    // === Exit and undeploy ========================================================================================
+
+    /// Waits for the task of `task` to exit (riding out containerd restarts), then cleans up and reports.
+    async fn watch(self: Arc<Self>, task: String) {
+        let code = loop {
+            match self.runtime.wait(&task).await {
+                Ok(exit) => break Some(exit.code),
+                Err(e) if e.is_not_found() => break None,
+                Err(e) => {
+                    tracing::debug!(task = %task, error = %e, "wait interrupted; polling the task");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    match self.runtime.task_state(&task).await {
+                        Ok(TaskState::Stopped { exit_code }) => break Some(exit_code),
+                        Ok(TaskState::Missing) => break None,
+                        _ => {}
+                    }
+                }
+            }
+        };
+        self.finish(&task, code).await;
+    }
+
+    /// Detach, remove, report: the end of every instance that ran.
+    async fn finish(&self, task: &str, code: Option<u32>) {
+        let Some((job, number, one_shot, port, memory, attached, stop)) =
+            lock(&self.instances).get(task).map(|i| {
+                (
+                    i.job_name.clone(),
+                    i.number,
+                    i.one_shot,
+                    i.port.clone(),
+                    i.memory_mib,
+                    i.attached,
+                    i.stop,
+                )
+            })
+        else {
+            return;
+        };
+        // Read before the task is deleted: runc removes the cgroup with it.
+        let oom_kills = metrics::cgroup_stats(&self.runtime.cgroups_path(task))
+            .map(|s| s.oom_kills)
+            .unwrap_or(0);
+        if attached
+            && let Some(nm) = &self.netmanager
+            && let Err(e) = nm.detach(&job, number, &port).await
+        {
+            tracing::warn!(task = %task, error = %e, "overlay detach failed");
+        }
+        let deleted_code = match self.runtime.remove(task).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(task = %task, error = %e, "cleanup incomplete");
+                None
+            }
+        };
+        let _ = std::fs::remove_dir_all(self.instance_dir(task));
+        lock(&self.cpu).forget(task);
+        if let Some(i) = lock(&self.instances).remove(task) {
+            let _ = i.done.send(true);
+        }
+        let code = code.or(deleted_code);
+        match stop {
+            Some(StopReason::Undeploy) => self.report(&job, number, Status::Undeployed, ""),
+            Some(StopReason::Shutdown) => self.report(&job, number, Status::Dead, "the worker shut down"),
+            None => {
+                let (status, detail) = exit_status(code, one_shot, oom_kills, memory);
+                self.report(&job, number, status, &detail);
+            }
+        }
+    }
+
+    /// Handles `control/delete`: SIGTERM, then SIGKILL after [`STOP_GRACE`], then forced removal; reports
+    /// `UNDEPLOYED`.
+    pub async fn undeploy(self: Arc<Self>, cmd: DeleteCommand) {
+        let task = match u32::try_from(cmd.instance_number).ok().and_then(|n| {
+            Some(TaskId {
+                job: cmd.job_name.parse().ok()?,
+                instance: n,
+            })
+        }) {
+            Some(t) => t.to_string(),
+            None => {
+                tracing::warn!(job = %cmd.job_name, instance = cmd.instance_number, "delete for an invalid instance ignored");
+                return;
+            }
+        };
+        self.stop_instance(&task, StopReason::Undeploy, &cmd.job_name, cmd.instance_number)
+            .await;
+    }
+
+    async fn stop_instance(&self, task: &str, reason: StopReason, job: &str, number: i64) {
+        let state = {
+            let mut map = lock(&self.instances);
+            map.get_mut(task).map(|i| {
+                if i.stop.is_none() {
+                    i.stop = Some(reason);
+                }
+                (i.phase, i.done.subscribe())
+            })
+        };
+        let Some((phase, mut done)) = state else {
+            // Not ours (any more): remove leftovers, if any, and confirm.
+            match self.runtime.remove(task).await {
+                Ok(_) => {}
+                Err(e) => tracing::warn!(task = %task, error = %e, "cleanup of an unknown instance"),
+            }
+            if reason == StopReason::Undeploy {
+                self.report(job, number, Status::Undeployed, "");
+            }
+            return;
+        };
+        if phase == Phase::Deploying {
+            // The deploy path sees the stop request when it finishes and reports.
+            return;
+        }
+        let wait_done = |d: Duration, done: &mut watch::Receiver<bool>| {
+            let mut done = done.clone();
+            async move { tokio::time::timeout(d, done.wait_for(|v| *v)).await.is_ok() }
+        };
+        let _ = self.runtime.kill(task, 15, false).await;
+        if wait_done(STOP_GRACE, &mut done).await {
+            return;
+        }
+        tracing::info!(task = %task, "no exit after SIGTERM; killing");
+        let _ = self.runtime.kill(task, 9, true).await;
+        if wait_done(STOP_GRACE, &mut done).await {
+            return;
+        }
+        tracing::warn!(task = %task, "the task does not exit; removing it by force");
+        self.finish(task, None).await;
+    }
+
+    // === Adoption ================================================================================================
+
+    /// Takes over the containers a previous run left in the namespace: running ones are watched again, exited
+    /// ones are reported and removed, containers that are not ours are removed.
+    async fn adopt(self: &Arc<Self>) {
+        let containers = match self.runtime.list().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list containers to adopt");
+                return;
+            }
+        };
+        for c in containers {
+            let job = c.labels.get(label::JOB).cloned().unwrap_or_default();
+            let number: Option<i64> = c.labels.get(label::INSTANCE).and_then(|n| n.parse().ok());
+            let expected = number.and_then(|n| u32::try_from(n).ok()).and_then(|n| {
+                Some(
+                    TaskId {
+                        job: job.parse().ok()?,
+                        instance: n,
+                    }
+                    .to_string(),
+                )
+            });
+            let (Some(number), Some(task)) = (number, expected.filter(|t| *t == c.id)) else {
+                tracing::info!(container = %c.id, "removing a container that is not an Oakestra instance");
+                if let Err(e) = self.runtime.remove(&c.id).await {
+                    tracing::warn!(container = %c.id, error = %e, "cannot remove");
+                }
+                continue;
+            };
+            let state = self.runtime.task_state(&task).await;
+            let (done, _) = watch::channel(false);
+            let flag = |k: &str| c.labels.get(k).is_some_and(|v| v == "true");
+            let pid = match state {
+                Ok(TaskState::Alive { pid }) => pid,
+                _ => 0,
+            };
+            lock(&self.instances).insert(
+                task.clone(),
+                Instance {
+                    job_name: job.clone(),
+                    number,
+                    one_shot: flag(label::ONE_SHOT),
+                    port: c.labels.get(label::PORT).cloned().unwrap_or_default(),
+                    memory_mib: c
+                        .labels
+                        .get(label::MEMORY)
+                        .and_then(|m| m.parse().ok())
+                        .unwrap_or(0),
+                    attached: flag(label::ATTACHED),
+                    phase: Phase::Running { pid },
+                    stop: None,
+                    done,
+                },
+            );
+            match state {
+                Ok(TaskState::Alive { pid }) => {
+                    tracing::info!(task = %task, pid, "adopted a running instance");
+                    tokio::spawn(self.clone().watch(task));
+                }
+                Ok(TaskState::Stopped { exit_code }) => {
+                    tracing::info!(task = %task, exit_code, "an instance exited while the agent was away");
+                    self.finish(&task, Some(exit_code)).await;
+                }
+                Ok(TaskState::Missing) | Err(_) => {
+                    tracing::info!(task = %task, "an instance lost its task while the agent was away");
+                    self.finish(&task, None).await;
+                }
+            }
+        }
+    }
+
+    // === Reports =================================================================================================
+
+    /// One `information` report.
+    async fn report_node(self: &Arc<Self>) {
+        let me = self.clone();
+        let Ok(sample) = tokio::task::spawn_blocking(move || lock(&me.sampler).sample()).await else {
+            return;
+        };
+        let gpu = sample.gpus.first();
+        let info = NodeInformation {
+            ip: Some(lock(&self.public_ip).clone()),
+            cpu_percent: Some(sample.cpu_percent),
+            vcpus: Some(sample.vcpus),
+            memory_percent: Some(sample.memory_percent),
+            memory: Some(sample.memory_available_mib),
+            gpu_driver: Some(gpu.map(|g| g.driver.clone()).unwrap_or_default()),
+            gpu_temp: Some(gpu.map(|g| g.temperature_c).unwrap_or_default()),
+            gpu_usage: Some(gpu.map(|g| g.usage_percent).unwrap_or_default()),
+            vram: Some(gpu.map(|g| g.memory_total_mib).unwrap_or_default()),
+            vram_percent: Some(
+                gpu.filter(|g| g.memory_total_mib > 0.0)
+                    .map(|g| g.memory_used_mib / g.memory_total_mib * 100.0)
+                    .unwrap_or_default(),
+            ),
+            vgpus: Some(i64::try_from(sample.gpus.len()).unwrap_or_default()),
+            ..NodeInformation::default()
+        };
+        self.session().publish_periodic("information", &info);
+        let services = self.resources(sample.memory_available_mib).await;
+        self.session().publish_periodic(
+            "jobs/resources",
+            &ResourcesReport {
+                services,
+                ..ResourcesReport::default()
+            },
+        );
+    }
+
+    /// Per-instance CPU, memory, disk and log tail of the running instances.
+    async fn resources(&self, available_mib: i64) -> Vec<ServiceResources> {
+        let running: Vec<(String, String, i64)> = lock(&self.instances)
+            .iter()
+            .filter(|(_, i)| matches!(i.phase, Phase::Running { .. }) && i.stop.is_none())
+            .map(|(t, i)| (t.clone(), i.job_name.clone(), i.number))
+            .collect();
+        let cores = metrics::logical_cores();
+        let available_bytes = (available_mib.max(1) as f64) * 1024.0 * 1024.0;
+        let mut out = Vec::with_capacity(running.len());
+        for (task, job, number) in running {
+            let stats = metrics::cgroup_stats(&self.runtime.cgroups_path(&task));
+            let (cpu, mem) = match stats {
+                Some(s) => {
+                    let cpu = lock(&self.cpu).percent(&task, s.cpu_usage_ns, Instant::now(), cores);
+                    (cpu, s.memory_bytes as f64 / available_bytes)
+                }
+                None => (0.0, 0.0),
+            };
+            let disk = self.runtime.disk_usage(&task).await.unwrap_or(0);
+            out.push(ServiceResources {
+                cpu_percent: format!("{cpu:.2}"),
+                memory_percent: format!("{mem:.6}"),
+                disk: disk.to_string(),
+                logs: metrics::log_tail(&self.log_path(&task), LOG_TAIL_BYTES),
+                job_name: job,
+                virtualization: CONTAINER_RUNTIME.to_owned(),
+                instance: number,
+                ..ServiceResources::default()
+            });
+        }
+        out
+    }
+
+    fn write_status(&self) {
+        let mut instances: Vec<InstanceStatus> = lock(&self.instances)
+            .iter()
+            .map(|(t, i)| InstanceStatus {
+                task: t.clone(),
+                phase: match i.phase {
+                    Phase::Deploying => "deploying".into(),
+                    Phase::Running { .. } => "running".into(),
+                },
+                pid: match i.phase {
+                    Phase::Running { pid } => pid,
+                    Phase::Deploying => 0,
+                },
+            })
+            .collect();
+        instances.sort_by(|a, b| a.task.cmp(&b.task));
+        let status = StatusFile {
+            pid: std::process::id(),
+            node_id: self.node_id(),
+            node_name: self.settings.node_name.clone(),
+            cluster: format!("{}:{}", self.settings.cluster_address, self.settings.cluster_port),
+            connected: self.session().is_connected(),
+            instances,
+            updated_s: now_s(),
+        };
+        let path = self.settings.state_dir.join("status.json");
+        let tmp = path.with_extension("json.tmp");
+        let body = serde_json::to_vec_pretty(&status).unwrap_or_default();
+        if std::fs::write(&tmp, body)
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .is_err()
+        {
+            tracing::debug!(path = %path.display(), "cannot write the status file");
+        }
+    }
+
+    /// Stops every instance (for `--on-stop stop`), in parallel.
+    async fn stop_all(self: &Arc<Self>) {
+        let all: Vec<(String, String, i64)> = lock(&self.instances)
+            .iter()
+            .map(|(t, i)| (t.clone(), i.job_name.clone(), i.number))
+            .collect();
+        let mut joins = Vec::new();
+        for (task, job, number) in all {
+            let me = self.clone();
+            joins.push(tokio::spawn(async move {
+                me.stop_instance(&task, StopReason::Shutdown, &job, number).await;
+            }));
+        }
+        for j in joins {
+            let _ = j.await;
+        }
+    }
+}
+
+/// The status an exited instance is reported with.
+fn exit_status(code: Option<u32>, one_shot: bool, oom_kills: u64, memory_mib: i64) -> (Status, String) {
+    if oom_kills > 0 {
+        return (
+            Status::Dead,
+            format!("OOM-killed: the instance exceeded its memory limit of {memory_mib} MiB"),
+        );
+    }
+    match code {
+        Some(0) if one_shot => (Status::Completed, String::new()),
+        Some(0) => (Status::Dead, "exited with code 0".into()),
+        Some(c) if c > 128 && c < 160 => (
+            Status::Dead,
+            format!("killed by signal {} (exit code {c})", c - 128),
+        ),
+        Some(c) => (Status::Dead, format!("exited with code {c}")),
+        None => (Status::Dead, "the task vanished (no exit code)".into()),
+    }
+}
+
+/// The `resolv.conf` instances get: systemd-resolved's upstream list when present, else the host's unless it only
+/// points at a loopback resolver (unreachable from the instance's namespace), else a public resolver.
+fn resolv_conf() -> String {
+    for path in ["/run/systemd/resolve/resolv.conf", "/etc/resolv.conf"] {
+        if let Ok(text) = std::fs::read_to_string(path) {
+            let usable = text.lines().any(|l| {
+                let mut w = l.split_whitespace();
+                w.next() == Some("nameserver")
+                    && w.next()
+                        .and_then(|ip| ip.parse::<IpAddr>().ok())
+                        .is_some_and(|ip| !ip.is_loopback())
+            });
+            if usable {
+                return text;
+            }
+        }
+    }
+    "nameserver 8.8.8.8\n".to_owned()
+}
+
+/// Runs the agent until `shutdown` becomes true.
+pub async fn run(settings: Settings, mut shutdown: watch::Receiver<bool>) -> Result<(), AgentError> {
+    for dir in [
+        &settings.state_dir,
+        &settings.app_logs,
+        &settings.state_dir.join("instances"),
+    ] {
+        std::fs::create_dir_all(dir).map_err(|e| AgentError::Dir {
+            path: dir.clone(),
+            reason: e.to_string(),
+        })?;
+    }
+    if settings.unikernel_requested {
+        tracing::warn!(
+            "-u=true: the unikernel runtime is not available in this release; only containers run here"
+        );
+    }
+    let Some(runtime) = connect_runtime(&settings, &mut shutdown).await else {
+        return Ok(());
+    };
+    let ip = local_ip_towards(&settings.cluster_address, settings.cluster_port)
+        .await
+        .map(|ip| ip.to_string())
+        .unwrap_or_else(|| "127.0.0.1".to_owned());
+    let netmanager = NetManager::from_overlay(&settings.overlay);
+    let mut sampler = NodeSampler::new();
+    let first = sampler.sample();
+    let info = metrics::system_info();
+    // A placeholder session until the cluster accepts us (never connected, so nothing is published through it).
+    let (placeholder, _, placeholder_pump) = Session::start("127.0.0.1", 1, "unregistered", "");
+    placeholder_pump.abort();
+    let agent = Arc::new(Agent {
+        settings: settings.clone(),
+        runtime,
+        netmanager,
+        session: Mutex::new(placeholder),
+        node_id: Mutex::new(String::new()),
+        public_ip: Mutex::new(ip),
+        instances: Mutex::new(HashMap::new()),
+        cpu: Mutex::new(CpuTracker::new()),
+        sampler: Mutex::new(sampler),
+    });
+    let body = agent.registration(&first, &info);
+    let Some((identity, session, mut inbound, mut pump)) = Agent::join(&settings, body, &mut shutdown).await
+    else {
+        return Ok(());
+    };
+    *lock(&agent.node_id) = identity.node_id.clone();
+    *lock(&agent.session) = session;
+    if let Some(nm) = &agent.netmanager {
+        let mut backoff = Duration::from_secs(1);
+        while let Err(e) = nm.register(&identity.node_id, &settings.cluster_address).await {
+            tracing::warn!(error = %e, retry_s = backoff.as_secs(), "NetManager registration failed");
+            if sleep_or_shutdown(backoff, &mut shutdown).await {
+                agent.session().disconnect().await;
+                return Ok(());
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(30));
+        }
+        tracing::info!("NetManager registered");
+    }
+    agent.adopt().await;
+    let mut ticker = tokio::time::interval(settings.report_interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => break,
+            _ = ticker.tick() => {
+                agent.report_node().await;
+                agent.write_status();
+            }
+            msg = inbound.recv() => match msg {
+                Some(Inbound::Deploy(cmd)) => { tokio::spawn(agent.clone().deploy(*cmd)); }
+                Some(Inbound::Delete(cmd)) => { tokio::spawn(agent.clone().undeploy(cmd)); }
+                Some(Inbound::Connected) => agent.report_node().await,
+                Some(Inbound::Rejected(code)) => {
+                    tracing::warn!(code = %code, "the broker refused our credentials; registering again");
+                    pump.abort();
+                    agent.session().disconnect().await;
+                    let body = agent.registration(&lock(&agent.sampler).sample(), &info);
+                    let Some((identity, session, rx, p)) = Agent::join(&settings, body, &mut shutdown).await else {
+                        break;
+                    };
+                    *lock(&agent.node_id) = identity.node_id.clone();
+                    *lock(&agent.session) = session;
+                    inbound = rx;
+                    pump = p;
+                }
+                None => break,
+            }
+        }
+    }
+    tracing::info!(on_stop = ?settings.on_stop, "shutting down");
+    if settings.on_stop == OnStop::Stop {
+        agent.stop_all().await;
+    }
+    let session = agent.session();
+    // Let queued status reports leave before saying goodbye.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    session.disconnect().await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    pump.abort();
+    let _ = std::fs::remove_file(settings.state_dir.join("status.json"));
+    Ok(())
+}
+
+/// `status.json` of a running agent, if its pid is alive.
+pub fn read_status(state_dir: &Path) -> Option<StatusFile> {
+    let text = std::fs::read_to_string(state_dir.join("status.json")).ok()?;
+    let status: StatusFile = serde_json::from_str(&text).ok()?;
+    Path::new(&format!("/proc/{}", status.pid))
+        .exists()
+        .then_some(status)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_statuses() {
+        assert_eq!(exit_status(Some(0), true, 0, 0).0, Status::Completed);
+        assert_eq!(exit_status(Some(0), false, 0, 0).0, Status::Dead);
+        let (s, d) = exit_status(Some(137), false, 1, 32);
+        assert_eq!(s, Status::Dead);
+        assert!(d.contains("OOM") && d.contains("32 MiB"), "{d}");
+        assert!(exit_status(Some(137), false, 0, 0).1.contains("signal 9"));
+        assert!(exit_status(Some(3), true, 0, 0).1.contains("code 3"));
+        assert_eq!(exit_status(None, true, 0, 0).0, Status::Dead);
+    }
+
+    #[test]
+    fn resolv_conf_never_points_at_loopback() {
+        let text = resolv_conf();
+        for line in text.lines().filter(|l| l.starts_with("nameserver")) {
+            let ip: IpAddr = line
+                .split_whitespace()
+                .nth(1)
+                .unwrap_or("")
+                .parse()
+                .unwrap_or(IpAddr::from([8, 8, 8, 8]));
+            assert!(!ip.is_loopback(), "{text}");
+        }
+    }
+}
