@@ -355,9 +355,9 @@ done
 # --- 4. systemd units --------------------------------------------------------------------------------------------
 log "systemd units"
 units_changed=0
-# Restart: the reference waits 30 s (RestartSec=30). NodeEngine exits whenever the cluster is unreachable at start
-# (registration is fatal), so a worker booted a moment before its cluster would sit out 30 s; 5 s brings it back
-# almost at once while one attempt per 5 s is still no load. StartLimitIntervalSec=0: never give up retrying, a
+# Restart: the reference waits 30 s (RestartSec=30) because its NodeEngine exits whenever the cluster is unreachable.
+# Ours retries registration and the broker itself and only exits on a bad configuration or a crash; 5 s brings a
+# crashed agent back almost at once (its instances keep running and are adopted) while one start per 5 s is no load. StartLimitIntervalSec=0: never give up retrying, a
 # cluster may be down for hours. KillMode=mixed: SIGTERM to the daemon alone so it stops its workloads and cleans up
 # itself; anything left in the unit's cgroup after TimeoutStopSec is killed.
 put_text "$prefix/etc/systemd/system/netmanager.service" 0644 <<'EOF'
@@ -397,7 +397,7 @@ Type=simple
 User=root
 # Settings come from /etc/oakestra/conf.json (NodeEngine config ..., or NodeEngine -a <cluster>).
 ExecStart=/usr/local/bin/NodeEngine run
-# 5 s, not the reference's 30 s: NodeEngine exits when its cluster is unreachable; it rejoins soon after it is back.
+# 5 s, not the reference's 30 s: see scripts/install-worker.sh (a crashed agent is back at once and adopts its instances).
 Restart=always
 RestartSec=5
 KillMode=mixed

@@ -19,8 +19,10 @@ SKIP_EBPF="${OAKESTRA_SKIP_EBPF:-0}"
 # gcc/libc6-dev: C code in -sys crates; pkg-config: crate build scripts; the llvm-22 set: bpf-linker (eBPF);
 # mosquitto: the cluster-service broker tests run a real Mosquitto as the external broker (they fail without it);
 # docker-registry, skopeo, busybox-static: the worker-agent registry tests push a busybox image built by
-# scripts/testbed/mk-oci-image.sh to a local registry (they fail without them).
-packages=(gcc libc6-dev pkg-config mosquitto docker-registry skopeo busybox-static)
+# scripts/testbed/mk-oci-image.sh to a local registry (they fail without them);
+# containerd, runc: the NodeEngine tests start a private containerd (own socket and root) and run real containers;
+# protobuf-compiler: containerd-client's build script compiles containerd's protos with protoc.
+packages=(gcc libc6-dev pkg-config mosquitto docker-registry skopeo busybox-static containerd runc protobuf-compiler)
 [ "$SKIP_EBPF" = 1 ] || packages+=(llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev binutils)
 missing=()
 for p in "${packages[@]}"; do
@@ -33,7 +35,13 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 # --- Rust toolchains ---------------------------------------------------------------------------------------------
-command -v cargo >/dev/null || die "cargo not found: this project needs rustup with a stable toolchain (>= 1.95)"
+[ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"
+if ! command -v cargo >/dev/null; then
+  log "installing a Rust toolchain with rustup (stable, minimal profile)"
+  command -v curl >/dev/null || as_root apt-get -o DPkg::Lock::Timeout=900 install -y -qq --no-install-recommends curl ca-certificates
+  curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal --default-toolchain stable
+  export PATH="$HOME/.cargo/bin:$PATH"
+fi
 for c in rustfmt clippy; do
   rustup component list --installed 2>/dev/null | grep -q "^$c" || { log "adding rustup component $c"; rustup component add "$c"; }
 done

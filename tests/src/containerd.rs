@@ -123,6 +123,13 @@ impl Containerd {
                 let _ = self.ctr(&ns, &["containers", "delete", &id]);
                 let _ = self.ctr(&ns, &["snapshots", "rm", &format!("{id}-snapshotter")]);
             }
+            // runc leaves the namespace's parent cgroups behind; remove them when empty (rmdir fails otherwise).
+            if let Ok(controllers) = std::fs::read_dir("/sys/fs/cgroup") {
+                for c in controllers.flatten() {
+                    let _ = std::fs::remove_dir(c.path().join(&ns));
+                }
+            }
+            let _ = std::fs::remove_dir(Path::new("/sys/fs/cgroup").join(&ns));
         }
     }
 }

@@ -21,7 +21,7 @@ const BINARIES: &[(&str, &str)] = &[
 ];
 
 /// Binaries whose first slice has landed: they run instead of refusing.
-const FINISHED: &[&str] = &["root-service", "cluster-service"];
+const FINISHED: &[&str] = &["root-service", "cluster-service", "NodeEngine"];
 
 #[test]
 fn help_explains_each_binary() {
@@ -61,6 +61,24 @@ fn unfinished_binaries_refuse_to_run() {
         assert_eq!(out.status.code(), Some(2), "{name} should exit 2: {out:?}");
         assert!(stderr.contains("not implemented yet"), "{name} stderr: {stderr}");
     }
+}
+
+#[test]
+fn node_engine_refuses_to_run_without_a_cluster() {
+    let out = procs::run(
+        "NodeEngine",
+        &["--conf", "/nonexistent/conf.json", "--log-file", "none"],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "NodeEngine should exit 64: {out:?}");
+    assert!(
+        stderr.contains("clusterAddr") && stderr.contains("-a"),
+        "stderr: {stderr}"
+    );
+    let out = procs::run("NodeEngine", &["-a", "h", "-n", "70000", "--log-file", "none"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    assert!(stderr.contains("70000"), "stderr: {stderr}");
 }
 
 #[test]

@@ -16,7 +16,7 @@ use crate::registry::Credentials;
     name = "NodeEngine",
     version,
     about = "oakestra-rs worker agent: joins a cluster, runs its instances with containerd, reports metrics",
-    long_about = "NodeEngine joins an Oakestra cluster (HTTP registration, then MQTT as <node id>-ne), runs the \
+    long_about = "The oakestra-rs worker agent. NodeEngine joins an Oakestra cluster (HTTP registration, then MQTT as <node id>-ne), runs the \
                   instances the cluster schedules here as containerd containers (namespace `oakestra`), attaches \
                   them to the overlay through the NetManager, and reports node metrics every 2 s.\n\n\
                   Without a subcommand (or with `run`) it runs in the foreground until SIGTERM/SIGINT. Settings come \
@@ -127,7 +127,7 @@ pub struct RunFlags {
         global = true
     )]
     pub state_dir: PathBuf,
-    /// The agent's own log file (also written to stderr). Empty: stderr only.
+    /// The agent's own log file (also written to stderr; `NodeEngine logs` prints it). `none`: stderr only.
     #[arg(long, default_value = "/var/log/oakestra/nodeengine.log", global = true)]
     pub log_file: PathBuf,
     /// Seconds between node reports (`information` and `jobs/resources`).
@@ -293,7 +293,7 @@ impl Settings {
             Some(n) if !n.trim().is_empty() => n.trim().to_owned(),
             _ => hostname(),
         };
-        let log_file = (!flags.log_file.as_os_str().is_empty()).then(|| flags.log_file.clone());
+        let log_file = (flags.log_file.as_os_str() != "none").then(|| flags.log_file.clone());
         Ok(Self {
             cluster_address,
             cluster_port,

@@ -1,0 +1,368 @@
+//! The whole control plane with a real worker: `root-service`, `cluster-service` and `NodeEngine` binaries, a
+//! private containerd + runc, the busybox test image imported and pushed to a local registry. A user's services go
+//! root → cluster → NodeEngine → containerd; statuses and logs come back to root; the NodeEngine restarts and adopts
+//! its running instance; an undeploy removes the container.
+
+#![allow(clippy::unwrap_used, reason = "test code: a panic is the clearest failure")]
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use oakestra_protocol::client;
+use oakestra_tests::containerd::{Containerd, LocalRegistry};
+use oakestra_tests::harness::{Proc, eventually, free_port};
+use oakestra_tests::procs;
+use serde_json::{Value, json};
+
+const JOIN_TOKEN: &str = "worker-test-join-token";
+const IMAGE: &str = "docker.io/library/bbtest:latest";
+
+async fn call(method: &str, url: &str, bearer: Option<&str>, body: Option<&Value>) -> client::Response {
+    client::call(
+        method.parse().unwrap(),
+        url,
+        bearer,
+        body,
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap()
+}
+
+struct Stack {
+    dir: PathBuf,
+    root_url: String,
+    cluster_port: u16,
+    token: String,
+    root: Proc,
+    cluster: Proc,
+}
+
+impl Stack {
+    async fn start(dir: &Path) -> Self {
+        let (root_port, cluster_port, mqtt_port) = (free_port(), free_port(), free_port());
+        let root_url = format!("http://127.0.0.1:{root_port}");
+        let s = |x: &str| x.to_owned();
+        let root = Proc::start(
+            "root-service",
+            &[
+                s("--listen"),
+                format!("127.0.0.1:{root_port}"),
+                s("--data-dir"),
+                dir.join("root").display().to_string(),
+                s("--join-token"),
+                s(JOIN_TOKEN),
+            ],
+            dir.join("root.log"),
+        );
+        let cluster = Proc::start(
+            "cluster-service",
+            &[
+                s("--cluster-name"),
+                s("workercluster"),
+                s("--cluster-location"),
+                s("48.1,11.6,1000"),
+                s("--root-url"),
+                root_url.clone(),
+                s("--join-token"),
+                s(JOIN_TOKEN),
+                s("--listen"),
+                format!("127.0.0.1:{cluster_port}"),
+                s("--advertise-address"),
+                s("127.0.0.1"),
+                s("--mqtt-listen"),
+                format!("127.0.0.1:{mqtt_port}"),
+                s("--data-dir"),
+                dir.join("cluster").display().to_string(),
+                s("--report-interval"),
+                s("0.5"),
+            ],
+            dir.join("cluster.log"),
+        );
+        let login = eventually(20, "root to accept a login", &[&root], || {
+            let url = format!("{root_url}/api/auth/login");
+            async move {
+                let body = json!({"username": "Admin", "password": "Admin"});
+                let r = client::call(
+                    "POST".parse().unwrap(),
+                    &url,
+                    None,
+                    Some(&body),
+                    Duration::from_secs(2),
+                )
+                .await
+                .ok()?;
+                (r.status == 200).then_some(r.body)
+            }
+        })
+        .await;
+        let token = login["token"].as_str().unwrap().to_owned();
+        Self {
+            dir: dir.to_owned(),
+            root_url,
+            cluster_port,
+            token,
+            root,
+            cluster,
+        }
+    }
+
+    fn node_engine(&self, ctrd: &Containerd, log: &str) -> Proc {
+        let d = |x: &str| self.dir.join(x).display().to_string();
+        let s = |x: &str| x.to_owned();
+        Proc::start(
+            "NodeEngine",
+            &[
+                s("-a"),
+                s("127.0.0.1"),
+                s("-p"),
+                self.cluster_port.to_string(),
+                s("-n"),
+                s("-1"),
+                s("-l"),
+                d("apps"),
+                s("--conf"),
+                d("no-conf.json"),
+                s("--containerd"),
+                ctrd.socket.display().to_string(),
+                s("--state-dir"),
+                d("ne-state"),
+                s("--log-file"),
+                d("ne-file.log"),
+                s("--report-interval"),
+                s("0.5"),
+                s("--node-name"),
+                s("worker-under-test"),
+            ],
+            self.dir.join(log),
+        )
+    }
+
+    /// Creates an application with one service and deploys one instance; returns the job id.
+    async fn deploy(&self, app: &str, service: &Value) -> String {
+        let mut ms = json!({"microserviceID": "", "microservice_name": "svc", "microservice_namespace": "test",
+                            "virtualization": "container", "memory": 100, "vcpus": 0, "code": IMAGE});
+        for (k, v) in service.as_object().unwrap() {
+            ms[k] = v.clone();
+        }
+        let sla = json!({"sla_version": "v2.0", "customerID": "Admin", "applications": [{
+            "applicationID": "", "application_name": app, "application_namespace": "test", "application_desc": "",
+            "microservices": [ms]}]});
+        let apps = call(
+            "POST",
+            &format!("{}/api/application", self.root_url),
+            Some(&self.token),
+            Some(&sla),
+        )
+        .await;
+        assert_eq!(apps.status, 200, "{}", apps.body);
+        let app_id = apps
+            .body
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["application_name"] == json!(app))
+            .unwrap()["_id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let services = call(
+            "GET",
+            &format!("{}/api/services/{app_id}", self.root_url),
+            Some(&self.token),
+            None,
+        )
+        .await;
+        let job = services.body[0]["_id"].as_str().unwrap().to_owned();
+        let r = call(
+            "POST",
+            &format!("{}/api/service/{job}/instance", self.root_url),
+            Some(&self.token),
+            Some(&json!({})),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        job
+    }
+
+    async fn instance(&self, job: &str) -> Option<Value> {
+        let url = format!("{}/api/service/{job}", self.root_url);
+        let r = client::call::<Value>(
+            "GET".parse().unwrap(),
+            &url,
+            Some(&self.token),
+            None,
+            Duration::from_secs(2),
+        )
+        .await
+        .ok()?;
+        let i = r.body["instance_list"].get(0)?.clone();
+        Some(i)
+    }
+
+    async fn wait_status(&self, job: &str, status: &str, procs: &[&Proc]) -> Value {
+        eventually(60, &format!("{job} to be {status} at root"), procs, || async {
+            self.instance(job).await.filter(|i| i["status"] == json!(status))
+        })
+        .await
+    }
+}
+
+fn ctr_lines(ctrd: &Containerd, args: &[&str]) -> String {
+    String::from_utf8_lossy(&ctrd.ctr("oakestra", args).stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_run_report_survive_a_restart_and_are_removed() {
+    let dir = std::env::temp_dir().join(format!("oakestra-worker-e2e-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let ctrd = Containerd::start("worker-e2e");
+    let layout = ctrd.import_test_image("oakestra", IMAGE);
+    let registry = LocalRegistry::start("worker-e2e");
+    let pulled = registry.push(&layout, "e2e/bb");
+    let stack = Stack::start(&dir).await;
+    let mut ne = stack.node_engine(&ctrd, "ne-1.log");
+
+    // A long-running service: RUNNING at root with its log lines, a real 100 MiB cgroup limit.
+    let web = stack
+        .deploy(
+            "web",
+            &json!({"cmd": ["sh", "-c", "echo hello-from-$HOSTNAME; while true; do sleep 1; done"]}),
+        )
+        .await;
+    let all = [&stack.root, &stack.cluster, &ne];
+    let running = eventually(60, "web RUNNING at root with its log", &all, || async {
+        stack.instance(&web).await.filter(|i| {
+            i["status"] == json!("RUNNING")
+                && i["logs"].as_str().unwrap_or("").contains("hello-from-instance-0")
+        })
+    })
+    .await;
+    assert_eq!(running["status"], json!("RUNNING"));
+    let task = "web.test.svc.test.instance.0";
+    assert!(
+        ctr_lines(&ctrd, &["tasks", "ls"]).contains(task),
+        "{}",
+        ctr_lines(&ctrd, &["tasks", "ls"])
+    );
+    let limit = std::fs::read_to_string(format!(
+        "/sys/fs/cgroup/memory/oakestra/{task}/memory.limit_in_bytes"
+    ))
+    .or_else(|_| std::fs::read_to_string(format!("/sys/fs/cgroup/oakestra/{task}/memory.max")))
+    .unwrap();
+    assert_eq!(limit.trim(), (100 * 1024 * 1024).to_string());
+    let app_log = std::fs::read_to_string(dir.join("apps").join(task)).unwrap();
+    assert!(app_log.contains("hello-from-instance-0"), "{app_log}");
+
+    // A one-shot service that exits 0 is COMPLETED.
+    let once = stack
+        .deploy(
+            "once",
+            &json!({"cmd": ["sh", "-c", "echo done"], "one_shot": true}),
+        )
+        .await;
+    stack.wait_status(&once, "COMPLETED", &all).await;
+
+    // A crash and an OOM kill are reported DEAD with the reason.
+    let _crash = stack
+        .deploy("crash", &json!({"cmd": ["sh", "-c", "exit 3"]}))
+        .await;
+    let _hog = stack
+        .deploy(
+            "hog",
+            &json!({"memory": 16, "cmd": ["dd", "if=/dev/zero", "of=/dev/null", "bs=64M", "count=1"]}),
+        )
+        .await;
+    eventually(
+        60,
+        "DEAD reports for the crash and the OOM kill",
+        &all,
+        || async {
+            let log = ne.log();
+            let dead = |job: &str, detail: &str| {
+                log.lines().any(|l| {
+                    l.contains(&format!("job={job}")) && l.contains("status=\"DEAD\"") && l.contains(detail)
+                })
+            };
+            (dead("crash.test.svc.test", "exited with code 3") && dead("hog.test.svc.test", "OOM-killed"))
+                .then_some(())
+        },
+    )
+    .await;
+
+    // An image pulled from the local registry over plain HTTP.
+    let from_registry = stack
+        .deploy(
+            "pulled",
+            &json!({"code": pulled, "cmd": ["sh", "-c", "echo pulled-ok; sleep 3600"]}),
+        )
+        .await;
+    eventually(60, "the pulled service RUNNING with its log", &all, || async {
+        stack.instance(&from_registry).await.filter(|i| {
+            i["status"] == json!("RUNNING") && i["logs"].as_str().unwrap_or("").contains("pulled-ok")
+        })
+    })
+    .await;
+
+    // `NodeEngine status` sees the running agent.
+    let state = dir.join("ne-state").display().to_string();
+    let status = procs::run("NodeEngine", &["status", "--state-dir", &state]);
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status.status.success() && text.contains("connected") && text.contains(task),
+        "{text}"
+    );
+
+    // SIGTERM with the default `--on-stop leave`: the agent exits, the container keeps running.
+    let pid_before = ctr_lines(&ctrd, &["tasks", "ls"]);
+    assert_eq!(ne.terminate(Duration::from_secs(15)), Some(0), "{}", ne.log());
+    let tasks = ctr_lines(&ctrd, &["tasks", "ls"]);
+    assert!(
+        tasks.lines().any(|l| l.contains(task) && l.contains("RUNNING")),
+        "{tasks}"
+    );
+    let stopped = procs::run("NodeEngine", &["status", "--state-dir", &state]);
+    assert_eq!(stopped.status.code(), Some(3), "status of a stopped agent");
+
+    // The restarted agent adopts it: same task (same pid), still RUNNING at root.
+    let ne2 = stack.node_engine(&ctrd, "ne-2.log");
+    let all2 = [&stack.root, &stack.cluster, &ne2];
+    eventually(30, "the restarted agent to adopt web", &all2, || async {
+        ne2.log().contains("adopted a running instance").then_some(())
+    })
+    .await;
+    assert_eq!(
+        pid_before.lines().find(|l| l.contains(task)),
+        ctr_lines(&ctrd, &["tasks", "ls"])
+            .lines()
+            .find(|l| l.contains(task)),
+        "the task was replaced instead of adopted"
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stack.wait_status(&web, "RUNNING", &all2).await;
+
+    // Deleting the instance at root removes task, container and snapshot.
+    let r = call(
+        "DELETE",
+        &format!("{}/api/service/{web}/instance/0", stack.root_url),
+        Some(&stack.token),
+        None,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    eventually(30, "web's container to be gone", &all2, || async {
+        let containers = ctr_lines(&ctrd, &["containers", "ls", "-q"]);
+        let snapshots = ctr_lines(&ctrd, &["snapshots", "ls"]);
+        (!containers.contains(task) && !snapshots.contains(&format!("{task}-snapshotter"))).then_some(())
+    })
+    .await;
+    assert!(ne2.log().contains("status=\"UNDEPLOYED\""), "{}", ne2.log());
+
+    drop(ne2);
+    drop(ne);
+    drop(stack);
+    drop(registry);
+    drop(ctrd);
+    let _ = std::fs::remove_dir_all(&dir);
+}
