@@ -107,35 +107,35 @@ impl Stack {
         }
     }
 
-    fn node_engine(&self, ctrd: &Containerd, log: &str) -> Proc {
+    fn node_engine_args(&self, ctrd: &Containerd) -> Vec<String> {
         let d = |x: &str| self.dir.join(x).display().to_string();
         let s = |x: &str| x.to_owned();
-        Proc::start(
-            "NodeEngine",
-            &[
-                s("-a"),
-                s("127.0.0.1"),
-                s("-p"),
-                self.cluster_port.to_string(),
-                s("-n"),
-                s("-1"),
-                s("-l"),
-                d("apps"),
-                s("--conf"),
-                d("no-conf.json"),
-                s("--containerd"),
-                ctrd.socket.display().to_string(),
-                s("--state-dir"),
-                d("ne-state"),
-                s("--log-file"),
-                d("ne-file.log"),
-                s("--report-interval"),
-                s("0.5"),
-                s("--node-name"),
-                s("worker-under-test"),
-            ],
-            self.dir.join(log),
-        )
+        vec![
+            s("-a"),
+            s("127.0.0.1"),
+            s("-p"),
+            self.cluster_port.to_string(),
+            s("-n"),
+            s("-1"),
+            s("-l"),
+            d("apps"),
+            s("--conf"),
+            d("no-conf.json"),
+            s("--containerd"),
+            ctrd.socket.display().to_string(),
+            s("--state-dir"),
+            d("ne-state"),
+            s("--log-file"),
+            d("ne-file.log"),
+            s("--report-interval"),
+            s("0.5"),
+            s("--node-name"),
+            s("worker-under-test"),
+        ]
+    }
+
+    fn node_engine(&self, ctrd: &Containerd, log: &str) -> Proc {
+        Proc::start("NodeEngine", &self.node_engine_args(ctrd), self.dir.join(log))
     }
 
     /// Creates an application with one service and deploys one instance; returns the job id.
@@ -363,6 +363,253 @@ async fn services_run_report_survive_a_restart_and_are_removed() {
     drop(ne);
     drop(stack);
     drop(registry);
+    drop(ctrd);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A stand-in for the NetManager's local API on a unix socket: records every call and, for `/container/deploy`, the
+/// task's state as containerd sees it at that moment (the attach must happen between task create and start).
+struct StubNetManager {
+    calls: std::sync::Arc<std::sync::Mutex<Vec<(String, Value, String)>>>,
+    fail_deploys: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl StubNetManager {
+    fn start(socket: &Path, ctr_socket: PathBuf) -> Self {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let _ = std::fs::remove_file(socket);
+        let listener = tokio::net::UnixListener::bind(socket).unwrap();
+        let calls = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let fail_deploys = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (c, f) = (calls.clone(), fail_deploys.clone());
+        let server = tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = listener.accept().await else {
+                    return;
+                };
+                let (c, f, ctr_socket) = (c.clone(), f.clone(), ctr_socket.clone());
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0_u8; 4096];
+                    let (head, body) = loop {
+                        let n = s.read(&mut chunk).await.unwrap_or(0);
+                        if n == 0 {
+                            return;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                        let text = String::from_utf8_lossy(&buf).into_owned();
+                        if let Some(i) = text.find("\r\n\r\n") {
+                            let head = text[..i].to_owned();
+                            let len: usize = head
+                                .lines()
+                                .find_map(|l| {
+                                    l.to_ascii_lowercase()
+                                        .strip_prefix("content-length:")
+                                        .map(|v| v.trim().parse().unwrap_or(0))
+                                })
+                                .unwrap_or(0);
+                            if buf.len() >= i + 4 + len {
+                                break (
+                                    head,
+                                    String::from_utf8_lossy(&buf[i + 4..i + 4 + len]).into_owned(),
+                                );
+                            }
+                        }
+                    };
+                    let path = head.split_whitespace().nth(1).unwrap_or("").to_owned();
+                    let body: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+                    let mut seen = String::new();
+                    let mut status = "200 OK";
+                    let mut answer = json!({});
+                    if path == "/container/deploy" {
+                        let out = std::process::Command::new("ctr")
+                            .arg("--address")
+                            .arg(&ctr_socket)
+                            .args(["-n", "oakestra", "tasks", "ls"])
+                            .output()
+                            .unwrap();
+                        seen = String::from_utf8_lossy(&out.stdout).into_owned();
+                        if f.load(std::sync::atomic::Ordering::Relaxed) {
+                            status = "500 Internal Server Error";
+                            answer = json!({"error": "stub says no"});
+                        } else {
+                            answer = json!({"serviceName": body["serviceName"], "nsAddress": "10.18.0.2", "nsAddressv6": "fc00::2"});
+                        }
+                    }
+                    c.lock().unwrap().push((path, body, seen));
+                    let payload = answer.to_string();
+                    let reply = format!(
+                        "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{payload}",
+                        payload.len()
+                    );
+                    let _ = s.write_all(reply.as_bytes()).await;
+                });
+            }
+        });
+        Self {
+            calls,
+            fail_deploys,
+            server,
+        }
+    }
+
+    fn calls(&self, path: &str) -> Vec<(Value, String)> {
+        self.calls
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(p, _, _)| p == path)
+            .map(|(_, b, s)| (b.clone(), s.clone()))
+            .collect()
+    }
+}
+
+impl Drop for StubNetManager {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_overlay_is_attached_between_create_and_start_and_orphans_go() {
+    let dir = std::env::temp_dir().join(format!("oakestra-worker-overlay-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let ctrd = Containerd::start("worker-overlay");
+    ctrd.import_test_image("oakestra", IMAGE);
+    let stack = Stack::start(&dir).await;
+    let socket = dir.join("netmanager.sock");
+    let stub = StubNetManager::start(&socket, ctrd.socket.clone());
+    let ne_args = |log: &str, extra: &[&str]| {
+        let mut p = stack.node_engine_args(&ctrd);
+        let n = p.iter().position(|a| a == "-1").unwrap();
+        p[n] = socket.display().to_string();
+        p.extend(extra.iter().map(|s| (*s).to_owned()));
+        Proc::start("NodeEngine", &p, dir.join(log))
+    };
+    let mut ne = ne_args("ne-1.log", &[]);
+    let all = [&stack.root, &stack.cluster, &ne];
+
+    // Registration with the NetManager comes first, with the node id.
+    eventually(30, "the NetManager registration", &all, || async {
+        (!stub.calls("/register").is_empty()).then_some(())
+    })
+    .await;
+    let (register, _) = stub.calls("/register")[0].clone();
+    assert_eq!(register["cluster_address"], json!("127.0.0.1"));
+    assert!(
+        register["client_id"].as_str().is_some_and(|s| !s.is_empty()),
+        "{register}"
+    );
+
+    // The attach carries the task's pid and the port mappings while the task is created but not started.
+    let web = stack
+        .deploy(
+            "ovl",
+            &json!({"port": "8080:80/tcp", "cmd": ["sh", "-c", "sleep 3600"]}),
+        )
+        .await;
+    stack.wait_status(&web, "RUNNING", &all).await;
+    let task = "ovl.test.svc.test.instance.0";
+    let (attach, tasks_then) = stub.calls("/container/deploy")[0].clone();
+    assert_eq!(attach["serviceName"], json!("ovl.test.svc.test"));
+    assert_eq!(attach["instanceNumber"], json!(0));
+    assert_eq!(attach["portMappings"], json!("8080:80/tcp"));
+    let pid = attach["pid"].as_i64().unwrap();
+    let line = tasks_then
+        .lines()
+        .find(|l| l.contains(task))
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        line.contains(&pid.to_string()) && line.contains("CREATED"),
+        "task at attach time: {tasks_then}"
+    );
+
+    // A refused attach fails the deploy and leaves nothing behind.
+    stub.fail_deploys
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let refused = stack
+        .deploy("refused", &json!({"cmd": ["sh", "-c", "sleep 3600"]}))
+        .await;
+    eventually(60, "FAILED for the refused attach", &all, || async {
+        ne.log()
+            .lines()
+            .any(|l| {
+                l.contains("job=refused.test.svc.test")
+                    && l.contains("status=\"FAILED\"")
+                    && l.contains("overlay attach failed")
+            })
+            .then_some(())
+    })
+    .await;
+    let _ = refused;
+    stub.fail_deploys
+        .store(false, std::sync::atomic::Ordering::Relaxed);
+
+    // An orphan: the agent is killed, the job is deleted meanwhile; the restarted agent adopts the container and the
+    // cluster, which no longer knows it, has it removed (and detached).
+    drop(ne);
+    let apps = call(
+        "GET",
+        &format!("{}/api/applications", stack.root_url),
+        Some(&stack.token),
+        None,
+    )
+    .await;
+    let ovl_app = apps
+        .body
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["application_name"] == json!("ovl"))
+        .unwrap()["_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let r = call(
+        "DELETE",
+        &format!("{}/api/application/{ovl_app}", stack.root_url),
+        Some(&stack.token),
+        None,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(
+        ctr_lines(&ctrd, &["tasks", "ls"]).contains(task),
+        "the orphan must still run while the agent is down"
+    );
+    let ne2 = ne_args("ne-2.log", &["--on-stop", "stop"]);
+    let all2 = [&stack.root, &stack.cluster, &ne2];
+    eventually(60, "the orphan to be removed", &all2, || async {
+        (!ctr_lines(&ctrd, &["containers", "ls", "-q"]).contains(task)).then_some(())
+    })
+    .await;
+    assert!(
+        stub.calls("/container/undeploy")
+            .iter()
+            .any(|(b, _)| b["serviceName"] == json!("ovl.test.svc.test"))
+    );
+
+    // `--on-stop stop`: SIGTERM stops and removes the running instances.
+    let keep = stack
+        .deploy("keep", &json!({"cmd": ["sh", "-c", "sleep 3600"]}))
+        .await;
+    stack.wait_status(&keep, "RUNNING", &all2).await;
+    let mut ne2 = ne2;
+    assert_eq!(ne2.terminate(Duration::from_secs(30)), Some(0), "{}", ne2.log());
+    let left = ctr_lines(&ctrd, &["containers", "ls", "-q"]);
+    assert!(!left.contains("keep.test.svc.test"), "{left}");
+    assert!(
+        stub.calls("/container/undeploy")
+            .iter()
+            .any(|(b, _)| b["serviceName"] == json!("keep.test.svc.test"))
+    );
+
+    drop(ne2);
+    drop(stub);
+    drop(stack);
     drop(ctrd);
     let _ = std::fs::remove_dir_all(&dir);
 }

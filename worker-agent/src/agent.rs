@@ -598,7 +598,13 @@ impl Agent {
             })
         };
         let Some((phase, mut done)) = state else {
-            // Not ours (any more): remove leftovers, if any, and confirm.
+            // Not ours (any more): remove leftovers, if any, and confirm. The NetManager's undeploy is idempotent, so
+            // a possible attachment is released too.
+            if let Some(nm) = &self.netmanager
+                && let Err(e) = nm.detach(job, number, "").await
+            {
+                tracing::debug!(task = %task, error = %e, "overlay detach of an unknown instance");
+            }
             match self.runtime.remove(task).await {
                 Ok(_) => {}
                 Err(e) => tracing::warn!(task = %task, error = %e, "cleanup of an unknown instance"),
