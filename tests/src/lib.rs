@@ -3,6 +3,7 @@
 //! # Layout
 //! - [`harness`]: free ports, child processes killed on drop, `eventually`.
 //! - [`containerd`]: a private containerd daemon, the busybox test image, a local registry.
+//! - [`stack`]: root + cluster as child processes and the NodeEngine command line.
 //! - [`procs`]: locate a built binary (`NodeEngine`, `NetManager`, `cluster-service`, `root-service`) and run it.
 //!
 //! The suites live in `tests/tests/*.rs`. They expect the binaries to be built first (`cargo build --bins`, which
@@ -11,3 +12,4 @@
 pub mod containerd;
 pub mod harness;
 pub mod procs;
+pub mod stack;

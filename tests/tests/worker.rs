@@ -8,205 +8,11 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use oakestra_protocol::client;
 use oakestra_tests::containerd::{Containerd, LocalRegistry};
-use oakestra_tests::harness::{Proc, eventually, free_port};
+use oakestra_tests::harness::{Proc, eventually};
 use oakestra_tests::procs;
+use oakestra_tests::stack::{IMAGE, Stack, call};
 use serde_json::{Value, json};
-
-const JOIN_TOKEN: &str = "worker-test-join-token";
-const IMAGE: &str = "docker.io/library/bbtest:latest";
-
-async fn call(method: &str, url: &str, bearer: Option<&str>, body: Option<&Value>) -> client::Response {
-    client::call(
-        method.parse().unwrap(),
-        url,
-        bearer,
-        body,
-        Duration::from_secs(10),
-    )
-    .await
-    .unwrap()
-}
-
-struct Stack {
-    dir: PathBuf,
-    root_url: String,
-    cluster_port: u16,
-    token: String,
-    root: Proc,
-    cluster: Proc,
-}
-
-impl Stack {
-    async fn start(dir: &Path) -> Self {
-        let (root_port, cluster_port, mqtt_port) = (free_port(), free_port(), free_port());
-        let root_url = format!("http://127.0.0.1:{root_port}");
-        let s = |x: &str| x.to_owned();
-        let root = Proc::start(
-            "root-service",
-            &[
-                s("--listen"),
-                format!("127.0.0.1:{root_port}"),
-                s("--data-dir"),
-                dir.join("root").display().to_string(),
-                s("--join-token"),
-                s(JOIN_TOKEN),
-            ],
-            dir.join("root.log"),
-        );
-        let cluster = Proc::start(
-            "cluster-service",
-            &[
-                s("--cluster-name"),
-                s("workercluster"),
-                s("--cluster-location"),
-                s("48.1,11.6,1000"),
-                s("--root-url"),
-                root_url.clone(),
-                s("--join-token"),
-                s(JOIN_TOKEN),
-                s("--listen"),
-                format!("127.0.0.1:{cluster_port}"),
-                s("--advertise-address"),
-                s("127.0.0.1"),
-                s("--mqtt-listen"),
-                format!("127.0.0.1:{mqtt_port}"),
-                s("--data-dir"),
-                dir.join("cluster").display().to_string(),
-                s("--report-interval"),
-                s("0.5"),
-            ],
-            dir.join("cluster.log"),
-        );
-        let login = eventually(20, "root to accept a login", &[&root], || {
-            let url = format!("{root_url}/api/auth/login");
-            async move {
-                let body = json!({"username": "Admin", "password": "Admin"});
-                let r = client::call(
-                    "POST".parse().unwrap(),
-                    &url,
-                    None,
-                    Some(&body),
-                    Duration::from_secs(2),
-                )
-                .await
-                .ok()?;
-                (r.status == 200).then_some(r.body)
-            }
-        })
-        .await;
-        let token = login["token"].as_str().unwrap().to_owned();
-        Self {
-            dir: dir.to_owned(),
-            root_url,
-            cluster_port,
-            token,
-            root,
-            cluster,
-        }
-    }
-
-    fn node_engine_args(&self, ctrd: &Containerd) -> Vec<String> {
-        let d = |x: &str| self.dir.join(x).display().to_string();
-        let s = |x: &str| x.to_owned();
-        vec![
-            s("-a"),
-            s("127.0.0.1"),
-            s("-p"),
-            self.cluster_port.to_string(),
-            s("-n"),
-            s("-1"),
-            s("-l"),
-            d("apps"),
-            s("--conf"),
-            d("no-conf.json"),
-            s("--containerd"),
-            ctrd.socket.display().to_string(),
-            s("--state-dir"),
-            d("ne-state"),
-            s("--log-file"),
-            d("ne-file.log"),
-            s("--report-interval"),
-            s("0.5"),
-            s("--node-name"),
-            s("worker-under-test"),
-        ]
-    }
-
-    fn node_engine(&self, ctrd: &Containerd, log: &str) -> Proc {
-        Proc::start("NodeEngine", &self.node_engine_args(ctrd), self.dir.join(log))
-    }
-
-    /// Creates an application with one service and deploys one instance; returns the job id.
-    async fn deploy(&self, app: &str, service: &Value) -> String {
-        let mut ms = json!({"microserviceID": "", "microservice_name": "svc", "microservice_namespace": "test",
-                            "virtualization": "container", "memory": 100, "vcpus": 0, "code": IMAGE});
-        for (k, v) in service.as_object().unwrap() {
-            ms[k] = v.clone();
-        }
-        let sla = json!({"sla_version": "v2.0", "customerID": "Admin", "applications": [{
-            "applicationID": "", "application_name": app, "application_namespace": "test", "application_desc": "",
-            "microservices": [ms]}]});
-        let apps = call(
-            "POST",
-            &format!("{}/api/application", self.root_url),
-            Some(&self.token),
-            Some(&sla),
-        )
-        .await;
-        assert_eq!(apps.status, 200, "{}", apps.body);
-        let app_id = apps
-            .body
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|a| a["application_name"] == json!(app))
-            .unwrap()["_id"]
-            .as_str()
-            .unwrap()
-            .to_owned();
-        let services = call(
-            "GET",
-            &format!("{}/api/services/{app_id}", self.root_url),
-            Some(&self.token),
-            None,
-        )
-        .await;
-        let job = services.body[0]["_id"].as_str().unwrap().to_owned();
-        let r = call(
-            "POST",
-            &format!("{}/api/service/{job}/instance", self.root_url),
-            Some(&self.token),
-            Some(&json!({})),
-        )
-        .await;
-        assert_eq!(r.status, 200, "{}", r.body);
-        job
-    }
-
-    async fn instance(&self, job: &str) -> Option<Value> {
-        let url = format!("{}/api/service/{job}", self.root_url);
-        let r = client::call::<Value>(
-            "GET".parse().unwrap(),
-            &url,
-            Some(&self.token),
-            None,
-            Duration::from_secs(2),
-        )
-        .await
-        .ok()?;
-        let i = r.body["instance_list"].get(0)?.clone();
-        Some(i)
-    }
-
-    async fn wait_status(&self, job: &str, status: &str, procs: &[&Proc]) -> Value {
-        eventually(60, &format!("{job} to be {status} at root"), procs, || async {
-            self.instance(job).await.filter(|i| i["status"] == json!(status))
-        })
-        .await
-    }
-}
 
 fn ctr_lines(ctrd: &Containerd, args: &[&str]) -> String {
     String::from_utf8_lossy(&ctrd.ctr("oakestra", args).stdout).into_owned()
@@ -221,7 +27,7 @@ async fn services_run_report_survive_a_restart_and_are_removed() {
     let layout = ctrd.import_test_image("oakestra", IMAGE);
     let registry = LocalRegistry::start("worker-e2e");
     let pulled = registry.push(&layout, "e2e/bb");
-    let stack = Stack::start(&dir).await;
+    let mut stack = Stack::start(&dir).await;
     let mut ne = stack.node_engine(&ctrd, "ne-1.log");
 
     // A long-running service: RUNNING at root with its log lines, a real 100 MiB cgroup limit.
@@ -340,6 +146,23 @@ async fn services_run_report_survive_a_restart_and_are_removed() {
         "the task was replaced instead of adopted"
     );
     tokio::time::sleep(Duration::from_secs(3)).await;
+    stack.wait_status(&web, "RUNNING", &all2).await;
+
+    // A cluster outage (cluster-service and its broker killed for 4 s) leaves the instance running; the agent
+    // reconnects by itself and the instance is RUNNING at root again.
+    let connects = |p: &Proc| p.log().matches("connected to the cluster broker").count();
+    let before = connects(&ne2);
+    stack.restart_cluster(Duration::from_secs(4)).await;
+    let tasks = ctr_lines(&ctrd, &["tasks", "ls"]);
+    assert!(
+        tasks.lines().any(|l| l.contains(task) && l.contains("RUNNING")),
+        "{tasks}"
+    );
+    let all2 = [&stack.root, &stack.cluster, &ne2];
+    eventually(60, "the agent to reconnect after the outage", &all2, || async {
+        (connects(&ne2) > before).then_some(())
+    })
+    .await;
     stack.wait_status(&web, "RUNNING", &all2).await;
 
     // Deleting the instance at root removes task, container and snapshot.
@@ -488,7 +311,7 @@ async fn the_overlay_is_attached_between_create_and_start_and_orphans_go() {
         p.extend(extra.iter().map(|s| (*s).to_owned()));
         Proc::start("NodeEngine", &p, dir.join(log))
     };
-    let mut ne = ne_args("ne-1.log", &[]);
+    let ne = ne_args("ne-1.log", &[]);
     let all = [&stack.root, &stack.cluster, &ne];
 
     // Registration with the NetManager comes first, with the node id.

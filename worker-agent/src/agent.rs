@@ -119,7 +119,7 @@ pub struct Agent {
     settings: Settings,
     runtime: Containerd,
     netmanager: Option<NetManager>,
-    session: Mutex<Session>,
+    session: Mutex<Option<Session>>,
     node_id: Mutex<String>,
     public_ip: Mutex<String>,
     instances: Mutex<HashMap<String, Instance>>,
@@ -298,7 +298,8 @@ impl Agent {
         lock(&self.node_id).clone()
     }
 
-    fn session(&self) -> Session {
+    /// The MQTT session (`None` until the cluster accepted the registration).
+    fn session(&self) -> Option<Session> {
         lock(&self.session).clone()
     }
 
@@ -307,7 +308,10 @@ impl Agent {
         tracing::info!(job = %job, instance = number, status = status.as_str(), detail, "instance status");
         let msg = JobStatusReport::new(job, number, status.as_str(), lock(&self.public_ip).clone())
             .with_detail(detail);
-        self.session().publish("job", &msg);
+        match self.session() {
+            Some(session) => session.publish("job", &msg),
+            None => tracing::warn!(job = %job, "status not sent: not registered with the cluster yet"),
+        }
     }
 
     fn instance_dir(&self, id: &str) -> PathBuf {
@@ -399,7 +403,9 @@ impl Agent {
             }
             Err(detail) => {
                 tracing::warn!(task = %task, error = %detail, "deploy failed");
-                let attached = lock(&self.instances).get(&task).is_some_and(|i| i.attached);
+                // Out of the map first: a watcher already running sees no instance and leaves the report to us.
+                let removed = lock(&self.instances).remove(&task);
+                let attached = removed.as_ref().is_some_and(|i| i.attached);
                 if attached && let Some(nm) = &self.netmanager {
                     let _ = nm.detach(&job, number, &cmd.port).await;
                 }
@@ -407,7 +413,6 @@ impl Agent {
                     tracing::warn!(task = %task, error = %e, "cleanup after a failed deploy");
                 }
                 let _ = std::fs::remove_dir_all(self.instance_dir(&task));
-                let removed = lock(&self.instances).remove(&task);
                 let stop = removed.as_ref().and_then(|i| i.stop);
                 if let Some(i) = &removed {
                     let _ = i.done.send(true);
@@ -735,9 +740,12 @@ impl Agent {
             vgpus: Some(i64::try_from(sample.gpus.len()).unwrap_or_default()),
             ..NodeInformation::default()
         };
-        self.session().publish_periodic("information", &info);
+        let Some(session) = self.session() else {
+            return;
+        };
+        session.publish_periodic("information", &info);
         let services = self.resources(sample.memory_available_mib).await;
-        self.session().publish_periodic(
+        session.publish_periodic(
             "jobs/resources",
             &ResourcesReport {
                 services,
@@ -801,7 +809,7 @@ impl Agent {
             node_id: self.node_id(),
             node_name: self.settings.node_name.clone(),
             cluster: format!("{}:{}", self.settings.cluster_address, self.settings.cluster_port),
-            connected: self.session().is_connected(),
+            connected: self.session().is_some_and(|s| s.is_connected()),
             instances,
             updated_s: now_s(),
         };
@@ -903,14 +911,11 @@ pub async fn run(settings: Settings, mut shutdown: watch::Receiver<bool>) -> Res
     let mut sampler = NodeSampler::new();
     let first = sampler.sample();
     let info = metrics::system_info();
-    // A placeholder session until the cluster accepts us (never connected, so nothing is published through it).
-    let (placeholder, _, placeholder_pump) = Session::start("127.0.0.1", 1, "unregistered", "");
-    placeholder_pump.abort();
     let agent = Arc::new(Agent {
         settings: settings.clone(),
         runtime,
         netmanager,
-        session: Mutex::new(placeholder),
+        session: Mutex::new(None),
         node_id: Mutex::new(String::new()),
         public_ip: Mutex::new(ip),
         instances: Mutex::new(HashMap::new()),
@@ -923,13 +928,15 @@ pub async fn run(settings: Settings, mut shutdown: watch::Receiver<bool>) -> Res
         return Ok(());
     };
     *lock(&agent.node_id) = identity.node_id.clone();
-    *lock(&agent.session) = session;
+    *lock(&agent.session) = Some(session);
     if let Some(nm) = &agent.netmanager {
         let mut backoff = Duration::from_secs(1);
         while let Err(e) = nm.register(&identity.node_id, &settings.cluster_address).await {
             tracing::warn!(error = %e, retry_s = backoff.as_secs(), "NetManager registration failed");
             if sleep_or_shutdown(backoff, &mut shutdown).await {
-                agent.session().disconnect().await;
+                if let Some(s) = agent.session() {
+                    s.disconnect().await;
+                }
                 return Ok(());
             }
             backoff = (backoff * 2).min(Duration::from_secs(30));
@@ -953,13 +960,15 @@ pub async fn run(settings: Settings, mut shutdown: watch::Receiver<bool>) -> Res
                 Some(Inbound::Rejected(code)) => {
                     tracing::warn!(code = %code, "the broker refused our credentials; registering again");
                     pump.abort();
-                    agent.session().disconnect().await;
+                    if let Some(s) = agent.session() {
+                        s.disconnect().await;
+                    }
                     let body = agent.registration(&lock(&agent.sampler).sample(), &info);
                     let Some((identity, session, rx, p)) = Agent::join(&settings, body, &mut shutdown).await else {
                         break;
                     };
                     *lock(&agent.node_id) = identity.node_id.clone();
-                    *lock(&agent.session) = session;
+                    *lock(&agent.session) = Some(session);
                     inbound = rx;
                     pump = p;
                 }
@@ -971,10 +980,11 @@ pub async fn run(settings: Settings, mut shutdown: watch::Receiver<bool>) -> Res
     if settings.on_stop == OnStop::Stop {
         agent.stop_all().await;
     }
-    let session = agent.session();
     // Let queued status reports leave before saying goodbye.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    session.disconnect().await;
+    if let Some(session) = agent.session() {
+        session.disconnect().await;
+    }
     tokio::time::sleep(Duration::from_millis(100)).await;
     pump.abort();
     let _ = std::fs::remove_file(settings.state_dir.join("status.json"));

@@ -1,0 +1,233 @@
+//! root-service + cluster-service as child processes, logged in as Admin, plus the NodeEngine command line for a
+//! private containerd: what the worker suites and the worker bench drive.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use oakestra_protocol::client;
+use serde_json::{Value, json};
+
+use crate::containerd::Containerd;
+use crate::harness::{Proc, eventually, free_port};
+
+/// The join token the stack's root and cluster share.
+pub const JOIN_TOKEN: &str = "worker-test-join-token";
+/// The busybox test image (imported into the private containerd).
+pub const IMAGE: &str = "docker.io/library/bbtest:latest";
+
+/// One HTTP call; panics on a transport error.
+pub async fn call(method: &str, url: &str, bearer: Option<&str>, body: Option<&Value>) -> client::Response {
+    client::call(
+        method.parse().expect("an HTTP method"),
+        url,
+        bearer,
+        body,
+        Duration::from_secs(10),
+    )
+    .await
+    .expect("the HTTP call")
+}
+
+/// A running root and cluster, with Admin's token.
+#[derive(Debug)]
+pub struct Stack {
+    /// The directory holding data dirs and logs.
+    pub dir: PathBuf,
+    /// root's base URL.
+    pub root_url: String,
+    /// The cluster manager's HTTP port.
+    pub cluster_port: u16,
+    /// Admin's bearer token.
+    pub token: String,
+    /// The root-service process.
+    pub root: Proc,
+    /// The cluster-service process.
+    pub cluster: Proc,
+    /// Its command line (for [`Self::restart_cluster`]).
+    cluster_args: Vec<String>,
+}
+
+impl Stack {
+    /// Starts root and cluster (embedded broker) under `dir` and logs in as Admin.
+    pub async fn start(dir: &Path) -> Self {
+        let (root_port, cluster_port, mqtt_port) = (free_port(), free_port(), free_port());
+        let root_url = format!("http://127.0.0.1:{root_port}");
+        let s = |x: &str| x.to_owned();
+        let root = Proc::start(
+            "root-service",
+            &[
+                s("--listen"),
+                format!("127.0.0.1:{root_port}"),
+                s("--data-dir"),
+                dir.join("root").display().to_string(),
+                s("--join-token"),
+                s(JOIN_TOKEN),
+            ],
+            dir.join("root.log"),
+        );
+        let cluster_args = vec![
+            s("--cluster-name"),
+            s("workercluster"),
+            s("--cluster-location"),
+            s("48.1,11.6,1000"),
+            s("--root-url"),
+            root_url.clone(),
+            s("--join-token"),
+            s(JOIN_TOKEN),
+            s("--listen"),
+            format!("127.0.0.1:{cluster_port}"),
+            s("--advertise-address"),
+            s("127.0.0.1"),
+            s("--mqtt-listen"),
+            format!("127.0.0.1:{mqtt_port}"),
+            s("--data-dir"),
+            dir.join("cluster").display().to_string(),
+            s("--report-interval"),
+            s("0.5"),
+        ];
+        let cluster = Proc::start("cluster-service", &cluster_args, dir.join("cluster.log"));
+        let login = eventually(20, "root to accept a login", &[&root], || {
+            let url = format!("{root_url}/api/auth/login");
+            async move {
+                let body = json!({"username": "Admin", "password": "Admin"});
+                let r = client::call(
+                    "POST".parse().expect("stack"),
+                    &url,
+                    None,
+                    Some(&body),
+                    Duration::from_secs(2),
+                )
+                .await
+                .ok()?;
+                (r.status == 200).then_some(r.body)
+            }
+        })
+        .await;
+        let token = login["token"].as_str().expect("stack").to_owned();
+        Self {
+            dir: dir.to_owned(),
+            root_url,
+            cluster_port,
+            token,
+            root,
+            cluster,
+            cluster_args,
+        }
+    }
+
+    /// Kills the cluster-service (SIGKILL: an outage, not a shutdown), waits `down`, starts it again on the same
+    /// ports and data directory; its log goes on in `cluster-2.log`.
+    pub async fn restart_cluster(&mut self, down: Duration) {
+        self.cluster.kill();
+        tokio::time::sleep(down).await;
+        self.cluster = Proc::start(
+            "cluster-service",
+            &self.cluster_args,
+            self.dir.join("cluster-2.log"),
+        );
+    }
+
+    /// The NodeEngine flags for this stack and `ctrd`: no overlay (`-n -1`), state and logs under the stack's directory, 0.5 s reports.
+    pub fn node_engine_args(&self, ctrd: &Containerd) -> Vec<String> {
+        let d = |x: &str| self.dir.join(x).display().to_string();
+        let s = |x: &str| x.to_owned();
+        vec![
+            s("-a"),
+            s("127.0.0.1"),
+            s("-p"),
+            self.cluster_port.to_string(),
+            s("-n"),
+            s("-1"),
+            s("-l"),
+            d("apps"),
+            s("--conf"),
+            d("no-conf.json"),
+            s("--containerd"),
+            ctrd.socket.display().to_string(),
+            s("--state-dir"),
+            d("ne-state"),
+            s("--log-file"),
+            d("ne-file.log"),
+            s("--report-interval"),
+            s("0.5"),
+            s("--node-name"),
+            s("worker-under-test"),
+        ]
+    }
+
+    /// Starts a NodeEngine with [`Self::node_engine_args`], stderr in `dir/<log>`.
+    pub fn node_engine(&self, ctrd: &Containerd, log: &str) -> Proc {
+        Proc::start("NodeEngine", &self.node_engine_args(ctrd), self.dir.join(log))
+    }
+
+    /// Creates an application `app` with one service (fields of `service` override the defaults) and deploys one instance; returns the job id.
+    pub async fn deploy(&self, app: &str, service: &Value) -> String {
+        let mut ms = json!({"microserviceID": "", "microservice_name": "svc", "microservice_namespace": "test",
+                            "virtualization": "container", "memory": 100, "vcpus": 0, "code": IMAGE});
+        for (k, v) in service.as_object().expect("stack") {
+            ms[k] = v.clone();
+        }
+        let sla = json!({"sla_version": "v2.0", "customerID": "Admin", "applications": [{
+            "applicationID": "", "application_name": app, "application_namespace": "test", "application_desc": "",
+            "microservices": [ms]}]});
+        let apps = call(
+            "POST",
+            &format!("{}/api/application", self.root_url),
+            Some(&self.token),
+            Some(&sla),
+        )
+        .await;
+        assert_eq!(apps.status, 200, "{}", apps.body);
+        let app_id = apps
+            .body
+            .as_array()
+            .expect("stack")
+            .iter()
+            .find(|a| a["application_name"] == json!(app))
+            .expect("stack")["_id"]
+            .as_str()
+            .expect("stack")
+            .to_owned();
+        let services = call(
+            "GET",
+            &format!("{}/api/services/{app_id}", self.root_url),
+            Some(&self.token),
+            None,
+        )
+        .await;
+        let job = services.body[0]["_id"].as_str().expect("stack").to_owned();
+        let r = call(
+            "POST",
+            &format!("{}/api/service/{job}/instance", self.root_url),
+            Some(&self.token),
+            Some(&json!({})),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        job
+    }
+
+    /// Instance 0 of `job` as root shows it.
+    pub async fn instance(&self, job: &str) -> Option<Value> {
+        let url = format!("{}/api/service/{job}", self.root_url);
+        let r = client::call::<Value>(
+            "GET".parse().expect("stack"),
+            &url,
+            Some(&self.token),
+            None,
+            Duration::from_secs(2),
+        )
+        .await
+        .ok()?;
+        let i = r.body["instance_list"].get(0)?.clone();
+        Some(i)
+    }
+
+    /// Waits up to 60 s for instance 0 of `job` to have `status` at root.
+    pub async fn wait_status(&self, job: &str, status: &str, procs: &[&Proc]) -> Value {
+        eventually(60, &format!("{job} to be {status} at root"), procs, || async {
+            self.instance(job).await.filter(|i| i["status"] == json!(status))
+        })
+        .await
+    }
+}
