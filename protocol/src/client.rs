@@ -335,6 +335,57 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn calls_a_unix_socket() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let dir = std::env::temp_dir().join(format!("oakestra-client-unix-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("api.sock");
+        let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = vec![0_u8; 4096];
+            let mut got = Vec::new();
+            while !String::from_utf8_lossy(&got).contains("{\"pid\":7}") {
+                let n = s.read(&mut buf).await.unwrap();
+                got.extend_from_slice(&buf[..n]);
+            }
+            s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 17\r\n\r\n{\"nsAddress\":\"x\"}")
+                .await
+                .unwrap();
+            String::from_utf8_lossy(&got).into_owned()
+        });
+        let r = call_unix(
+            Method::POST,
+            &socket,
+            "/container/deploy",
+            Some(&serde_json::json!({"pid": 7})),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+        assert_eq!((r.status, r.body["nsAddress"].as_str()), (200, Some("x")));
+        let request = server.await.unwrap();
+        assert!(
+            request.starts_with("POST /container/deploy HTTP/1.1"),
+            "{request}"
+        );
+        let missing = call_unix::<()>(
+            Method::POST,
+            &dir.join("none.sock"),
+            "/x",
+            None,
+            Duration::from_secs(2),
+        )
+        .await;
+        assert!(
+            matches!(&missing, Err(ClientError::Transport { url, .. }) if url.contains("none.sock")),
+            "{missing:?}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
     async fn refused_and_silent_peers_are_errors() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
