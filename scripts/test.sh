@@ -84,7 +84,7 @@ fi
 if [ "$SKIP_EBPF" != 1 ]; then
   log "building the eBPF object (nightly, bpfel-unknown-none)"
   (cd ebpf/programs && cargo build --locked --release)
-  obj=target/bpfel-unknown-none/release/oakestra-tc
+  obj="${CARGO_TARGET_DIR:-target}/bpfel-unknown-none/release/oakestra-tc"
   [ -f "$obj" ] || die "eBPF object $obj was not produced"
   # The object must hold both classifiers and the counter map; a build that silently produced an empty object fails.
   syms=$(readelf -sW "$obj")

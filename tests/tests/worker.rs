@@ -34,7 +34,7 @@ async fn services_run_report_survive_a_restart_and_are_removed() {
     let web = stack
         .deploy(
             "web",
-            &json!({"cmd": ["sh", "-c", "echo hello-from-$HOSTNAME; while true; do sleep 1; done"]}),
+            &json!({"vcpus": 1, "cmd": ["sh", "-c", "echo hello-from-$HOSTNAME; while true; do sleep 1; done"]}),
         )
         .await;
     let all = [&stack.root, &stack.cluster, &ne];
@@ -58,6 +58,15 @@ async fn services_run_report_survive_a_restart_and_are_removed() {
     .or_else(|_| std::fs::read_to_string(format!("/sys/fs/cgroup/oakestra/{task}/memory.max")))
     .unwrap();
     assert_eq!(limit.trim(), (100 * 1024 * 1024).to_string());
+    // vcpus 1 = a CFS quota of one period per period.
+    let quota = std::fs::read_to_string(format!("/sys/fs/cgroup/cpu/oakestra/{task}/cpu.cfs_quota_us"))
+        .map(|q| q.trim().to_owned())
+        .or_else(|_| {
+            std::fs::read_to_string(format!("/sys/fs/cgroup/oakestra/{task}/cpu.max"))
+                .map(|m| m.split_whitespace().next().unwrap_or("").to_owned())
+        })
+        .unwrap();
+    assert_eq!(quota, "100000");
     let app_log = std::fs::read_to_string(dir.join("apps").join(task)).unwrap();
     assert!(app_log.contains("hello-from-instance-0"), "{app_log}");
 
