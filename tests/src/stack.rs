@@ -28,6 +28,53 @@ pub async fn call(method: &str, url: &str, bearer: Option<&str>, body: Option<&V
     .expect("the HTTP call")
 }
 
+/// `root-service` flags: listen on 127.0.0.1:`port`, data in `dir/root`, join token `token`.
+pub fn root_args(dir: &Path, port: u16, token: &str) -> Vec<String> {
+    vec![
+        "--listen".into(),
+        format!("127.0.0.1:{port}"),
+        "--data-dir".into(),
+        dir.join("root").display().to_string(),
+        "--join-token".into(),
+        token.into(),
+    ]
+}
+
+/// `cluster-service` flags: cluster `name` joining the root at `root_url` with `token`, HTTP on 127.0.0.1:`port`,
+/// the embedded broker on 127.0.0.1:`mqtt_port`, data in `dir/cluster`, reports to root every 0.5 s.
+pub fn cluster_args(
+    dir: &Path,
+    name: &str,
+    root_url: &str,
+    token: &str,
+    port: u16,
+    mqtt_port: u16,
+) -> Vec<String> {
+    [
+        "--cluster-name",
+        name,
+        "--cluster-location",
+        "48.1,11.6,1000",
+        "--root-url",
+        root_url,
+        "--join-token",
+        token,
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--advertise-address",
+        "127.0.0.1",
+        "--mqtt-listen",
+        &format!("127.0.0.1:{mqtt_port}"),
+        "--data-dir",
+        &dir.join("cluster").display().to_string(),
+        "--report-interval",
+        "0.5",
+    ]
+    .iter()
+    .map(|a| (*a).to_owned())
+    .collect()
+}
+
 /// A running root and cluster, with Admin's token.
 #[derive(Debug)]
 pub struct Stack {
@@ -52,39 +99,19 @@ impl Stack {
     pub async fn start(dir: &Path) -> Self {
         let (root_port, cluster_port, mqtt_port) = (free_port(), free_port(), free_port());
         let root_url = format!("http://127.0.0.1:{root_port}");
-        let s = |x: &str| x.to_owned();
         let root = Proc::start(
             "root-service",
-            &[
-                s("--listen"),
-                format!("127.0.0.1:{root_port}"),
-                s("--data-dir"),
-                dir.join("root").display().to_string(),
-                s("--join-token"),
-                s(JOIN_TOKEN),
-            ],
+            &root_args(dir, root_port, JOIN_TOKEN),
             dir.join("root.log"),
         );
-        let cluster_args = vec![
-            s("--cluster-name"),
-            s("workercluster"),
-            s("--cluster-location"),
-            s("48.1,11.6,1000"),
-            s("--root-url"),
-            root_url.clone(),
-            s("--join-token"),
-            s(JOIN_TOKEN),
-            s("--listen"),
-            format!("127.0.0.1:{cluster_port}"),
-            s("--advertise-address"),
-            s("127.0.0.1"),
-            s("--mqtt-listen"),
-            format!("127.0.0.1:{mqtt_port}"),
-            s("--data-dir"),
-            dir.join("cluster").display().to_string(),
-            s("--report-interval"),
-            s("0.5"),
-        ];
+        let cluster_args = cluster_args(
+            dir,
+            "workercluster",
+            &root_url,
+            JOIN_TOKEN,
+            cluster_port,
+            mqtt_port,
+        );
         let cluster = Proc::start("cluster-service", &cluster_args, dir.join("cluster.log"));
         let login = eventually(20, "root to accept a login", &[&root], || {
             let url = format!("{root_url}/api/auth/login");

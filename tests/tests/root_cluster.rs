@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use oakestra_protocol::{api::cluster::NodeRegistered, client};
 use oakestra_tests::harness::{Proc, eventually, free_port};
+use oakestra_tests::stack::{cluster_args, root_args};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
@@ -43,42 +44,22 @@ async fn an_instance_goes_from_root_through_the_cluster_to_a_worker_and_back() {
     let (root_port, cluster_port, mqtt_port) = (free_port(), free_port(), free_port());
     let root_url = format!("http://127.0.0.1:{root_port}");
     let cluster_url = format!("http://127.0.0.1:{cluster_port}");
-    let s = |x: &str| x.to_owned();
 
     let root = Proc::start(
         "root-service",
-        &[
-            s("--listen"),
-            format!("127.0.0.1:{root_port}"),
-            s("--data-dir"),
-            dir.join("root").display().to_string(),
-            s("--join-token"),
-            s(JOIN_TOKEN),
-        ],
+        &root_args(&dir, root_port, JOIN_TOKEN),
         dir.join("root.log"),
     );
     let cluster = Proc::start(
         "cluster-service",
-        &[
-            s("--cluster-name"),
-            s("edgecluster"),
-            s("--cluster-location"),
-            s("48.1,11.6,1000"),
-            s("--root-url"),
-            root_url.clone(),
-            s("--join-token"),
-            s(JOIN_TOKEN),
-            s("--listen"),
-            format!("127.0.0.1:{cluster_port}"),
-            s("--advertise-address"),
-            s("127.0.0.1"),
-            s("--mqtt-listen"),
-            format!("127.0.0.1:{mqtt_port}"),
-            s("--data-dir"),
-            dir.join("cluster").display().to_string(),
-            s("--report-interval"),
-            s("0.5"),
-        ],
+        &cluster_args(
+            &dir,
+            "edgecluster",
+            &root_url,
+            JOIN_TOKEN,
+            cluster_port,
+            mqtt_port,
+        ),
         dir.join("cluster.log"),
     );
     let both = [&root, &cluster];
