@@ -29,6 +29,9 @@ use crate::spec::{self, SpecOptions};
 pub const CONTAINER_RUNTIME: &str = "docker";
 /// Grace between SIGTERM and SIGKILL when an instance is undeployed.
 pub const STOP_GRACE: Duration = Duration::from_secs(5);
+/// How long a measured snapshot size is reused: measuring walks the instance's writable layer (in containerd), too
+/// much work for every 2 s report.
+pub const DISK_USAGE_TTL: Duration = Duration::from_secs(30);
 /// Bytes of an instance's log sent with each resources report.
 pub const LOG_TAIL_BYTES: u64 = 1024;
 
@@ -124,6 +127,8 @@ pub struct Agent {
     public_ip: Mutex<String>,
     instances: Mutex<HashMap<String, Instance>>,
     cpu: Mutex<CpuTracker>,
+    /// Last measured snapshot size per task, with the time it was measured.
+    disk: Mutex<HashMap<String, (Instant, i64)>>,
     sampler: Mutex<NodeSampler>,
 }
 
@@ -198,7 +203,7 @@ impl Agent {
             Some(NetManager::Socket(p)) => (true, p.display().to_string(), 0),
             Some(NetManager::Port(p)) => (true, String::new(), i64::from(*p)),
         };
-        let gpu = sample.gpus.first();
+        let gpu = GpuFields::of(&sample.gpus);
         let mut body = NodeRegistration {
             host: s.node_name.clone(),
             ip: lock(&self.public_ip).clone(),
@@ -216,15 +221,12 @@ impl Agent {
             architecture: info.architecture.clone(),
             memory_percent: sample.memory_percent,
             memory: sample.memory_available_mib,
-            gpu_driver: gpu.map(|g| g.driver.clone()).unwrap_or_default(),
-            gpu_usage: gpu.map(|g| g.usage_percent).unwrap_or_default(),
-            vgpus: i64::try_from(sample.gpus.len()).unwrap_or_default(),
-            gpu_temp: gpu.map(|g| g.temperature_c).unwrap_or_default(),
-            vram: gpu.map(|g| g.memory_total_mib).unwrap_or_default(),
-            vram_percent: gpu
-                .filter(|g| g.memory_total_mib > 0.0)
-                .map(|g| g.memory_used_mib / g.memory_total_mib * 100.0)
-                .unwrap_or_default(),
+            gpu_driver: gpu.driver,
+            gpu_usage: gpu.usage,
+            vgpus: gpu.count,
+            gpu_temp: gpu.temperature,
+            vram: gpu.vram,
+            vram_percent: gpu.vram_percent,
             virtualization: vec![CONTAINER_RUNTIME.to_owned()],
             overlay,
             overlay_socket: socket,
@@ -328,13 +330,8 @@ impl Agent {
     pub async fn deploy(self: Arc<Self>, cmd: DeployCommand) {
         let job = cmd.job_name.clone();
         let number = cmd.instance_number;
-        let task = match u32::try_from(number).ok().and_then(|n| {
-            Some(TaskId {
-                job: job.parse().ok()?,
-                instance: n,
-            })
-        }) {
-            Some(t) => t.to_string(),
+        let task = match task_id(&job, number) {
+            Some(t) => t,
             None => {
                 let detail = format!(
                     "invalid deploy: job_name {job:?} must be app.appns.svc.svcns and instance_number {number} a non-negative integer"
@@ -559,6 +556,7 @@ impl Agent {
         };
         let _ = std::fs::remove_dir_all(self.instance_dir(task));
         lock(&self.cpu).forget(task);
+        lock(&self.disk).remove(task);
         if let Some(i) = lock(&self.instances).remove(task) {
             let _ = i.done.send(true);
         }
@@ -576,13 +574,8 @@ impl Agent {
     /// Handles `control/delete`: SIGTERM, then SIGKILL after [`STOP_GRACE`], then forced removal; reports
     /// `UNDEPLOYED`.
     pub async fn undeploy(self: Arc<Self>, cmd: DeleteCommand) {
-        let task = match u32::try_from(cmd.instance_number).ok().and_then(|n| {
-            Some(TaskId {
-                job: cmd.job_name.parse().ok()?,
-                instance: n,
-            })
-        }) {
-            Some(t) => t.to_string(),
+        let task = match task_id(&cmd.job_name, cmd.instance_number) {
+            Some(t) => t,
             None => {
                 tracing::warn!(job = %cmd.job_name, instance = cmd.instance_number, "delete for an invalid instance ignored");
                 return;
@@ -655,15 +648,7 @@ impl Agent {
         for c in containers {
             let job = c.labels.get(label::JOB).cloned().unwrap_or_default();
             let number: Option<i64> = c.labels.get(label::INSTANCE).and_then(|n| n.parse().ok());
-            let expected = number.and_then(|n| u32::try_from(n).ok()).and_then(|n| {
-                Some(
-                    TaskId {
-                        job: job.parse().ok()?,
-                        instance: n,
-                    }
-                    .to_string(),
-                )
-            });
+            let expected = number.and_then(|n| task_id(&job, n));
             let (Some(number), Some(task)) = (number, expected.filter(|t| *t == c.id)) else {
                 tracing::info!(container = %c.id, "removing a container that is not an Oakestra instance");
                 if let Err(e) = self.runtime.remove(&c.id).await {
@@ -721,23 +706,19 @@ impl Agent {
         let Ok(sample) = tokio::task::spawn_blocking(move || lock(&me.sampler).sample()).await else {
             return;
         };
-        let gpu = sample.gpus.first();
+        let gpu = GpuFields::of(&sample.gpus);
         let info = NodeInformation {
             ip: Some(lock(&self.public_ip).clone()),
             cpu_percent: Some(sample.cpu_percent),
             vcpus: Some(sample.vcpus),
             memory_percent: Some(sample.memory_percent),
             memory: Some(sample.memory_available_mib),
-            gpu_driver: Some(gpu.map(|g| g.driver.clone()).unwrap_or_default()),
-            gpu_temp: Some(gpu.map(|g| g.temperature_c).unwrap_or_default()),
-            gpu_usage: Some(gpu.map(|g| g.usage_percent).unwrap_or_default()),
-            vram: Some(gpu.map(|g| g.memory_total_mib).unwrap_or_default()),
-            vram_percent: Some(
-                gpu.filter(|g| g.memory_total_mib > 0.0)
-                    .map(|g| g.memory_used_mib / g.memory_total_mib * 100.0)
-                    .unwrap_or_default(),
-            ),
-            vgpus: Some(i64::try_from(sample.gpus.len()).unwrap_or_default()),
+            gpu_driver: Some(gpu.driver),
+            gpu_temp: Some(gpu.temperature),
+            gpu_usage: Some(gpu.usage),
+            vram: Some(gpu.vram),
+            vram_percent: Some(gpu.vram_percent),
+            vgpus: Some(gpu.count),
             ..NodeInformation::default()
         };
         let Some(session) = self.session() else {
@@ -773,7 +754,7 @@ impl Agent {
                 }
                 None => (0.0, 0.0),
             };
-            let disk = self.runtime.disk_usage(&task).await.unwrap_or(0);
+            let disk = self.disk_usage(&task).await;
             out.push(ServiceResources {
                 cpu_percent: format!("{cpu:.2}"),
                 memory_percent: format!("{mem:.6}"),
@@ -786,6 +767,18 @@ impl Agent {
             });
         }
         out
+    }
+
+    /// The snapshot size of `task`, measured at most every [`DISK_USAGE_TTL`].
+    async fn disk_usage(&self, task: &str) -> i64 {
+        if let Some((at, bytes)) = lock(&self.disk).get(task)
+            && at.elapsed() < DISK_USAGE_TTL
+        {
+            return *bytes;
+        }
+        let bytes = self.runtime.disk_usage(task).await.unwrap_or(0);
+        lock(&self.disk).insert(task.to_owned(), (Instant::now(), bytes));
+        bytes
     }
 
     fn write_status(&self) {
@@ -839,6 +832,49 @@ impl Agent {
         }
         for j in joins {
             let _ = j.await;
+        }
+    }
+}
+
+/// The task id `<job>.instance.<n>` (the container id), if the job name and number are valid.
+fn task_id(job: &str, number: i64) -> Option<String> {
+    let instance = u32::try_from(number).ok()?;
+    Some(
+        TaskId {
+            job: job.parse().ok()?,
+            instance,
+        }
+        .to_string(),
+    )
+}
+
+/// The GPU fields of the node reports (the first GPU's figures, as the reference sends them; zeros without one).
+#[derive(Debug, Default)]
+struct GpuFields {
+    driver: String,
+    usage: f64,
+    count: i64,
+    temperature: f64,
+    vram: f64,
+    vram_percent: f64,
+}
+
+impl GpuFields {
+    fn of(gpus: &[metrics::Gpu]) -> Self {
+        let Some(g) = gpus.first() else {
+            return Self::default();
+        };
+        Self {
+            driver: g.driver.clone(),
+            usage: g.usage_percent,
+            count: i64::try_from(gpus.len()).unwrap_or_default(),
+            temperature: g.temperature_c,
+            vram: g.memory_total_mib,
+            vram_percent: if g.memory_total_mib > 0.0 {
+                g.memory_used_mib / g.memory_total_mib * 100.0
+            } else {
+                0.0
+            },
         }
     }
 }
@@ -920,6 +956,7 @@ pub async fn run(settings: Settings, mut shutdown: watch::Receiver<bool>) -> Res
         public_ip: Mutex::new(ip),
         instances: Mutex::new(HashMap::new()),
         cpu: Mutex::new(CpuTracker::new()),
+        disk: Mutex::new(HashMap::new()),
         sampler: Mutex::new(sampler),
     });
     let body = agent.registration(&first, &info);

@@ -30,7 +30,7 @@ use containerd_client::types::Descriptor as CtrDescriptor;
 use containerd_client::types::Mount;
 use serde_json::Value;
 
-use crate::registry::{Descriptor, ImageRef, Platform, Registry, RegistryError};
+use crate::registry::{Descriptor, ImageRef, Platform, Registry, RegistryError, select_platform};
 use crate::spec::{self, ImageConfig, SpecError};
 
 /// containerd's runc shim.
@@ -278,7 +278,7 @@ impl Containerd {
                     reason: "the stored image has no target".into(),
                 })?;
                 let manifest = self
-                    .local_manifest(reference, &from_ctr(&target), platform)
+                    .local_manifest(&image_ref, &from_ctr(&target), platform)
                     .await?;
                 tracing::debug!(image = %image.name, "image present");
                 (image.name, manifest)
@@ -326,12 +326,12 @@ impl Containerd {
     /// The manifest for `platform` behind a stored image's target (a manifest, or an index to choose from).
     async fn local_manifest(
         &self,
-        reference: &str,
+        image: &ImageRef,
         target: &Descriptor,
         platform: &Platform,
     ) -> Result<Manifest, RuntimeError> {
         let bad = |reason: String| RuntimeError::Image {
-            image: reference.to_owned(),
+            image: image.name(),
             reason,
         };
         let mut desc = target.clone();
@@ -345,12 +345,7 @@ impl Containerd {
                     .iter()
                     .filter_map(|e| serde_json::from_value(e.clone()).ok())
                     .collect();
-                desc = pick_platform(&choices, platform).ok_or_else(|| {
-                    bad(format!(
-                        "no manifest for {} in the stored index",
-                        platform_text(platform)
-                    ))
-                })?;
+                desc = select_platform(image, &choices, platform)?.clone();
                 continue;
             }
             return serde_json::from_value(doc)
@@ -998,26 +993,6 @@ fn from_ctr(d: &CtrDescriptor) -> Descriptor {
         annotations: d.annotations.clone().into_iter().collect(),
         platform: None,
     }
-}
-
-fn platform_text(p: &Platform) -> String {
-    match &p.variant {
-        Some(v) => format!("{}/{}/{v}", p.os, p.architecture),
-        None => format!("{}/{}", p.os, p.architecture),
-    }
-}
-
-/// The index entry for `platform`; a lone entry without platform information is taken as is.
-fn pick_platform(entries: &[Descriptor], platform: &Platform) -> Option<Descriptor> {
-    if let [only] = entries
-        && only.platform.is_none()
-    {
-        return Some(only.clone());
-    }
-    entries
-        .iter()
-        .find(|d| d.platform.as_ref().is_some_and(|p| platform.matches(p)))
-        .cloned()
 }
 
 /// A process-unique suffix for ingest refs, snapshot keys and lease ids.

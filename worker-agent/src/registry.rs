@@ -782,12 +782,18 @@ fn manifest_kind(
     }
 }
 
-/// The entry of an index for `platform`: the first that [`Platform::matches`], or an error listing what is offered.
-fn select_platform<'a>(
+/// The entry of an index for `platform`: the first that [`Platform::matches`] (a lone entry without platform
+/// information is taken as is: there is nothing to choose), or an error listing what is offered.
+pub fn select_platform<'a>(
     image: &ImageRef,
     manifests: &'a [Descriptor],
     platform: &Platform,
 ) -> Result<&'a Descriptor, RegistryError> {
+    if let [only] = manifests
+        && only.platform.is_none()
+    {
+        return Ok(only);
+    }
     if let Some(found) = manifests.iter().find(|entry| {
         entry
             .platform
@@ -2344,6 +2350,11 @@ mod tests {
             }
             other => panic!("expected no match, got {other:?}"),
         }
+        let lone = [entry('9', None)];
+        assert_eq!(
+            select_platform(&image, &lone, &Platform::host()).unwrap().digest,
+            lone[0].digest
+        );
         match select_platform(&image, &[], &Platform::host()) {
             Err(e) => assert!(e.to_string().contains("empty"), "{e}"),
             Ok(d) => panic!("empty index matched {d:?}"),
