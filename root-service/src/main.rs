@@ -41,7 +41,10 @@ fn main() -> ExitCode {
         Ok(rt) => rt,
         Err(e) => return fail(&Error::Serve(e), 1),
     };
-    match runtime.block_on(oakestra_root_service::run(config, shutdown_signal())) {
+    match runtime.block_on(oakestra_root_service::run(
+        config,
+        oakestra_protocol::signal::shutdown_signal(),
+    )) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&e, 1),
     }
@@ -57,32 +60,4 @@ fn fail(e: &Error, code: u8) -> ExitCode {
         eprintln!("error: {e}");
     }
     ExitCode::from(code)
-}
-
-/// Completes at the first SIGTERM or SIGINT (Ctrl-C).
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if let Err(e) = tokio::signal::ctrl_c().await {
-            tracing::error!("cannot listen for SIGINT: {e}");
-            std::future::pending::<()>().await;
-        }
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(e) => {
-                tracing::error!("cannot listen for SIGTERM: {e}");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => tracing::info!("SIGINT received, shutting down"),
-        () = term => tracing::info!("SIGTERM received, shutting down"),
-    }
 }

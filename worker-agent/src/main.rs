@@ -51,7 +51,7 @@ fn run(cli: &Cli) -> Result<(), (String, u8)> {
     runtime.block_on(async {
         let (tx, rx) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
-            shutdown_signal().await;
+            oakestra_protocol::signal::shutdown_signal().await;
             let _ = tx.send(true);
         });
         agent::run(settings, rx).await.map_err(|e| (e.to_string(), 1))
@@ -79,20 +79,5 @@ fn init_tracing(log_file: Option<&std::path::Path>) {
             .with_env_filter(filter)
             .with_writer(std::io::stderr)
             .init(),
-    }
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-        }
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
     }
 }
