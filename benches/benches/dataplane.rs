@@ -1,0 +1,2 @@
+//! Placeholder until the dataplane lands.
+fn main() {}

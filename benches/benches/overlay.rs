@@ -1,0 +1,2 @@
+//! Placeholder until the testbed lands.
+fn main() {}
