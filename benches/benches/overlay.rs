@@ -1,2 +1,415 @@
-//! Placeholder until the testbed lands.
-fn main() {}
+//! What the overlay costs on the data path: TCP throughput (`iperf3`) and request/response latency (`sockperf`
+//! ping-pong, else `netprobe pingpong`) from a container on worker 1 to a container on worker 2 of a netns testbed,
+//! for each way of connecting them:
+//!
+//! - `veth`: routed veths, the workers forwarding over the LAN; the floor every other path is compared to.
+//! - `vxlan`: the kernel's VXLAN between the two workers (id 42, port 4789), container veths at MTU 1450.
+//! - `overlay`: our overlay through two NetManagers. NOT WIRED YET: the path is skipped with a note until the proxy
+//!   owner fills in [`setup_overlay`]; until then the closing line compares vxlan, never a made-up overlay figure.
+//!
+//! `cargo bench --bench overlay`. Needs root (it prints a note and exits 0 without) and `iperf3`; everything runs in
+//! namespaces of its own, removed at the end (also on a panic).
+
+#![allow(clippy::print_stdout, reason = "a benchmark reports on stdout")]
+#![allow(
+    clippy::print_stderr,
+    reason = "a benchmark explains on stderr why it cannot run"
+)]
+#![allow(clippy::unwrap_used, reason = "a benchmark fails loudly")]
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use oakestra_tests::netns::{Container, Netns, Testbed, is_root};
+use oakestra_tests::procs;
+
+/// The testbed's tag: fixed, so the leftovers of an interrupted run are removed by the next one.
+const TAG: &str = "ovbench";
+/// The client container's subnet (behind worker 1) and the server container's (behind worker 2).
+const CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(192, 168, 101, 2);
+const CLIENT_GW: Ipv4Addr = Ipv4Addr::new(192, 168, 101, 1);
+const CLIENT_NET: &str = "192.168.101.0/24";
+const SERVER_ADDR: Ipv4Addr = Ipv4Addr::new(192, 168, 102, 2);
+const SERVER_GW: Ipv4Addr = Ipv4Addr::new(192, 168, 102, 1);
+const SERVER_NET: &str = "192.168.102.0/24";
+/// Seconds per throughput run and per latency run.
+const SECONDS: u32 = 5;
+/// Ping-pong message size in bytes.
+const MSG: usize = 64;
+const IPERF_PORT: u16 = 5201;
+const PINGPONG_PORT: u16 = 11111;
+
+/// Commands undoing a path's setup, run in reverse order on drop: the next path starts from bare containers.
+#[derive(Debug, Default)]
+struct Teardown(Vec<Command>);
+
+impl Teardown {
+    /// Queues `ip -n <ns> <args>`.
+    fn ip(&mut self, ns: &str, args: &[&str]) {
+        let mut cmd = Command::new("ip");
+        cmd.args(["-n", ns]).args(args);
+        self.0.push(cmd);
+    }
+
+    /// Queues a command.
+    fn push(&mut self, cmd: Command) {
+        self.0.push(cmd);
+    }
+}
+
+impl Drop for Teardown {
+    fn drop(&mut self) {
+        while let Some(mut cmd) = self.0.pop() {
+            match cmd.output() {
+                Ok(out) if out.status.success() => {}
+                Ok(out) => eprintln!(
+                    "teardown {cmd:?}: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ),
+                Err(e) => eprintln!("teardown {cmd:?}: {e}"),
+            }
+        }
+    }
+}
+
+/// What a path hands the measurement: the address the client dials and the undo of the path's setup.
+#[derive(Debug)]
+struct Target {
+    addr: IpAddr,
+    _teardown: Teardown,
+}
+
+/// One path's figures.
+#[derive(Debug, Clone, Copy)]
+struct Measurement {
+    gbps: f64,
+    p50_us: f64,
+    p99_us: f64,
+}
+
+/// Sets a path up between the client and server containers, or says why it cannot.
+type Setup = fn(&Testbed, &Container, &Container) -> Result<Target, String>;
+
+/// Both containers on routed veths; each worker forwards and routes the other's container subnet to it over the LAN.
+fn setup_veth(tb: &Testbed, client: &Container, server: &Container) -> Result<Target, String> {
+    let mut undo = Teardown::default();
+    attach(&mut undo, client, "vbc", CLIENT_ADDR, CLIENT_GW, None);
+    attach(&mut undo, server, "vbs", SERVER_ADDR, SERVER_GW, None);
+    for (w, peer, subnet) in [(1, 2, SERVER_NET), (2, 1, CLIENT_NET)] {
+        let ns = &tb.worker(w).ns;
+        forward(&mut undo, ns);
+        ns.ip(&["route", "add", subnet, "via", &tb.worker(peer).addr.to_string()]);
+        undo.ip(ns.name(), &["route", "del", subnet]);
+    }
+    Ok(Target {
+        addr: SERVER_ADDR.into(),
+        _teardown: undo,
+    })
+}
+
+/// Kernel VXLAN (VNI 42, UDP 4789) between the workers' LAN addresses, a /30 on it, the container subnets routed
+/// through it; container veths at 1450 so no inner packet needs fragmenting.
+fn setup_vxlan(tb: &Testbed, client: &Container, server: &Container) -> Result<Target, String> {
+    let mut undo = Teardown::default();
+    attach(&mut undo, client, "vxc", CLIENT_ADDR, CLIENT_GW, Some(1450));
+    attach(&mut undo, server, "vxs", SERVER_ADDR, SERVER_GW, Some(1450));
+    for (w, peer, subnet, own, via) in [
+        (1, 2, SERVER_NET, "192.168.200.1/30", "192.168.200.2"),
+        (2, 1, CLIENT_NET, "192.168.200.2/30", "192.168.200.1"),
+    ] {
+        let ns = &tb.worker(w).ns;
+        forward(&mut undo, ns);
+        let (local, remote) = (tb.worker(w).addr.to_string(), tb.worker(peer).addr.to_string());
+        ns.ip(&[
+            "link", "add", "name", "vx42", "type", "vxlan", "id", "42", "dstport", "4789", "local", &local,
+            "remote", &remote, "dev", "eth0",
+        ]);
+        // Deleting the device takes its address and the route through it along.
+        undo.ip(ns.name(), &["link", "del", "vx42"]);
+        ns.ip(&["addr", "add", own, "dev", "vx42"]);
+        ns.ip(&["link", "set", "vx42", "up"]);
+        ns.ip(&["route", "add", subnet, "via", via, "dev", "vx42"]);
+    }
+    Ok(Target {
+        addr: SERVER_ADDR.into(),
+        _teardown: undo,
+    })
+}
+
+/// OUR overlay: two NetManagers (one per worker, the cluster side in `tb.lan`), the containers attached by them,
+/// the client dialling the server's overlay address (or a service IP).
+// TODO(proxy owner): start the NetManagers in the worker netns, attach both containers, return the address to dial
+// and a teardown that stops them. Until then this path is skipped and no overlay figure is printed.
+fn setup_overlay(_tb: &Testbed, _client: &Container, _server: &Container) -> Result<Target, String> {
+    Err("not wired yet".into())
+}
+
+/// A veth from `c` to its worker (see `Container::attach_veth`), deleted again by `undo`.
+fn attach(undo: &mut Teardown, c: &Container, host_if: &str, addr: Ipv4Addr, gw: Ipv4Addr, mtu: Option<u32>) {
+    c.attach_veth(host_if, addr, gw, 24, mtu);
+    undo.ip(c.worker_netns(), &["link", "del", host_if]);
+}
+
+/// IPv4 forwarding on in worker netns `ns` (only there: `net.*` sysctls are per namespace), off again by `undo`.
+fn forward(undo: &mut Teardown, ns: &Netns) {
+    ns.sysctl("net.ipv4.ip_forward", "1");
+    undo.push(ns.sysctl_command("net.ipv4.ip_forward", "0"));
+}
+
+/// A server process killed and reaped on drop.
+struct Server(Child);
+
+impl Server {
+    /// Starts `program args` in `c` and waits until it listens on TCP `port`.
+    fn start(c: &Container, program: impl AsRef<std::ffi::OsStr>, args: &[&str], port: u16) -> Self {
+        let child = c
+            .command(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let server = Self(child);
+        c.wait_socket("tcp", port, Duration::from_secs(10));
+        server
+    }
+
+    /// Waits up to `within` for it to exit by itself (`iperf3 -s -1` does after one test).
+    fn finish(mut self, within: Duration) {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs a client in `c`; panics with its output when it fails. Returns stdout and stderr together (sockperf prints
+/// its report on either, depending on the version).
+fn client_output(c: &Container, program: impl AsRef<std::ffi::OsStr>, args: &[&str]) -> String {
+    let out = c
+        .command(&program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "{} {args:?} failed: {text}",
+        program.as_ref().to_string_lossy()
+    );
+    text
+}
+
+/// Whether `program` runs at all (`--version`).
+fn have(program: &str) -> bool {
+    Command::new(program)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok()
+}
+
+/// `bits_per_second` of `end.sum_received` in iperf3's `-J` report, in Gbit/s.
+fn iperf_gbps(json: &str) -> Option<f64> {
+    let v: serde_json::Value = serde_json::from_str(json).ok()?;
+    Some(v["end"]["sum_received"]["bits_per_second"].as_f64()? / 1e9)
+}
+
+/// The value of sockperf's `percentile <p> =` line (microseconds, half round trip).
+fn sockperf_percentile(report: &str, p: &str) -> Option<f64> {
+    let key = format!("percentile {p} =");
+    report
+        .lines()
+        .find_map(|l| l.split_once(&key))
+        .and_then(|(_, v)| v.trim().parse().ok())
+}
+
+/// `key=value` from netprobe pingpong's line.
+fn netprobe_field(line: &str, key: &str) -> Option<f64> {
+    line.split_whitespace()
+        .find_map(|f| f.strip_prefix(key)?.strip_prefix('='))
+        .and_then(|v| v.parse().ok())
+}
+
+/// netprobe, for the latency fallback: built by `cargo build [--release] -p oakestra-tests --bin netprobe`.
+fn netprobe() -> PathBuf {
+    let release = procs::target_dir();
+    let debug = release.parent().map(|t| t.join("debug")).unwrap_or_default();
+    [release.join("netprobe"), debug.join("netprobe")]
+        .into_iter()
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!("sockperf is missing and so is netprobe: install sockperf, or `cargo build --release -p oakestra-tests --bin netprobe`")
+        })
+}
+
+/// Throughput and latency from `client` to `target`, the servers running in `server`.
+fn measure(client: &Container, server: &Container, target: &Target) -> Measurement {
+    let addr = target.addr.to_string();
+    let secs = SECONDS.to_string();
+
+    let iperf = Server::start(
+        server,
+        "iperf3",
+        &["-s", "-1", "-p", &IPERF_PORT.to_string()],
+        IPERF_PORT,
+    );
+    let report = client_output(
+        client,
+        "iperf3",
+        &["-c", &addr, "-p", &IPERF_PORT.to_string(), "-t", &secs, "-J"],
+    );
+    let gbps =
+        iperf_gbps(&report).unwrap_or_else(|| panic!("no end.sum_received in iperf3's report: {report}"));
+    iperf.finish(Duration::from_secs(5));
+
+    let port = PINGPONG_PORT.to_string();
+    let (p50_us, p99_us) = if have("sockperf") {
+        let _srv = Server::start(
+            server,
+            "sockperf",
+            &["server", "--tcp", "-i", "0.0.0.0", "-p", &port],
+            PINGPONG_PORT,
+        );
+        let msg = MSG.to_string();
+        let report = client_output(
+            client,
+            "sockperf",
+            &[
+                "ping-pong",
+                "--tcp",
+                "-i",
+                &addr,
+                "-p",
+                &port,
+                "-m",
+                &msg,
+                "-t",
+                &secs,
+            ],
+        );
+        let p =
+            |q| sockperf_percentile(&report, q).unwrap_or_else(|| panic!("no percentile {q} in: {report}"));
+        (p("50.000"), p("99.000"))
+    } else {
+        let probe = netprobe();
+        let _srv = Server::start(
+            server,
+            &probe,
+            &["pingpong-serve", "--port", &port],
+            PINGPONG_PORT,
+        );
+        let line = client_output(
+            client,
+            &probe,
+            &[
+                "pingpong",
+                &addr,
+                &port,
+                "--size",
+                &MSG.to_string(),
+                "--seconds",
+                &secs,
+            ],
+        );
+        let f = |k| netprobe_field(&line, k).unwrap_or_else(|| panic!("no {k} in: {line}"));
+        (f("p50_us"), f("p99_us"))
+    };
+    Measurement { gbps, p50_us, p99_us }
+}
+
+fn main() -> ExitCode {
+    if !is_root() {
+        println!(
+            "overlay bench: skipped, needs root (it builds network namespaces, veths and VXLAN devices); run it as root"
+        );
+        return ExitCode::SUCCESS;
+    }
+    if !have("iperf3") {
+        eprintln!("overlay bench: iperf3 is not installed (apt-get install iperf3 sockperf)");
+        return ExitCode::FAILURE;
+    }
+    let latency_tool = if have("sockperf") {
+        "sockperf ping-pong"
+    } else {
+        "netprobe pingpong (sockperf not installed)"
+    };
+
+    let tb = Testbed::new(TAG, 2);
+    let client = tb.container(1, "client");
+    let server = tb.container(2, "server");
+    let paths: [(&str, Setup); 3] = [
+        ("veth", setup_veth),
+        ("vxlan", setup_vxlan),
+        ("overlay", setup_overlay),
+    ];
+    let mut rows: Vec<(&str, Measurement)> = Vec::new();
+    for (name, setup) in paths {
+        match setup(&tb, &client, &server) {
+            Ok(target) => {
+                let m = measure(&client, &server, &target);
+                println!(
+                    "{name}: {:.2} Gbit/s, p50 {:.1} us, p99 {:.1} us",
+                    m.gbps, m.p50_us, m.p99_us
+                );
+                rows.push((name, m));
+                // `target` drops here: the path is torn down before the next one is built.
+            }
+            Err(why) => println!("{name}: {why}"),
+        }
+    }
+    drop((client, server, tb));
+
+    let veth = rows.iter().find(|(n, _)| *n == "veth").map(|(_, m)| *m).unwrap();
+    println!();
+    println!(
+        "TCP container -> container across 2 workers; throughput: iperf3 -t {SECONDS}; latency: {latency_tool}, \
+         {MSG} B, half round trip"
+    );
+    println!(
+        "{:<8} {:>10} {:>10} {:>9} {:>9} {:>14}",
+        "path", "Gbit/s", "% of veth", "p50 us", "p99 us", "+p50 vs veth"
+    );
+    for (name, m) in &rows {
+        println!(
+            "{:<8} {:>10.2} {:>9.1}% {:>9.1} {:>9.1} {:>+14.1}",
+            name,
+            m.gbps,
+            100.0 * m.gbps / veth.gbps,
+            m.p50_us,
+            m.p99_us,
+            m.p50_us - veth.p50_us
+        );
+    }
+    // The closing line is about the overlay once it is measured; until then about vxlan, labelled as such.
+    if let Some((name, m)) = ["overlay", "vxlan"]
+        .iter()
+        .find_map(|want| rows.iter().find(|(n, _)| n == want))
+    {
+        println!(
+            "{name} vs veth: throughput {:.0}% added-latency-p50 {:.1} us",
+            100.0 * m.gbps / veth.gbps,
+            m.p50_us - veth.p50_us
+        );
+    }
+    ExitCode::SUCCESS
+}

@@ -36,6 +36,20 @@ impl Proc {
         Self { child, log }
     }
 
+    /// Starts binary `name` inside network namespace `netns` (`ip netns exec`), otherwise like [`Self::start`].
+    pub fn start_in(netns: &str, name: &str, args: &[String], log: PathBuf) -> Self {
+        let child = Command::new("ip")
+            .args(["netns", "exec", netns])
+            .arg(crate::procs::binary(name))
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("create the log"))
+            .spawn()
+            .expect("start the binary");
+        Self { child, log }
+    }
+
     /// Its process id.
     pub fn pid(&self) -> u32 {
         self.child.id()

@@ -11,5 +11,6 @@
 
 pub mod containerd;
 pub mod harness;
+pub mod netns;
 pub mod procs;
 pub mod stack;

@@ -50,6 +50,19 @@ pub fn cluster_args(
     port: u16,
     mqtt_port: u16,
 ) -> Vec<String> {
+    cluster_args_at(dir, name, root_url, token, "127.0.0.1", port, mqtt_port)
+}
+
+/// [`cluster_args`] with the cluster manager and the broker listening on (and advertising) `ip`.
+pub fn cluster_args_at(
+    dir: &Path,
+    name: &str,
+    root_url: &str,
+    token: &str,
+    ip: &str,
+    port: u16,
+    mqtt_port: u16,
+) -> Vec<String> {
     [
         "--cluster-name",
         name,
@@ -60,11 +73,11 @@ pub fn cluster_args(
         "--join-token",
         token,
         "--listen",
-        &format!("127.0.0.1:{port}"),
+        &format!("{ip}:{port}"),
         "--advertise-address",
-        "127.0.0.1",
+        ip,
         "--mqtt-listen",
-        &format!("127.0.0.1:{mqtt_port}"),
+        &format!("{ip}:{mqtt_port}"),
         "--data-dir",
         &dir.join("cluster").display().to_string(),
         "--report-interval",
@@ -97,6 +110,11 @@ pub struct Stack {
 impl Stack {
     /// Starts root and cluster (embedded broker) under `dir` and logs in as Admin.
     pub async fn start(dir: &Path) -> Self {
+        Self::start_at(dir, "127.0.0.1").await
+    }
+
+    /// [`Self::start`] with the cluster manager and its broker on `cluster_ip` (root stays on loopback).
+    pub async fn start_at(dir: &Path, cluster_ip: &str) -> Self {
         let (root_port, cluster_port, mqtt_port) = (free_port(), free_port(), free_port());
         let root_url = format!("http://127.0.0.1:{root_port}");
         let root = Proc::start(
@@ -104,11 +122,12 @@ impl Stack {
             &root_args(dir, root_port, JOIN_TOKEN),
             dir.join("root.log"),
         );
-        let cluster_args = cluster_args(
+        let cluster_args = cluster_args_at(
             dir,
             "workercluster",
             &root_url,
             JOIN_TOKEN,
+            cluster_ip,
             cluster_port,
             mqtt_port,
         );

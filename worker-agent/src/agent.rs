@@ -271,6 +271,7 @@ impl Agent {
                         node_id: answer.id.clone(),
                         mqtt_password: answer.mqtt_password.clone().unwrap_or_default(),
                         cluster,
+                        mqtt_port: port,
                     };
                     if let Err(e) = identity.save(&settings.state_dir) {
                         tracing::warn!(error = %e, "cannot save the node identity; a restart will register anew");
@@ -968,7 +969,15 @@ pub async fn run(settings: Settings, mut shutdown: watch::Receiver<bool>) -> Res
     *lock(&agent.session) = Some(session);
     if let Some(nm) = &agent.netmanager {
         let mut backoff = Duration::from_secs(1);
-        while let Err(e) = nm.register(&identity.node_id, &settings.cluster_address).await {
+        while let Err(e) = nm
+            .register(
+                &identity.node_id,
+                &settings.cluster_address,
+                identity.mqtt_port,
+                &identity.mqtt_password,
+            )
+            .await
+        {
             tracing::warn!(error = %e, retry_s = backoff.as_secs(), "NetManager registration failed");
             if sleep_or_shutdown(backoff, &mut shutdown).await {
                 if let Some(s) = agent.session() {

@@ -60,6 +60,13 @@ pub struct Identity {
     pub mqtt_password: String,
     /// The cluster the identity belongs to (`host:port`); another cluster means a fresh registration.
     pub cluster: String,
+    /// The cluster broker's port (told to the NetManager, which connects as `<node id>`).
+    #[serde(default = "default_mqtt_port")]
+    pub mqtt_port: u16,
+}
+
+fn default_mqtt_port() -> u16 {
+    10003
 }
 
 impl Identity {

@@ -93,13 +93,26 @@ impl NetManager {
         Ok(answer)
     }
 
-    /// `POST /register`: tells the NetManager the node id and the cluster (broker) address.
-    pub async fn register(&self, node_id: &str, cluster_address: &str) -> Result<(), OverlayError> {
-        let body = RegisterRequest {
+    /// `POST /register`: tells the NetManager the node id and the cluster (broker) address, plus (oakestra-rs
+    /// extensions a reference NetManager ignores) the broker port and the node's MQTT secret, with which it
+    /// connects as `<node id>`.
+    pub async fn register(
+        &self,
+        node_id: &str,
+        cluster_address: &str,
+        mqtt_port: u16,
+        mqtt_password: &str,
+    ) -> Result<(), OverlayError> {
+        let mut body = RegisterRequest {
             client_id: node_id.to_owned(),
             cluster_address: cluster_address.to_owned(),
             ..RegisterRequest::default()
         };
+        body.extra.insert("mqtt_port".to_owned(), mqtt_port.into());
+        if !mqtt_password.is_empty() {
+            body.extra
+                .insert("mqtt_password".to_owned(), mqtt_password.into());
+        }
         self.post(PATH_REGISTER, &body).await.map(|_| ())
     }
 

@@ -98,8 +98,9 @@ impl FlowKey {
     }
 }
 
-/// What to do with a packet of a known flow: rewrite it to these addresses and, if `tunnel_addr` is set, send it
-/// to that worker's overlay port. 48 bytes, no padding.
+/// What to do with a packet of a known flow: rewrite it to these addresses and, if `tunnel_port` is not zero, send
+/// it inside a UDP datagram to `tunnel_addr`:`tunnel_port` (the worker that hosts the destination). 52 bytes, no
+/// padding.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct FlowAction {
@@ -107,8 +108,45 @@ pub struct FlowAction {
     pub new_src: [u8; 16],
     /// New destination address.
     pub new_dst: [u8; 16],
-    /// Underlay address of the worker that hosts the destination (all zero: deliver locally).
+    /// Underlay address of the worker that hosts the destination, always 16 bytes: an IPv6 address, or an
+    /// IPv4-mapped one (`::ffff:a.b.c.d`, see [`FlowAction::v4_mapped`]) for an IPv4 underlay. Unlike the flow
+    /// addresses, no family tag says which, so the mapped form is what tells them apart. Ignored when
+    /// `tunnel_port` is zero.
     pub tunnel_addr: [u8; 16],
+    /// UDP port of the tunnel on that worker, network byte order; 0 = deliver locally (no tunnel).
+    pub tunnel_port: u16,
+    /// Always zero; makes the tail padding explicit so map values compare byte for byte.
+    pub _pad: [u8; 2],
+}
+
+impl FlowAction {
+    /// An action from its parts (addresses and port in network byte order, as stored).
+    pub const fn new(new_src: [u8; 16], new_dst: [u8; 16], tunnel_addr: [u8; 16], tunnel_port: u16) -> Self {
+        FlowAction {
+            new_src,
+            new_dst,
+            tunnel_addr,
+            tunnel_port,
+            _pad: [0; 2],
+        }
+    }
+
+    /// An action that rewrites the addresses and delivers the packet on this worker.
+    pub const fn local(new_src: [u8; 16], new_dst: [u8; 16]) -> Self {
+        Self::new(new_src, new_dst, [0; 16], 0)
+    }
+
+    /// Whether the packet stays on this worker (no tunnel).
+    pub const fn is_local(&self) -> bool {
+        self.tunnel_port == 0
+    }
+
+    /// `::ffff:a.b.c.d`: how an IPv4 underlay address is stored in [`FlowAction::tunnel_addr`].
+    pub const fn v4_mapped(v4: [u8; 4]) -> [u8; 16] {
+        [
+            0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, v4[0], v4[1], v4[2], v4[3],
+        ]
+    }
 }
 
 #[cfg(test)]
@@ -123,7 +161,9 @@ mod tests {
         assert_eq!(size_of::<FlowKey>(), 16 + 16 + 2 + 2 + 1 + 1 + 2);
         assert_eq!(size_of::<FlowKey>(), 40);
         assert_eq!(align_of::<FlowKey>(), 2);
-        assert_eq!(size_of::<FlowAction>(), 48);
+        assert_eq!(size_of::<FlowAction>(), 16 + 16 + 16 + 2 + 2);
+        assert_eq!(size_of::<FlowAction>(), 52);
+        assert_eq!(align_of::<FlowAction>(), 2);
     }
 
     #[test]
@@ -142,5 +182,17 @@ mod tests {
         assert_eq!(r.src_addr, k.dst_addr);
         assert_eq!(r.dst_port, k.src_port);
         assert_eq!(r.reversed(), k);
+    }
+
+    #[test]
+    fn actions_are_local_without_a_tunnel_port() {
+        let local = FlowAction::local([1; 16], [2; 16]);
+        assert!(local.is_local());
+        assert_eq!(local._pad, [0; 2]);
+        let mapped = FlowAction::v4_mapped([192, 0, 2, 7]);
+        assert_eq!(mapped, [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 192, 0, 2, 7]);
+        let tunnelled = FlowAction::new([1; 16], [2; 16], mapped, 50103u16.to_be());
+        assert!(!tunnelled.is_local());
+        assert_eq!(u16::from_be(tunnelled.tunnel_port), 50103);
     }
 }

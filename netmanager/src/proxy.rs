@@ -1,0 +1,478 @@
+//! The TUN proxy's translation: what happens to one packet leaving a container towards a service address
+//! (`outgoing`) and to one packet arriving from a peer worker (`ingoing`), on top of the connection table, the
+//! fragment trackers and the current table snapshot. Pure of I/O: the dataplane threads (`dataplane`) and the
+//! control task call these with packet buffers.
+//!
+//! The wire contract is the reference's (§3.4/§3.6 of the behaviour notes): towards the network, dst (service IP)
+//! becomes the chosen instance's namespace IP and src (the client's namespace IP) becomes the client's own
+//! instance IP; the reply, on the node that originated the flow, gets the service IP back as its source.
+
+use std::{
+    collections::VecDeque,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6},
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use ipnetwork::{Ipv4Network, Ipv6Network};
+use oakestra_ebpf_common::{FlowAction, FlowKey};
+use oakestra_protocol::addr::plan::{OVERLAY_V4, OVERLAY_V6};
+use rustc_hash::FxHashMap;
+
+use crate::{
+    conntrack::{ConnTable, Timeouts},
+    frag::{FragKey, FragTracker},
+    packet::{self, Headers, L4},
+    table::{Published, Snapshot},
+};
+
+/// What a table query is about.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum QueryKey {
+    /// A destination service or instance address nobody has resolved yet.
+    Ip(IpAddr),
+    /// The job of a local container whose own entry is not in the table yet (by its namespace address).
+    LocalSource(IpAddr),
+}
+
+/// Why a packet was dropped (counted, never logged per packet).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Drop {
+    /// Not a readable IPv4/IPv6 packet.
+    Malformed,
+    /// Destination outside the overlay ranges.
+    NotOverlay,
+    /// A protocol the proxy does not translate (only TCP, UDP and ICMP echo are).
+    Protocol,
+    /// The source is not a local instance.
+    UnknownSource,
+    /// The chosen instance has no address of the packet's family.
+    NoAddress,
+    /// An inbound packet for an address that is not local and belongs to no flow of ours.
+    NotLocal,
+    /// A bounded buffer (pending queries, early fragments, the flow table) is full.
+    Full,
+}
+
+/// What to do with a packet after translation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Send it in one UDP datagram to this worker.
+    Tunnel(SocketAddr),
+    /// Write it to the TUN (the kernel delivers it to a local container).
+    Local,
+    /// Hand it to the inbound path of this same node (the destination instance runs here).
+    Loop,
+    /// The destination is unknown: the caller parks a copy under this key while the table query runs.
+    Miss(QueryKey),
+    /// A later fragment that arrived before its first one: a copy is being held.
+    Held,
+    /// Dropped.
+    Drop(Drop),
+}
+
+/// Packets waiting for a table query, bounded per key and in total.
+#[derive(Debug, Default)]
+pub struct Pending {
+    queues: FxHashMap<QueryKey, VecDeque<Vec<u8>>>,
+    total: usize,
+}
+
+/// Per-key and total bounds of [`Pending`].
+pub const PENDING_PER_KEY: usize = 32;
+/// See [`PENDING_PER_KEY`].
+pub const PENDING_TOTAL: usize = 2048;
+
+impl Pending {
+    /// Parks a copy of `packet`; `Ok(true)` when it is the first one for `key` (the caller starts the query).
+    pub fn hold(&mut self, key: QueryKey, packet: &[u8]) -> Result<bool, Drop> {
+        if self.total >= PENDING_TOTAL {
+            return Err(Drop::Full);
+        }
+        let first = !self.queues.contains_key(&key);
+        let queue = self.queues.entry(key).or_default();
+        if queue.len() >= PENDING_PER_KEY {
+            // Keep the newest: a retransmission carries the same data.
+            queue.pop_front();
+            self.total -= 1;
+        }
+        queue.push_back(packet.to_vec());
+        self.total += 1;
+        Ok(first)
+    }
+
+    /// Takes every packet parked under `key` (also clears the key, so a later miss starts a new query).
+    pub fn take(&mut self, key: &QueryKey) -> Vec<Vec<u8>> {
+        let packets: Vec<Vec<u8>> = self.queues.remove(key).map(Vec::from).unwrap_or_default();
+        self.total -= packets.len();
+        packets
+    }
+
+    /// Number of parked packets.
+    pub fn len(&self) -> usize {
+        self.total
+    }
+
+    /// Whether nothing is parked.
+    pub fn is_empty(&self) -> bool {
+        self.total == 0
+    }
+}
+
+/// Dataplane counters (relaxed atomics, added per batch).
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Packets read from the TUN.
+    pub tun_rx: AtomicU64,
+    /// Packets written to the TUN.
+    pub tun_tx: AtomicU64,
+    /// Datagrams received from peers.
+    pub udp_rx: AtomicU64,
+    /// Datagrams sent to peers.
+    pub udp_tx: AtomicU64,
+    /// Packets dropped.
+    pub dropped: AtomicU64,
+    /// Packets parked for a table query.
+    pub parked: AtomicU64,
+    /// New flows.
+    pub flows: AtomicU64,
+}
+
+/// How a fragment series is translated: the first fragment's rewrite, or `None` for "unchanged".
+type FragDecision = Option<(IpAddr, IpAddr)>;
+
+/// Everything the dataplane threads and the control task share.
+#[derive(Debug)]
+pub struct Shared {
+    /// The connection table.
+    pub conn: ConnTable,
+    /// The published translation table.
+    pub table: Published,
+    /// Decisions for fragment series leaving containers.
+    frag_out: Mutex<FragTracker<FragDecision>>,
+    /// Decisions for fragment series arriving from peers.
+    frag_in: Mutex<FragTracker<FragDecision>>,
+    /// Packets waiting for table queries.
+    pub pending: Mutex<Pending>,
+    /// This worker's container subnets.
+    pub subnet_v4: Ipv4Network,
+    /// See [`Self::subnet_v4`].
+    pub subnet_v6: Ipv6Network,
+    /// Counters.
+    pub counters: Counters,
+    /// Where misses go: the control task starts the table query (slow path only).
+    pub queries: tokio::sync::mpsc::UnboundedSender<QueryKey>,
+}
+
+/// Bounds of the connection table and the fragment trackers.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Flows (each direction is one entry).
+    pub max_flows: usize,
+    /// Fragment series remembered at once.
+    pub max_frag_series: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_flows: 262_144,
+            max_frag_series: 4096,
+        }
+    }
+}
+
+fn to16(ip: IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(v4) => {
+            let mut out = [0u8; 16];
+            out[..4].copy_from_slice(&v4.octets());
+            out
+        }
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+fn from16(bytes: [u8; 16], v6: bool) -> IpAddr {
+    if v6 {
+        IpAddr::V6(Ipv6Addr::from(bytes))
+    } else {
+        IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]))
+    }
+}
+
+/// The flow action for a rewrite to `new_src`/`new_dst`, tunnelled to `tunnel` (None: local).
+pub fn action(new_src: IpAddr, new_dst: IpAddr, tunnel: Option<SocketAddr>) -> FlowAction {
+    let (tunnel_addr, tunnel_port) = match tunnel {
+        Some(SocketAddr::V4(a)) => (a.ip().to_ipv6_mapped().octets(), a.port().to_be()),
+        Some(SocketAddr::V6(a)) => (a.ip().octets(), a.port().to_be()),
+        None => ([0; 16], 0),
+    };
+    FlowAction {
+        new_src: to16(new_src),
+        new_dst: to16(new_dst),
+        tunnel_addr,
+        tunnel_port,
+        _pad: [0; 2],
+    }
+}
+
+/// Where an action sends the packet (None: deliver on this node).
+pub fn action_tunnel(a: &FlowAction) -> Option<SocketAddr> {
+    if a.tunnel_port == 0 {
+        return None;
+    }
+    let ip = Ipv6Addr::from(a.tunnel_addr);
+    let port = u16::from_be(a.tunnel_port);
+    Some(match ip.to_ipv4_mapped() {
+        Some(v4) => SocketAddr::new(IpAddr::V4(v4), port),
+        None => SocketAddr::V6(SocketAddrV6::new(ip, port, 0, 0)),
+    })
+}
+
+fn in_overlay(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => OVERLAY_V4.contains(v4),
+        IpAddr::V6(v6) => OVERLAY_V6.contains(v6),
+    }
+}
+
+fn tcp_flags(h: &Headers) -> Option<u8> {
+    match h.l4 {
+        L4::Tcp { flags, .. } => Some(flags),
+        _ => None,
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Shared {
+    /// State for a worker whose containers live in `subnet_v4`/`subnet_v6`.
+    pub fn new(
+        subnet_v4: Ipv4Network,
+        subnet_v6: Ipv6Network,
+        limits: Limits,
+        queries: tokio::sync::mpsc::UnboundedSender<QueryKey>,
+    ) -> Self {
+        let frag = || Mutex::new(FragTracker::new(limits.max_frag_series, 256, 1 << 20, 30));
+        Self {
+            conn: ConnTable::new(limits.max_flows, Timeouts::default()),
+            table: Published::default(),
+            frag_out: frag(),
+            frag_in: frag(),
+            pending: Mutex::new(Pending::default()),
+            subnet_v4,
+            subnet_v6,
+            counters: Counters::default(),
+            queries,
+        }
+    }
+
+    /// Whether `ip` is a container address on this worker.
+    pub fn is_local(&self, ip: IpAddr) -> bool {
+        match ip {
+            IpAddr::V4(v4) => self.subnet_v4.contains(v4),
+            IpAddr::V6(v6) => self.subnet_v6.contains(v6),
+        }
+    }
+
+    /// Periodic housekeeping: expired flows and fragment series. Returns the number of flows removed.
+    pub fn sweep(&self, now: u32) -> usize {
+        lock(&self.frag_out).sweep(now);
+        lock(&self.frag_in).sweep(now);
+        self.conn.sweep(now)
+    }
+
+    fn verdict_for(&self, a: &FlowAction, new_dst: IpAddr) -> Verdict {
+        match action_tunnel(a) {
+            Some(to) => Verdict::Tunnel(to),
+            None if self.is_local(new_dst) => Verdict::Loop,
+            None => Verdict::Local,
+        }
+    }
+
+    /// Translates one packet read from the TUN (a container's packet to a service, instance or remote namespace
+    /// address). Fragments released by a first fragment are appended to `released` for the caller to run through
+    /// this function again.
+    pub fn outgoing(
+        &self,
+        snap: &Snapshot,
+        now: u32,
+        pkt: &mut [u8],
+        released: &mut Vec<Vec<u8>>,
+    ) -> Verdict {
+        let Ok(h) = packet::parse(pkt) else {
+            return Verdict::Drop(Drop::Malformed);
+        };
+        if !in_overlay(h.dst) {
+            return Verdict::Drop(Drop::NotOverlay);
+        }
+        if let Some(f) = h.frag.as_ref().filter(|f| f.offset > 0) {
+            let _ = f;
+            return self.later_fragment(&self.frag_out, &h, pkt, now);
+        }
+        let Some(key) = packet::flow_key(&h) else {
+            return Verdict::Drop(Drop::Protocol);
+        };
+        let v6 = h.dst.is_ipv6();
+        let flags = tcp_flags(&h);
+        if let Some(a) = self.conn.lookup(&key, now, flags) {
+            let new_dst = from16(a.new_dst, v6);
+            // A flow stays on its instance while the instance exists; afterwards it is balanced again.
+            if snap.by_ns(new_dst, now).is_some() {
+                return self.apply(&h, pkt, a, v6, now, &self.frag_out, released);
+            }
+            self.conn.remove(&key);
+        }
+        let Some(src) = snap.by_ns(h.src, now) else {
+            return if self.is_local(h.src) {
+                Verdict::Miss(QueryKey::LocalSource(h.src))
+            } else {
+                Verdict::Drop(Drop::UnknownSource)
+            };
+        };
+        let Some(src_inst) = src.instance_ip(v6) else {
+            return Verdict::Drop(Drop::NoAddress);
+        };
+        let Some(target) = snap.choose(h.dst, now) else {
+            // Not a service address: a direct namespace address of a known instance is forwarded unchanged.
+            if let Some(direct) = snap.by_ns(h.dst, now) {
+                let a = action(h.src, h.dst, Some(direct.node).filter(|_| !self.is_local(h.dst)));
+                return self.verdict_for(&a, h.dst);
+            }
+            return Verdict::Miss(QueryKey::Ip(h.dst));
+        };
+        let (Some(t_ns), Some(t_inst)) = (target.ns(v6), target.instance_ip(v6)) else {
+            return Verdict::Drop(Drop::NoAddress);
+        };
+        let tunnel = (!self.is_local(t_ns)).then_some(target.node);
+        let forward = action(src_inst, t_ns, tunnel);
+        // The reply comes back from the target's instance address to the client's namespace address and must
+        // look as if it came from the address the client dialled.
+        let reply_key = FlowKey {
+            src_addr: to16(t_inst),
+            dst_addr: to16(h.src),
+            src_port: key.dst_port,
+            dst_port: key.src_port,
+            ..key
+        };
+        let reply = action(h.dst, h.src, None);
+        if self.conn.insert(key, forward, now, flags).is_err()
+            || self.conn.insert(reply_key, reply, now, None).is_err()
+        {
+            return Verdict::Drop(Drop::Full);
+        }
+        self.counters.flows.fetch_add(1, Ordering::Relaxed);
+        self.apply(&h, pkt, forward, v6, now, &self.frag_out, released)
+    }
+
+    /// Translates one packet received from a peer (or looped back from [`Self::outgoing`]): the reply of a flow
+    /// this node originated gets its service address back; anything else must be for a local container.
+    pub fn ingoing(&self, now: u32, pkt: &mut [u8], released: &mut Vec<Vec<u8>>) -> Verdict {
+        let Ok(h) = packet::parse(pkt) else {
+            return Verdict::Drop(Drop::Malformed);
+        };
+        if h.frag.as_ref().is_some_and(|f| f.offset > 0) {
+            return self.later_fragment(&self.frag_in, &h, pkt, now);
+        }
+        let v6 = h.dst.is_ipv6();
+        if let Some(key) = packet::flow_key(&h)
+            && let Some(a) = self.conn.lookup(&key, now, tcp_flags(&h))
+        {
+            let new_dst = from16(a.new_dst, v6);
+            if !self.is_local(new_dst) {
+                return Verdict::Drop(Drop::NotLocal);
+            }
+            let local = FlowAction { tunnel_port: 0, ..a };
+            return match self.apply(&h, pkt, local, v6, now, &self.frag_in, released) {
+                Verdict::Loop => Verdict::Local,
+                other => other,
+            };
+        }
+        if !self.is_local(h.dst) {
+            return Verdict::Drop(Drop::NotLocal);
+        }
+        if let Some(fk) = FragKey::of(&h) {
+            released.extend(lock(&self.frag_in).on_first(fk, None, now));
+        }
+        Verdict::Local
+    }
+
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "one call site per direction; a struct would only rename them"
+    )]
+    fn apply(
+        &self,
+        h: &Headers,
+        pkt: &mut [u8],
+        a: FlowAction,
+        v6: bool,
+        now: u32,
+        frag: &Mutex<FragTracker<FragDecision>>,
+        released: &mut Vec<Vec<u8>>,
+    ) -> Verdict {
+        let (new_src, new_dst) = (from16(a.new_src, v6), from16(a.new_dst, v6));
+        if packet::rewrite(pkt, h, new_src, new_dst).is_err() {
+            return Verdict::Drop(Drop::Malformed);
+        }
+        if let Some(fk) = FragKey::of(h) {
+            released.extend(lock(frag).on_first(fk, Some((new_src, new_dst)), now));
+        }
+        let _ = h;
+        self.verdict_for(&a, new_dst)
+    }
+
+    fn later_fragment(
+        &self,
+        frag: &Mutex<FragTracker<FragDecision>>,
+        h: &Headers,
+        pkt: &mut [u8],
+        now: u32,
+    ) -> Verdict {
+        let Some(fk) = FragKey::of(h) else {
+            return Verdict::Drop(Drop::Malformed);
+        };
+        let mut tracker = lock(frag);
+        match tracker.lookup(&fk, now) {
+            Some(Some((new_src, new_dst))) => {
+                drop(tracker);
+                if packet::rewrite(pkt, h, new_src, new_dst).is_err() {
+                    return Verdict::Drop(Drop::Malformed);
+                }
+                self.route_translated(new_dst)
+            }
+            Some(None) => {
+                if self.is_local(h.dst) {
+                    Verdict::Local
+                } else {
+                    Verdict::Drop(Drop::NotLocal)
+                }
+            }
+            None => match tracker.hold(fk, pkt, now) {
+                Ok(()) => Verdict::Held,
+                Err(_) => Verdict::Drop(Drop::Full),
+            },
+        }
+    }
+
+    /// Where a translated fragment goes: the flow table knows the tunnel of its series' first packet only through
+    /// the destination, so look the destination up.
+    fn route_translated(&self, new_dst: IpAddr) -> Verdict {
+        if self.is_local(new_dst) {
+            return Verdict::Loop;
+        }
+        let snap = self.table.get();
+        match snap.by_ns(new_dst, crate::conntrack::now_secs()) {
+            Some(i) => Verdict::Tunnel(i.node),
+            None => Verdict::Drop(Drop::NotLocal),
+        }
+    }
+}
+
+/// Shared state handle used by the dataplane threads.
+pub type SharedRef = Arc<Shared>;

@@ -1,0 +1,847 @@
+#![allow(clippy::unwrap_used, reason = "tests")]
+//! The plumbing modules (`netlink`, `nft`, `sysctl`) against the real kernel. Needs root, `ip`, `nsenter`,
+//! `unshare`, `nft` and `busybox`.
+//!
+//! Every test works only inside network namespaces it creates (`oakplumb-<test>-<pid>`) and removes them when it
+//! ends, also when it fails: the code under test runs on a thread that entered the test's namespace (so its netlink
+//! sockets, `nft` children and `/proc/sys/net` writes all land there), "containers" are `unshare --net sleep`
+//! processes, and every address used lives inside those namespaces. Nothing touches the host's own links, routes,
+//! nftables or sysctls, and no packet leaves the test namespaces.
+
+use std::fs::File;
+use std::future::Future;
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsFd;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use oakestra_netmanager::netlink::{Attach, Netlink, NetnsTarget, PlumbError, veth_names};
+use oakestra_netmanager::nft::{self, HostRules, L4Proto, PortMapping};
+use oakestra_netmanager::sysctl;
+use rustix::thread::{LinkNameSpaceType, move_into_link_name_space};
+use serde_json::Value;
+
+const BRIDGE: &str = "goProxyBridge";
+const BR4: Ipv4Addr = Ipv4Addr::new(10, 18, 0, 1);
+const BR6: Ipv6Addr = Ipv6Addr::new(0xfc00, 0, 0, 0, 0, 0, 0, 1);
+const MTU: u32 = 1450;
+
+/// Runs a command, fails the test if it fails, returns its stdout.
+fn cmd(program: &str, args: &[&str]) -> String {
+    let out = run(program, args);
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed ({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn run(program: &str, args: &[&str]) -> Output {
+    Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"))
+}
+
+fn json(text: &str) -> Value {
+    if text.trim().is_empty() {
+        Value::Array(vec![])
+    } else {
+        serde_json::from_str(text).unwrap()
+    }
+}
+
+/// `ip -j <args>` in the calling thread's namespace.
+fn ip_json(args: &[&str]) -> Value {
+    json(&cmd("ip", &[&["-j"], args].concat()))
+}
+
+/// `ip -j <args>` inside the namespace of `pid`.
+fn ip_json_in(pid: i32, args: &[&str]) -> Value {
+    let pid = pid.to_string();
+    json(&cmd(
+        "nsenter",
+        &[&["-t", pid.as_str(), "-n", "ip", "-j"], args].concat(),
+    ))
+}
+
+/// `ip -j <args>` inside the namespace file `path`.
+fn ip_json_at(path: &Path, args: &[&str]) -> Value {
+    let net = format!("--net={}", path.display());
+    json(&cmd("nsenter", &[&[net.as_str(), "ip", "-j"], args].concat()))
+}
+
+/// (device, inode) of a namespace file: equal pairs mean the same namespace.
+fn ns_id(path: impl AsRef<Path>) -> (u64, u64) {
+    let meta = std::fs::metadata(path).unwrap();
+    (meta.dev(), meta.ino())
+}
+
+fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A network namespace owned by one test, deleted (with everything in it) on drop.
+struct TestNetns {
+    name: String,
+}
+
+impl TestNetns {
+    fn new(test: &str) -> Self {
+        let name = format!("oakplumb-{test}-{}", std::process::id());
+        // A leftover of an earlier run that died with the same pid would make `add` fail.
+        let _ = run("ip", &["netns", "del", &name]);
+        cmd("ip", &["netns", "add", &name]);
+        Self { name }
+    }
+
+    fn path(&self) -> PathBuf {
+        Path::new("/run/netns").join(&self.name)
+    }
+
+    /// Runs `body` on a new thread that has entered this namespace, on a current-thread tokio runtime of that
+    /// thread (so every socket, child process and spawned connection the code under test creates is in here).
+    fn run<F, Fut>(&self, body: F)
+    where
+        F: FnOnce() -> Fut + Send,
+        Fut: Future<Output = ()>,
+    {
+        let path = self.path();
+        std::thread::scope(|scope| {
+            let worker = scope.spawn(|| {
+                let ns = File::open(&path).unwrap();
+                move_into_link_name_space(ns.as_fd(), Some(LinkNameSpaceType::Network)).unwrap();
+                // Refuse to run anything unless this thread is provably in the test namespace.
+                assert_eq!(
+                    ns_id("/proc/thread-self/ns/net"),
+                    ns_id(&path),
+                    "not inside the test namespace"
+                );
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                runtime.block_on(body());
+            });
+            if let Err(panic) = worker.join() {
+                std::panic::resume_unwind(panic);
+            }
+        });
+    }
+}
+
+impl Drop for TestNetns {
+    #[allow(
+        clippy::print_stderr,
+        reason = "a failed cleanup is worth a line in the test output"
+    )]
+    fn drop(&mut self) {
+        let out = run("ip", &["netns", "del", &self.name]);
+        if !out.status.success() {
+            eprintln!(
+                "cleanup: ip netns del {}: {}",
+                self.name,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+}
+
+/// A named namespace created by the code under test; removed on drop in case the test failed before doing so.
+struct NamedNetnsGuard(String);
+
+impl Drop for NamedNetnsGuard {
+    fn drop(&mut self) {
+        if Path::new("/run/netns").join(&self.0).exists() {
+            let _ = run("ip", &["netns", "del", &self.0]);
+        }
+    }
+}
+
+/// A stand-in container: a process in a network namespace of its own, killed on drop (which frees the namespace
+/// and, with it, whatever we moved there).
+struct Container {
+    child: Child,
+}
+
+impl Container {
+    /// Starts it and waits until it really is in another namespace than the calling thread.
+    fn start() -> Self {
+        let child = Command::new("unshare")
+            .args(["--net", "sleep", "120"])
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        let container = Self { child };
+        let own = ns_id("/proc/thread-self/ns/net");
+        let theirs = format!("/proc/{}/ns/net", container.child.id());
+        wait_until(
+            "the container's own network namespace",
+            Duration::from_secs(5),
+            || std::fs::metadata(&theirs).is_ok() && ns_id(&theirs) != own,
+        );
+        container
+    }
+
+    fn pid(&self) -> i32 {
+        i32::try_from(self.child.id()).unwrap()
+    }
+}
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn attach_spec(host: &str, peer: &str, target: NetnsTarget, n: u8) -> Attach {
+    Attach {
+        host_name: host.to_owned(),
+        peer_name: peer.to_owned(),
+        bridge: BRIDGE.to_owned(),
+        mtu: MTU,
+        target,
+        v4: Ipv4Addr::new(10, 18, 0, n),
+        v4_prefix: 26,
+        gw4: BR4,
+        v6: Ipv6Addr::new(0xfc00, 0, 0, 0, 0, 0, 0, u16::from(n)),
+        v6_prefix: 120,
+        gw6: BR6,
+    }
+}
+
+async fn bridge(nl: &Netlink) -> u32 {
+    nl.recreate_bridge(BRIDGE, MTU, BR4, 26, BR6, 120).await.unwrap()
+}
+
+/// (family, local, prefixlen) of every global address in an `ip -j addr` link entry, checking none is tentative.
+fn global_addresses(link: &Value) -> Vec<(String, String, u64)> {
+    let mut found = Vec::new();
+    for addr in link["addr_info"].as_array().unwrap() {
+        if addr["scope"] != "global" {
+            continue;
+        }
+        assert!(
+            addr.get("tentative").is_none(),
+            "tentative address (DAD not disabled): {addr}"
+        );
+        found.push((
+            addr["family"].as_str().unwrap().to_owned(),
+            addr["local"].as_str().unwrap().to_owned(),
+            addr["prefixlen"].as_u64().unwrap(),
+        ));
+    }
+    found.sort();
+    found
+}
+
+fn flags(link: &Value) -> Vec<String> {
+    link["flags"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f.as_str().unwrap().to_owned())
+        .collect()
+}
+
+fn addrs(list: &[(&str, &str, u64)]) -> Vec<(String, String, u64)> {
+    let mut v: Vec<_> = list
+        .iter()
+        .map(|(f, a, p)| ((*f).to_owned(), (*a).to_owned(), *p))
+        .collect();
+    v.sort();
+    v
+}
+
+/// Pings `target` from inside `pid`'s namespace (a few tries: the first packet may wait for neighbour discovery).
+fn ping_from(pid: i32, target: &str) {
+    let pid = pid.to_string();
+    let mut last = None;
+    for _ in 0..3 {
+        let out = run(
+            "nsenter",
+            &["-t", &pid, "-n", "busybox", "ping", "-c1", "-W2", target],
+        );
+        if out.status.success() {
+            return;
+        }
+        last = Some(out);
+    }
+    let out = last.unwrap();
+    panic!(
+        "ping {target} from the container failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn bridge_is_recreated_idempotently() {
+    let ns = TestNetns::new("bridge");
+    ns.run(|| async {
+        let nl = Netlink::connect().unwrap();
+        let first = bridge(&nl).await;
+        let second = bridge(&nl).await;
+        assert_ne!(first, second, "the second call replaces the bridge");
+        assert_eq!(nl.link_index(BRIDGE).await.unwrap(), Some(second));
+
+        let link = &ip_json(&["-d", "addr", "show", "dev", BRIDGE])[0];
+        assert_eq!(link["mtu"], MTU);
+        assert_eq!(link["linkinfo"]["info_kind"], "bridge");
+        assert!(flags(link).contains(&"UP".to_owned()), "{link}");
+        assert_eq!(
+            global_addresses(link),
+            addrs(&[("inet", "10.18.0.1", 26), ("inet6", "fc00::1", 120)]),
+            "exactly the two addresses, once each"
+        );
+
+        assert!(nl.delete_link(BRIDGE).await.unwrap());
+        assert!(
+            !nl.delete_link(BRIDGE).await.unwrap(),
+            "deleting an absent link is Ok(false)"
+        );
+        assert_eq!(nl.link_index(BRIDGE).await.unwrap(), None);
+    });
+}
+
+#[test]
+fn attach_wires_a_container_and_detach_removes_the_pair() {
+    let ns = TestNetns::new("attach");
+    ns.run(|| async {
+        let nl = Netlink::connect().unwrap();
+        bridge(&nl).await;
+        let container = Container::start();
+        let pid = container.pid();
+        let (host, peer) = veth_names(1, "task-attach");
+        nl.attach(&attach_spec(&host, &peer, NetnsTarget::Pid(pid), 2))
+            .await
+            .unwrap();
+
+        // Host side: one veth end, in the bridge, up, with the MTU; the peer is not in our namespace.
+        let host_link = &ip_json(&["-d", "link", "show", "dev", &host])[0];
+        assert_eq!(host_link["mtu"], MTU);
+        assert_eq!(host_link["master"], BRIDGE);
+        assert_eq!(host_link["linkinfo"]["info_kind"], "veth");
+        assert!(flags(host_link).contains(&"UP".to_owned()), "{host_link}");
+        assert_eq!(nl.link_index(&peer).await.unwrap(), None);
+
+        // Container side: addresses with their prefixes, not tentative, up, MTU, lo up, both default routes.
+        let inside = &ip_json_in(pid, &["addr", "show", "dev", &peer])[0];
+        assert_eq!(inside["mtu"], MTU);
+        assert!(flags(inside).contains(&"UP".to_owned()), "{inside}");
+        assert_eq!(
+            global_addresses(inside),
+            addrs(&[("inet", "10.18.0.2", 26), ("inet6", "fc00::2", 120)])
+        );
+        let lo = &ip_json_in(pid, &["link", "show", "dev", "lo"])[0];
+        assert!(flags(lo).contains(&"UP".to_owned()), "{lo}");
+        let v4_default = ip_json_in(pid, &["-4", "route", "show", "default"]);
+        assert_eq!(v4_default.as_array().unwrap().len(), 1, "{v4_default}");
+        assert_eq!(v4_default[0]["gateway"], "10.18.0.1");
+        assert_eq!(v4_default[0]["dev"], peer.as_str());
+        let v6_default = ip_json_in(pid, &["-6", "route", "show", "default"]);
+        assert_eq!(v6_default.as_array().unwrap().len(), 1, "{v6_default}");
+        assert_eq!(v6_default[0]["gateway"], "fc00::1");
+        assert_eq!(v6_default[0]["dev"], peer.as_str());
+
+        // The wiring carries traffic (container to bridge, both inside the test's namespaces).
+        ping_from(pid, "10.18.0.1");
+        ping_from(pid, "fc00::1");
+
+        nl.detach(&host).await.unwrap();
+        assert_eq!(nl.link_index(&host).await.unwrap(), None);
+        let left = ip_json_in(pid, &["link", "show"]);
+        let names: Vec<&str> = left
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["ifname"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["lo"], "the peer went with the host end");
+        nl.detach(&host).await.unwrap();
+    });
+}
+
+#[test]
+fn failed_attaches_leave_no_veth_behind() {
+    let ns = TestNetns::new("attachfail");
+    ns.run(|| async {
+        let nl = Netlink::connect().unwrap();
+        let (host, peer) = veth_names(2, "task-fail");
+        let no_veth = || {
+            let veths = ip_json(&["link", "show", "type", "veth"]);
+            assert_eq!(
+                veths.as_array().unwrap().len(),
+                0,
+                "a veth was left behind: {veths}"
+            );
+        };
+
+        // No bridge yet: refused before anything is created.
+        let container = Container::start();
+        let err = nl
+            .attach(&attach_spec(&host, &peer, NetnsTarget::Pid(container.pid()), 3))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, PlumbError::LinkMissing(name) if name == BRIDGE),
+            "{err}"
+        );
+        no_veth();
+
+        bridge(&nl).await;
+        // A task that is gone: the error names its namespace file.
+        let mut gone = Command::new("true").spawn().unwrap();
+        gone.wait().unwrap();
+        let dead = i32::try_from(gone.id()).unwrap();
+        let err = nl
+            .attach(&attach_spec(&host, &peer, NetnsTarget::Pid(dead), 3))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, PlumbError::NetnsOpen { .. }), "{err}");
+        let message = err.to_string();
+        assert!(message.contains(&format!("/proc/{dead}/ns/net")), "{message}");
+        assert_eq!(nl.link_index(&host).await.unwrap(), None);
+        no_veth();
+
+        // A failure inside the container, after the pair exists (an IPv6 gateway that is not on-link): the pair
+        // is removed before the error comes back.
+        let mut spec = attach_spec(&host, &peer, NetnsTarget::Pid(container.pid()), 3);
+        spec.gw6 = "2001:db8::1".parse().unwrap();
+        let err = nl.attach(&spec).await.unwrap_err();
+        let message = err.to_string();
+        assert!(message.contains("::/0 via 2001:db8::1"), "{message}");
+        assert_eq!(nl.link_index(&host).await.unwrap(), None);
+        no_veth();
+        let left = ip_json_in(container.pid(), &["link", "show"]);
+        assert_eq!(
+            left.as_array().unwrap().len(),
+            1,
+            "only lo in the container: {left}"
+        );
+
+        // The same names work afterwards.
+        nl.attach(&attach_spec(&host, &peer, NetnsTarget::Pid(container.pid()), 3))
+            .await
+            .unwrap();
+        nl.detach(&host).await.unwrap();
+        no_veth();
+    });
+}
+
+#[test]
+fn setup_tun_installs_routes_idempotently() {
+    let ns = TestNetns::new("tun");
+    ns.run(|| async {
+        let nl = Netlink::connect().unwrap();
+        let err = nl.setup_tun("t0", 1400, 1000, &[], &[]).await.unwrap_err();
+        assert!(
+            matches!(&err, PlumbError::LinkMissing(name) if name == "t0"),
+            "{err}"
+        );
+
+        cmd("ip", &["tuntap", "add", "mode", "tun", "name", "t0"]);
+        let v4 = ["10.16.0.0/12".parse().unwrap()];
+        let v6 = ["fc00::/7".parse().unwrap()];
+        nl.setup_tun("t0", 1400, 1000, &v4, &v6).await.unwrap();
+        nl.setup_tun("t0", 1400, 1000, &v4, &v6).await.unwrap();
+
+        let link = &ip_json(&["addr", "show", "dev", "t0"])[0];
+        assert_eq!(link["mtu"], 1400);
+        assert_eq!(link["txqlen"], 1000);
+        assert!(flags(link).contains(&"UP".to_owned()), "{link}");
+        assert_eq!(global_addresses(link), vec![], "no addresses on the TUN");
+
+        let routes4 = ip_json(&["-4", "route", "show", "dev", "t0"]);
+        let dsts4: Vec<&str> = routes4
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["dst"].as_str().unwrap())
+            .collect();
+        assert_eq!(dsts4, ["10.16.0.0/12"], "{routes4}");
+        let routes6 = ip_json(&["-6", "route", "show", "dev", "t0"]);
+        let dsts6: Vec<&str> = routes6
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["dst"].as_str().unwrap())
+            .filter(|d| !d.starts_with("fe80:") && !d.starts_with("ff00:") && !d.starts_with("multicast"))
+            .collect();
+        assert_eq!(dsts6, ["fc00::/7"], "{routes6}");
+    });
+}
+
+#[test]
+fn default_route_v4_prefers_the_default_route_then_falls_back() {
+    let ns = TestNetns::new("defroute");
+    ns.run(|| async {
+        let nl = Netlink::connect().unwrap();
+        assert_eq!(
+            nl.default_route_v4(&[]).await.unwrap(),
+            None,
+            "nothing but a down lo"
+        );
+
+        // veth pairs stand in for NICs (this kernel has no dummy driver); both ends stay in the test namespace.
+        for (a, b) in [("lan0", "lan1"), ("wan0", "wan1")] {
+            cmd("ip", &["link", "add", a, "type", "veth", "peer", "name", b]);
+        }
+        cmd("ip", &["addr", "add", "192.0.2.10/24", "dev", "lan0"]);
+        cmd("ip", &["addr", "add", "198.51.100.7/24", "dev", "wan0"]);
+        for l in ["lo", "lan0", "lan1"] {
+            cmd("ip", &["link", "set", l, "up"]);
+        }
+        let lan = Some((Ipv4Addr::new(192, 0, 2, 10), "lan0".to_owned()));
+        let wan = Some((Ipv4Addr::new(198, 51, 100, 7), "wan0".to_owned()));
+
+        // No default route: the first up, non-loopback, non-excluded interface with a global address.
+        assert_eq!(nl.default_route_v4(&[]).await.unwrap(), lan);
+        assert_eq!(
+            nl.default_route_v4(&["lan0"]).await.unwrap(),
+            None,
+            "wan0 is down, lan1 has no address"
+        );
+        cmd("ip", &["link", "set", "wan0", "up"]);
+        cmd("ip", &["link", "set", "wan1", "up"]);
+        assert_eq!(nl.default_route_v4(&["lan0"]).await.unwrap(), wan);
+
+        // A default route wins over the fallback: its interface's first address.
+        cmd(
+            "ip",
+            &[
+                "route",
+                "add",
+                "default",
+                "via",
+                "198.51.100.1",
+                "dev",
+                "wan0",
+                "metric",
+                "100",
+            ],
+        );
+        assert_eq!(nl.default_route_v4(&[]).await.unwrap(), wan);
+
+        // The lowest metric wins, and its preferred source beats the interface's first address.
+        cmd("ip", &["addr", "add", "192.0.2.20/24", "dev", "lan0"]);
+        cmd(
+            "ip",
+            &[
+                "route",
+                "add",
+                "default",
+                "via",
+                "192.0.2.1",
+                "dev",
+                "lan0",
+                "src",
+                "192.0.2.20",
+                "metric",
+                "10",
+            ],
+        );
+        assert_eq!(
+            nl.default_route_v4(&[]).await.unwrap(),
+            Some((Ipv4Addr::new(192, 0, 2, 20), "lan0".to_owned()))
+        );
+    });
+}
+
+/// A TCP listener on `port` inside `pid`'s namespace (a thread that entered it), accepting `count` connections and
+/// sending back what each peer wrote.
+fn container_listener(
+    pid: i32,
+    port: u16,
+    count: usize,
+) -> mpsc::Receiver<Result<Vec<(IpAddr, String)>, String>> {
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let (done_tx, done_rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let result = (|| -> Result<Vec<(IpAddr, String)>, String> {
+            let ns = File::open(format!("/proc/{pid}/ns/net")).map_err(|e| e.to_string())?;
+            move_into_link_name_space(ns.as_fd(), Some(LinkNameSpaceType::Network))
+                .map_err(|e| e.to_string())?;
+            // [::] takes IPv4 too (v4-mapped) in a fresh namespace, where bindv6only is 0.
+            let listener = TcpListener::bind((Ipv6Addr::UNSPECIFIED, port)).map_err(|e| e.to_string())?;
+            listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+            let _ = ready_tx.send(());
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let mut got = Vec::new();
+            while got.len() < count {
+                match listener.accept() {
+                    Ok((mut stream, peer)) => {
+                        stream.set_nonblocking(false).map_err(|e| e.to_string())?;
+                        stream
+                            .set_read_timeout(Some(Duration::from_secs(5)))
+                            .map_err(|e| e.to_string())?;
+                        let mut text = String::new();
+                        stream.read_to_string(&mut text).map_err(|e| e.to_string())?;
+                        let ip = match peer.ip() {
+                            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+                            v4 => v4,
+                        };
+                        got.push((ip, text));
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        if Instant::now() > deadline {
+                            return Err(format!("only {} of {count} connections arrived", got.len()));
+                        }
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    Err(e) => return Err(e.to_string()),
+                }
+            }
+            Ok(got)
+        })();
+        let _ = done_tx.send(result);
+    });
+    // Wait for the bind (or the thread's early error, which then arrives on the result channel).
+    let _ = ready_rx.recv_timeout(Duration::from_secs(5));
+    done_rx
+}
+
+fn send(to: SocketAddr, text: &str) {
+    let mut stream = TcpStream::connect_timeout(&to, Duration::from_secs(3))
+        .unwrap_or_else(|e| panic!("connect to {to} (DNAT to the container) failed: {e}"));
+    stream.write_all(text.as_bytes()).unwrap();
+}
+
+#[test]
+fn nft_table_applies_idempotently_and_dnats_published_ports() {
+    let ns = TestNetns::new("nft");
+    ns.run(|| async {
+        let nl = Netlink::connect().unwrap();
+        cmd("ip", &["link", "set", "lo", "up"]);
+        bridge(&nl).await;
+        let container = Container::start();
+        let pid = container.pid();
+        let (host, peer) = veth_names(3, "task-nft");
+        let c4 = Ipv4Addr::new(10, 18, 0, 2);
+        let c6: Ipv6Addr = "fc00::2".parse().unwrap();
+        nl.attach(&attach_spec(&host, &peer, NetnsTarget::Pid(pid), 2))
+            .await
+            .unwrap();
+        // The host's "LAN" addresses (a veth end inside the test namespace; nothing is routed anywhere else).
+        cmd(
+            "ip",
+            &["link", "add", "lan0", "type", "veth", "peer", "name", "lan1"],
+        );
+        cmd("ip", &["addr", "add", "192.0.2.1/24", "dev", "lan0"]);
+        cmd("ip", &["addr", "add", "2001:db8::1/64", "dev", "lan0", "nodad"]);
+        cmd("ip", &["link", "set", "lan0", "up"]);
+        cmd("ip", &["link", "set", "lan1", "up"]);
+        sysctl::host_forwarding_and_rp_filter(&[BRIDGE]).unwrap();
+
+        let rules = HostRules {
+            table: "oakestra".into(),
+            bridge: BRIDGE.into(),
+            tun: "goProxyTun".into(),
+            subnet_v4: "10.18.0.0/26".parse().unwrap(),
+            subnet_v6: "fc00::/120".parse().unwrap(),
+            mappings: vec![(
+                PortMapping {
+                    host_port: 8080,
+                    container_port: 80,
+                    protocol: L4Proto::Tcp,
+                },
+                c4,
+                c6,
+            )],
+        };
+        let script = nft::render(&rules);
+        nft::apply(&script).await.unwrap();
+        nft::apply(&script).await.unwrap();
+
+        // One copy of each chain and rule after two applies.
+        let listing = json(&cmd("nft", &["-j", "list", "table", "inet", "oakestra"]));
+        let items = listing["nftables"].as_array().unwrap();
+        let mut chains: Vec<(String, String, String)> = items
+            .iter()
+            .filter_map(|i| i.get("chain"))
+            .map(|c| {
+                let s = |k: &str| c[k].as_str().unwrap_or_default().to_owned();
+                (s("name"), s("type"), s("hook"))
+            })
+            .collect();
+        chains.sort();
+        assert_eq!(
+            chains,
+            [
+                ("forward".into(), "filter".into(), "forward".into()),
+                ("output".into(), "nat".into(), "output".into()),
+                ("postrouting".into(), "nat".into(), "postrouting".into()),
+                ("prerouting".into(), "nat".into(), "prerouting".into()),
+            ]
+        );
+        let rules_in = |chain: &str| -> Vec<Value> {
+            items
+                .iter()
+                .filter_map(|i| i.get("rule"))
+                .filter(|r| r["chain"] == chain)
+                .cloned()
+                .collect()
+        };
+        assert_eq!(rules_in("forward").len(), 4);
+        assert_eq!(rules_in("postrouting").len(), 2);
+        for chain in ["prerouting", "output"] {
+            let rules = rules_in(chain);
+            assert_eq!(rules.len(), 2, "{chain}: {rules:?}");
+            for rule in &rules {
+                let text = rule["expr"].to_string();
+                assert!(
+                    text.contains(r#""fib":{"flags":["daddr"],"result":"type"}"#),
+                    "{text}"
+                );
+                assert!(text.contains(r#""right":"local""#), "{text}");
+                assert!(text.contains(r#""dnat""#), "{text}");
+            }
+        }
+        let output = cmd("nft", &["list", "table", "inet", "oakestra"]);
+        assert!(
+            output.contains("fib daddr type local tcp dport 8080 dnat ip to 10.18.0.2:80"),
+            "{output}"
+        );
+        assert!(
+            output.contains("fib daddr type local tcp dport 8080 dnat ip6 to [fc00::2]:80"),
+            "{output}"
+        );
+        assert_eq!(output.matches("masquerade").count(), 2, "{output}");
+
+        // The mapping really DNATs connections to this host's own addresses into the container.
+        let results = container_listener(pid, 80, 2);
+        send(SocketAddr::from((Ipv4Addr::new(192, 0, 2, 1), 8080)), "via-v4");
+        send(
+            SocketAddr::from(("2001:db8::1".parse::<Ipv6Addr>().unwrap(), 8080)),
+            "via-v6",
+        );
+        let got = results.recv_timeout(Duration::from_secs(15)).unwrap().unwrap();
+        assert_eq!(
+            got,
+            [
+                (IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)), "via-v4".to_owned()),
+                (IpAddr::V6("2001:db8::1".parse().unwrap()), "via-v6".to_owned())
+            ]
+        );
+
+        // A bad script: nft's complaint and the line it blamed come back.
+        let err =
+            nft::apply("table inet oakestra_bad {\n\tchain c {\n\t\tip saddr 10.0.0.0/33 accept\n\t}\n}\n")
+                .await
+                .unwrap_err();
+        match &err {
+            PlumbError::Nft { stderr, line, .. } => {
+                assert!(stderr.contains("Error"), "{stderr}");
+                assert_eq!(line.as_ref().map(|(n, _)| *n), Some(3), "{err}");
+            }
+            other => panic!("expected an nft error, got {other}"),
+        }
+
+        nft::remove_table("oakestra").await.unwrap();
+        let tables = cmd("nft", &["list", "tables"]);
+        assert!(!tables.contains("oakestra"), "{tables}");
+        nft::remove_table("oakestra").await.unwrap();
+    });
+}
+
+#[test]
+fn sysctl_round_trips_in_a_test_namespace() {
+    let host_forward = std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap();
+    let ns = TestNetns::new("sysctl");
+    ns.run(|| async {
+        sysctl::set("net.ipv4.ip_forward", "0").unwrap();
+        assert_eq!(sysctl::get("net.ipv4.ip_forward").unwrap(), "0");
+        sysctl::set("net.ipv4.ip_forward", "1").unwrap();
+        assert_eq!(sysctl::get("net.ipv4.ip_forward").unwrap(), "1");
+        sysctl::set("net.ipv4.ip_forward", "0").unwrap();
+
+        cmd(
+            "ip",
+            &["link", "add", "lan0", "type", "veth", "peer", "name", "lan1"],
+        );
+        let all_before = sysctl::get("net.ipv4.conf.all.rp_filter").unwrap();
+        sysctl::host_forwarding_and_rp_filter(&["lan0"]).unwrap();
+        assert_eq!(sysctl::get("net.ipv4.ip_forward").unwrap(), "1");
+        assert_eq!(sysctl::get("net.ipv6.conf.all.forwarding").unwrap(), "1");
+        assert_eq!(sysctl::get("net.ipv4.conf.lan0.rp_filter").unwrap(), "2");
+        assert_eq!(
+            sysctl::get("net.ipv4.conf.all.rp_filter").unwrap(),
+            all_before,
+            "`all` is left alone"
+        );
+
+        let err = sysctl::set("net.ipv4.conf.nosuchlink.rp_filter", "2").unwrap_err();
+        assert!(
+            err.to_string().contains("net.ipv4.conf.nosuchlink.rp_filter"),
+            "{err}"
+        );
+        assert!(matches!(
+            sysctl::set("../../etc/passwd", "x"),
+            Err(PlumbError::SysctlKey(_))
+        ));
+        assert!(matches!(
+            sysctl::get("net/ipv4/ip_forward"),
+            Err(PlumbError::SysctlKey(_))
+        ));
+    });
+    assert_eq!(
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap(),
+        host_forward,
+        "the host's own value is untouched"
+    );
+}
+
+#[test]
+fn named_netns_hosts_an_attached_instance() {
+    let ns = TestNetns::new("named");
+    let name = format!("oakplumb-uk-{}", std::process::id());
+    let _guard = NamedNetnsGuard(name.clone());
+    let _ = run("ip", &["netns", "del", &name]);
+    ns.run(|| async {
+        let nl = Netlink::connect().unwrap();
+        let path = Netlink::create_named_netns(&name).await.unwrap();
+        assert_eq!(path, Path::new("/run/netns").join(&name));
+        assert_ne!(
+            ns_id(&path),
+            ns_id("/proc/thread-self/ns/net"),
+            "a namespace of its own"
+        );
+        let err = Netlink::create_named_netns(&name).await.unwrap_err();
+        assert!(matches!(err, PlumbError::NetnsExists(_)), "{err}");
+
+        bridge(&nl).await;
+        let (host, peer) = veth_names(4, "unikernel-1");
+        nl.attach(&attach_spec(&host, &peer, NetnsTarget::Path(path.clone()), 5))
+            .await
+            .unwrap();
+        let inside = &ip_json_at(&path, &["addr", "show", "dev", &peer])[0];
+        assert_eq!(
+            global_addresses(inside),
+            addrs(&[("inet", "10.18.0.5", 26), ("inet6", "fc00::5", 120)])
+        );
+
+        Netlink::delete_named_netns(&name).await.unwrap();
+        assert!(!path.exists());
+        Netlink::delete_named_netns(&name).await.unwrap();
+        // With its namespace gone the peer is destroyed, and the host end with it (the kernel does this shortly
+        // after the last reference goes).
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while nl.link_index(&host).await.unwrap().is_some() {
+            assert!(Instant::now() < deadline, "the host end outlived the namespace");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+}

@@ -1,0 +1,425 @@
+//! The semantic overlay end to end, on a netns testbed: root and cluster on the "LAN" namespace, two workers each
+//! running a real NetManager and a real NodeEngine (one private containerd), real containers. A client container
+//! reaches a service's round-robin addresses (v4 and v6) whose instances run on both workers: TCP, UDP (also a
+//! fragmented datagram), ping, round robin across instances, one TCP flow staying on one instance, new flows
+//! avoiding a removed instance, a host port mapping, and nothing leaking into the host's namespace.
+#![allow(clippy::unwrap_used, reason = "test code: a panic is the clearest failure")]
+
+use std::{
+    collections::BTreeMap,
+    path::Path,
+    process::{Child, Command, Output, Stdio},
+    time::Duration,
+};
+
+use oakestra_tests::{
+    containerd::Containerd,
+    harness::{Proc, eventually},
+    netns::{HostSnapshot, Testbed, require_root},
+    procs::binary,
+    stack::{IMAGE, Stack, call},
+};
+use serde_json::{Value, json};
+
+const RR_V4: &str = "10.30.55.55";
+const RR_V6: &str = "fdff:2000::55";
+
+/// A process in a container's network namespace, killed on drop.
+struct InNetns(Child);
+
+impl Drop for InNetns {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn nsenter(pid: u32, args: &[&str]) -> Command {
+    let mut c = Command::new("nsenter");
+    c.arg("-t").arg(pid.to_string()).arg("-n").arg("--").args(args);
+    c
+}
+
+fn probe(pid: u32, args: &[&str]) -> Output {
+    let netprobe = binary("netprobe");
+    let mut full = vec![netprobe.to_str().unwrap()];
+    full.extend_from_slice(args);
+    nsenter(pid, &full).output().unwrap()
+}
+
+fn lines(o: &Output) -> Vec<String> {
+    assert!(
+        o.status.success(),
+        "probe failed: {}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| l.trim().to_owned())
+        .filter(|l| !l.is_empty())
+        .collect()
+}
+
+/// Task pids by task id (`<job>.instance.<n>`) in containerd namespace `ns`.
+fn tasks(ctrd: &Containerd, ns: &str) -> BTreeMap<String, u32> {
+    let out = ctrd.ctr(ns, &["task", "ls"]);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let id = f.next()?.to_owned();
+            let pid = f.next()?.parse().ok()?;
+            (f.next() == Some("RUNNING")).then_some((id, pid))
+        })
+        .collect()
+}
+
+fn netcfg(dir: &Path, name: &str) -> String {
+    let path = dir.join(format!("{name}-netcfg.json"));
+    std::fs::write(
+        &path,
+        json!({"NodePublicAddress": "0.0.0.0", "NodePublicPort": "50103", "ClusterUrl": "0.0.0.0",
+               "ClusterMqttPort": "10003"})
+        .to_string(),
+    )
+    .unwrap();
+    path.display().to_string()
+}
+
+async fn instances(stack: &Stack, job: &str) -> Vec<Value> {
+    let r = call(
+        "GET",
+        &format!("{}/api/service/{job}", stack.root_url),
+        Some(&stack.token),
+        None,
+    )
+    .await;
+    r.body["instance_list"].as_array().cloned().unwrap_or_default()
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn service_addresses_balance_across_workers_and_nothing_leaks() {
+    require_root();
+    let host_before = HostSnapshot::take();
+    let tb = Testbed::new("ovl", 2);
+    // Everything this test starts (root, cluster, containerd, the HTTP calls) lives in the LAN namespace.
+    tb.lan.enter_current_thread();
+    let tmp = std::env::temp_dir().join(format!("oakestra-overlay-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).unwrap();
+    let ctrd = Containerd::start("ovl");
+    let lan_ip = tb.lan_addr().to_string();
+    let stack = Stack::start_at(&tmp, &lan_ip).await;
+
+    let mut netmanagers = Vec::new();
+    let mut engines = Vec::new();
+    for (i, w) in tb.workers.iter().enumerate() {
+        let name = format!("w{}", i + 1);
+        ctrd.import_test_image(&name, IMAGE);
+        let socket = tmp.join(format!("{name}-nm.sock"));
+        let cfg = netcfg(&tmp, &name);
+        let nm_args: Vec<String> = [
+            "--config",
+            &cfg,
+            "--socket",
+            socket.to_str().unwrap(),
+            "--state-dir",
+            tmp.join(format!("{name}-nm-state")).to_str().unwrap(),
+            "--log-file",
+            "none",
+            "--workers",
+            "2",
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+        netmanagers.push(Proc::start_in(
+            w.ns.name(),
+            "NetManager",
+            &nm_args,
+            tmp.join(format!("{name}-netmanager.log")),
+        ));
+        let d = |x: &str| tmp.join(format!("{name}-{x}")).display().to_string();
+        let ne_args: Vec<String> = vec![
+            "-a".into(),
+            lan_ip.clone(),
+            "-p".into(),
+            stack.cluster_port.to_string(),
+            "-n".into(),
+            socket.display().to_string(),
+            "-l".into(),
+            d("apps"),
+            "--conf".into(),
+            d("no-conf.json"),
+            "--containerd".into(),
+            ctrd.socket.display().to_string(),
+            "--namespace".into(),
+            name.clone(),
+            "--state-dir".into(),
+            d("ne-state"),
+            "--log-file".into(),
+            "none".into(),
+            "--report-interval".into(),
+            "0.5".into(),
+            "--node-name".into(),
+            name.clone(),
+        ];
+        engines.push(Proc::start_in(
+            w.ns.name(),
+            "NodeEngine",
+            &ne_args,
+            tmp.join(format!("{name}-nodeengine.log")),
+        ));
+    }
+    let all: Vec<&Proc> = netmanagers
+        .iter()
+        .chain(engines.iter())
+        .chain([&stack.root, &stack.cluster])
+        .collect();
+
+    // One application: the server (two instances, each needs both cores, so one per worker) and a client.
+    let srv = json!({"microserviceID": "", "microservice_name": "srv", "microservice_namespace": "test",
+        "virtualization": "container", "memory": 64, "vcpus": 2, "code": IMAGE,
+        "cmd": ["sleep", "3600"], "port": "9090:8080",
+        "addresses": {"rr_ip": RR_V4, "rr_ip_v6": RR_V6}});
+    let cli = json!({"microserviceID": "", "microservice_name": "cli", "microservice_namespace": "test",
+        "virtualization": "container", "memory": 32, "vcpus": 0, "code": IMAGE, "cmd": ["sleep", "3600"]});
+    let sla = json!({"sla_version": "v2.0", "customerID": "Admin", "applications": [{
+        "applicationID": "", "application_name": "ovl", "application_namespace": "test",
+        "application_desc": "", "microservices": [srv, cli]}]});
+    let apps = call(
+        "POST",
+        &format!("{}/api/application", stack.root_url),
+        Some(&stack.token),
+        Some(&sla),
+    )
+    .await;
+    assert_eq!(apps.status, 200, "{}", apps.body);
+    let app_id = apps.body[0]["_id"].as_str().unwrap().to_owned();
+    let services = call(
+        "GET",
+        &format!("{}/api/services/{app_id}", stack.root_url),
+        Some(&stack.token),
+        None,
+    )
+    .await;
+    let id_of = |name: &str| {
+        services
+            .body
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["microservice_name"] == json!(name))
+            .unwrap()["_id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let (srv_id, cli_id) = (id_of("srv"), id_of("cli"));
+    // Both workers must be up before placing the servers.
+    eventually(60, "both workers to be active", &all, || async {
+        let r = call(
+            "GET",
+            &format!("{}/api/clusters", stack.root_url),
+            Some(&stack.token),
+            None,
+        )
+        .await;
+        let text = r.body.to_string();
+        text.contains("\"active_nodes\":2").then_some(())
+    })
+    .await;
+    for id in [&srv_id, &srv_id, &cli_id] {
+        let r = call(
+            "POST",
+            &format!("{}/api/service/{id}/instance", stack.root_url),
+            Some(&stack.token),
+            Some(&json!({})),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    for (id, n) in [(&srv_id, 2), (&cli_id, 1)] {
+        eventually(90, &format!("{n} instance(s) of {id} RUNNING"), &all, || async {
+            let list = instances(&stack, id).await;
+            (list.iter().filter(|i| i["status"] == json!("RUNNING")).count() == n).then_some(())
+        })
+        .await;
+    }
+
+    // Find the containers: which worker runs which instance.
+    let mut servers: Vec<(String, u32, usize)> = Vec::new(); // (name, pid, worker index)
+    let mut client = None;
+    for (w, name) in ["w1", "w2"].iter().enumerate() {
+        for (task, pid) in tasks(&ctrd, name) {
+            if task.starts_with("ovl.test.srv.test.instance.") {
+                servers.push((format!("srv-on-{name}"), pid, w));
+            } else if task.starts_with("ovl.test.cli.test.instance.") {
+                client = Some((pid, w));
+            }
+        }
+    }
+    assert_eq!(servers.len(), 2, "one server per worker: {servers:?}");
+    assert_ne!(servers[0].2, servers[1].2, "servers on different workers");
+    let (cli_pid, cli_worker) = client.expect("the client container");
+    let _serve: Vec<InNetns> = servers
+        .iter()
+        .map(|(name, pid, _)| {
+            let netprobe = binary("netprobe");
+            InNetns(
+                nsenter(
+                    *pid,
+                    &[
+                        netprobe.to_str().unwrap(),
+                        "serve",
+                        "--name",
+                        name,
+                        "--tcp",
+                        "8080",
+                        "--udp",
+                        "8081",
+                    ],
+                )
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap(),
+            )
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    HostSnapshot::assert_no_overlay();
+
+    // Round robin: consecutive new flows alternate between the two instances, for v4 and v6.
+    for rr in [RR_V4, RR_V6] {
+        let names = lines(&probe(cli_pid, &["tcp-each", rr, "8080", "--count", "6"]));
+        assert_eq!(names.len(), 6, "{names:?}");
+        for pair in names.windows(2) {
+            assert_ne!(pair[0], pair[1], "round robin alternates via {rr}: {names:?}");
+        }
+        let distinct: std::collections::BTreeSet<&String> = names.iter().collect();
+        assert_eq!(distinct.len(), 2, "{names:?}");
+    }
+    // One TCP flow stays on one instance.
+    let names = lines(&probe(
+        cli_pid,
+        &["tcp", RR_V4, "8080", "--count", "8", "--interval-ms", "100"],
+    ));
+    assert_eq!(names.len(), 8);
+    assert!(
+        names.iter().all(|n| *n == names[0]),
+        "one flow, one instance: {names:?}"
+    );
+    // UDP, including a datagram that the 1450-byte MTU fragments.
+    for rr in [RR_V4, RR_V6] {
+        let got = lines(&probe(cli_pid, &["udp", rr, "8081", "--count", "3"]));
+        assert_eq!(got.len(), 3, "{got:?}");
+        let big = lines(&probe(cli_pid, &["udp", rr, "8081", "--size", "4000"]));
+        assert!(
+            big[0].ends_with(" 4000"),
+            "fragmented datagram arrives whole via {rr}: {big:?}"
+        );
+    }
+    // Ping to the service addresses (the reference drops ICMP).
+    let ping = nsenter(cli_pid, &["busybox", "ping", "-c", "2", "-W", "3", RR_V4])
+        .output()
+        .unwrap();
+    assert!(
+        ping.status.success(),
+        "ping {RR_V4}: {}",
+        String::from_utf8_lossy(&ping.stdout)
+    );
+    let ping6 = nsenter(cli_pid, &["busybox", "ping6", "-c", "2", "-W", "3", RR_V6])
+        .output()
+        .unwrap();
+    assert!(
+        ping6.status.success(),
+        "ping6 {RR_V6}: {}",
+        String::from_utf8_lossy(&ping6.stdout)
+    );
+
+    // A host port mapping: the worker's LAN address, port 9090, reaches the server on that worker.
+    for (name, _, w) in &servers {
+        let addr = tb.workers[*w].addr.to_string();
+        let netprobe = binary("netprobe");
+        let out = tb
+            .lan
+            .command(&netprobe)
+            .args(["tcp", &addr, "9090"])
+            .output()
+            .unwrap();
+        assert_eq!(lines(&out), vec![name.clone()], "port 9090 on {addr}");
+    }
+
+    // Remove the server instance on the other worker: new flows all go to the remaining one.
+    let remote = servers.iter().find(|s| s.2 != cli_worker).unwrap().clone();
+    let local = servers.iter().find(|s| s.2 == cli_worker).unwrap().clone();
+    let list = instances(&stack, &srv_id).await;
+    let remote_number = list
+        .iter()
+        .find(|i| {
+            i["worker_id"].is_string()
+                && i["status"] == json!("RUNNING")
+                && tasks(&ctrd, if remote.2 == 0 { "w1" } else { "w2" })
+                    .keys()
+                    .any(|t| t.ends_with(&format!(".instance.{}", i["instance_number"])))
+        })
+        .map(|i| i["instance_number"].as_i64().unwrap())
+        .unwrap();
+    let r = call(
+        "DELETE",
+        &format!("{}/api/service/{srv_id}/instance/{remote_number}", stack.root_url),
+        Some(&stack.token),
+        None,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    eventually(60, "the remote server instance to be gone", &all, || async {
+        (instances(&stack, &srv_id).await.len() == 1).then_some(())
+    })
+    .await;
+    eventually(30, "new flows to avoid the removed instance", &all, || async {
+        let out = probe(cli_pid, &["tcp-each", RR_V4, "8080", "--count", "4"]);
+        let names = String::from_utf8_lossy(&out.stdout).to_string();
+        (out.status.success() && names.lines().count() == 4 && names.lines().all(|l| l.trim() == local.0))
+            .then_some(())
+    })
+    .await;
+
+    // Stop everything: the NetManagers remove their bridge, TUN, veths and nftables table.
+    let r = call(
+        "DELETE",
+        &format!("{}/api/application/{app_id}", stack.root_url),
+        Some(&stack.token),
+        None,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    for e in &mut engines {
+        e.terminate(Duration::from_secs(10));
+    }
+    for nm in &mut netmanagers {
+        assert_eq!(nm.terminate(Duration::from_secs(10)), Some(0), "{}", nm.log());
+    }
+    for w in &tb.workers {
+        let links = String::from_utf8_lossy(&w.ns.run(&["ip", "-o", "link"]).stdout).to_string();
+        assert!(
+            !links.contains("goProxy") && !links.contains("veth0"),
+            "left behind in {}: {links}",
+            w.ns.name()
+        );
+        let nft = String::from_utf8_lossy(&w.ns.run(&["nft", "list", "tables"]).stdout).to_string();
+        assert!(
+            !nft.contains("oakestra"),
+            "nft table left in {}: {nft}",
+            w.ns.name()
+        );
+    }
+    drop(stack);
+    ctrd.sweep();
+    drop(tb);
+    HostSnapshot::assert_no_overlay();
+    host_before.assert_unchanged(&HostSnapshot::take());
+    let _ = std::fs::remove_dir_all(&tmp);
+}
