@@ -294,6 +294,7 @@ async fn service_addresses_balance_across_workers_and_nothing_leaks() {
     // Round robin: consecutive new flows alternate between the two instances, for v4 and v6.
     for rr in [RR_V4, RR_V6] {
         let names = lines(&probe(cli_pid, &["tcp-each", rr, "8080", "--count", "6"]));
+        eprintln!("new flows via {rr}: {names:?}");
         assert_eq!(names.len(), 6, "{names:?}");
         for pair in names.windows(2) {
             assert_ne!(pair[0], pair[1], "round robin alternates via {rr}: {names:?}");
@@ -316,6 +317,7 @@ async fn service_addresses_balance_across_workers_and_nothing_leaks() {
         let got = lines(&probe(cli_pid, &["udp", rr, "8081", "--count", "3"]));
         assert_eq!(got.len(), 3, "{got:?}");
         let big = lines(&probe(cli_pid, &["udp", rr, "8081", "--size", "4000"]));
+        eprintln!("udp via {rr}: {got:?}, 4000 bytes: {big:?}");
         assert!(
             big[0].ends_with(" 4000"),
             "fragmented datagram arrives whole via {rr}: {big:?}"
@@ -421,5 +423,8 @@ async fn service_addresses_balance_across_workers_and_nothing_leaks() {
     drop(tb);
     HostSnapshot::assert_no_overlay();
     host_before.assert_unchanged(&HostSnapshot::take());
+    for nm in &netmanagers {
+        eprintln!("--- {}\n{}", nm.log.display(), nm.log());
+    }
     let _ = std::fs::remove_dir_all(&tmp);
 }
