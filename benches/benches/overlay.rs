@@ -41,9 +41,10 @@ const MSG: usize = 64;
 const IPERF_PORT: u16 = 5201;
 const PINGPONG_PORT: u16 = 11111;
 
-/// Commands undoing a path's setup, run in reverse order on drop: the next path starts from bare containers.
+/// Commands undoing a path's setup, run in reverse order on drop, after the processes the path started were
+/// stopped (SIGTERM and a wait, or SIGKILL): the next path starts from bare containers.
 #[derive(Debug, Default)]
-struct Teardown(Vec<Command>);
+struct Teardown(Vec<Command>, Vec<(Child, bool)>);
 
 impl Teardown {
     /// Queues `ip -n <ns> <args>`.
@@ -51,6 +52,16 @@ impl Teardown {
         let mut cmd = Command::new("ip");
         cmd.args(["-n", ns]).args(args);
         self.0.push(cmd);
+    }
+
+    /// Kills `child` (SIGKILL) when the path is torn down.
+    fn kill(&mut self, child: Child) {
+        self.1.push((child, false));
+    }
+
+    /// Stops `child` with SIGTERM (it cleans up after itself) when the path is torn down.
+    fn terminate(&mut self, child: Child) {
+        self.1.push((child, true));
     }
 
     /// Queues a command.
@@ -61,6 +72,17 @@ impl Teardown {
 
 impl Drop for Teardown {
     fn drop(&mut self) {
+        while let Some((mut child, gently)) = self.1.pop() {
+            if gently {
+                let _ = Command::new("kill").arg(child.id().to_string()).status();
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
         while let Some(mut cmd) = self.0.pop() {
             match cmd.output() {
                 Ok(out) if out.status.success() => {}
@@ -138,12 +160,242 @@ fn setup_vxlan(tb: &Testbed, client: &Container, server: &Container) -> Result<T
     })
 }
 
-/// OUR overlay: two NetManagers (one per worker, the cluster side in `tb.lan`), the containers attached by them,
-/// the client dialling the server's overlay address (or a service IP).
-// TODO(proxy owner): start the NetManagers in the worker netns, attach both containers, return the address to dial
-// and a teardown that stops them. Until then this path is skipped and no overlay figure is printed.
-fn setup_overlay(_tb: &Testbed, _client: &Container, _server: &Container) -> Result<Target, String> {
-    Err("not wired yet".into())
+/// OUR overlay: two NetManagers (one per worker), the client dialling the server's round-robin service address.
+/// The cluster side is Mosquitto in the LAN namespace plus [`responder`], a minimal stand-in for the cluster's
+/// network service (subnets, table queries from what the NetManagers report): the bench measures the dataplane,
+/// not the control plane, and needs no containerd.
+fn setup_overlay(tb: &Testbed, client: &Container, server: &Container) -> Result<Target, String> {
+    if !have("mosquitto") {
+        return Err("skipped: mosquitto is not installed (apt-get install mosquitto)".into());
+    }
+    let dir = std::env::temp_dir().join(format!("oakestra-overlay-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let lan = tb.lan_addr().to_string();
+    let conf = dir.join("mosquitto.conf");
+    std::fs::write(&conf, format!("listener 1883 {lan}\nallow_anonymous true\n"))
+        .map_err(|e| e.to_string())?;
+    let mut undo = Teardown::default();
+    let broker = tb
+        .lan
+        .command("mosquitto")
+        .arg("-c")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    undo.kill(broker);
+    std::thread::sleep(Duration::from_millis(300));
+    responder::start(tb.lan.path(), format!("{lan}:1883"));
+    let netmanager = procs::binary("NetManager");
+    let cfg = dir.join("netcfg.json");
+    std::fs::write(
+        &cfg,
+        format!(r#"{{"NodePublicAddress":"0.0.0.0","ClusterUrl":"{lan}","ClusterMqttPort":"1883"}}"#),
+    )
+    .map_err(|e| e.to_string())?;
+    let mut sockets = Vec::new();
+    for w in [1, 2] {
+        let sock = dir.join(format!("w{w}.sock"));
+        let nm = tb
+            .worker(w)
+            .ns
+            .command(&netmanager)
+            .args([
+                "--config",
+                cfg.to_str().unwrap(),
+                "--socket",
+                sock.to_str().unwrap(),
+            ])
+            .args([
+                "--state-dir",
+                dir.join(format!("w{w}-state")).to_str().unwrap(),
+                "--log-file",
+                "none",
+            ])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join(format!("w{w}.log"))).map_err(|e| e.to_string())?)
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        undo.terminate(nm);
+        sockets.push(sock);
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        use oakestra_protocol::client::call_unix;
+        let post = |sock: PathBuf, path: &'static str, body: serde_json::Value| async move {
+            for _ in 0..100 {
+                match call_unix(
+                    "POST".parse().unwrap(),
+                    &sock,
+                    path,
+                    Some(&body),
+                    Duration::from_secs(15),
+                )
+                .await
+                {
+                    Ok(r) if r.status == 200 => return Ok(r.body),
+                    Ok(r) => return Err(format!("{path}: {} {}", r.status, r.body)),
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+            Err(format!("{path}: NetManager not reachable on {}", sock.display()))
+        };
+        for (i, sock) in sockets.iter().enumerate() {
+            post(
+                sock.clone(),
+                "/register",
+                serde_json::json!({"client_id": format!("w{}", i + 1), "cluster_address": lan}),
+            )
+            .await?;
+        }
+        post(
+            sockets[0].clone(),
+            "/container/deploy",
+            serde_json::json!({"pid": client.pid,
+            "serviceName": responder::CLIENT_JOB, "instanceNumber": 0, "portMappings": ""}),
+        )
+        .await?;
+        post(
+            sockets[1].clone(),
+            "/container/deploy",
+            serde_json::json!({"pid": server.pid,
+            "serviceName": responder::SERVER_JOB, "instanceNumber": 0, "portMappings": ""}),
+        )
+        .await?;
+        Ok::<(), String>(())
+    })?;
+    // The first packet of the first flow waits for the table query; warm the path up once.
+    let _ = client
+        .command("busybox")
+        .args(["ping", "-c", "3", "-W", "2", responder::SERVICE_IP])
+        .output();
+    Ok(Target {
+        addr: responder::SERVICE_IP.parse().unwrap(),
+        _teardown: undo,
+    })
+}
+
+/// A stand-in for the cluster's network service on the bench's broker: hands out worker subnets, remembers what
+/// the NetManagers report as deployed, and answers table queries for the two jobs of the bench.
+mod responder {
+    use std::{collections::BTreeMap, path::PathBuf, time::Duration};
+
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+    use serde_json::{Value, json};
+
+    pub const CLIENT_JOB: &str = "bench.test.cli.test";
+    pub const SERVER_JOB: &str = "bench.test.srv.test";
+    pub const SERVICE_IP: &str = "10.30.55.55";
+
+    fn instance_ips(job: &str) -> (&'static str, &'static str) {
+        if job == SERVER_JOB {
+            ("10.30.0.1", "fdff::1")
+        } else {
+            ("10.30.0.2", "fdff::2")
+        }
+    }
+
+    /// Runs the responder on a thread inside the network namespace at `netns` until the process exits.
+    pub fn start(netns: PathBuf, broker: String) {
+        std::thread::spawn(move || {
+            let ns = std::fs::File::open(&netns).unwrap();
+            rustix::thread::move_into_link_name_space(
+                std::os::fd::AsFd::as_fd(&ns),
+                Some(rustix::thread::LinkNameSpaceType::Network),
+            )
+            .unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(run(broker));
+        });
+    }
+
+    async fn run(broker: String) {
+        let (host, port) = broker.rsplit_once(':').unwrap();
+        let mut opts = MqttOptions::new("bench-cluster", host, port.parse().unwrap());
+        opts.set_keep_alive(Duration::from_secs(5));
+        let (client, mut events) = AsyncClient::new(opts, 100);
+        client.subscribe("nodes/+/net/#", QoS::AtLeastOnce).await.unwrap();
+        let mut subnets: BTreeMap<String, u32> = BTreeMap::new();
+        let mut deployed: BTreeMap<String, Value> = BTreeMap::new();
+        while let Ok(ev) = events.poll().await {
+            let Event::Incoming(Packet::Publish(p)) = ev else {
+                continue;
+            };
+            let parts: Vec<&str> = p.topic.split('/').collect();
+            let (Some(node), Some(rest)) = (parts.get(1), p.topic.splitn(4, '/').nth(3)) else {
+                continue;
+            };
+            let body: Value = serde_json::from_slice(&p.payload).unwrap_or(Value::Null);
+            match rest {
+                "subnet" => {
+                    let next = u32::try_from(subnets.len()).unwrap();
+                    let k = *subnets.entry((*node).to_owned()).or_insert(next);
+                    let reply = json!({"address": format!("10.18.{}.{}", k / 4, (k % 4) * 64),
+                                       "addressv6": format!("fc00::{:x}", (k + 1) * 0x100)});
+                    let _ = client
+                        .publish(
+                            format!("nodes/{node}/net/subnetwork/result"),
+                            QoS::AtLeastOnce,
+                            false,
+                            reply.to_string(),
+                        )
+                        .await;
+                }
+                "service/deployed" => {
+                    if let Some(job) = body["appname"].as_str() {
+                        deployed.insert(job.to_owned(), body.clone());
+                    }
+                }
+                "tablequery/request" => {
+                    let key = body["sname"]
+                        .as_str()
+                        .filter(|s| !s.is_empty())
+                        .or_else(|| body["sip"].as_str())
+                        .unwrap_or_default()
+                        .to_owned();
+                    let job = if key == SERVICE_IP
+                        || key == "fdff:2000::55"
+                        || key == SERVER_JOB
+                        || key == instance_ips(SERVER_JOB).0
+                        || key == instance_ips(SERVER_JOB).1
+                    {
+                        SERVER_JOB
+                    } else {
+                        CLIENT_JOB
+                    };
+                    let list: Vec<Value> = deployed.get(job).map(|d| {
+                        let (ip, ip6) = instance_ips(job);
+                        let mut sips = vec![json!({"IpType": "instance_ip", "Address": ip, "Address_v6": ip6})];
+                        if job == SERVER_JOB {
+                            sips.push(json!({"IpType": "RR", "Address": SERVICE_IP, "Address_v6": "fdff:2000::55"}));
+                        }
+                        json!({"instance_number": 0, "instance_ip": ip, "instance_ip_v6": ip6,
+                               "namespace_ip": d["nsip"], "namespace_ip_v6": d["nsipv6"], "host_ip": d["host_ip"],
+                               "host_port": d["host_port"].as_str().and_then(|p| p.parse::<u16>().ok()),
+                               "service_ip": sips})
+                    }).into_iter().collect();
+                    let reply = json!({"app_name": job, "query_key": key, "instance_list": list});
+                    let _ = client
+                        .publish(
+                            format!("nodes/{node}/net/tablequery/result"),
+                            QoS::AtLeastOnce,
+                            false,
+                            reply.to_string(),
+                        )
+                        .await;
+                }
+                _ => {}
+            }
+        }
+    }
 }
 
 /// A veth from `c` to its worker (see `Container::attach_veth`), deleted again by `undo`.
