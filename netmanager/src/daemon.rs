@@ -646,7 +646,10 @@ impl Daemon {
         let _ = node.pool_v4.free(local.ns_v4);
         let _ = node.pool_v6.free(local.ns_v6);
         // Flows of the instance are gone with it.
-        let (a4, a6) = (addr16(IpAddr::V4(local.ns_v4)), addr16(IpAddr::V6(local.ns_v6)));
+        let (a4, a6) = (
+            crate::packet::addr_bytes(IpAddr::V4(local.ns_v4)),
+            crate::packet::addr_bytes(IpAddr::V6(local.ns_v6)),
+        );
         let removed = node.shared.conn.retain(|k, a| {
             ![a4, a6]
                 .iter()
@@ -973,17 +976,6 @@ impl Daemon {
         node.control.abort();
         let _ = std::fs::remove_file(self.state_file());
         tracing::info!("network state removed");
-    }
-}
-
-fn addr16(ip: IpAddr) -> [u8; 16] {
-    match ip {
-        IpAddr::V4(v4) => {
-            let mut out = [0u8; 16];
-            out[..4].copy_from_slice(&v4.octets());
-            out
-        }
-        IpAddr::V6(v6) => v6.octets(),
     }
 }
 

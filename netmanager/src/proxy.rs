@@ -9,7 +9,7 @@
 
 use std::{
     collections::VecDeque,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6},
+    net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV6},
     sync::{
         Arc, Mutex, PoisonError,
         atomic::{AtomicU64, Ordering},
@@ -184,23 +184,8 @@ impl Default for Limits {
     }
 }
 
-fn to16(ip: IpAddr) -> [u8; 16] {
-    match ip {
-        IpAddr::V4(v4) => {
-            let mut out = [0u8; 16];
-            out[..4].copy_from_slice(&v4.octets());
-            out
-        }
-        IpAddr::V6(v6) => v6.octets(),
-    }
-}
-
 fn from16(bytes: [u8; 16], v6: bool) -> IpAddr {
-    if v6 {
-        IpAddr::V6(Ipv6Addr::from(bytes))
-    } else {
-        IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]))
-    }
+    packet::addr_from_bytes(&bytes, !v6)
 }
 
 /// The flow action for a rewrite to `new_src`/`new_dst`, tunnelled to `tunnel` (None: local).
@@ -211,8 +196,8 @@ pub fn action(new_src: IpAddr, new_dst: IpAddr, tunnel: Option<SocketAddr>) -> F
         None => ([0; 16], 0),
     };
     FlowAction {
-        new_src: to16(new_src),
-        new_dst: to16(new_dst),
+        new_src: packet::addr_bytes(new_src),
+        new_dst: packet::addr_bytes(new_dst),
         tunnel_addr,
         tunnel_port,
         _pad: [0; 2],
@@ -354,8 +339,8 @@ impl Shared {
         // The reply comes back from the target's instance address to the client's namespace address and must
         // look as if it came from the address the client dialled.
         let reply_key = FlowKey {
-            src_addr: to16(t_inst),
-            dst_addr: to16(h.src),
+            src_addr: packet::addr_bytes(t_inst),
+            dst_addr: packet::addr_bytes(h.src),
             src_port: key.dst_port,
             dst_port: key.src_port,
             ..key

@@ -26,7 +26,11 @@ pub struct Proc {
 impl Proc {
     /// Starts binary `name` with `args` and `RUST_LOG=info`.
     pub fn start(name: &str, args: &[String], log: PathBuf) -> Self {
-        let child = Command::new(crate::procs::binary(name))
+        Self::spawn(Command::new(crate::procs::binary(name)), args, log)
+    }
+
+    fn spawn(mut command: Command, args: &[String], log: PathBuf) -> Self {
+        let child = command
             .args(args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
@@ -38,16 +42,11 @@ impl Proc {
 
     /// Starts binary `name` inside network namespace `netns` (`ip netns exec`), otherwise like [`Self::start`].
     pub fn start_in(netns: &str, name: &str, args: &[String], log: PathBuf) -> Self {
-        let child = Command::new("ip")
+        let mut command = Command::new("ip");
+        command
             .args(["netns", "exec", netns])
-            .arg(crate::procs::binary(name))
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("create the log"))
-            .spawn()
-            .expect("start the binary");
-        Self { child, log }
+            .arg(crate::procs::binary(name));
+        Self::spawn(command, args, log)
     }
 
     /// Its process id.
