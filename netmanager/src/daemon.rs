@@ -292,29 +292,15 @@ impl Daemon {
         let (query_tx, query_rx) = mpsc::unbounded_channel();
         // The control task runs from here on: it answers the subnet wait below.
         let control = tokio::spawn(self.clone().control(session.clone(), inbound, query_rx));
-        let fail = |msg: String,
-                    session: &Session,
-                    pump: &tokio::task::JoinHandle<()>,
-                    ctl: &tokio::task::JoinHandle<()>| {
-            pump.abort();
-            ctl.abort();
-            let _ = session;
-            ApiError::Internal(msg)
-        };
         session.publish("net/subnet", &SubnetRequest::get());
         let subnet = match tokio::time::timeout(SUBNET_TIMEOUT, subnet_rx).await {
             Ok(Ok(r)) => r,
             _ => {
-                session.disconnect().await;
-                return Err(fail(
-                    format!(
-                        "the cluster at {cluster}:{mqtt_port} did not assign a subnet within {} s",
-                        SUBNET_TIMEOUT.as_secs()
-                    ),
-                    &session,
-                    &mqtt_pump,
-                    &control,
-                ));
+                let msg = format!(
+                    "the cluster at {cluster}:{mqtt_port} did not assign a subnet within {} s",
+                    SUBNET_TIMEOUT.as_secs()
+                );
+                return Err(abandon(&session, &mqtt_pump, &control, msg).await);
             }
         };
         let subnets = subnet
@@ -328,16 +314,11 @@ impl Daemon {
                     .and_then(|n| WorkerSubnetV6::new(n).ok()),
             );
         let Some((subnet_v4, subnet_v6)) = subnets else {
-            session.disconnect().await;
-            return Err(fail(
-                format!(
-                    "the cluster assigned an invalid subnet: address {:?}, addressv6 {:?}",
-                    subnet.address, subnet.addressv6
-                ),
-                &session,
-                &mqtt_pump,
-                &control,
-            ));
+            let msg = format!(
+                "the cluster assigned an invalid subnet: address {:?}, addressv6 {:?}",
+                subnet.address, subnet.addressv6
+            );
+            return Err(abandon(&session, &mqtt_pump, &control, msg).await);
         };
         let shared = Arc::new(Shared::new(
             subnet_v4.network(),
@@ -351,9 +332,8 @@ impl Daemon {
         let dataplane = match built {
             Ok(d) => d,
             Err(e) => {
-                session.disconnect().await;
                 self.teardown_host(&netlink).await;
-                return Err(fail(e, &session, &mqtt_pump, &control));
+                return Err(abandon(&session, &mqtt_pump, &control, e).await);
             }
         };
         Ok(Node {
@@ -747,19 +727,19 @@ impl Daemon {
                     Some(job) => self.query(session, &job, true, Some(key.clone())),
                     None => {
                         // Not one of ours (yet): nothing to resolve; let the packets go.
-                        self.drop_parked(&key).await;
+                        self.drop_parked(&key);
                     }
                 }
             }
         }
     }
 
-    async fn shared(&self) -> Option<Arc<Shared>> {
+    fn shared(&self) -> Option<Arc<Shared>> {
         lock(&self.shared).clone()
     }
 
-    async fn drop_parked(&self, key: &QueryKey) {
-        if let Some(shared) = self.shared().await {
+    fn drop_parked(&self, key: &QueryKey) {
+        if let Some(shared) = self.shared() {
             let n = lock(&shared.pending).take(key).len();
             if n > 0 {
                 shared
@@ -778,7 +758,7 @@ impl Daemon {
                 .filter_map(|k| q.remove(&k).map(|f| (k, f)))
                 .collect()
         };
-        let Some(shared) = self.shared().await else {
+        let Some(shared) = self.shared() else {
             return;
         };
         let job = r.app_name.clone().filter(|j| !j.is_empty());
@@ -867,13 +847,13 @@ impl Daemon {
         for (key, flight) in expired {
             tracing::warn!(query = %key, "table query timed out; later packets will query again");
             for parked in flight.parked {
-                self.drop_parked(&parked).await;
+                self.drop_parked(&parked);
             }
         }
     }
 
     async fn housekeeping(&self, session: &Session) {
-        let Some(shared) = self.shared().await else {
+        let Some(shared) = self.shared() else {
             return;
         };
         let now = now_secs();
@@ -977,6 +957,19 @@ impl Daemon {
         let _ = std::fs::remove_file(self.state_file());
         tracing::info!("network state removed");
     }
+}
+
+/// Leaves the broker and stops the session and control tasks of a registration that failed half way.
+async fn abandon(
+    session: &Session,
+    pump: &tokio::task::JoinHandle<()>,
+    control: &tokio::task::JoinHandle<()>,
+    msg: String,
+) -> ApiError {
+    session.disconnect().await;
+    pump.abort();
+    control.abort();
+    ApiError::Internal(msg)
 }
 
 fn response(l: &Local) -> ContainerDeployResponse {

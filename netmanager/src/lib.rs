@@ -26,7 +26,7 @@ pub mod sysctl;
 pub mod table;
 pub mod udp;
 
-use std::{os::unix::fs::PermissionsExt, sync::Arc, time::Duration};
+use std::{os::unix::fs::PermissionsExt, time::Duration};
 
 pub use config::{Cli, Command, Settings};
 
@@ -120,6 +120,3 @@ pub async fn status(settings: &Settings) -> Result<serde_json::Value, Error> {
     })?;
     Ok(r.body)
 }
-
-/// Keeps `Arc` in the public API paths documented above.
-pub type DaemonRef = Arc<daemon::Daemon>;

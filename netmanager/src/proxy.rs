@@ -11,7 +11,7 @@ use std::{
     collections::VecDeque,
     net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV6},
     sync::{
-        Arc, Mutex, PoisonError,
+        Mutex, PoisonError,
         atomic::{AtomicU64, Ordering},
     },
 };
@@ -140,8 +140,8 @@ pub struct Counters {
     pub flows: AtomicU64,
 }
 
-/// How a fragment series is translated: the first fragment's rewrite, or `None` for "unchanged".
-type FragDecision = Option<(IpAddr, IpAddr)>;
+/// How a fragment series is handled: the first fragment's action, or `None` for "delivered unchanged".
+type FragDecision = Option<FlowAction>;
 
 /// Everything the dataplane threads and the control task share.
 #[derive(Debug)]
@@ -296,8 +296,7 @@ impl Shared {
         if !in_overlay(h.dst) {
             return Verdict::Drop(Drop::NotOverlay);
         }
-        if let Some(f) = h.frag.as_ref().filter(|f| f.offset > 0) {
-            let _ = f;
+        if h.is_later_fragment() {
             return self.later_fragment(&self.frag_out, &h, pkt, now);
         }
         let Some(key) = packet::flow_key(&h) else {
@@ -361,7 +360,7 @@ impl Shared {
         let Ok(h) = packet::parse(pkt) else {
             return Verdict::Drop(Drop::Malformed);
         };
-        if h.frag.as_ref().is_some_and(|f| f.offset > 0) {
+        if h.is_later_fragment() {
             return self.later_fragment(&self.frag_in, &h, pkt, now);
         }
         let v6 = h.dst.is_ipv6();
@@ -406,9 +405,8 @@ impl Shared {
             return Verdict::Drop(Drop::Malformed);
         }
         if let Some(fk) = FragKey::of(h) {
-            released.extend(lock(frag).on_first(fk, Some((new_src, new_dst)), now));
+            released.extend(lock(frag).on_first(fk, Some(a), now));
         }
-        let _ = h;
         self.verdict_for(&a, new_dst)
     }
 
@@ -424,12 +422,14 @@ impl Shared {
         };
         let mut tracker = lock(frag);
         match tracker.lookup(&fk, now) {
-            Some(Some((new_src, new_dst))) => {
+            Some(Some(a)) => {
                 drop(tracker);
+                let v6 = h.dst.is_ipv6();
+                let (new_src, new_dst) = (from16(a.new_src, v6), from16(a.new_dst, v6));
                 if packet::rewrite(pkt, h, new_src, new_dst).is_err() {
                     return Verdict::Drop(Drop::Malformed);
                 }
-                self.route_translated(new_dst)
+                self.verdict_for(&a, new_dst)
             }
             Some(None) => {
                 if self.is_local(h.dst) {
@@ -444,20 +444,4 @@ impl Shared {
             },
         }
     }
-
-    /// Where a translated fragment goes: the flow table knows the tunnel of its series' first packet only through
-    /// the destination, so look the destination up.
-    fn route_translated(&self, new_dst: IpAddr) -> Verdict {
-        if self.is_local(new_dst) {
-            return Verdict::Loop;
-        }
-        let snap = self.table.get();
-        match snap.by_ns(new_dst, crate::conntrack::now_secs()) {
-            Some(i) => Verdict::Tunnel(i.node),
-            None => Verdict::Drop(Drop::NotLocal),
-        }
-    }
 }
-
-/// Shared state handle used by the dataplane threads.
-pub type SharedRef = Arc<Shared>;
