@@ -1,10 +1,12 @@
-//! Dataplane micro-benchmarks: packet parse/rewrite and connection-table lookups of the TUN proxy.
+//! Dataplane micro-benchmarks of the TUN proxy: packet parse/rewrite, connection-table lookups at 10k–1M flows,
+//! service-address resolution at 10 and 30k services, and the whole per-packet translation of an established flow.
 //!
 //! `cargo bench -p oakestra-benches --bench dataplane`. Every bench reports time per packet or per lookup
 //! (`Throughput::Elements(1)`), with short measurement windows so the file runs in well under a minute.
 
 use std::hint::black_box;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{
@@ -13,6 +15,8 @@ use criterion::{
 use oakestra_ebpf_common::{FlowAction, FlowKey, proto};
 use oakestra_netmanager::conntrack::{ConnTable, Timeouts};
 use oakestra_netmanager::packet;
+use oakestra_netmanager::proxy::{Limits, Shared, Verdict};
+use oakestra_netmanager::table::{Instance, Policy, Table};
 
 /// Payload-bearing packet size for the packet benches (a typical MTU-sized TCP segment).
 const PACKET_LEN: usize = 1400;
@@ -44,9 +48,9 @@ fn checksum(parts: &[&[u8]]) -> u16 {
 }
 
 /// A TCP header (ACK|PSH) with a valid checksum for the given pseudo-header prefix, followed by the payload.
-fn tcp_segment(pseudo: &[u8], payload_len: usize) -> Vec<u8> {
+fn tcp_segment(pseudo: &[u8], payload_len: usize, src_port: u16) -> Vec<u8> {
     let mut seg = vec![0u8; 20 + payload_len];
-    seg[0..2].copy_from_slice(&40000u16.to_be_bytes());
+    seg[0..2].copy_from_slice(&src_port.to_be_bytes());
     seg[2..4].copy_from_slice(&8080u16.to_be_bytes());
     seg[4..8].copy_from_slice(&1u32.to_be_bytes());
     seg[8..12].copy_from_slice(&1u32.to_be_bytes());
@@ -62,13 +66,17 @@ fn tcp_segment(pseudo: &[u8], payload_len: usize) -> Vec<u8> {
 }
 
 fn tcp_v4(src: Ipv4Addr, dst: Ipv4Addr) -> Vec<u8> {
+    tcp_v4_from(src, dst, 40000)
+}
+
+fn tcp_v4_from(src: Ipv4Addr, dst: Ipv4Addr, src_port: u16) -> Vec<u8> {
     let seg_len = PACKET_LEN - 20;
     let mut pseudo = Vec::new();
     pseudo.extend_from_slice(&src.octets());
     pseudo.extend_from_slice(&dst.octets());
     pseudo.extend_from_slice(&[0, proto::TCP]);
     pseudo.extend_from_slice(&u16::try_from(seg_len).unwrap_or(0).to_be_bytes());
-    let seg = tcp_segment(&pseudo, seg_len - 20);
+    let seg = tcp_segment(&pseudo, seg_len - 20, src_port);
     let mut ip = vec![0x45, 0, 0, 0, 0x12, 0x34, 0x40, 0, 64, proto::TCP, 0, 0];
     ip[2..4].copy_from_slice(&u16::try_from(PACKET_LEN).unwrap_or(0).to_be_bytes());
     ip.extend_from_slice(&src.octets());
@@ -80,13 +88,17 @@ fn tcp_v4(src: Ipv4Addr, dst: Ipv4Addr) -> Vec<u8> {
 }
 
 fn tcp_v6(src: Ipv6Addr, dst: Ipv6Addr) -> Vec<u8> {
+    tcp_v6_from(src, dst, 40000)
+}
+
+fn tcp_v6_from(src: Ipv6Addr, dst: Ipv6Addr, src_port: u16) -> Vec<u8> {
     let seg_len = PACKET_LEN - 40;
     let mut pseudo = Vec::new();
     pseudo.extend_from_slice(&src.octets());
     pseudo.extend_from_slice(&dst.octets());
     pseudo.extend_from_slice(&u32::try_from(seg_len).unwrap_or(0).to_be_bytes());
     pseudo.extend_from_slice(&[0, 0, 0, proto::TCP]);
-    let seg = tcp_segment(&pseudo, seg_len - 20);
+    let seg = tcp_segment(&pseudo, seg_len - 20, src_port);
     let mut ip = vec![0x60, 0, 0, 0, 0, 0, proto::TCP, 64];
     ip[4..6].copy_from_slice(&u16::try_from(seg_len).unwrap_or(0).to_be_bytes());
     ip.extend_from_slice(&src.octets());
@@ -229,7 +241,174 @@ fn bench_conntrack(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_packet, bench_conntrack);
-criterion_main!(benches);
+/// The node the bench's remote instances run on.
+fn peer() -> SocketAddr {
+    SocketAddr::new(Ipv4Addr::new(192, 0, 2, 2).into(), 50103)
+}
 
-// service table and full translation benches: added with the proxy
+/// The round-robin service addresses of the `i`-th bench service.
+fn service_ips(i: u32) -> (Ipv4Addr, Ipv6Addr) {
+    let [_, _, hi, lo] = i.to_be_bytes();
+    (
+        Ipv4Addr::new(10, 30, hi, lo),
+        Ipv6Addr::new(0xfdff, 0x2000, 0, 0, 0, 0, u16::from(hi), u16::from(lo)),
+    )
+}
+
+/// The client job: one local instance (namespace 10.18.0.2 / fc00::12:2) with its own instance addresses.
+fn client() -> Instance {
+    Instance {
+        job: Arc::from("bench.test.cli.test"),
+        number: 0,
+        node: peer(),
+        ns_v4: Ipv4Addr::new(10, 18, 0, 2),
+        ns_v6: Some(V6_SRC),
+        ip_v4: Some(Ipv4Addr::new(10, 31, 0, 1)),
+        ip_v6: Some(Ipv6Addr::new(0xfdff, 0, 0, 0, 0, 0, 0, 1)),
+        services: Vec::new(),
+    }
+}
+
+/// A table with the client and `n` services of two remote instances each, behind round-robin v4 and v6 addresses.
+fn table_with(n: u32) -> Table {
+    let mut table = Table::default();
+    table.replace_job("bench.test.cli.test", vec![client()]);
+    for i in 0..n {
+        let (v4, v6) = service_ips(i);
+        let instances = (0..2u32)
+            .map(|k| {
+                let ns = 2 * i + k;
+                let [_, a, b, c] = ns.to_be_bytes();
+                let (hi, lo) = (u16::from(a), u16::from_be_bytes([b, c]));
+                Instance {
+                    job: Arc::from(format!("bench.test.s{i}.test")),
+                    number: i64::from(k),
+                    node: peer(),
+                    ns_v4: Ipv4Addr::new(10, 20 + a, b, c),
+                    ns_v6: Some(Ipv6Addr::new(0xfc00, 0, 0, 0, 0, 0, 0x100 + hi, lo)),
+                    ip_v4: Some(Ipv4Addr::new(10, 28 + a, b, c)),
+                    ip_v6: Some(Ipv6Addr::new(0xfdff, 0, 0, 0, 0, 0, 1 + hi, lo)),
+                    services: vec![(Policy::RoundRobin, Some(v4), Some(v6))],
+                }
+            })
+            .collect();
+        table.replace_job(&format!("bench.test.s{i}.test"), instances);
+    }
+    table
+}
+
+/// Service-address resolution (`Snapshot::choose`: the round-robin pick included) and the namespace-address lookup
+/// every packet also does, at 10 and 30,000 services, addresses taken in pseudo-random order.
+fn bench_services(c: &mut Criterion) {
+    let mut group = c.benchmark_group("services");
+    short(&mut group);
+    for (label, n) in [("10", 10u32), ("30k", 30_000)] {
+        let snap = table_with(n).snapshot();
+        let mut rng = Rng(0x0bad_cafe ^ u64::from(n));
+        let order: Vec<(IpAddr, IpAddr)> = (0..65_536)
+            .map(|_| {
+                let i = u32::try_from(rng.next() % u64::from(n)).unwrap_or(0);
+                let (v4, _) = service_ips(i);
+                let ns = snap.choose(v4.into(), 0).map(|t| IpAddr::V4(t.ns_v4));
+                (v4.into(), ns.unwrap_or_else(|| panic!("service {i} resolves")))
+            })
+            .collect();
+        let order_v6: Vec<(IpAddr, IpAddr)> = order
+            .iter()
+            .map(|(v4, _)| {
+                let IpAddr::V4(v4) = v4 else { unreachable!() };
+                let [_, _, hi, lo] = v4.octets();
+                let (_, v6) = service_ips(u32::from_be_bytes([0, 0, hi, lo]));
+                let ns = snap.choose(v6.into(), 0).and_then(|t| t.ns_v6).map(IpAddr::V6);
+                (v6.into(), ns.unwrap_or_else(|| panic!("service {v6} resolves")))
+            })
+            .collect();
+        let mut j = 0usize;
+        group.bench_function(format!("choose_v6_{label}"), |b| {
+            b.iter(|| {
+                j = (j + 1) & 0xffff;
+                snap.choose(black_box(order_v6[j].0), 1).map(|t| t.number)
+            })
+        });
+        group.bench_function(format!("by_ns_v6_{label}"), |b| {
+            b.iter(|| {
+                j = (j + 1) & 0xffff;
+                snap.by_ns(black_box(order_v6[j].1), 1).map(|t| t.number)
+            })
+        });
+        group.bench_function(format!("choose_{label}"), |b| {
+            b.iter(|| {
+                j = (j + 1) & 0xffff;
+                snap.choose(black_box(order[j].0), 1).map(|t| t.number)
+            })
+        });
+        group.bench_function(format!("by_ns_{label}"), |b| {
+            b.iter(|| {
+                j = (j + 1) & 0xffff;
+                snap.by_ns(black_box(order[j].1), 1).map(|t| t.number)
+            })
+        });
+    }
+    group.finish();
+}
+
+/// The whole outgoing translation of an established flow (`Shared::outgoing`: parse, connection-table hit, instance
+/// check, rewrite), v4 and v6, at 10 and 30,000 services; 1,024 flows to pseudo-random services, each packet copied
+/// from its template first (the copy of 1,400 B is included, ≈20 ns).
+fn bench_translate(c: &mut Criterion) {
+    let mut group = c.benchmark_group("translate");
+    short(&mut group);
+    let (queries, _rx) = tokio::sync::mpsc::unbounded_channel();
+    for (label, n) in [("10", 10u32), ("30k", 30_000)] {
+        let shared = Shared::new(
+            "10.18.0.0/26".parse().unwrap_or_else(|e| panic!("{e}")),
+            "fc00::12:0/120".parse().unwrap_or_else(|e| panic!("{e}")),
+            Limits::default(),
+            queries.clone(),
+        );
+        shared.table.publish(table_with(n).snapshot());
+        let mut reader = shared.table.reader();
+        let mut rng = Rng(0xfeed_beef ^ u64::from(n));
+        for v6 in [false, true] {
+            let templates: Vec<Vec<u8>> = (0..1024u16)
+                .map(|f| {
+                    let i = u32::try_from(rng.next() % u64::from(n)).unwrap_or(0);
+                    let (d4, d6) = service_ips(i);
+                    if v6 {
+                        tcp_v6_from(V6_SRC, d6, 20_000 + f)
+                    } else {
+                        tcp_v4_from(Ipv4Addr::new(10, 18, 0, 2), d4, 20_000 + f)
+                    }
+                })
+                .collect();
+            let mut buf = vec![0u8; PACKET_LEN];
+            let mut released = Vec::new();
+            // The first packet of each flow creates its connection-table entries.
+            for t in &templates {
+                buf.copy_from_slice(t);
+                let verdict = shared.outgoing(reader.refresh(&shared.table), 1, &mut buf, &mut released);
+                assert_eq!(verdict, Verdict::Tunnel(peer()), "the bench flow is tunnelled");
+            }
+            let family = if v6 { "v6" } else { "v4" };
+            let mut j = 0usize;
+            group.bench_function(format!("outgoing_hit_{family}_{label}"), |b| {
+                b.iter(|| {
+                    j = (j + 1) & 1023;
+                    buf.copy_from_slice(&templates[j]);
+                    let snap = reader.refresh(&shared.table);
+                    shared.outgoing(snap, 1, black_box(&mut buf), &mut released)
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    bench_packet,
+    bench_conntrack,
+    bench_services,
+    bench_translate
+);
+criterion_main!(benches);

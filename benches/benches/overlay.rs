@@ -100,6 +100,8 @@ impl Drop for Teardown {
 #[derive(Debug)]
 struct Target {
     addr: IpAddr,
+    /// Local API sockets of the NetManagers on this path (their counters are printed after the run).
+    netmanagers: Vec<PathBuf>,
     _teardown: Teardown,
 }
 
@@ -127,6 +129,7 @@ fn setup_veth(tb: &Testbed, client: &Container, server: &Container) -> Result<Ta
     }
     Ok(Target {
         addr: SERVER_ADDR.into(),
+        netmanagers: Vec::new(),
         _teardown: undo,
     })
 }
@@ -156,6 +159,7 @@ fn setup_vxlan(tb: &Testbed, client: &Container, server: &Container) -> Result<T
     }
     Ok(Target {
         addr: SERVER_ADDR.into(),
+        netmanagers: Vec::new(),
         _teardown: undo,
     })
 }
@@ -276,6 +280,7 @@ fn setup_overlay(tb: &Testbed, client: &Container, server: &Container) -> Result
         .output();
     Ok(Target {
         addr: responder::SERVICE_IP.parse().unwrap(),
+        netmanagers: sockets,
         _teardown: undo,
     })
 }
@@ -589,6 +594,26 @@ fn measure(client: &Container, server: &Container, target: &Target) -> Measureme
     Measurement { gbps, p50_us, p99_us }
 }
 
+/// The dataplane counters of one NetManager (from `NetManager status`), so a slow run shows where packets went.
+fn print_counters(sock: &std::path::Path) {
+    let out = Command::new(procs::binary("NetManager"))
+        .arg("status")
+        .arg("--socket")
+        .arg(sock)
+        .output();
+    match out {
+        Ok(o) => match serde_json::from_slice::<serde_json::Value>(&o.stdout) {
+            Ok(v) => eprintln!("  {}: counters {}", sock.display(), v["counters"]),
+            Err(_) => eprintln!(
+                "  {}: no status ({})",
+                sock.display(),
+                String::from_utf8_lossy(&o.stderr).trim()
+            ),
+        },
+        Err(e) => eprintln!("  {}: cannot run NetManager status: {e}", sock.display()),
+    }
+}
+
 fn main() -> ExitCode {
     if !is_root() {
         println!(
@@ -615,10 +640,24 @@ fn main() -> ExitCode {
         ("overlay", setup_overlay),
     ];
     let mut rows: Vec<(&str, Measurement)> = Vec::new();
+    // `OVERLAY_BENCH_PATHS=overlay` (comma-separated) measures only some paths; veth is always measured, as the base.
+    let only = std::env::var("OVERLAY_BENCH_PATHS").ok();
+    let wanted = |name: &str| {
+        name == "veth"
+            || only
+                .as_deref()
+                .is_none_or(|o| o.split(',').any(|p| p.trim() == name))
+    };
     for (name, setup) in paths {
+        if !wanted(name) {
+            continue;
+        }
         match setup(&tb, &client, &server) {
             Ok(target) => {
                 let m = measure(&client, &server, &target);
+                for sock in &target.netmanagers {
+                    print_counters(sock);
+                }
                 println!(
                     "{name}: {:.2} Gbit/s, p50 {:.1} us, p99 {:.1} us",
                     m.gbps, m.p50_us, m.p99_us

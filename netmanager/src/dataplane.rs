@@ -24,7 +24,7 @@ use std::{
     thread::JoinHandle,
 };
 
-use tun_rs::{DeviceBuilder, GROTable, SyncDevice, VIRTIO_NET_HDR_LEN};
+use tun_rs::{DeviceBuilder, ExpandBuffer, GROTable, SyncDevice, VIRTIO_NET_HDR_LEN};
 
 use crate::{
     conntrack::now_secs,
@@ -35,6 +35,51 @@ use crate::{
 
 /// Packets handled per read round before the other direction gets a turn.
 const BATCH: usize = 64;
+
+/// The largest IP packet (its 16-bit total length), which bounds a coalesced TUN write.
+const MAX_IP_PACKET: usize = 65_535;
+
+/// One TUN write slot. It holds one packet, but tells the GRO coalescer it may grow into a whole super-packet:
+/// the coalescer only merges segments into a buffer whose capacity already fits the result, and reserving 64 KiB
+/// for each of the 64 slots of every thread up front would cost megabytes per thread while idle. Without this
+/// room nothing coalesces and every 1.4 KB segment takes its own trip through the TUN and the container's stack.
+/// A slot grows when segments are merged into it; an idle thread trims it back ([`Worker::trim`]).
+#[derive(Debug, Default)]
+struct TxSlot(Vec<u8>);
+
+impl TxSlot {
+    /// What the coalescer may grow a slot to: the headroom for the virtio header plus a maximal IP packet.
+    /// (tun-rs requires `2 * offset + merged length` of capacity, so merged packets stay under 64 KiB.)
+    fn room(&self) -> usize {
+        VIRTIO_NET_HDR_LEN + MAX_IP_PACKET
+    }
+}
+
+impl AsRef<[u8]> for TxSlot {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl AsMut<[u8]> for TxSlot {
+    fn as_mut(&mut self) -> &mut [u8] {
+        &mut self.0
+    }
+}
+
+impl ExpandBuffer for TxSlot {
+    fn buf_capacity(&self) -> usize {
+        self.0.capacity().max(self.room())
+    }
+
+    fn buf_resize(&mut self, new_len: usize, value: u8) {
+        self.0.resize(new_len, value);
+    }
+
+    fn buf_extend_from_slice(&mut self, src: &[u8]) {
+        self.0.extend_from_slice(src);
+    }
+}
 
 /// Why the dataplane could not start.
 #[derive(Debug, thiserror::Error)]
@@ -184,6 +229,7 @@ struct Worker {
     shared: Arc<Shared>,
     stop: Arc<AtomicBool>,
     offset: usize,
+    mtu: u16,
     reader: Reader,
     /// The raw read buffer (virtio header + up to 64 KiB super-packet).
     original: Vec<u8>,
@@ -191,7 +237,7 @@ struct Worker {
     rx: Vec<Vec<u8>>,
     sizes: Vec<usize>,
     /// Packets to write to the TUN (with `offset` bytes of headroom).
-    tx: Vec<Vec<u8>>,
+    tx: Vec<TxSlot>,
     tx_len: usize,
     gro: GROTable,
     recv: RecvBatch,
@@ -259,11 +305,12 @@ impl Worker {
             shared,
             stop,
             offset,
+            mtu,
             reader,
             original: vec![0; VIRTIO_NET_HDR_LEN + 65_536],
             rx: (0..BATCH).map(|_| vec![0; slot]).collect(),
             sizes: vec![0; BATCH],
-            tx: (0..BATCH).map(|_| Vec::with_capacity(slot)).collect(),
+            tx: (0..BATCH).map(|_| TxSlot(Vec::with_capacity(slot))).collect(),
             tx_len: 0,
             gro: GROTable::new(),
             recv: RecvBatch::new(BATCH / 2),
@@ -289,9 +336,22 @@ impl Worker {
             if ready[0] {
                 self.tun_round(&mut tally);
             }
+            if !ready.contains(&true) {
+                self.trim();
+            }
             tally.flush(&self.shared.counters);
         }
         tracing::debug!(worker = self.index, "dataplane thread stopped");
+    }
+
+    /// A second without traffic: gives back the memory that coalesced super-packets made the write slots grow to.
+    fn trim(&mut self) {
+        let small = self.offset + usize::from(self.mtu) + 64;
+        for slot in &mut self.tx {
+            if slot.0.capacity() > small {
+                slot.0 = Vec::with_capacity(small);
+            }
+        }
     }
 
     /// Reads up to a few batches from the TUN, translates, and sends.
@@ -467,7 +527,7 @@ impl Worker {
 fn write_tun(
     tun: &SyncDevice,
     gro: &mut GROTable,
-    tx: &mut [Vec<u8>],
+    tx: &mut [TxSlot],
     tx_len: &mut usize,
     offset: usize,
     tally: &mut Tally,
@@ -481,11 +541,7 @@ fn write_tun(
         tally.dropped += n as u64;
     }
     for b in &mut tx[..n] {
-        b.clear();
-        // A coalesced buffer grew to 64 KiB; do not keep that much per slot.
-        if b.capacity() > 16_384 {
-            b.shrink_to(4096);
-        }
+        b.0.clear();
     }
     *tx_len = 0;
 }
@@ -499,12 +555,12 @@ fn packet_dst(pkt: &[u8]) -> std::net::IpAddr {
 
 /// Copies `pkt` into the next free TUN-write slot (after `offset` bytes of headroom for the virtio header).
 fn take_tx<'a>(
-    tx: &'a mut [Vec<u8>],
+    tx: &'a mut [TxSlot],
     tx_len: &mut usize,
     offset: usize,
     pkt: &[u8],
 ) -> Option<&'a mut Vec<u8>> {
-    let slot = tx.get_mut(*tx_len)?;
+    let slot = &mut tx.get_mut(*tx_len)?.0;
     slot.clear();
     slot.resize(offset, 0);
     slot.extend_from_slice(pkt);
@@ -522,7 +578,7 @@ fn route_outgoing(
     pkt: &[u8],
     now: u32,
     send: &mut SendBatch,
-    tx: &mut [Vec<u8>],
+    tx: &mut [TxSlot],
     tx_len: &mut usize,
     offset: usize,
     released: &mut Vec<Vec<u8>>,

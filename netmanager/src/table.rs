@@ -152,31 +152,107 @@ impl Instance {
     }
 }
 
-/// What a destination address resolves to.
+/// The instances behind a balanced address: up to three inline (the common case: no pointer to chase per new
+/// flow), more on the heap.
 #[derive(Debug)]
-pub enum Target {
-    /// Several instances; new flows are spread by `policy`, `next` is the round-robin position shared by all
-    /// dataplane threads (and kept across table updates).
+enum Members {
+    Inline { len: u8, idx: [u32; 3] },
+    Heap(Box<[u32]>),
+}
+
+impl Members {
+    fn new(list: Vec<u32>) -> Self {
+        match list.as_slice() {
+            [a] => Self::Inline {
+                len: 1,
+                idx: [*a, 0, 0],
+            },
+            [a, b] => Self::Inline {
+                len: 2,
+                idx: [*a, *b, 0],
+            },
+            [a, b, c] => Self::Inline {
+                len: 3,
+                idx: [*a, *b, *c],
+            },
+            _ => Self::Heap(list.into_boxed_slice()),
+        }
+    }
+
+    fn as_slice(&self) -> &[u32] {
+        match self {
+            Self::Inline { len, idx } => &idx[..usize::from(*len)],
+            Self::Heap(list) => list,
+        }
+    }
+}
+
+/// What a destination address resolves to. Everything a new flow needs sits in the hash table's bucket (the
+/// members and the round-robin cursor), so resolving an address costs one bucket and one instance slot.
+#[derive(Debug)]
+enum Target {
+    /// Several instances; new flows are spread by `policy`; `next` is the round-robin position shared by all
+    /// dataplane threads (carried over into the next snapshot).
     Balanced {
-        /// The address's policy.
         policy: Policy,
-        /// Indexes into the snapshot's instances, ordered by instance number.
-        instances: Box<[u32]>,
-        /// Round-robin cursor.
-        next: Arc<AtomicUsize>,
+        members: Members,
+        next: AtomicUsize,
     },
     /// Exactly one instance.
     One(u32),
+}
+
+/// One instance in a snapshot, with its job's usage clock next to it (the dataplane stamps it; the control task
+/// reads it for interest expiry).
+#[derive(Debug)]
+struct Slot {
+    instance: Instance,
+    used: AtomicU32,
+}
+
+/// A map keyed by address, one table per family with integer keys: a lookup compares one integer instead of a
+/// 17-byte `IpAddr`, and Fx-hashes integer words, which spread well (its byte-slice path, which `IpAddr` goes
+/// through, mapped 60,000 IPv6 addresses differing in their low bytes to 64 distinct low 16 bits).
+#[derive(Debug)]
+struct AddrMap<V> {
+    v4: FxHashMap<u32, V>,
+    v6: FxHashMap<u128, V>,
+}
+
+impl<V> Default for AddrMap<V> {
+    fn default() -> Self {
+        Self {
+            v4: FxHashMap::default(),
+            v6: FxHashMap::default(),
+        }
+    }
+}
+
+impl<V> AddrMap<V> {
+    fn get(&self, addr: IpAddr) -> Option<&V> {
+        match addr {
+            IpAddr::V4(a) => self.v4.get(&u32::from(a)),
+            IpAddr::V6(a) => self.v6.get(&u128::from(a)),
+        }
+    }
+
+    fn insert(&mut self, addr: IpAddr, value: V) {
+        match addr {
+            IpAddr::V4(a) => self.v4.insert(u32::from(a), value),
+            IpAddr::V6(a) => self.v6.insert(u128::from(a), value),
+        };
+    }
 }
 
 /// An immutable view of the table for the dataplane.
 #[derive(Debug, Default)]
 pub struct Snapshot {
     generation: u64,
-    instances: Vec<Instance>,
-    usage: Vec<Arc<AtomicU32>>,
-    by_addr: FxHashMap<IpAddr, Target>,
-    by_ns: FxHashMap<IpAddr, u32>,
+    slots: Vec<Slot>,
+    by_addr: AddrMap<Target>,
+    by_ns: AddrMap<u32>,
+    /// The slots of each job (contiguous).
+    by_job: FxHashMap<Arc<str>, std::ops::Range<u32>>,
 }
 
 impl Snapshot {
@@ -187,66 +263,87 @@ impl Snapshot {
 
     /// Number of instances.
     pub fn len(&self) -> usize {
-        self.instances.len()
+        self.slots.len()
     }
 
     /// Whether the table is empty.
     pub fn is_empty(&self) -> bool {
-        self.instances.is_empty()
+        self.slots.is_empty()
     }
 
-    /// Every instance.
-    pub fn instances(&self) -> &[Instance] {
-        &self.instances
-    }
-
-    fn get(&self, index: u32) -> Option<&Instance> {
-        self.instances.get(usize::try_from(index).ok()?)
+    fn slot(&self, index: u32) -> Option<&Slot> {
+        self.slots.get(usize::try_from(index).ok()?)
     }
 
     /// Whether `addr` is a service or instance address this table knows.
     pub fn knows(&self, addr: IpAddr) -> bool {
-        self.by_addr.contains_key(&addr)
+        self.by_addr.get(addr).is_some()
     }
 
     /// The instance a new flow to `dst` goes to: round robin over the instances of a balanced address (closest
     /// falls back to round robin: there is no distance hint yet), the instance itself for an instance address.
     /// Marks the job as used at `now`.
     pub fn choose(&self, dst: IpAddr, now: u32) -> Option<&Instance> {
-        let index = match self.by_addr.get(&dst)? {
+        let index = match self.by_addr.get(dst)? {
             Target::One(i) => *i,
-            Target::Balanced { instances, next, .. } => {
+            Target::Balanced { members, next, .. } => {
+                let list = members.as_slice();
                 let n = next.fetch_add(1, Ordering::Relaxed);
-                *instances.get(n % instances.len().max(1))?
+                *list.get(n % list.len().max(1))?
             }
         };
-        self.touch(index, now);
-        self.get(index)
+        self.touch(index, now)
     }
 
     /// The instance whose namespace address is `ns` (marks its job as used at `now`).
     pub fn by_ns(&self, ns: IpAddr, now: u32) -> Option<&Instance> {
-        let index = *self.by_ns.get(&ns)?;
-        self.touch(index, now);
-        self.get(index)
+        let index = *self.by_ns.get(ns)?;
+        self.touch(index, now)
     }
 
-    fn touch(&self, index: u32, now: u32) {
-        if let Some(u) = usize::try_from(index).ok().and_then(|i| self.usage.get(i)) {
-            // One store per second at most: the cache line is shared by every dataplane thread.
-            if u.load(Ordering::Relaxed) != now {
-                u.store(now, Ordering::Relaxed);
-            }
+    fn touch(&self, index: u32, now: u32) -> Option<&Instance> {
+        let slot = self.slot(index)?;
+        // One store per second at most: the line is shared by every dataplane thread.
+        if slot.used.load(Ordering::Relaxed) != now {
+            slot.used.store(now, Ordering::Relaxed);
+        }
+        Some(&slot.instance)
+    }
+
+    /// When the dataplane last carried a packet of `job` in this snapshot.
+    fn used(&self, job: &str) -> Option<u32> {
+        let range = self.by_job.get(job)?;
+        let slots = self
+            .slots
+            .get(usize::try_from(range.start).ok()?..usize::try_from(range.end).ok()?)?;
+        slots.iter().map(|s| s.used.load(Ordering::Relaxed)).max()
+    }
+
+    /// The policy new flows to `addr` are spread by (`Instance` for an instance's own address).
+    pub fn policy(&self, addr: IpAddr) -> Option<Policy> {
+        match self.by_addr.get(addr)? {
+            Target::Balanced { policy, .. } => Some(*policy),
+            Target::One(_) => Some(Policy::Instance),
+        }
+    }
+
+    /// The round-robin cursor of `addr`.
+    fn cursor(&self, addr: IpAddr) -> Option<usize> {
+        match self.by_addr.get(addr)? {
+            Target::Balanced { next, .. } => Some(next.load(Ordering::Relaxed)),
+            Target::One(_) => None,
         }
     }
 }
 
-/// The master copy of the table, owned by the control task, and the usage clocks the dataplane updates.
+/// The master copy of the table, owned by the control task. It keeps the last snapshot it built, to carry the
+/// round-robin cursors and the usage clocks (which the dataplane moves) into the next one.
 #[derive(Debug, Default)]
 pub struct Table {
     jobs: BTreeMap<Arc<str>, Vec<Instance>>,
-    counters: HashMap<IpAddr, Arc<AtomicUsize>>,
-    usage: HashMap<Arc<str>, Arc<AtomicU32>>,
+    /// Usage marks set by the control task (a fresh interest counts as used).
+    marks: HashMap<Arc<str>, u32>,
+    last: Arc<Snapshot>,
     generation: u64,
 }
 
@@ -255,7 +352,8 @@ impl Table {
     pub fn replace_job(&mut self, job: &str, mut instances: Vec<Instance>) {
         instances.sort_by_key(|i| i.number);
         let key: Arc<str> = Arc::from(job);
-        self.usage.entry(key.clone()).or_default();
+        let used = self.last_used(job).unwrap_or(0);
+        self.marks.insert(key.clone(), used);
         if instances.is_empty() {
             self.jobs.remove(job);
         } else {
@@ -266,7 +364,7 @@ impl Table {
     /// Forgets `job` entirely.
     pub fn remove_job(&mut self, job: &str) {
         self.jobs.remove(job);
-        self.usage.remove(job);
+        self.marks.remove(job);
     }
 
     /// The instances of `job`.
@@ -281,15 +379,16 @@ impl Table {
 
     /// When `job` last carried a packet (seconds of [`crate::conntrack::now_secs`]); `None` for an unknown job.
     pub fn last_used(&self, job: &str) -> Option<u32> {
-        self.usage.get(job).map(|u| u.load(Ordering::Relaxed))
+        let mark = self.marks.get(job).copied();
+        match (mark, self.last.used(job)) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// Sets the usage clock of `job` (a fresh interest counts as used now).
     pub fn mark_used(&mut self, job: &str, now: u32) {
-        self.usage
-            .entry(Arc::from(job))
-            .or_default()
-            .store(now, Ordering::Relaxed);
+        self.marks.insert(Arc::from(job), now);
     }
 
     /// Number of instances over all jobs.
@@ -302,9 +401,9 @@ impl Table {
         self.jobs.is_empty()
     }
 
-    /// Builds the dataplane's view. Round-robin cursors survive rebuilds, so an update does not restart every
-    /// address at its first instance.
-    pub fn snapshot(&mut self) -> Snapshot {
+    /// Builds the dataplane's view (publish it with [`Published::publish`]). Round-robin cursors and usage clocks
+    /// carry over from the previous snapshot, so an update does not restart every address at its first instance.
+    pub fn snapshot(&mut self) -> Arc<Snapshot> {
         self.generation += 1;
         let mut snap = Snapshot {
             generation: self.generation,
@@ -312,10 +411,13 @@ impl Table {
         };
         let mut balanced: FxHashMap<IpAddr, (Policy, Vec<u32>)> = FxHashMap::default();
         for (job, instances) in &self.jobs {
-            let usage = self.usage.entry(job.clone()).or_default().clone();
+            let used = self.last_used(job).unwrap_or(0);
+            let Ok(first) = u32::try_from(snap.slots.len()) else {
+                break;
+            };
             for inst in instances {
-                let Ok(index) = u32::try_from(snap.instances.len()) else {
-                    return snap;
+                let Ok(index) = u32::try_from(snap.slots.len()) else {
+                    break;
                 };
                 // A later entry with the same namespace address replaces the earlier one (the reference's rule).
                 snap.by_ns.insert(IpAddr::V4(inst.ns_v4), index);
@@ -334,25 +436,35 @@ impl Table {
                         slot.1.push(index);
                     }
                 }
-                snap.instances.push(inst.clone());
-                snap.usage.push(usage.clone());
+                snap.slots.push(Slot {
+                    instance: inst.clone(),
+                    used: AtomicU32::new(used),
+                });
             }
+            let end = u32::try_from(snap.slots.len()).unwrap_or(u32::MAX);
+            snap.by_job.insert(job.clone(), first..end);
         }
         for (ip, (policy, list)) in balanced {
             let policy = decode_policy(ip, policy);
-            let next = self.counters.entry(ip).or_default().clone();
+            let next = self.last.cursor(ip).unwrap_or(0);
             snap.by_addr.insert(
                 ip,
                 Target::Balanced {
                     policy,
-                    instances: list.into_boxed_slice(),
-                    next,
+                    members: Members::new(list),
+                    next: AtomicUsize::new(next),
                 },
             );
         }
-        let known = &snap.by_addr;
-        self.counters.retain(|ip, _| known.contains_key(ip));
-        snap
+        // Jobs gone from the table keep their marks only while they are still in `marks` (replace_job with an
+        // empty list); fold the dataplane's clocks into the marks before the old snapshot is dropped.
+        for (job, mark) in &mut self.marks {
+            if let Some(used) = self.last.used(job) {
+                *mark = (*mark).max(used);
+            }
+        }
+        self.last = Arc::new(snap);
+        self.last.clone()
     }
 }
 
@@ -379,9 +491,10 @@ pub struct Published {
 
 impl Published {
     /// Makes `snap` current.
-    pub fn publish(&self, snap: Snapshot) {
+    pub fn publish(&self, snap: impl Into<Arc<Snapshot>>) {
+        let snap = snap.into();
         let generation = snap.generation;
-        *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(snap);
+        *self.current.write().unwrap_or_else(PoisonError::into_inner) = snap;
         self.generation.store(generation, Ordering::Release);
     }
 
@@ -485,9 +598,41 @@ mod tests {
         // The cursor continues where it was.
         assert_eq!(snap2.choose(rr, 1).unwrap().number, 0);
         let v6: IpAddr = "fdff:2000::55".parse().unwrap();
+        assert_eq!(snap2.policy(v6), Some(Policy::RoundRobin));
+        assert_eq!(snap2.policy("10.30.0.1".parse().unwrap()), Some(Policy::Instance));
         let a = snap2.choose(v6, 1).unwrap().number;
         let b = snap2.choose(v6, 1).unwrap().number;
         assert_ne!(a, b);
+    }
+
+    #[test]
+    fn many_members_cycle_and_usage_survives_rebuilds() {
+        let mut t = Table::default();
+        let job = "app.ns.big.ns";
+        let list = (0..5)
+            .map(|n| {
+                let ns = format!("10.18.0.{}", n + 2);
+                let inst = format!("10.30.0.{}", n + 1);
+                Instance::from_entry(job, &entry(n, &ns, "192.168.1.1", &inst, "10.30.9.9"), 50103).unwrap()
+            })
+            .collect();
+        t.replace_job(job, list);
+        let snap = t.snapshot();
+        let rr: IpAddr = "10.30.9.9".parse().unwrap();
+        let picks: Vec<i64> = (0..7).map(|_| snap.choose(rr, 40).unwrap().number).collect();
+        assert_eq!(picks, vec![0, 1, 2, 3, 4, 0, 1]);
+        assert_eq!(t.last_used(job), Some(40));
+        let snap2 = t.snapshot();
+        assert_eq!(snap2.choose(rr, 41).unwrap().number, 2);
+        drop((snap, snap2));
+        let _ = t.snapshot();
+        assert_eq!(
+            t.last_used(job),
+            Some(41),
+            "the dataplane's clock outlives its snapshot"
+        );
+        t.mark_used(job, 50);
+        assert_eq!(t.last_used(job), Some(50));
     }
 
     #[test]
