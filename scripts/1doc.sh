@@ -1,6 +1,329 @@
 #!/usr/bin/env bash
-# 1-DOC: root, cluster and worker on this machine with one command. Arrives with the 1-DOC issue (issue 7), once
-# root-service, cluster-service, NodeEngine and NetManager are implemented.
+# 1-DOC: root, cluster and one worker on this machine with one command.
+#   ./scripts/1doc.sh [up]      install what is missing, build, start everything, wait until the worker is active
+#   ./scripts/1doc.sh status    show each component
+#   ./scripts/1doc.sh example   log in, register examples/clientsrvr-local.json, deploy it, show the client's log
+#   ./scripts/1doc.sh down      stop everything and remove the network state it created
+# See --help for the directory layout and the settings (environment variables).
 set -euo pipefail
-echo "scripts/1doc.sh: coming with the 1-DOC issue; root-service, cluster-service, NodeEngine and NetManager are not implemented yet" >&2
-exit 2
+umask 022
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+
+OAK_HOME=${OAK_HOME:-/var/lib/oakestra-rs/1doc}
+OAK_API_PORT=${OAK_API_PORT:-10000}
+OAK_CLUSTER_PORT=${OAK_CLUSTER_PORT:-10100}
+OAK_MQTT_PORT=${OAK_MQTT_PORT:-10003}
+OAK_CONTAINERD=${OAK_CONTAINERD:-/run/containerd/containerd.sock}
+OAK_NAMESPACE=${OAK_NAMESPACE:-oakestra}
+OAK_BIN_DIR=${OAK_BIN_DIR:-}
+OAK_NO_INSTALL=${OAK_NO_INSTALL:-0}
+OAK_NO_IMAGES=${OAK_NO_IMAGES:-0}
+OAK_WORKER_TIMEOUT=${OAK_WORKER_TIMEOUT:-10}
+
+logs=$OAK_HOME/logs
+run=$OAK_HOME/run
+data=$OAK_HOME/data
+api="http://127.0.0.1:$OAK_API_PORT"
+components=(root-service cluster-service NetManager NodeEngine)
+
+log() { printf '==> %s\n' "$*"; }
+step() { printf '    %s\n' "$*"; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+usage() {
+  cat <<EOF
+Usage: scripts/1doc.sh [up|status|example|down|help]
+
+A whole Oakestra on this machine (1-DOC): root-service (API on :$OAK_API_PORT), cluster-service (on :$OAK_CLUSTER_PORT
+with its embedded MQTT broker on :$OAK_MQTT_PORT) and one worker (NetManager + NodeEngine, containers through
+containerd). Runs as root (the worker creates network interfaces and containers).
+
+  up       installs what is missing (apt: containerd runc nftables iproute2 busybox-static nginx curl ...; a Rust
+           toolchain through rustup), builds the four binaries in release mode, builds and imports the local example
+           images (scripts/images/build.sh), starts the four processes in the background and waits until the worker
+           is active. Prints the API URL, the Admin password and the next command. Running it again restarts nothing
+           that is running.
+  status   each component: running or not, pid, and what it reports
+  example  logs in, registers examples/clientsrvr-local.json (curl client + nginx server on 10.30.55.55), deploys
+           one instance of each, waits for RUNNING and prints the client's log (the page it fetched)
+  down     stops the four processes (SIGTERM: the NetManager removes its bridge, TUN, veths and nftables table),
+           removes the containers left in the containerd namespace, stops containerd if 1doc started it, and removes
+           any network state a killed NetManager left; keeps data and logs
+
+Everything lives under OAK_HOME ($OAK_HOME):
+  logs/<component>.log   the logs          data/   databases and state     run/   pid files, NetManager socket
+  admin.password         the Admin password (generated at the first start, mode 0600)
+
+Settings (environment): OAK_HOME, OAK_API_PORT (10000), OAK_CLUSTER_PORT (10100), OAK_MQTT_PORT (10003),
+OAK_CONTAINERD (containerd socket; containerd is started if nothing answers there), OAK_NAMESPACE (containerd
+namespace, oakestra), OAK_WORKER_TIMEOUT (seconds before a silent worker's instances move, 10),
+OAK_BIN_DIR (take the binaries from there instead of building), OAK_NO_INSTALL=1 (no apt, no rustup),
+OAK_NO_IMAGES=1 (do not build the local example images).
+EOF
+}
+
+need_root() { [ "$(id -u)" -eq 0 ] || die "run as root (the worker creates network interfaces and containers)"; }
+
+pid_of() { local f="$run/$1.pid"; [ -f "$f" ] && cat "$f"; }
+alive() { local p; p=$(pid_of "$1") && [ -n "$p" ] && kill -0 "$p" 2>/dev/null; }
+
+# --- install and build -----------------------------------------------------------------------------------------
+install_packages() {
+  [ "$OAK_NO_INSTALL" = 1 ] && return 0
+  local want=(containerd runc nftables iproute2 iptables busybox-static nginx curl ca-certificates gcc libc6-dev
+    pkg-config protobuf-compiler python3) missing=()
+  for p in "${want[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p"); done
+  if [ ${#missing[@]} -gt 0 ]; then
+    log "installing apt packages: ${missing[*]}"
+    # Keep the nginx package from starting a server on this host while it installs.
+    local policy=/usr/sbin/policy-rc.d own_policy=0
+    if [ ! -e "$policy" ]; then printf '#!/bin/sh\nexit 101\n' >"$policy"; chmod 0755 "$policy"; own_policy=1; fi
+    apt-get -o DPkg::Lock::Timeout=900 update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=900 install -y -qq --no-install-recommends \
+      "${missing[@]}" >/dev/null
+    [ "$own_policy" = 1 ] && rm -f "$policy"
+  fi
+  if [ -z "$OAK_BIN_DIR" ] && ! command -v cargo >/dev/null && [ ! -x "$HOME/.cargo/bin/cargo" ]; then
+    log "installing a Rust toolchain with rustup (stable, minimal profile)"
+    curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal --default-toolchain stable
+  fi
+}
+
+build() {
+  if [ -n "$OAK_BIN_DIR" ]; then
+    bin=$(cd "$OAK_BIN_DIR" && pwd)
+  else
+    log "building the four binaries (release; the first build takes a few minutes)"
+    export PATH="$HOME/.cargo/bin:$PATH"
+    (cd "$repo" && cargo build --release --quiet -p oakestra-root-service -p oakestra-cluster-service \
+      -p oakestra-worker-agent -p oakestra-netmanager)
+    bin=${CARGO_TARGET_DIR:-$repo/target}/release
+  fi
+  for c in "${components[@]}"; do [ -x "$bin/$c" ] || die "$bin/$c is missing"; done
+}
+
+# --- start ------------------------------------------------------------------------------------------------------
+# Starts `name` in the background unless it runs; its output goes to logs/<name>.log.
+start() {
+  local name=$1; shift
+  if alive "$name"; then step "$name already running (pid $(pid_of "$name"))"; return 0; fi
+  setsid "$@" >>"$logs/$name.log" 2>&1 </dev/null &
+  echo $! >"$run/$name.pid"
+  step "$name started (pid $!), log $logs/$name.log"
+}
+
+# Waits up to $1 seconds for `cmd...` to succeed; dies naming $2 and the log to read.
+wait_for() {
+  local secs=$1 what=$2 logname=$3; shift 3
+  local i
+  for ((i = 0; i < secs * 4; i++)); do
+    if "$@" >/dev/null 2>&1; then return 0; fi
+    if ! alive "$logname"; then die "$logname exited while waiting for $what; see $logs/$logname.log"; fi
+    sleep 0.25
+  done
+  die "timed out after ${secs}s waiting for $what; see $logs/$logname.log"
+}
+
+containerd_up() {
+  if ctr -a "$OAK_CONTAINERD" version >/dev/null 2>&1; then return 0; fi
+  log "starting containerd (nothing answers on $OAK_CONTAINERD)"
+  local root=$data/containerd
+  mkdir -p "$root"
+  setsid containerd --address "$OAK_CONTAINERD" --root "$root/root" --state "$root/state" \
+    >>"$logs/containerd.log" 2>&1 </dev/null &
+  echo $! >"$run/containerd.pid"
+  local i
+  for ((i = 0; i < 80; i++)); do ctr -a "$OAK_CONTAINERD" version >/dev/null 2>&1 && return 0; sleep 0.25; done
+  die "containerd did not come up; see $logs/containerd.log"
+}
+
+cluster_status() { curl -sf --max-time 2 "http://127.0.0.1:$OAK_CLUSTER_PORT/api/cluster/status"; }
+worker_active() { cluster_status | grep -q '"active_workers":[1-9]'; }
+root_connected() { cluster_status | grep -q '"connected_to_root":true'; }
+netmanager_registered() { "$bin/NetManager" status --socket "$run/netmanager.sock" | grep -q '"registered": *true'; }
+
+up() {
+  need_root
+  local t0=$SECONDS
+  install_packages
+  build
+  mkdir -p "$logs" "$run" "$data"
+  chmod 0700 "$OAK_HOME"
+  if [ ! -s "$OAK_HOME/admin.password" ]; then
+    (umask 077; head -c 18 /dev/urandom | base64 | tr -d '/+=' >"$OAK_HOME/admin.password")
+  fi
+  containerd_up
+  if [ "$OAK_NO_IMAGES" != 1 ]; then
+    log "building and importing the local example images (localhost/oakestra/nginx, localhost/oakestra/curl)"
+    "$repo/scripts/images/build.sh" --out "$data/images" --import "$OAK_NAMESPACE" --address "$OAK_CONTAINERD" \
+      >>"$logs/images.log" 2>&1 || die "image build failed; see $logs/images.log"
+  fi
+
+  log "starting root-service on :$OAK_API_PORT"
+  OAKESTRA_ADMIN_PASSWORD=$(cat "$OAK_HOME/admin.password") start root-service "$bin/root-service" \
+    --listen "0.0.0.0:$OAK_API_PORT" --data-dir "$data/root"
+  wait_for 30 "root's API" root-service curl -sf --max-time 2 "$api/api/health"
+
+  log "starting cluster-service on :$OAK_CLUSTER_PORT (MQTT :$OAK_MQTT_PORT)"
+  start cluster-service "$bin/cluster-service" --cluster-name 1doc --cluster-location "1-DOC" \
+    --root-url "$api" --join-token-file "$data/root/join.token" --listen "0.0.0.0:$OAK_CLUSTER_PORT" \
+    --advertise-address 127.0.0.1 --mqtt-listen "0.0.0.0:$OAK_MQTT_PORT" --data-dir "$data/cluster" \
+    --report-interval 2 --worker-timeout "$OAK_WORKER_TIMEOUT"
+  wait_for 30 "the cluster to register at root" cluster-service root_connected
+
+  log "starting the worker (NetManager, NodeEngine)"
+  [ -f "$OAK_HOME/netcfg.json" ] || printf '{"NodePublicAddress":"0.0.0.0","NodePublicPort":"50103","ClusterUrl":"127.0.0.1","ClusterMqttPort":"%s"}\n' \
+    "$OAK_MQTT_PORT" >"$OAK_HOME/netcfg.json"
+  start NetManager "$bin/NetManager" --config "$OAK_HOME/netcfg.json" --socket "$run/netmanager.sock" \
+    --state-dir "$data/netmanager" --log-file none
+  wait_for 20 "the NetManager's socket" NetManager test -S "$run/netmanager.sock"
+  start NodeEngine "$bin/NodeEngine" -a 127.0.0.1 -p "$OAK_CLUSTER_PORT" -n "$run/netmanager.sock" \
+    -l "$logs/apps" --conf "$data/nodeengine.conf.json" --containerd "$OAK_CONTAINERD" --namespace "$OAK_NAMESPACE" \
+    --state-dir "$data/nodeengine" --log-file none --node-name "$(hostname)-1doc"
+  wait_for 60 "the worker to be active" NodeEngine worker_active
+  wait_for 30 "the NetManager to register" NetManager netmanager_registered
+
+  log "1-DOC is up ($((SECONDS - t0)) s)"
+  cat <<EOF
+
+  API         $api   (OpenAPI: $api/api/docs)
+  login       user Admin, password $(cat "$OAK_HOME/admin.password")   (also in $OAK_HOME/admin.password)
+  logs, data  $OAK_HOME
+
+  next:       sudo $repo/scripts/1doc.sh example      deploys the clientsrvr example and shows the client's log
+              sudo $repo/scripts/1doc.sh status       sudo $repo/scripts/1doc.sh down
+EOF
+}
+
+# --- status -------------------------------------------------------------------------------------------------------
+status() {
+  local c any=0
+  for c in containerd "${components[@]}"; do
+    if alive "$c"; then
+      any=1
+      printf '  %-16s running  pid %s\n' "$c" "$(pid_of "$c")"
+    elif [ "$c" = containerd ]; then
+      if ctr -a "$OAK_CONTAINERD" version >/dev/null 2>&1; then
+        printf '  %-16s running  (not started by 1doc) %s\n' "$c" "$OAK_CONTAINERD"
+      else printf '  %-16s stopped\n' "$c"; fi
+    else
+      printf '  %-16s stopped\n' "$c"
+    fi
+  done
+  if alive root-service; then printf '  root API         %s\n' "$(curl -sf --max-time 2 "$api/api/health" || echo 'not answering')"; fi
+  if alive cluster-service; then printf '  cluster          %s\n' "$(cluster_status || echo 'not answering')"; fi
+  if alive NetManager; then
+    local nm_bin
+    nm_bin=$(readlink -f "/proc/$(pid_of NetManager)/exe" 2>/dev/null || true)
+    [ -x "$nm_bin" ] && printf '  NetManager       %s\n' \
+      "$("$nm_bin" status --socket "$run/netmanager.sock" 2>/dev/null | tr -d '\n' | tr -s ' ' | cut -c1-300)"
+  fi
+  [ "$any" = 1 ] || printf '  (nothing runs; start it with: sudo %s/scripts/1doc.sh)\n' "$repo"
+}
+
+# --- down ---------------------------------------------------------------------------------------------------------
+stop() {
+  local name=$1 p i
+  p=$(pid_of "$name") || return 0
+  if [ -n "$p" ] && kill -0 "$p" 2>/dev/null; then
+    kill -TERM "$p" 2>/dev/null || true
+    for ((i = 0; i < 60; i++)); do kill -0 "$p" 2>/dev/null || break; sleep 0.25; done
+    if kill -0 "$p" 2>/dev/null; then kill -KILL "$p" 2>/dev/null || true; step "$name killed (did not stop in 15 s)"
+    else step "$name stopped"; fi
+  fi
+  rm -f "$run/$name.pid"
+}
+
+down() {
+  need_root
+  log "stopping the 1-DOC"
+  # The worker first (the NetManager removes its interfaces), then the control plane.
+  stop NodeEngine
+  stop NetManager
+  stop cluster-service
+  stop root-service
+  # The NodeEngine leaves its containers running when it stops (a restarted NodeEngine adopts them): remove them.
+  if ctr -a "$OAK_CONTAINERD" version >/dev/null 2>&1; then
+    local t
+    for t in $(ctr -a "$OAK_CONTAINERD" -n "$OAK_NAMESPACE" tasks ls -q 2>/dev/null); do
+      ctr -a "$OAK_CONTAINERD" -n "$OAK_NAMESPACE" tasks kill -s SIGKILL "$t" >/dev/null 2>&1 || true
+      ctr -a "$OAK_CONTAINERD" -n "$OAK_NAMESPACE" tasks delete -f "$t" >/dev/null 2>&1 || true
+    done
+    for t in $(ctr -a "$OAK_CONTAINERD" -n "$OAK_NAMESPACE" containers ls -q 2>/dev/null); do
+      ctr -a "$OAK_CONTAINERD" -n "$OAK_NAMESPACE" containers delete "$t" >/dev/null 2>&1 && step "removed container $t"
+    done
+  fi
+  stop containerd
+  # Network state a killed NetManager may have left: its bridge and TUN, and the veths it recorded.
+  local l veths=()
+  if [ -s "$data/netmanager/veths.json" ]; then
+    mapfile -t veths < <(python3 -c 'import json,sys; print("\n".join(json.load(open(sys.argv[1]))))' \
+      "$data/netmanager/veths.json" 2>/dev/null || true)
+  fi
+  for l in goProxyBridge goProxyTun "${veths[@]}"; do
+    [ -n "$l" ] && ip link show "$l" >/dev/null 2>&1 && ip link del "$l" 2>/dev/null && step "removed interface $l"
+  done
+  if nft list table inet oakestra >/dev/null 2>&1; then nft delete table inet oakestra && step "removed nftables table inet oakestra"; fi
+  log "down (data and logs kept in $OAK_HOME)"
+}
+
+# --- example ------------------------------------------------------------------------------------------------------
+json_get() { python3 -c 'import json,sys; d=json.load(sys.stdin); print(eval("d"+sys.argv[1]))' "$1"; }
+
+example() {
+  command -v python3 >/dev/null || die "python3 is needed to read the API's JSON"
+  alive root-service || die "the 1-DOC is not running: sudo $repo/scripts/1doc.sh up"
+  local sla=${1:-$repo/examples/clientsrvr-local.json} pw token app ids id
+  pw=$(cat "$OAK_HOME/admin.password")
+  log "logging in as Admin"
+  token=$(curl -sf "$api/api/auth/login" -H 'Content-Type: application/json' \
+    -d "{\"username\":\"Admin\",\"password\":\"$pw\"}" | json_get '["token"]')
+  auth=(-H "Authorization: Bearer $token" -H 'Content-Type: application/json')
+  log "registering $(basename "$sla")"
+  app=$(curl -sf "${auth[@]}" "$api/api/application" -d @"$sla") || die "registering the application failed"
+  ids=$(printf '%s' "$app" | python3 -c '
+import json, sys
+apps = json.load(sys.stdin)
+app = [a for a in apps if a["application_name"] == "clientsrvr"][-1]
+print(" ".join(app["microservices"]))')
+  # The server first, so the client finds it.
+  for id in $(for i in $ids; do
+    n=$(curl -sf "${auth[@]}" "$api/api/service/$i" | json_get '["microservice_name"]'); echo "$n $i"; done | sort -r | awk '{print $2}'); do
+    curl -sf "${auth[@]}" -X POST "$api/api/service/$id/instance" -d '{}' >/dev/null || die "deploying $id failed"
+    step "deployed one instance of $(curl -sf "${auth[@]}" "$api/api/service/$id" | json_get '["job_name"]')"
+  done
+  log "waiting for RUNNING"
+  local i s all
+  for ((i = 0; i < 240; i++)); do
+    all=1
+    for id in $ids; do
+      s=$(curl -sf "${auth[@]}" "$api/api/service/$id" | json_get '["instance_list"][0]["status"]' 2>/dev/null || echo none)
+      [ "$s" = RUNNING ] || all=0
+      case "$s" in FAILED | DEAD) die "$id is $s; see $logs/NodeEngine.log and $logs/cluster-service.log" ;; esac
+    done
+    [ "$all" = 1 ] && break
+    sleep 0.5
+  done
+  for id in $ids; do
+    step "$(curl -sf "${auth[@]}" "$api/api/service/$id" | json_get '["job_name"]'): \
+$(curl -sf "${auth[@]}" "$api/api/service/$id" | json_get '["instance_list"][0]["status"]')"
+  done
+  sleep 2
+  for id in $ids; do
+    if [ "$(curl -sf "${auth[@]}" "$api/api/service/$id" | json_get '["microservice_name"]')" = curl ]; then
+      log "the client's log (GET /api/service/$id/instance/0/logs)"
+      curl -sf "${auth[@]}" "$api/api/service/$id/instance/0/logs" | json_get '["logs"]' 2>/dev/null \
+        || curl -sf "${auth[@]}" "$api/api/service/$id/instance/0/logs"
+    fi
+  done
+  printf '\nRemove it again with: curl -X DELETE -H "Authorization: Bearer <token>" %s/api/application/<id>\n' "$api"
+}
+
+case "${1:-up}" in
+  up) up ;;
+  status) status ;;
+  down) down ;;
+  example) shift; example "$@" ;;
+  -h | --help | help) usage ;;
+  *) usage >&2; exit 64 ;;
+esac

@@ -22,9 +22,10 @@ SKIP_EBPF="${OAKESTRA_SKIP_EBPF:-0}"
 # scripts/testbed/mk-oci-image.sh to a local registry (they fail without them);
 # containerd, runc: the NodeEngine tests start a private containerd (own socket and root) and run real containers;
 # protobuf-compiler: containerd-client's build script compiles containerd's protos with protoc;
-# nftables: NetManager's host rules (`nft`); iproute2: the netns testbed; iperf3, sockperf: the overlay bench.
+# nftables: NetManager's host rules (`nft`); iproute2: the netns testbed; iperf3, sockperf: the overlay bench;
+# nginx, curl, python3: the 1-DOC test builds the example images (scripts/images/build.sh) and runs scripts/1doc.sh.
 packages=(gcc libc6-dev pkg-config mosquitto docker-registry skopeo busybox-static containerd runc protobuf-compiler
-  nftables iproute2 iperf3 sockperf)
+  nftables iproute2 iperf3 sockperf nginx curl python3)
 [ "$SKIP_EBPF" = 1 ] || packages+=(llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev binutils)
 missing=()
 for p in "${packages[@]}"; do

@@ -277,3 +277,77 @@ impl Stack {
         .await
     }
 }
+
+/// Starts one worker of an overlay testbed in netns `netns`: a NetManager (socket, state and logs under
+/// `dir/<name>-*`) and a NodeEngine using it, registering at the cluster on `cluster_ip:cluster_port`, containers
+/// in `ctrd`'s namespace `name`, reports every 0.5 s. Returns (NetManager, NodeEngine).
+pub fn overlay_worker(
+    dir: &Path,
+    netns: &str,
+    name: &str,
+    cluster_ip: &str,
+    cluster_port: u16,
+    ctrd: &Containerd,
+) -> (Proc, Proc) {
+    let d = |x: &str| dir.join(format!("{name}-{x}")).display().to_string();
+    let cfg = d("netcfg.json");
+    std::fs::write(
+        &cfg,
+        json!({"NodePublicAddress": "0.0.0.0", "NodePublicPort": "50103", "ClusterUrl": "0.0.0.0",
+               "ClusterMqttPort": "10003"})
+        .to_string(),
+    )
+    .expect("writing netcfg.json");
+    let socket = d("nm.sock");
+    let owned = |args: &[&str]| args.iter().map(|s| (*s).to_owned()).collect::<Vec<String>>();
+    let nm_args = owned(&[
+        "--config",
+        &cfg,
+        "--socket",
+        &socket,
+        "--state-dir",
+        &d("nm-state"),
+        "--log-file",
+        "none",
+        "--workers",
+        "2",
+    ]);
+    let nm = Proc::start_in(
+        netns,
+        "NetManager",
+        &nm_args,
+        dir.join(format!("{name}-netmanager.log")),
+    );
+    let port = cluster_port.to_string();
+    let ne_args = owned(&[
+        "-a",
+        cluster_ip,
+        "-p",
+        &port,
+        "-n",
+        &socket,
+        "-l",
+        &d("apps"),
+        "--conf",
+        &d("no-conf.json"),
+        "--containerd",
+        &ctrd.socket.display().to_string(),
+        "--namespace",
+        name,
+        "--state-dir",
+        &d("ne-state"),
+        "--log-file",
+        "none",
+        "--report-interval",
+        "0.5",
+        "--node-name",
+        name,
+    ]);
+    let ne = Proc::start_in(
+        netns,
+        "NodeEngine",
+        &ne_args,
+        dir.join(format!("{name}-nodeengine.log")),
+    );
+    (nm, ne)
+}

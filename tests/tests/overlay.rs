@@ -7,7 +7,6 @@
 
 use std::{
     collections::BTreeMap,
-    path::Path,
     process::{Child, Command, Output, Stdio},
     time::Duration,
 };
@@ -17,7 +16,7 @@ use oakestra_tests::{
     harness::{Proc, eventually},
     netns::{HostSnapshot, Testbed, require_root},
     procs::binary,
-    stack::{IMAGE, Stack, call},
+    stack::{IMAGE, Stack, call, overlay_worker},
 };
 use serde_json::{Value, json};
 
@@ -76,18 +75,6 @@ fn tasks(ctrd: &Containerd, ns: &str) -> BTreeMap<String, u32> {
         .collect()
 }
 
-fn netcfg(dir: &Path, name: &str) -> String {
-    let path = dir.join(format!("{name}-netcfg.json"));
-    std::fs::write(
-        &path,
-        json!({"NodePublicAddress": "0.0.0.0", "NodePublicPort": "50103", "ClusterUrl": "0.0.0.0",
-               "ClusterMqttPort": "10003"})
-        .to_string(),
-    )
-    .unwrap();
-    path.display().to_string()
-}
-
 async fn instances(stack: &Stack, job: &str) -> Vec<Value> {
     let r = call(
         "GET",
@@ -118,60 +105,9 @@ async fn service_addresses_balance_across_workers_and_nothing_leaks() {
     for (i, w) in tb.workers.iter().enumerate() {
         let name = format!("w{}", i + 1);
         ctrd.import_test_image(&name, IMAGE);
-        let socket = tmp.join(format!("{name}-nm.sock"));
-        let cfg = netcfg(&tmp, &name);
-        let nm_args: Vec<String> = [
-            "--config",
-            &cfg,
-            "--socket",
-            socket.to_str().unwrap(),
-            "--state-dir",
-            tmp.join(format!("{name}-nm-state")).to_str().unwrap(),
-            "--log-file",
-            "none",
-            "--workers",
-            "2",
-        ]
-        .iter()
-        .map(|s| (*s).to_owned())
-        .collect();
-        netmanagers.push(Proc::start_in(
-            w.ns.name(),
-            "NetManager",
-            &nm_args,
-            tmp.join(format!("{name}-netmanager.log")),
-        ));
-        let d = |x: &str| tmp.join(format!("{name}-{x}")).display().to_string();
-        let ne_args: Vec<String> = vec![
-            "-a".into(),
-            lan_ip.clone(),
-            "-p".into(),
-            stack.cluster_port.to_string(),
-            "-n".into(),
-            socket.display().to_string(),
-            "-l".into(),
-            d("apps"),
-            "--conf".into(),
-            d("no-conf.json"),
-            "--containerd".into(),
-            ctrd.socket.display().to_string(),
-            "--namespace".into(),
-            name.clone(),
-            "--state-dir".into(),
-            d("ne-state"),
-            "--log-file".into(),
-            "none".into(),
-            "--report-interval".into(),
-            "0.5".into(),
-            "--node-name".into(),
-            name.clone(),
-        ];
-        engines.push(Proc::start_in(
-            w.ns.name(),
-            "NodeEngine",
-            &ne_args,
-            tmp.join(format!("{name}-nodeengine.log")),
-        ));
+        let (nm, ne) = overlay_worker(&tmp, w.ns.name(), &name, &lan_ip, stack.cluster_port, &ctrd);
+        netmanagers.push(nm);
+        engines.push(ne);
     }
     let all: Vec<&Proc> = netmanagers
         .iter()

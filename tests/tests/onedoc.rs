@@ -1,0 +1,333 @@
+//! The 1-DOC end to end: `scripts/1doc.sh up` in a network namespace of the test's own (with its own containerd),
+//! then only the public API: log in, register the seed's clientsrvr application with the local images, deploy both
+//! services, see RUNNING and the page the client fetched from 10.30.55.55 in its log; a one-shot service completes
+//! and is not redeployed; deleting the applications removes every container and veth; `1doc.sh down` removes the
+//! rest, and the host's namespace is unchanged.
+#![allow(clippy::unwrap_used, reason = "test code: a panic is the clearest failure")]
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Output},
+    time::Duration,
+};
+
+use oakestra_tests::{
+    netns::{HostSnapshot, Netns, require_root},
+    procs::{binary, workspace_root},
+    stack::call,
+};
+use serde_json::{Value, json};
+
+/// Runs `scripts/1doc.sh <cmd>` inside `ns` (entered with nsenter, which keeps the host's /sys and its cgroup
+/// mounts visible to containerd and runc; `ip netns exec` would remount /sys).
+fn onedoc(ns: &Netns, home: &Path, cmd: &str) -> Output {
+    Command::new("nsenter")
+        .arg(format!("--net={}", ns.path().display()))
+        .arg("--")
+        .arg(workspace_root().join("scripts/1doc.sh"))
+        .arg(cmd)
+        .env("OAK_HOME", home)
+        .env("OAK_CONTAINERD", home.join("containerd.sock"))
+        .env("OAK_NO_INSTALL", "1")
+        .env("OAK_BIN_DIR", binary("root-service").parent().unwrap())
+        .output()
+        .unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Stops the 1-DOC whatever happens to the test.
+struct Down<'a>(&'a Netns, PathBuf);
+
+impl Drop for Down<'_> {
+    fn drop(&mut self) {
+        let _ = onedoc(self.0, &self.1, "down");
+    }
+}
+
+/// The last lines of every log of the 1-DOC, for a failure message.
+fn logs(home: &Path) -> String {
+    let mut out = String::new();
+    for entry in std::fs::read_dir(home.join("logs"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let body = std::fs::read_to_string(entry.path()).unwrap_or_default();
+        let tail: Vec<&str> = body.lines().rev().take(15).collect();
+        out += &format!("--- {}\n", entry.path().display());
+        for l in tail.iter().rev() {
+            out += l;
+            out.push('\n');
+        }
+    }
+    out
+}
+
+async fn until<T, F: std::future::Future<Output = Option<T>>>(
+    secs: u64,
+    what: &str,
+    home: &Path,
+    mut check: impl FnMut() -> F,
+) -> T {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {secs} s waiting for {what}\n{}",
+            logs(home)
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+struct Api {
+    url: String,
+    token: String,
+}
+
+impl Api {
+    async fn get(&self, path: &str) -> Value {
+        let r = call("GET", &format!("{}{path}", self.url), Some(&self.token), None).await;
+        assert_eq!(r.status, 200, "GET {path}: {}", r.body);
+        r.body
+    }
+
+    async fn post(&self, path: &str, body: &Value) -> Value {
+        let r = call(
+            "POST",
+            &format!("{}{path}", self.url),
+            Some(&self.token),
+            Some(body),
+        )
+        .await;
+        assert_eq!(r.status, 200, "POST {path}: {}", r.body);
+        r.body
+    }
+
+    /// Registers `sla` and returns (application id, service ids by microservice name).
+    async fn register(&self, sla: &Value) -> (String, Vec<(String, String)>) {
+        let name = sla["applications"][0]["application_name"].clone();
+        let apps = self.post("/api/application", sla).await;
+        let app = apps
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["application_name"] == name)
+            .unwrap();
+        let id = app["_id"].as_str().unwrap().to_owned();
+        let services = self.get(&format!("/api/services/{id}")).await;
+        let list = services
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                (
+                    s["microservice_name"].as_str().unwrap().to_owned(),
+                    s["_id"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect();
+        (id, list)
+    }
+
+    async fn instances(&self, service: &str) -> Vec<Value> {
+        let r = call(
+            "GET",
+            &format!("{}/api/service/{service}", self.url),
+            Some(&self.token),
+            None,
+        )
+        .await;
+        r.body["instance_list"].as_array().cloned().unwrap_or_default()
+    }
+
+    async fn status_is(&self, service: &str, status: &str) -> Option<()> {
+        let list = self.instances(service).await;
+        (list.len() == 1 && list[0]["status"] == json!(status)).then_some(())
+    }
+}
+
+fn ctr(home: &Path, args: &[&str]) -> String {
+    let o = Command::new("ctr")
+        .arg("-a")
+        .arg(home.join("containerd.sock"))
+        .args(["-n", "oakestra"])
+        .args(args)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Interfaces of `ns` other than loopback and the test's own underlay pair.
+fn extra_links(ns: &Netns) -> Vec<String> {
+    ns.ip(&["-o", "link", "show"])
+        .lines()
+        .filter_map(|l| {
+            l.split(": ")
+                .nth(1)
+                .map(|n| n.split('@').next().unwrap_or(n).to_owned())
+        })
+        .filter(|n| !["lo", "d0", "d1"].contains(&n.as_str()))
+        .collect()
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn one_doc_runs_the_seed_walkthrough_and_cleans_up() {
+    require_root();
+    let host_before = HostSnapshot::take();
+    let ns = Netns::new("onedoc");
+    // An underlay with a default route, so the NetManager finds its public address as on a real machine.
+    ns.ip(&["link", "add", "d0", "type", "veth", "peer", "name", "d1"]);
+    ns.ip(&["addr", "add", "172.31.250.1/24", "dev", "d0"]);
+    ns.ip(&["link", "set", "d0", "up"]);
+    ns.ip(&["link", "set", "d1", "up"]);
+    ns.ip(&["route", "add", "default", "via", "172.31.250.254", "dev", "d0"]);
+    let home = std::env::temp_dir().join(format!("oakestra-1doc-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&home);
+
+    let up = onedoc(&ns, &home, "up");
+    let _down = Down(&ns, home.clone());
+    let up_text = text(&up);
+    assert!(
+        up.status.success(),
+        "1doc.sh up failed:\n{up_text}\n{}",
+        logs(&home)
+    );
+    assert!(up_text.contains("1-DOC is up"), "{up_text}");
+    assert!(up_text.contains("http://127.0.0.1:10000"), "{up_text}");
+    let password = std::fs::read_to_string(home.join("admin.password"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    assert!(up_text.contains(&password), "the password is printed: {up_text}");
+    println!("1doc.sh up:\n{up_text}");
+    let status = text(&onedoc(&ns, &home, "status"));
+    for c in ["root-service", "cluster-service", "NetManager", "NodeEngine"] {
+        assert!(
+            status.lines().any(|l| l.contains(c) && l.contains("running")),
+            "{c} in:\n{status}"
+        );
+    }
+    assert!(status.contains("\"active_workers\":1"), "{status}");
+
+    // From here on: the public API only, from inside the namespace.
+    ns.enter_current_thread();
+    let url = "http://127.0.0.1:10000".to_owned();
+    let wrong = call(
+        "POST",
+        &format!("{url}/api/auth/login"),
+        None,
+        Some(&json!({"username": "Admin", "password": "Admin"})),
+    )
+    .await;
+    assert_eq!(
+        wrong.status, 401,
+        "the default password is not accepted: {}",
+        wrong.body
+    );
+    let login = call(
+        "POST",
+        &format!("{url}/api/auth/login"),
+        None,
+        Some(&json!({"username": "Admin", "password": password})),
+    )
+    .await;
+    assert_eq!(login.status, 200, "{}", login.body);
+    let api = Api {
+        url,
+        token: login.body["token"].as_str().unwrap().to_owned(),
+    };
+
+    // The seed's walkthrough with the local images.
+    let sla: Value = serde_json::from_str(
+        &std::fs::read_to_string(workspace_root().join("examples/clientsrvr-local.json")).unwrap(),
+    )
+    .unwrap();
+    let (app, services) = api.register(&sla).await;
+    let id = |name: &str| services.iter().find(|(n, _)| n == name).unwrap().1.clone();
+    let (nginx, curl) = (id("nginx"), id("curl"));
+    for s in [&nginx, &curl] {
+        api.post(&format!("/api/service/{s}/instance"), &json!({})).await;
+    }
+    for s in [&nginx, &curl] {
+        until(120, &format!("{s} RUNNING"), &home, || {
+            api.status_is(s, "RUNNING")
+        })
+        .await;
+    }
+    let page = until(60, "the page in the client's log", &home, || async {
+        let r = api.get(&format!("/api/service/{curl}/instance/0/logs")).await;
+        let logs = r["logs"].as_str().unwrap_or_default().to_owned();
+        logs.contains("Welcome to nginx!").then_some(logs)
+    })
+    .await;
+    println!("the client's log:\n{page}");
+    assert!(page.contains("oakestra-rs local image"), "{page}");
+
+    // A one-shot service completes and stays completed.
+    let once = json!({"sla_version": "v2.0", "customerID": "Admin", "applications": [{
+        "applicationID": "", "application_name": "once", "application_namespace": "test",
+        "application_desc": "", "microservices": [{
+            "microserviceID": "", "microservice_name": "job", "microservice_namespace": "test",
+            "virtualization": "container", "memory": 32, "vcpus": 0, "one_shot": true,
+            "code": "localhost/oakestra/curl:latest", "cmd": ["sh", "-c", "echo one-shot done"]}]}]});
+    let (once_app, once_services) = api.register(&once).await;
+    let job = once_services[0].1.clone();
+    api.post(&format!("/api/service/{job}/instance"), &json!({}))
+        .await;
+    until(120, "the one-shot instance COMPLETED", &home, || {
+        api.status_is(&job, "COMPLETED")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let after = api.instances(&job).await;
+    assert_eq!(after.len(), 1, "{after:?}");
+    assert_eq!(
+        after[0]["status"],
+        json!("COMPLETED"),
+        "not redeployed: {after:?}"
+    );
+
+    // Deleting the applications removes every instance, container and veth.
+    assert!(
+        !extra_links(&ns).iter().all(|l| l.starts_with("goProxy")),
+        "veths exist while running"
+    );
+    for a in [&app, &once_app] {
+        let r = call(
+            "DELETE",
+            &format!("{}/api/application/{a}", api.url),
+            Some(&api.token),
+            None,
+        )
+        .await;
+        assert_eq!(r.status, 200, "DELETE application {a}: {}", r.body);
+    }
+    until(60, "no containers and no veths left", &home, || async {
+        let containers = ctr(&home, &["containers", "ls", "-q"]);
+        let links = extra_links(&ns);
+        (containers.trim().is_empty() && links.iter().all(|l| l.starts_with("goProxy"))).then_some(())
+    })
+    .await;
+
+    // `down` stops everything and removes the network state.
+    let down = onedoc(&ns, &home, "down");
+    assert!(down.status.success(), "{}", text(&down));
+    assert!(extra_links(&ns).is_empty(), "{:?}", extra_links(&ns));
+    let nft = ns.run(&["nft", "list", "tables"]);
+    assert!(!String::from_utf8_lossy(&nft.stdout).contains("oakestra"));
+    let status = text(&onedoc(&ns, &home, "status"));
+    assert!(!status.contains("running"), "{status}");
+    host_before.assert_unchanged(&HostSnapshot::take());
+    let _ = std::fs::remove_dir_all(&home);
+}
