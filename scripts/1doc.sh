@@ -273,50 +273,54 @@ json_get() { python3 -c 'import json,sys; d=json.load(sys.stdin); print(eval("d"
 example() {
   command -v python3 >/dev/null || die "python3 is needed to read the API's JSON"
   alive root-service || die "the 1-DOC is not running: sudo $repo/scripts/1doc.sh up"
-  local sla=${1:-$repo/examples/clientsrvr-local.json} pw token app ids id
+  local sla=${1:-$repo/examples/clientsrvr-local.json} pw token name app app_id ids id i s all
+  local -A names
   pw=$(cat "$OAK_HOME/admin.password")
   log "logging in as Admin"
   token=$(curl -sf "$api/api/auth/login" -H 'Content-Type: application/json' \
-    -d "{\"username\":\"Admin\",\"password\":\"$pw\"}" | json_get '["token"]')
-  auth=(-H "Authorization: Bearer $token" -H 'Content-Type: application/json')
-  log "registering $(basename "$sla")"
+    -d "{\"username\":\"Admin\",\"password\":\"$pw\"}" | json_get '["token"]') || die "login failed"
+  local auth=(-H "Authorization: Bearer $token" -H 'Content-Type: application/json')
+  name=$(json_get '["applications"][0]["application_name"]' <"$sla")
+  log "registering $name from $(basename "$sla")"
   app=$(curl -sf "${auth[@]}" "$api/api/application" -d @"$sla") || die "registering the application failed"
-  ids=$(printf '%s' "$app" | python3 -c '
+  # The application just registered (the newest of that name): its id, then its services in reverse SLA order,
+  # which deploys the seed's server (listed last) before its client.
+  read -r app_id ids <<<"$(printf '%s' "$app" | python3 -c '
 import json, sys
-apps = json.load(sys.stdin)
-app = [a for a in apps if a["application_name"] == "clientsrvr"][-1]
-print(" ".join(app["microservices"]))')
-  # The server first, so the client finds it.
-  for id in $(for i in $ids; do
-    n=$(curl -sf "${auth[@]}" "$api/api/service/$i" | json_get '["microservice_name"]'); echo "$n $i"; done | sort -r | awk '{print $2}'); do
-    curl -sf "${auth[@]}" -X POST "$api/api/service/$id/instance" -d '{}' >/dev/null || die "deploying $id failed"
-    step "deployed one instance of $(curl -sf "${auth[@]}" "$api/api/service/$id" | json_get '["job_name"]')"
+app = [a for a in json.load(sys.stdin) if a["application_name"] == sys.argv[1]][-1]
+print(app["_id"], " ".join(reversed(app["microservices"])))' "$name")"
+  for id in $ids; do
+    names[$id]=$(curl -sf "${auth[@]}" "$api/api/service/$id" | json_get '["job_name"]')
+    curl -sf "${auth[@]}" -X POST "$api/api/service/$id/instance" -d '{}' >/dev/null || die "deploying ${names[$id]} failed"
+    step "deployed one instance of ${names[$id]}"
   done
   log "waiting for RUNNING"
-  local i s all
-  for ((i = 0; i < 240; i++)); do
+  for ((i = 0; ; i++)); do
     all=1
     for id in $ids; do
       s=$(curl -sf "${auth[@]}" "$api/api/service/$id" | json_get '["instance_list"][0]["status"]' 2>/dev/null || echo none)
-      [ "$s" = RUNNING ] || all=0
-      case "$s" in FAILED | DEAD) die "$id is $s; see $logs/NodeEngine.log and $logs/cluster-service.log" ;; esac
+      case "$s" in
+        RUNNING) ;;
+        FAILED | DEAD) die "${names[$id]} is $s; see $logs/NodeEngine.log and $logs/cluster-service.log" ;;
+        *) all=0 ;;
+      esac
     done
     [ "$all" = 1 ] && break
+    [ "$i" -lt 240 ] || die "not RUNNING after 120 s; see $logs/NodeEngine.log and $logs/cluster-service.log"
     sleep 0.5
   done
+  for id in $ids; do step "${names[$id]}: RUNNING"; done
+  # The client fetches its page right after it starts: give the logs a moment to reach root.
   for id in $ids; do
-    step "$(curl -sf "${auth[@]}" "$api/api/service/$id" | json_get '["job_name"]'): \
-$(curl -sf "${auth[@]}" "$api/api/service/$id" | json_get '["instance_list"][0]["status"]')"
+    for ((i = 0; i < 30; i++)); do
+      s=$(curl -sf "${auth[@]}" "$api/api/service/$id/instance/0/logs" | json_get '["logs"]' 2>/dev/null || true)
+      [ -n "$s" ] && break
+      sleep 0.5
+    done
+    log "${names[$id]}'s log (GET /api/service/$id/instance/0/logs)"
+    printf '%s\n' "$s"
   done
-  sleep 2
-  for id in $ids; do
-    if [ "$(curl -sf "${auth[@]}" "$api/api/service/$id" | json_get '["microservice_name"]')" = curl ]; then
-      log "the client's log (GET /api/service/$id/instance/0/logs)"
-      curl -sf "${auth[@]}" "$api/api/service/$id/instance/0/logs" | json_get '["logs"]' 2>/dev/null \
-        || curl -sf "${auth[@]}" "$api/api/service/$id/instance/0/logs"
-    fi
-  done
-  printf '\nRemove it again with: curl -X DELETE -H "Authorization: Bearer <token>" %s/api/application/<id>\n' "$api"
+  printf '\nRemove it again: curl -X DELETE -H "Authorization: Bearer <token>" %s/api/application/%s\n' "$api" "$app_id"
 }
 
 case "${1:-up}" in

@@ -305,24 +305,22 @@ fn bench_services(c: &mut Criterion) {
     for (label, n) in [("10", 10u32), ("30k", 30_000)] {
         let snap = table_with(n).snapshot();
         let mut rng = Rng(0x0bad_cafe ^ u64::from(n));
-        let order: Vec<(IpAddr, IpAddr)> = (0..65_536)
-            .map(|_| {
-                let i = u32::try_from(rng.next() % u64::from(n)).unwrap_or(0);
-                let (v4, _) = service_ips(i);
-                let ns = snap.choose(v4.into(), 0).map(|t| IpAddr::V4(t.ns_v4));
-                (v4.into(), ns.unwrap_or_else(|| panic!("service {i} resolves")))
-            })
+        let picks: Vec<u32> = (0..65_536)
+            .map(|_| u32::try_from(rng.next() % u64::from(n)).unwrap_or(0))
             .collect();
-        let order_v6: Vec<(IpAddr, IpAddr)> = order
-            .iter()
-            .map(|(v4, _)| {
-                let IpAddr::V4(v4) = v4 else { unreachable!() };
-                let [_, _, hi, lo] = v4.octets();
-                let (_, v6) = service_ips(u32::from_be_bytes([0, 0, hi, lo]));
-                let ns = snap.choose(v6.into(), 0).and_then(|t| t.ns_v6).map(IpAddr::V6);
-                (v6.into(), ns.unwrap_or_else(|| panic!("service {v6} resolves")))
-            })
-            .collect();
+        // (service address, the namespace address of an instance behind it), per family.
+        let pairs = |v6: bool| -> Vec<(IpAddr, IpAddr)> {
+            picks
+                .iter()
+                .map(|&i| {
+                    let (v4, v6_addr) = service_ips(i);
+                    let dst: IpAddr = if v6 { v6_addr.into() } else { v4.into() };
+                    let ns = snap.choose(dst, 0).and_then(|t| t.ns(v6));
+                    (dst, ns.unwrap_or_else(|| panic!("service {dst} resolves")))
+                })
+                .collect()
+        };
+        let (order, order_v6) = (pairs(false), pairs(true));
         let mut j = 0usize;
         group.bench_function(format!("choose_v6_{label}"), |b| {
             b.iter(|| {

@@ -36,8 +36,10 @@ use crate::{
 /// Packets handled per read round before the other direction gets a turn.
 const BATCH: usize = 64;
 
-/// The largest IP packet (its 16-bit total length), which bounds a coalesced TUN write.
-const MAX_IP_PACKET: usize = 65_535;
+/// What the GRO coalescer may grow a TUN write slot to: the headroom for the virtio header plus the largest IP
+/// packet (its 16-bit total length). tun-rs requires `2 * offset + merged length` of capacity, so merged packets
+/// stay under 64 KiB.
+const SLOT_ROOM: usize = VIRTIO_NET_HDR_LEN + 65_535;
 
 /// One TUN write slot. It holds one packet, but tells the GRO coalescer it may grow into a whole super-packet:
 /// the coalescer only merges segments into a buffer whose capacity already fits the result, and reserving 64 KiB
@@ -46,14 +48,6 @@ const MAX_IP_PACKET: usize = 65_535;
 /// A slot grows when segments are merged into it; an idle thread trims it back ([`Worker::trim`]).
 #[derive(Debug, Default)]
 struct TxSlot(Vec<u8>);
-
-impl TxSlot {
-    /// What the coalescer may grow a slot to: the headroom for the virtio header plus a maximal IP packet.
-    /// (tun-rs requires `2 * offset + merged length` of capacity, so merged packets stay under 64 KiB.)
-    fn room(&self) -> usize {
-        VIRTIO_NET_HDR_LEN + MAX_IP_PACKET
-    }
-}
 
 impl AsRef<[u8]> for TxSlot {
     fn as_ref(&self) -> &[u8] {
@@ -69,7 +63,7 @@ impl AsMut<[u8]> for TxSlot {
 
 impl ExpandBuffer for TxSlot {
     fn buf_capacity(&self) -> usize {
-        self.0.capacity().max(self.room())
+        self.0.capacity().max(SLOT_ROOM)
     }
 
     fn buf_resize(&mut self, new_len: usize, value: u8) {
@@ -229,7 +223,8 @@ struct Worker {
     shared: Arc<Shared>,
     stop: Arc<AtomicBool>,
     offset: usize,
-    mtu: u16,
+    /// Bytes of one packet buffer: headroom + MTU + slack.
+    slot_len: usize,
     reader: Reader,
     /// The raw read buffer (virtio header + up to 64 KiB super-packet).
     original: Vec<u8>,
@@ -305,7 +300,7 @@ impl Worker {
             shared,
             stop,
             offset,
-            mtu,
+            slot_len: slot,
             reader,
             original: vec![0; VIRTIO_NET_HDR_LEN + 65_536],
             rx: (0..BATCH).map(|_| vec![0; slot]).collect(),
@@ -346,10 +341,9 @@ impl Worker {
 
     /// A second without traffic: gives back the memory that coalesced super-packets made the write slots grow to.
     fn trim(&mut self) {
-        let small = self.offset + usize::from(self.mtu) + 64;
         for slot in &mut self.tx {
-            if slot.0.capacity() > small {
-                slot.0 = Vec::with_capacity(small);
+            if slot.0.capacity() > self.slot_len {
+                slot.0 = Vec::with_capacity(self.slot_len);
             }
         }
     }
@@ -664,4 +658,49 @@ fn poll_out(fd: RawFd, timeout_ms: i32) -> io::Result<bool> {
         return Err(io::Error::last_os_error());
     }
     Ok(p.revents & libc::POLLOUT != 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+
+    /// Three consecutive MSS-sized segments of one flow (ACK only), each in a buffer of one packet's size after
+    /// `VIRTIO_NET_HDR_LEN` bytes of headroom, as `take_tx` fills the write slots.
+    fn segments() -> Vec<Vec<u8>> {
+        let payload = [7u8; 1400];
+        (0..3u32)
+            .map(|i| {
+                let builder = etherparse::PacketBuilder::ipv4(
+                    Ipv4Addr::new(10, 30, 0, 1).octets(),
+                    Ipv4Addr::new(10, 18, 0, 2).octets(),
+                    64,
+                )
+                .tcp(8080, 40000, 1000 + i * 1400, 65_535)
+                .ack(1);
+                let mut buf = Vec::with_capacity(VIRTIO_NET_HDR_LEN + 1500);
+                buf.resize(VIRTIO_NET_HDR_LEN, 0);
+                builder.write(&mut buf, &payload).unwrap();
+                buf
+            })
+            .collect()
+    }
+
+    #[test]
+    fn write_slots_let_the_coalescer_merge_a_flow() {
+        let mut slots: Vec<TxSlot> = segments().into_iter().map(TxSlot).collect();
+        GROTable::new()
+            .apply_gro(&mut slots, VIRTIO_NET_HDR_LEN, false)
+            .unwrap();
+        // The first slot now holds one super-packet: one IP and TCP header, three payloads.
+        assert_eq!(slots[0].0.len(), VIRTIO_NET_HDR_LEN + 20 + 20 + 3 * 1400);
+
+        // Plain buffers of one packet's capacity are what the dataplane had before: nothing merges.
+        let mut plain = segments();
+        GROTable::new()
+            .apply_gro(&mut plain, VIRTIO_NET_HDR_LEN, false)
+            .unwrap();
+        assert_eq!(plain[0].len(), VIRTIO_NET_HDR_LEN + 20 + 20 + 1400);
+    }
 }

@@ -409,9 +409,15 @@ impl Table {
             generation: self.generation,
             ..Snapshot::default()
         };
+        // The dataplane's clocks live in the snapshot it reads: fold them into the marks before it is replaced.
+        for (job, mark) in &mut self.marks {
+            if let Some(used) = self.last.used(job) {
+                *mark = (*mark).max(used);
+            }
+        }
         let mut balanced: FxHashMap<IpAddr, (Policy, Vec<u32>)> = FxHashMap::default();
         for (job, instances) in &self.jobs {
-            let used = self.last_used(job).unwrap_or(0);
+            let used = self.marks.get(job).copied().unwrap_or(0);
             let Ok(first) = u32::try_from(snap.slots.len()) else {
                 break;
             };
@@ -455,13 +461,6 @@ impl Table {
                     next: AtomicUsize::new(next),
                 },
             );
-        }
-        // Jobs gone from the table keep their marks only while they are still in `marks` (replace_job with an
-        // empty list); fold the dataplane's clocks into the marks before the old snapshot is dropped.
-        for (job, mark) in &mut self.marks {
-            if let Some(used) = self.last.used(job) {
-                *mark = (*mark).max(used);
-            }
         }
         self.last = Arc::new(snap);
         self.last.clone()

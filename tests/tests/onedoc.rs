@@ -1,8 +1,8 @@
 //! The 1-DOC end to end: `scripts/1doc.sh up` in a network namespace of the test's own (with its own containerd),
 //! then only the public API: log in, register the seed's clientsrvr application with the local images, deploy both
 //! services, see RUNNING and the page the client fetched from 10.30.55.55 in its log; a one-shot service completes
-//! and is not redeployed; deleting the applications removes every container and veth; `1doc.sh down` removes the
-//! rest, and the host's namespace is unchanged.
+//! and is not redeployed; deleting the applications removes every container and veth; `1doc.sh example` does the
+//! walkthrough again; `1doc.sh down` removes the rest, and the host's namespace is unchanged.
 #![allow(clippy::unwrap_used, reason = "test code: a panic is the clearest failure")]
 
 use std::{
@@ -320,7 +320,24 @@ async fn one_doc_runs_the_seed_walkthrough_and_cleans_up() {
     })
     .await;
 
-    // `down` stops everything and removes the network state.
+    // The same walkthrough through `1doc.sh example`, the command `up` recommends.
+    let example = onedoc(&ns, &home, "example");
+    let example_text = text(&example);
+    assert!(
+        example.status.success(),
+        "1doc.sh example failed:\n{example_text}\n{}",
+        logs(&home)
+    );
+    assert!(
+        example_text.contains("clientsrvr.test.nginx.test: RUNNING"),
+        "{example_text}"
+    );
+    assert!(
+        example_text.contains("Welcome to nginx! (oakestra-rs local image)"),
+        "{example_text}"
+    );
+
+    // `down` stops everything and removes the network state, also with the example's containers still running.
     let down = onedoc(&ns, &home, "down");
     assert!(down.status.success(), "{}", text(&down));
     assert!(extra_links(&ns).is_empty(), "{:?}", extra_links(&ns));
