@@ -2,6 +2,7 @@
 //!
 //! # Layout
 //! - [`harness`]: free ports, child processes killed on drop, `eventually`.
+//! - [`incontainer`]: netprobe clients and servers inside a container's network namespace, containers' pids.
 //! - [`containerd`]: a private containerd daemon, the busybox test image, a local registry.
 //! - [`stack`]: root + cluster as child processes and the NodeEngine command line.
 //! - [`procs`]: locate a built binary (`NodeEngine`, `NetManager`, `cluster-service`, `root-service`) and run it.
@@ -11,6 +12,7 @@
 
 pub mod containerd;
 pub mod harness;
+pub mod incontainer;
 pub mod netns;
 pub mod procs;
 pub mod stack;

@@ -115,6 +115,11 @@ impl Stack {
 
     /// [`Self::start`] with the cluster manager and its broker on `cluster_ip` (root stays on loopback).
     pub async fn start_at(dir: &Path, cluster_ip: &str) -> Self {
+        Self::start_with(dir, cluster_ip, &[]).await
+    }
+
+    /// [`Self::start_at`] with `extra` flags for the cluster-service (flags [`cluster_args_at`] does not set).
+    pub async fn start_with(dir: &Path, cluster_ip: &str, extra: &[&str]) -> Self {
         let (root_port, cluster_port, mqtt_port) = (free_port(), free_port(), free_port());
         let root_url = format!("http://127.0.0.1:{root_port}");
         let root = Proc::start(
@@ -122,7 +127,7 @@ impl Stack {
             &root_args(dir, root_port, JOIN_TOKEN),
             dir.join("root.log"),
         );
-        let cluster_args = cluster_args_at(
+        let mut cluster_args = cluster_args_at(
             dir,
             "workercluster",
             &root_url,
@@ -131,6 +136,7 @@ impl Stack {
             cluster_port,
             mqtt_port,
         );
+        cluster_args.extend(extra.iter().map(|a| (*a).to_owned()));
         let cluster = Proc::start("cluster-service", &cluster_args, dir.join("cluster.log"));
         let login = eventually(20, "root to accept a login", &[&root], || {
             let url = format!("{root_url}/api/auth/login");
@@ -253,6 +259,13 @@ impl Stack {
         job
     }
 
+    /// Every instance of `job` as root lists it (empty if the call fails).
+    pub async fn instances(&self, job: &str) -> Vec<Value> {
+        let url = format!("{}/api/service/{job}", self.root_url);
+        let r = call("GET", &url, Some(&self.token), None).await;
+        r.body["instance_list"].as_array().cloned().unwrap_or_default()
+    }
+
     /// Instance 0 of `job` as root shows it.
     pub async fn instance(&self, job: &str) -> Option<Value> {
         let url = format!("{}/api/service/{job}", self.root_url);
@@ -279,8 +292,7 @@ impl Stack {
 }
 
 /// Starts one worker of an overlay testbed in netns `netns`: a NetManager (socket, state and logs under
-/// `dir/<name>-*`) and a NodeEngine using it, registering at the cluster on `cluster_ip:cluster_port`, containers
-/// in `ctrd`'s namespace `name`, reports every 0.5 s. Returns (NetManager, NodeEngine).
+/// `dir/<name>-*`) and a NodeEngine using it ([`overlay_node_engine`]). Returns (NetManager, NodeEngine).
 pub fn overlay_worker(
     dir: &Path,
     netns: &str,
@@ -289,8 +301,7 @@ pub fn overlay_worker(
     cluster_port: u16,
     ctrd: &Containerd,
 ) -> (Proc, Proc) {
-    let d = |x: &str| dir.join(format!("{name}-{x}")).display().to_string();
-    let cfg = d("netcfg.json");
+    let cfg = worker_path(dir, name, "netcfg.json");
     std::fs::write(
         &cfg,
         json!({"NodePublicAddress": "0.0.0.0", "NodePublicPort": "50103", "ClusterUrl": "0.0.0.0",
@@ -298,15 +309,13 @@ pub fn overlay_worker(
         .to_string(),
     )
     .expect("writing netcfg.json");
-    let socket = d("nm.sock");
-    let owned = |args: &[&str]| args.iter().map(|s| (*s).to_owned()).collect::<Vec<String>>();
     let nm_args = owned(&[
         "--config",
         &cfg,
         "--socket",
-        &socket,
+        &worker_path(dir, name, "nm.sock"),
         "--state-dir",
-        &d("nm-state"),
+        &worker_path(dir, name, "nm-state"),
         "--log-file",
         "none",
         "--workers",
@@ -318,14 +327,31 @@ pub fn overlay_worker(
         &nm_args,
         dir.join(format!("{name}-netmanager.log")),
     );
-    let port = cluster_port.to_string();
+    let ne = overlay_node_engine(dir, netns, name, cluster_ip, cluster_port, ctrd, "nodeengine");
+    (nm, ne)
+}
+
+/// Starts the NodeEngine of overlay worker `name` (see [`overlay_worker`]): it uses that worker's NetManager,
+/// registers at the cluster on `cluster_ip:cluster_port`, runs containers in `ctrd`'s namespace `name`, keeps its
+/// state in `dir/<name>-ne-state` (a restarted one adopts what the last one left), reports every 0.5 s, and logs
+/// to `dir/<name>-<log>.log`.
+pub fn overlay_node_engine(
+    dir: &Path,
+    netns: &str,
+    name: &str,
+    cluster_ip: &str,
+    cluster_port: u16,
+    ctrd: &Containerd,
+    log: &str,
+) -> Proc {
+    let d = |x: &str| worker_path(dir, name, x);
     let ne_args = owned(&[
         "-a",
         cluster_ip,
         "-p",
-        &port,
+        &cluster_port.to_string(),
         "-n",
-        &socket,
+        &d("nm.sock"),
         "-l",
         &d("apps"),
         "--conf",
@@ -343,11 +369,19 @@ pub fn overlay_worker(
         "--node-name",
         name,
     ]);
-    let ne = Proc::start_in(
+    Proc::start_in(
         netns,
         "NodeEngine",
         &ne_args,
-        dir.join(format!("{name}-nodeengine.log")),
-    );
-    (nm, ne)
+        dir.join(format!("{name}-{log}.log")),
+    )
+}
+
+/// `dir/<worker>-<what>`: where an overlay worker keeps a file or directory.
+fn worker_path(dir: &Path, worker: &str, what: &str) -> String {
+    dir.join(format!("{worker}-{what}")).display().to_string()
+}
+
+fn owned(args: &[&str]) -> Vec<String> {
+    args.iter().map(|s| (*s).to_owned()).collect()
 }

@@ -5,86 +5,20 @@
 //! avoiding a removed instance, a host port mapping, and nothing leaking into the host's namespace.
 #![allow(clippy::unwrap_used, reason = "test code: a panic is the clearest failure")]
 
-use std::{
-    collections::BTreeMap,
-    process::{Child, Command, Output, Stdio},
-    time::Duration,
-};
+use std::time::Duration;
 
 use oakestra_tests::{
     containerd::Containerd,
     harness::{Proc, eventually},
+    incontainer::{lines, nsenter, probe, serve, tasks},
     netns::{HostSnapshot, Testbed, require_root},
     procs::binary,
     stack::{IMAGE, Stack, call, overlay_worker},
 };
-use serde_json::{Value, json};
+use serde_json::json;
 
 const RR_V4: &str = "10.30.55.55";
 const RR_V6: &str = "fdff:2000::55";
-
-/// A process in a container's network namespace, killed on drop.
-struct InNetns(Child);
-
-impl Drop for InNetns {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn nsenter(pid: u32, args: &[&str]) -> Command {
-    let mut c = Command::new("nsenter");
-    c.arg("-t").arg(pid.to_string()).arg("-n").arg("--").args(args);
-    c
-}
-
-fn probe(pid: u32, args: &[&str]) -> Output {
-    let netprobe = binary("netprobe");
-    let mut full = vec![netprobe.to_str().unwrap()];
-    full.extend_from_slice(args);
-    nsenter(pid, &full).output().unwrap()
-}
-
-fn lines(o: &Output) -> Vec<String> {
-    assert!(
-        o.status.success(),
-        "probe failed: {}\n{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout)
-        .lines()
-        .map(|l| l.trim().to_owned())
-        .filter(|l| !l.is_empty())
-        .collect()
-}
-
-/// Task pids by task id (`<job>.instance.<n>`) in containerd namespace `ns`.
-fn tasks(ctrd: &Containerd, ns: &str) -> BTreeMap<String, u32> {
-    let out = ctrd.ctr(ns, &["task", "ls"]);
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .skip(1)
-        .filter_map(|l| {
-            let mut f = l.split_whitespace();
-            let id = f.next()?.to_owned();
-            let pid = f.next()?.parse().ok()?;
-            (f.next() == Some("RUNNING")).then_some((id, pid))
-        })
-        .collect()
-}
-
-async fn instances(stack: &Stack, job: &str) -> Vec<Value> {
-    let r = call(
-        "GET",
-        &format!("{}/api/service/{job}", stack.root_url),
-        Some(&stack.token),
-        None,
-    )
-    .await;
-    r.body["instance_list"].as_array().cloned().unwrap_or_default()
-}
 
 #[tokio::test(flavor = "current_thread")]
 async fn service_addresses_balance_across_workers_and_nothing_leaks() {
@@ -179,7 +113,7 @@ async fn service_addresses_balance_across_workers_and_nothing_leaks() {
     }
     for (id, n) in [(&srv_id, 2), (&cli_id, 1)] {
         eventually(90, &format!("{n} instance(s) of {id} RUNNING"), &all, || async {
-            let list = instances(&stack, id).await;
+            let list = stack.instances(id).await;
             (list.iter().filter(|i| i["status"] == json!("RUNNING")).count() == n).then_some(())
         })
         .await;
@@ -200,29 +134,9 @@ async fn service_addresses_balance_across_workers_and_nothing_leaks() {
     assert_eq!(servers.len(), 2, "one server per worker: {servers:?}");
     assert_ne!(servers[0].2, servers[1].2, "servers on different workers");
     let (cli_pid, cli_worker) = client.expect("the client container");
-    let _serve: Vec<InNetns> = servers
+    let _serve: Vec<_> = servers
         .iter()
-        .map(|(name, pid, _)| {
-            let netprobe = binary("netprobe");
-            InNetns(
-                nsenter(
-                    *pid,
-                    &[
-                        netprobe.to_str().unwrap(),
-                        "serve",
-                        "--name",
-                        name,
-                        "--tcp",
-                        "8080",
-                        "--udp",
-                        "8081",
-                    ],
-                )
-                .stdout(Stdio::null())
-                .spawn()
-                .unwrap(),
-            )
-        })
+        .map(|(name, pid, _)| serve(*pid, name, 8080, 8081))
         .collect();
     std::thread::sleep(Duration::from_millis(300));
     HostSnapshot::assert_no_overlay();
@@ -293,7 +207,7 @@ async fn service_addresses_balance_across_workers_and_nothing_leaks() {
     // Remove the server instance on the other worker: new flows all go to the remaining one.
     let remote = servers.iter().find(|s| s.2 != cli_worker).unwrap().clone();
     let local = servers.iter().find(|s| s.2 == cli_worker).unwrap().clone();
-    let list = instances(&stack, &srv_id).await;
+    let list = stack.instances(&srv_id).await;
     let remote_number = list
         .iter()
         .find(|i| {
@@ -314,7 +228,7 @@ async fn service_addresses_balance_across_workers_and_nothing_leaks() {
     .await;
     assert_eq!(r.status, 200, "{}", r.body);
     eventually(60, "the remote server instance to be gone", &all, || async {
-        (instances(&stack, &srv_id).await.len() == 1).then_some(())
+        (stack.instances(&srv_id).await.len() == 1).then_some(())
     })
     .await;
     eventually(30, "new flows to avoid the removed instance", &all, || async {

@@ -445,3 +445,49 @@ async fn the_overlay_is_attached_between_create_and_start_and_orphans_go() {
     drop(ctrd);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The cluster marks an instance RUNNING when a resources report lists it; the NodeEngine sends one as soon as an
+/// instance starts instead of at its next periodic report (here a minute away), so RUNNING reaches root at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_started_instance_is_reported_without_waiting_for_the_next_period() {
+    let dir = std::env::temp_dir().join(format!("oakestra-worker-soon-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let ctrd = Containerd::start("worker-soon");
+    ctrd.import_test_image("oakestra", IMAGE);
+    let stack = Stack::start(&dir).await;
+    let mut args = stack.node_engine_args(&ctrd);
+    let at = args.iter().position(|a| a == "--report-interval").unwrap();
+    args[at + 1] = "60".to_owned();
+    let ne = Proc::start("NodeEngine", &args, dir.join("ne.log"));
+    let all = [&stack.root, &stack.cluster, &ne];
+    eventually(30, "the worker to be active", &all, || async {
+        let r = call(
+            "GET",
+            &format!("{}/api/clusters", stack.root_url),
+            Some(&stack.token),
+            None,
+        )
+        .await;
+        r.body.to_string().contains("\"active_nodes\":1").then_some(())
+    })
+    .await;
+    // The periodic reports went out at the start; the next one is about 60 s away.
+    let job = stack.deploy("soon", &json!({"cmd": ["sleep", "3600"]})).await;
+    eventually(
+        20,
+        "RUNNING at root well before the next periodic report",
+        &all,
+        || async {
+            stack
+                .instance(&job)
+                .await
+                .filter(|i| i["status"] == json!("RUNNING"))
+        },
+    )
+    .await;
+    drop(ne);
+    drop(stack);
+    drop(ctrd);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -130,6 +130,9 @@ pub struct Agent {
     /// Last measured snapshot size per task, with the time it was measured.
     disk: Mutex<HashMap<String, (Instant, i64)>>,
     sampler: Mutex<NodeSampler>,
+    /// Set when an instance started: the next report goes out now rather than at the next tick, since the cluster
+    /// marks an instance `RUNNING` when a resources report lists it.
+    report_soon: tokio::sync::Notify,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -394,6 +397,7 @@ impl Agent {
                 };
                 tracing::info!(task = %task, pid, elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX), "instance started");
                 self.report(&job, number, Status::Created, "");
+                self.report_soon.notify_one();
                 if stop.is_some() {
                     // A delete arrived while we were deploying; the watcher reports once it is gone.
                     let _ = self.runtime.kill(&task, 9, true).await;
@@ -959,6 +963,7 @@ pub async fn run(settings: Settings, mut shutdown: watch::Receiver<bool>) -> Res
         cpu: Mutex::new(CpuTracker::new()),
         disk: Mutex::new(HashMap::new()),
         sampler: Mutex::new(sampler),
+        report_soon: tokio::sync::Notify::new(),
     });
     let body = agent.registration(&first, &info);
     let Some((identity, session, mut inbound, mut pump)) = Agent::join(&settings, body, &mut shutdown).await
@@ -998,6 +1003,12 @@ pub async fn run(settings: Settings, mut shutdown: watch::Receiver<bool>) -> Res
             _ = ticker.tick() => {
                 agent.report_node().await;
                 agent.write_status();
+            }
+            () = agent.report_soon.notified() => {
+                agent.report_node().await;
+                agent.write_status();
+                // The next periodic report is a whole interval after this one.
+                ticker.reset();
             }
             msg = inbound.recv() => match msg {
                 Some(Inbound::Deploy(cmd)) => { tokio::spawn(agent.clone().deploy(*cmd)); }

@@ -1,0 +1,291 @@
+//! Worker failure end to end, on the overlay testbed: root and cluster in the "LAN" namespace, two workers each with
+//! a real NetManager and NodeEngine. A server instance with a round-robin address runs on one worker, a client on
+//! the other. The server's NodeEngine is killed (SIGKILL: no goodbye); the cluster notices the silence, the
+//! instance comes back RUNNING on the client's worker, and the client reaches it through the same service IP, with
+//! no flow left going to the orphaned container. The killed NodeEngine then starts again: it adopts the orphan,
+//! the cluster tells it to remove it, and root still lists one instance. Everything is gone afterwards.
+#![allow(clippy::unwrap_used, reason = "test code: a panic is the clearest failure")]
+#![allow(clippy::print_stderr, reason = "the test reports the failover times it saw")]
+
+use std::time::{Duration, Instant};
+
+use oakestra_tests::{
+    containerd::Containerd,
+    harness::{Proc, eventually},
+    incontainer::{lines, probe, serve, tasks},
+    netns::{HostSnapshot, Testbed, require_root},
+    stack::{IMAGE, Stack, call, overlay_node_engine, overlay_worker},
+};
+use serde_json::{Value, json};
+
+const RR_V4: &str = "10.30.56.56";
+const RR_V6: &str = "fdff:2000::56";
+/// The cluster's `--worker-timeout`: silence after which a worker counts as dead (the workers report every 0.5 s).
+const WORKER_TIMEOUT_S: &str = "3";
+/// Task id prefix of the server's instances.
+const SRV_TASK: &str = "fos.test.srv.test.instance.";
+
+/// Registers a one-service application `app` (service `ms`) and deploys one instance; returns the service id.
+async fn deploy(stack: &Stack, app: &str, ms: Value) -> String {
+    let sla = json!({"sla_version": "v2.0", "customerID": "Admin", "applications": [{
+        "applicationID": "", "application_name": app, "application_namespace": "test",
+        "application_desc": "", "microservices": [ms]}]});
+    let url = |path: &str| format!("{}{path}", stack.root_url);
+    let apps = call("POST", &url("/api/application"), Some(&stack.token), Some(&sla)).await;
+    assert_eq!(apps.status, 200, "{}", apps.body);
+    let app_id = apps
+        .body
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["application_name"] == json!(app))
+        .unwrap()["_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let services = call(
+        "GET",
+        &url(&format!("/api/services/{app_id}")),
+        Some(&stack.token),
+        None,
+    )
+    .await;
+    let id = services.body[0]["_id"].as_str().unwrap().to_owned();
+    let r = call(
+        "POST",
+        &url(&format!("/api/service/{id}/instance")),
+        Some(&stack.token),
+        Some(&json!({})),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    id
+}
+
+/// The one instance of `job` root lists, once it is RUNNING.
+async fn running(stack: &Stack, job: &str) -> Option<Value> {
+    let list = stack.instances(job).await;
+    match list.as_slice() {
+        [one] if one["status"] == json!("RUNNING") => Some(one.clone()),
+        _ => None,
+    }
+}
+
+/// The init pid of the server instance in worker `ns`, if one runs there.
+fn server_pid(ctrd: &Containerd, ns: &str) -> Option<u32> {
+    tasks(ctrd, ns)
+        .into_iter()
+        .find_map(|(task, pid)| task.starts_with(SRV_TASK).then_some(pid))
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn instances_of_a_killed_worker_come_back_on_another_behind_the_same_service_ip() {
+    require_root();
+    let host_before = HostSnapshot::take();
+    let tb = Testbed::new("fo", 2);
+    tb.lan.enter_current_thread();
+    let tmp = std::env::temp_dir().join(format!("oakestra-failover-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).unwrap();
+    let ctrd = Containerd::start("fo");
+    let lan_ip = tb.lan_addr().to_string();
+    let stack = Stack::start_with(&tmp, &lan_ip, &["--worker-timeout", WORKER_TIMEOUT_S]).await;
+    let names = ["w1", "w2"];
+    let mut netmanagers = Vec::new();
+    let mut engines = Vec::new();
+    for (w, name) in tb.workers.iter().zip(names) {
+        ctrd.import_test_image(name, IMAGE);
+        let (nm, ne) = overlay_worker(&tmp, w.ns.name(), name, &lan_ip, stack.cluster_port, &ctrd);
+        netmanagers.push(nm);
+        engines.push(ne);
+    }
+    let logs = |engines: &[Proc], netmanagers: &[Proc]| -> String {
+        engines
+            .iter()
+            .chain(netmanagers)
+            .chain([&stack.root, &stack.cluster])
+            .map(|p| format!("--- {}:\n{}", p.log.display(), p.log()))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let active = |n: usize| {
+        let stack = &stack;
+        move || async move {
+            let r = call(
+                "GET",
+                &format!("{}/api/clusters", stack.root_url),
+                Some(&stack.token),
+                None,
+            )
+            .await;
+            r.body
+                .to_string()
+                .contains(&format!("\"active_nodes\":{n}"))
+                .then_some(())
+        }
+    };
+    eventually(
+        60,
+        "both workers to be active",
+        &[&stack.root, &stack.cluster],
+        active(2),
+    )
+    .await;
+
+    // The server first, wherever the cluster puts it; then the client, pinned to the other worker.
+    let srv = json!({"microserviceID": "", "microservice_name": "srv", "microservice_namespace": "test",
+        "virtualization": "container", "memory": 64, "vcpus": 0, "code": IMAGE, "cmd": ["sleep", "3600"],
+        "addresses": {"rr_ip": RR_V4, "rr_ip_v6": RR_V6}});
+    let srv_id = deploy(&stack, "fos", srv).await;
+    let procs: Vec<&Proc> = engines.iter().chain([&stack.root, &stack.cluster]).collect();
+    let first = eventually(90, "the server RUNNING", &procs, || running(&stack, &srv_id)).await;
+    let home = (0..2)
+        .find(|&w| server_pid(&ctrd, names[w]).is_some())
+        .expect("the server's container on one worker");
+    let other = 1 - home;
+    let cli = json!({"microserviceID": "", "microservice_name": "cli", "microservice_namespace": "test",
+        "virtualization": "container", "memory": 32, "vcpus": 0, "code": IMAGE, "cmd": ["sleep", "3600"],
+        "constraints": [{"type": "direct", "node": names[other]}]});
+    let cli_id = deploy(&stack, "foc", cli).await;
+    eventually(90, "the client RUNNING", &procs, || running(&stack, &cli_id)).await;
+    let cli_pid = tasks(&ctrd, names[other])
+        .into_iter()
+        .find_map(|(task, pid)| task.starts_with("foc.test.cli.test.instance.").then_some(pid))
+        .expect("the client's container on the other worker");
+    let old_name = format!("srv-on-{}", names[home]);
+    let _old_server = serve(server_pid(&ctrd, names[home]).unwrap(), &old_name, 8080, 8081);
+    std::thread::sleep(Duration::from_millis(300));
+    for rr in [RR_V4, RR_V6] {
+        let got = lines(&probe(cli_pid, &["tcp-each", rr, "8080", "--count", "2"]));
+        assert_eq!(
+            got,
+            vec![old_name.clone(), old_name.clone()],
+            "before the kill, via {rr}"
+        );
+    }
+
+    // SIGKILL the server's NodeEngine. Its container and NetManager stay: only the agent is gone.
+    engines[home].kill();
+    let killed = Instant::now();
+    let procs: Vec<&Proc> = engines.iter().chain([&stack.root, &stack.cluster]).collect();
+    let replacement = eventually(
+        60,
+        "the server RUNNING again on the other worker",
+        &procs,
+        || async {
+            let i = running(&stack, &srv_id).await?;
+            (i["worker_id"] != first["worker_id"] && server_pid(&ctrd, names[other]).is_some()).then_some(i)
+        },
+    )
+    .await;
+    let to_running = killed.elapsed();
+    assert_eq!(
+        replacement["instance_number"], first["instance_number"],
+        "the same instance, moved: {replacement}"
+    );
+    let new_name = format!("srv-on-{}", names[other]);
+    let _new_server = serve(server_pid(&ctrd, names[other]).unwrap(), &new_name, 8080, 8081);
+    // Every new flow to the service IP now reaches the replacement, though the orphan still answers on its old
+    // instance address: the client's NetManager dropped the old instance from its table.
+    for rr in [RR_V4, RR_V6] {
+        eventually(
+            30,
+            &format!("new flows via {rr} to reach {new_name} only"),
+            &procs,
+            || async {
+                let out = probe(cli_pid, &["tcp-each", rr, "8080", "--count", "4"]);
+                let text = String::from_utf8_lossy(&out.stdout).to_string();
+                (out.status.success()
+                    && text.lines().count() == 4
+                    && text.lines().all(|l| l.trim() == new_name))
+                .then_some(())
+            },
+        )
+        .await;
+    }
+    let to_reachable = killed.elapsed();
+    let udp = lines(&probe(cli_pid, &["udp", RR_V4, "8081", "--count", "2"]));
+    assert!(
+        udp.iter().all(|l| l.starts_with(&new_name)),
+        "udp after the failover: {udp:?}"
+    );
+    eprintln!(
+        "failover: worker kill -> replacement RUNNING at root {:.2} s, -> reachable via {RR_V4} and {RR_V6} {:.2} s \
+         (worker timeout {WORKER_TIMEOUT_S} s, reports every 0.5 s)",
+        to_running.as_secs_f64(),
+        to_reachable.as_secs_f64()
+    );
+
+    // The killed NodeEngine starts again: it adopts the orphan, which the cluster has placed elsewhere, so it is
+    // removed; root still lists the one instance on the other worker.
+    engines[home] = overlay_node_engine(
+        &tmp,
+        tb.workers[home].ns.name(),
+        names[home],
+        &lan_ip,
+        stack.cluster_port,
+        &ctrd,
+        "nodeengine-2",
+    );
+    let procs: Vec<&Proc> = engines.iter().chain([&stack.root, &stack.cluster]).collect();
+    eventually(60, "both workers active again", &procs, active(2)).await;
+    eventually(
+        60,
+        "the orphaned server container to be removed",
+        &procs,
+        || async { server_pid(&ctrd, names[home]).is_none().then_some(()) },
+    )
+    .await;
+    let after = running(&stack, &srv_id)
+        .await
+        .expect("the one server instance RUNNING");
+    assert_eq!(after["worker_id"], replacement["worker_id"], "{after}");
+    let got = lines(&probe(cli_pid, &["tcp-each", RR_V4, "8080", "--count", "2"]));
+    assert_eq!(got, vec![new_name.clone(), new_name.clone()], "after the restart");
+
+    // Delete both applications; then stop the workers: nothing stays behind.
+    let apps = call(
+        "GET",
+        &format!("{}/api/applications", stack.root_url),
+        Some(&stack.token),
+        None,
+    )
+    .await;
+    for app in apps.body.as_array().unwrap() {
+        let id = app["_id"].as_str().unwrap();
+        let r = call(
+            "DELETE",
+            &format!("{}/api/application/{id}", stack.root_url),
+            Some(&stack.token),
+            None,
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    let procs: Vec<&Proc> = engines.iter().chain([&stack.root, &stack.cluster]).collect();
+    eventually(60, "every container to be removed", &procs, || async {
+        names.iter().all(|n| tasks(&ctrd, n).is_empty()).then_some(())
+    })
+    .await;
+    for e in &mut engines {
+        e.terminate(Duration::from_secs(10));
+    }
+    for nm in &mut netmanagers {
+        let code = nm.terminate(Duration::from_secs(10));
+        assert_eq!(code, Some(0), "{}", logs(&engines, &netmanagers));
+    }
+    for w in &tb.workers {
+        let links = String::from_utf8_lossy(&w.ns.run(&["ip", "-o", "link"]).stdout).to_string();
+        assert!(
+            !links.contains("goProxy") && !links.contains("veth"),
+            "left behind in {}: {links}",
+            w.ns.name()
+        );
+    }
+    drop(stack);
+    ctrd.sweep();
+    drop(tb);
+    HostSnapshot::assert_no_overlay();
+    host_before.assert_unchanged(&HostSnapshot::take());
+    let _ = std::fs::remove_dir_all(&tmp);
+}
