@@ -356,8 +356,9 @@ done
 log "systemd units"
 units_changed=0
 # Restart: the reference waits 30 s (RestartSec=30) because its NodeEngine exits whenever the cluster is unreachable.
-# Ours retries registration and the broker itself and only exits on a bad configuration or a crash; 5 s brings a
-# crashed agent back almost at once (its instances keep running and are adopted) while one start per 5 s is no load. StartLimitIntervalSec=0: never give up retrying, a
+# Ours retries registration and the broker itself and only exits on a bad configuration or a crash; a crashed
+# NodeEngine is back after 1 s, inside the cluster's 3 s lost grace (its MQTT last will starts it), so its instances
+# keep running, are adopted and do not move; the NetManager waits 5 s. StartLimitIntervalSec=0: never give up retrying, a
 # cluster may be down for hours. KillMode=mixed: SIGTERM to the daemon alone so it stops its workloads and cleans up
 # itself; anything left in the unit's cgroup after TimeoutStopSec is killed.
 put_text "$prefix/etc/systemd/system/netmanager.service" 0644 <<'EOF'
@@ -397,9 +398,9 @@ Type=simple
 User=root
 # Settings come from /etc/oakestra/conf.json (NodeEngine config ..., or NodeEngine -a <cluster>).
 ExecStart=/usr/local/bin/NodeEngine run
-# 5 s, not the reference's 30 s: see scripts/install-worker.sh (a crashed agent is back at once and adopts its instances).
+# 1 s, not the reference's 30 s: see scripts/install-worker.sh (back within the cluster's lost grace, adopting its instances).
 Restart=always
-RestartSec=5
+RestartSec=1
 KillMode=mixed
 TimeoutStopSec=15
 

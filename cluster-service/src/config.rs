@@ -119,6 +119,12 @@ pub struct Cli {
     #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
     pub worker_timeout: f64,
 
+    /// A worker whose broker connection dropped without a goodbye (its MQTT last will, e.g. the NodeEngine
+    /// crashed or was killed) is dead this many seconds later unless it reports again; the worker timeout still
+    /// bounds it. Covers a NodeEngine that restarts at once.
+    #[arg(long, value_name = "SECONDS", default_value_t = 3.0)]
+    pub lost_grace: f64,
+
     /// Longest wait for a worker to take an instance (REQUESTED, CLUSTER_SCHEDULED) before trying again.
     #[arg(long, value_name = "SECONDS", default_value_t = 30.0)]
     pub scheduling_deadline: f64,
@@ -271,6 +277,7 @@ impl Config {
         let report_interval = Duration::from_millis(seconds("--report-interval", cli.report_interval)?);
         let timing = Timing {
             worker_timeout_ms: seconds("--worker-timeout", cli.worker_timeout)?,
+            lost_grace_ms: seconds("--lost-grace", cli.lost_grace)?,
             scheduling_deadline_ms: seconds("--scheduling-deadline", cli.scheduling_deadline)?,
             deploy_deadline_ms: seconds("--deploy-deadline", cli.deploy_deadline)?,
             stale_after_ms: seconds("--stale-after", cli.stale_after)?,
@@ -412,6 +419,7 @@ mod tests {
         assert_eq!(c.root_url, "http://127.0.0.1:10000");
         assert_eq!(c.report_interval, Duration::from_secs(15));
         assert_eq!(c.timing.worker_timeout_ms, 10_000);
+        assert_eq!(c.timing.lost_grace_ms, 3_000);
         assert!(
             matches!(c.broker, BrokerConfig::Embedded { listen, allow_anonymous: false } if listen.port() == 10003)
         );
@@ -439,6 +447,9 @@ mod tests {
     fn errors_name_flag_and_value() {
         let e = parse(&["--worker-timeout", "0"]).unwrap_err();
         assert!(e.contains("--worker-timeout") && e.contains('0'), "{e}");
+        let e = parse(&["--lost-grace", "0"]).unwrap_err();
+        assert!(e.contains("--lost-grace") && e.contains("more than 0"), "{e}");
+        assert_eq!(parse(&["--lost-grace", "0.5"]).unwrap().timing.lost_grace_ms, 500);
         let e = parse(&["--scheduler-policy", "random"]).unwrap_err();
         assert!(e.contains("--scheduler-policy") && e.contains("random"), "{e}");
         let e = parse(&["--root-url", "ftp://x"]).unwrap_err();

@@ -257,6 +257,10 @@ impl Engine {
                 Some(report) => self.state().job_status(&node, &report, now),
                 None => return,
             },
+            Topic::Lost(_) => {
+                self.state().connection_lost(&node, now);
+                return;
+            }
             Topic::NetSubnet(_)
             | Topic::NetTableQueryRequest(_)
             | Topic::NetServiceDeployed(_)

@@ -185,7 +185,10 @@ pub async fn start(config: Config) -> Result<Running, Error> {
     ));
 
     tokio::spawn(Arc::clone(&engine).dispatch(messages));
-    let tick = Duration::from_millis((config.timing.worker_timeout_ms / 4).clamp(50, 1000));
+    // Self-healing runs often enough that a dead worker (by silence or by a lost connection) is found within a
+    // quarter of its deadline.
+    let t = config.timing;
+    let tick = Duration::from_millis((t.worker_timeout_ms.min(t.lost_grace_ms) / 4).clamp(50, 1000));
     tokio::spawn(Arc::clone(&engine).maintain(tick, stop_rx.clone()));
     tokio::spawn(Arc::clone(&engine).report_to_root(config.report_interval, stop_rx.clone()));
 

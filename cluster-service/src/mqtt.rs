@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use oakestra_protocol::mqtt::topics::{CLUSTER_MANAGER_SUBSCRIPTIONS, SUB_NODES_NET, Topic};
+use oakestra_protocol::mqtt::topics::{CLUSTER_MANAGER_SUBSCRIPTIONS, SUB_NODES_LOST, SUB_NODES_NET, Topic};
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS, SubscribeFilter};
 use serde::Serialize;
 use tokio::sync::{mpsc, watch};
@@ -98,7 +98,7 @@ async fn drive(
 ) {
     let filters: Vec<SubscribeFilter> = CLUSTER_MANAGER_SUBSCRIPTIONS
         .iter()
-        .chain(std::iter::once(&SUB_NODES_NET))
+        .chain([&SUB_NODES_NET, &SUB_NODES_LOST])
         .map(|f| SubscribeFilter::new((*f).to_owned(), QoS::AtLeastOnce))
         .collect();
     let mut pause = Duration::from_millis(200);

@@ -24,6 +24,9 @@ use serde_json::{Map, Value};
 pub struct Timing {
     /// A worker silent for this long is dead (the reference waits 30 s).
     pub worker_timeout_ms: u64,
+    /// A worker whose broker connection dropped (its last will arrived) is dead this long afterwards unless it
+    /// reports again; never later than the worker timeout.
+    pub lost_grace_ms: u64,
     /// Longest time an instance may wait for a worker (`REQUESTED`, `CLUSTER_SCHEDULED`).
     pub scheduling_deadline_ms: u64,
     /// Longest time from the deploy command to the first resource report (`NODE_SCHEDULED`, `CREATING`,
@@ -45,6 +48,7 @@ impl Default for Timing {
     fn default() -> Self {
         Self {
             worker_timeout_ms: 10_000,
+            lost_grace_ms: 3_000,
             scheduling_deadline_ms: 30_000,
             deploy_deadline_ms: 300_000,
             stale_after_ms: 30_000,
@@ -95,6 +99,8 @@ pub struct Node {
     pub last_seen_ms: u64,
     /// Whether it reported within the worker timeout (updated by [`State::tick`]).
     pub alive: bool,
+    /// Its last will arrived and it has not reported since (see [`State::connection_lost`]).
+    pub connection_lost: bool,
 }
 
 impl Node {
@@ -475,6 +481,7 @@ impl State {
                     info,
                     last_seen_ms: now_ms,
                     alive: true,
+                    connection_lost: false,
                 },
             );
         }
@@ -576,6 +583,7 @@ impl State {
                 info: registration_map,
                 last_seen_ms: now_ms,
                 alive: true,
+                connection_lost: false,
             },
         );
         Ok((id, vec![Effect::SaveNode(record), Effect::ReportSoon]))
@@ -597,6 +605,7 @@ impl State {
         match self.nodes.get_mut(node) {
             Some(n) => {
                 n.last_seen_ms = now_ms;
+                n.connection_lost = false;
                 if !n.alive {
                     n.alive = true;
                     tracing::info!(node = %node, name = %n.record.name, "worker is back");
@@ -611,6 +620,23 @@ impl State {
                 false
             }
         }
+    }
+
+    /// `nodes/<id>/lost`: the broker published the worker's last will, so its connection ended without a goodbye.
+    /// The worker is dead [`Timing::lost_grace_ms`] from now unless it reports again before (a NodeEngine that
+    /// restarts at once, or reconnects over a new connection, does). Nothing else changes yet.
+    pub fn connection_lost(&mut self, node: &str, now_ms: u64) {
+        let t = self.timing;
+        let Some(n) = self.nodes.get_mut(node).filter(|n| n.alive) else {
+            return;
+        };
+        // `tick` declares it dead once `now - last_seen > worker_timeout`: move last_seen back so that happens
+        // `lost_grace` from now.
+        let wait = t.lost_grace_ms.min(t.worker_timeout_ms);
+        let backdated = now_ms.saturating_sub(t.worker_timeout_ms - wait);
+        n.last_seen_ms = n.last_seen_ms.min(backdated);
+        n.connection_lost = true;
+        tracing::warn!(node = %node, name = %n.record.name, grace_ms = wait, "worker's broker connection dropped; its instances move unless it reports within the grace");
     }
 
     /// `nodes/<id>/information`: the worker's 2 s snapshot.
@@ -1032,12 +1058,26 @@ impl State {
     pub fn tick(&mut self, now_ms: u64) -> Vec<Effect> {
         let mut effects = Vec::new();
         let t = self.timing;
-        let mut dead = Vec::new();
+        // Dead workers with why, for the instances' status detail.
+        let mut dead: Vec<(String, String)> = Vec::new();
         for n in self.nodes.values_mut() {
             if n.alive && now_ms.saturating_sub(n.last_seen_ms) > t.worker_timeout_ms {
                 n.alive = false;
-                tracing::warn!(node = %n.record.id, name = %n.record.name, silent_ms = now_ms.saturating_sub(n.last_seen_ms), "worker stopped reporting; rescheduling its instances");
-                dead.push(n.record.id.clone());
+                let why = if n.connection_lost {
+                    format!(
+                        "worker {}'s broker connection dropped and it did not come back within {} ms",
+                        n.record.id,
+                        t.lost_grace_ms.min(t.worker_timeout_ms)
+                    )
+                } else {
+                    format!(
+                        "worker {} stopped reporting for {} s",
+                        n.record.id,
+                        t.worker_timeout_ms / 1000
+                    )
+                };
+                tracing::warn!(node = %n.record.id, name = %n.record.name, why = %why, "worker is dead; rescheduling its instances");
+                dead.push((n.record.id.clone(), why));
                 effects.push(Effect::ReportSoon);
             }
         }
@@ -1048,13 +1088,15 @@ impl State {
         for job in self.jobs.values_mut() {
             for i in job.instances.values_mut() {
                 let in_state = now_ms.saturating_sub(i.since_ms);
-                let worker_dead = i.worker_id.as_ref().is_some_and(|w| dead.contains(w));
-                let failed = if worker_dead && !i.status.is_terminal() && !i.status.needs_reschedule() {
-                    Some(format!(
-                        "worker {} stopped reporting for {} s",
-                        i.worker_id.clone().unwrap_or_default(),
-                        t.worker_timeout_ms / 1000
-                    ))
+                let worker_dead = i
+                    .worker_id
+                    .as_ref()
+                    .and_then(|w| dead.iter().find(|(id, _)| id == w));
+                let failed = if let Some((_, why)) = worker_dead
+                    && !i.status.is_terminal()
+                    && !i.status.needs_reschedule()
+                {
+                    Some(why.clone())
                 } else {
                     match i.status {
                         Status::Requested | Status::ClusterScheduled
@@ -1199,6 +1241,7 @@ mod tests {
         State::new(
             Timing {
                 worker_timeout_ms: 1_000,
+                lost_grace_ms: 300,
                 scheduling_deadline_ms: 5_000,
                 deploy_deadline_ms: 3_000,
                 stale_after_ms: 4_000,
@@ -1461,6 +1504,50 @@ mod tests {
         // Late reports from the old worker do not take the instance back.
         job_report(&mut s, &a, "a.b.c.d", 0, "DEAD", T0 + 1_200);
         assert_eq!(status(&s, "j1", 0), Status::NodeScheduled);
+    }
+
+    #[test]
+    fn a_lost_connection_moves_instances_after_the_grace_unless_the_worker_reports() {
+        let mut s = state();
+        let a = join(&mut s, "a", 4, 4000, T0);
+        let effects = s.deploy("j1", 0, job_doc("a.b.c.d", json!({})), T0).unwrap();
+        assert_eq!(deployed_to(&effects).as_deref(), Some(a.as_str()));
+        resources(&mut s, &a, "a.b.c.d", 0, T0 + 100);
+        let b = join(&mut s, "b", 4, 4000, T0 + 100);
+
+        // a's will arrives, and a reports again within the grace (a NodeEngine restarted at once): nothing moves,
+        // and the worker timeout counts from that report again.
+        s.connection_lost(&a, T0 + 200);
+        alive(&mut s, &a, T0 + 400);
+        alive(&mut s, &b, T0 + 600);
+        assert!(deployed_to(&s.tick(T0 + 600)).is_none());
+        assert!(deployed_to(&s.tick(T0 + 1_300)).is_none());
+
+        // a's will arrives and a stays silent: dead once the grace is over, well before the worker timeout.
+        alive(&mut s, &a, T0 + 1_250);
+        s.connection_lost(&a, T0 + 1_300);
+        alive(&mut s, &b, T0 + 1_500);
+        assert!(deployed_to(&s.tick(T0 + 1_550)).is_none(), "within the grace");
+        let effects = s.tick(T0 + 1_650);
+        assert_eq!(deployed_to(&effects).as_deref(), Some(b.as_str()));
+        // A will for a worker already dead, or unknown, changes nothing.
+        s.connection_lost(&a, T0 + 1_700);
+        s.connection_lost("nobody", T0 + 1_700);
+        assert_eq!(status(&s, "j1", 0), Status::NodeScheduled);
+    }
+
+    #[test]
+    fn a_will_never_makes_a_worker_die_later_than_the_timeout() {
+        let mut s = state();
+        let a = join(&mut s, "a", 4, 4000, T0);
+        s.deploy("j1", 0, job_doc("a.b.c.d", json!({})), T0).unwrap();
+        resources(&mut s, &a, "a.b.c.d", 0, T0 + 100);
+        let b = join(&mut s, "b", 4, 4000, T0 + 100);
+        alive(&mut s, &b, T0 + 1_000);
+        // Silent since T0 + 100; a will at T0 + 1_000 must not extend its life past T0 + 1_100.
+        s.connection_lost(&a, T0 + 1_000);
+        let effects = s.tick(T0 + 1_150);
+        assert_eq!(deployed_to(&effects).as_deref(), Some(b.as_str()));
     }
 
     #[test]

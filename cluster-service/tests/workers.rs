@@ -1,6 +1,6 @@
 //! The worker-facing contract with scripted fake workers (plain HTTP + MQTT clients), against the embedded broker
-//! and against a real Mosquitto: registration, deploy, status, resource reports, reconciliation, worker death,
-//! deadlines, one-shot completion, the network service, and persistence across a restart.
+//! and against a real Mosquitto: registration, deploy, status, resource reports, reconciliation, worker death (by
+//! silence and by a dropped connection's last will), deadlines, one-shot completion, the network service, and persistence across a restart.
 
 #![allow(clippy::unwrap_used, reason = "tests: a panic is the clearest failure")]
 
@@ -340,6 +340,39 @@ async fn self_healing(broker: BrokerKind) {
     cluster.stop().await.unwrap();
 }
 
+/// A worker whose connection drops without a goodbye (its last will): its instances move once the lost grace is
+/// over, long before the worker timeout (30 s here) would have moved them.
+async fn connection_loss(broker: BrokerKind) {
+    let root = FakeRoot::start().await;
+    let dir = TempDir::new();
+    let mut args = fast_args(&root.url, &dir.0);
+    let at = args.iter().position(|a| a == "--worker-timeout").unwrap();
+    args[at + 1] = "30".into();
+    args.extend(["--lost-grace".to_owned(), "0.5".to_owned()]);
+    let cluster = start_cluster(args, &broker).await;
+    let mut a = FakeWorker::join_with_will(&cluster, "edge-a", 4, 4000).await;
+    deploy(&cluster, "job1", 0, &job_doc("job1", "app.ns.svc.ns", json!({}))).await;
+    a.next("control/deploy", 5).await;
+    a.resources(&[("app.ns.svc.ns", 0)]).await;
+    eventually(5, "RUNNING", || async {
+        (root.reported_status("job1", 0)? == "RUNNING").then_some(())
+    })
+    .await;
+    let mut b = FakeWorker::join_with_will(&cluster, "edge-b", 4, 4000).await;
+    let crashed_at = tokio::time::Instant::now();
+    a.crash();
+    // Within 10 s: only the will can have moved it (the worker timeout is 30 s).
+    let cmd = b.next("control/deploy", 10).await;
+    let took = crashed_at.elapsed();
+    assert_eq!(cmd["_id"], json!("job1"));
+    assert!(
+        took >= Duration::from_millis(400),
+        "rescheduled before the 0.5 s grace: {took:?}"
+    );
+    b.kill().await;
+    cluster.stop().await.unwrap();
+}
+
 /// The network service: subnets, table queries (resolved through root), addresses forwarded, interests, updates.
 async fn network(broker: BrokerKind) {
     let root = FakeRoot::start().await;
@@ -549,5 +582,19 @@ macro_rules! on_mosquitto {
     };
 }
 
-on_embedded!(registration, lifecycle, self_healing, network, persistence);
-on_mosquitto!(registration, lifecycle, self_healing, network, persistence);
+on_embedded!(
+    registration,
+    lifecycle,
+    self_healing,
+    connection_loss,
+    network,
+    persistence
+);
+on_mosquitto!(
+    registration,
+    lifecycle,
+    self_healing,
+    connection_loss,
+    network,
+    persistence
+);

@@ -1,8 +1,10 @@
 //! Worker failure end to end, on the overlay testbed: root and cluster in the "LAN" namespace, two workers each with
 //! a real NetManager and NodeEngine. A server instance with a round-robin address runs on one worker, a client on
-//! the other. The server's NodeEngine is killed (SIGKILL: no goodbye); the cluster notices the silence, the
-//! instance comes back RUNNING on the client's worker, and the client reaches it through the same service IP, with
-//! no flow left going to the orphaned container. The killed NodeEngine then starts again: it adopts the orphan,
+//! the other. The server's NodeEngine is killed (SIGKILL: no goodbye); the broker publishes its last will, the
+//! cluster declares the worker dead once the lost grace (3 s) is over, long before its worker timeout (30 s here),
+//! the instance comes back RUNNING on the client's worker, and the client reaches it through the same service IP,
+//! with no flow left going to the orphaned container (a NodeEngine killed and restarted at once, before, kept its
+//! instance in place). The killed NodeEngine then starts again: it adopts the orphan,
 //! the cluster tells it to remove it, and root still lists one instance. Everything is gone afterwards.
 #![allow(clippy::unwrap_used, reason = "test code: a panic is the clearest failure")]
 #![allow(clippy::print_stderr, reason = "the test reports the failover times it saw")]
@@ -20,8 +22,9 @@ use serde_json::{Value, json};
 
 const RR_V4: &str = "10.30.56.56";
 const RR_V6: &str = "fdff:2000::56";
-/// The cluster's `--worker-timeout`: silence after which a worker counts as dead (the workers report every 0.5 s).
-const WORKER_TIMEOUT_S: &str = "3";
+/// The cluster's `--worker-timeout`, longer than the wait for the replacement: only the last will can move it in
+/// time. The lost grace is the default, 3 s.
+const WORKER_TIMEOUT_S: &str = "30";
 /// Task id prefix of the server's instances.
 const SRV_TASK: &str = "fos.test.srv.test.instance.";
 
@@ -164,6 +167,32 @@ async fn instances_of_a_killed_worker_come_back_on_another_behind_the_same_servi
         );
     }
 
+    // A NodeEngine that crashes and is back at once (as systemd restarts it) keeps its instances where they are:
+    // it reports again within the lost grace.
+    let server_before = server_pid(&ctrd, names[home]);
+    engines[home].kill();
+    engines[home] = overlay_node_engine(
+        &tmp,
+        tb.workers[home].ns.name(),
+        names[home],
+        &lan_ip,
+        stack.cluster_port,
+        &ctrd,
+        "nodeengine-restarted",
+    );
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let kept = running(&stack, &srv_id).await.expect("the server still RUNNING");
+    assert_eq!(
+        kept["worker_id"], first["worker_id"],
+        "moved after a quick restart: {kept}"
+    );
+    assert_eq!(
+        server_pid(&ctrd, names[home]),
+        server_before,
+        "the same container"
+    );
+    assert_eq!(server_pid(&ctrd, names[other]), None, "no second server");
+
     // SIGKILL the server's NodeEngine. Its container and NetManager stay: only the agent is gone.
     engines[home].kill();
     let killed = Instant::now();
@@ -211,7 +240,7 @@ async fn instances_of_a_killed_worker_come_back_on_another_behind_the_same_servi
     );
     eprintln!(
         "failover: worker kill -> replacement RUNNING at root {:.2} s, -> reachable via {RR_V4} and {RR_V6} {:.2} s \
-         (worker timeout {WORKER_TIMEOUT_S} s, reports every 0.5 s)",
+         (lost grace 3 s, worker timeout {WORKER_TIMEOUT_S} s)",
         to_running.as_secs_f64(),
         to_reachable.as_secs_f64()
     );

@@ -219,19 +219,21 @@ fn install_twice_then_uninstall_then_purge() {
     let units = root.join("etc/systemd/system");
     let ne = unit_lines(&units.join("nodeengine.service"));
     let nm = unit_lines(&units.join("netmanager.service"));
-    for (unit, exec) in [
-        (&ne, "ExecStart=/usr/local/bin/NodeEngine run"),
+    // The NodeEngine comes back within the cluster's 3 s lost grace, so a crash does not move its instances.
+    for (unit, exec, restart_sec) in [
+        (&ne, "ExecStart=/usr/local/bin/NodeEngine run", "RestartSec=1"),
         (
             &nm,
             "ExecStart=/usr/local/bin/NetManager --config /etc/netmanager/netcfg.json",
+            "RestartSec=5",
         ),
     ] {
         for line in [
             exec,
+            restart_sec,
             "Type=simple",
             "User=root",
             "Restart=always",
-            "RestartSec=5",
             "KillMode=mixed",
             "TimeoutStopSec=15",
             "WantedBy=multi-user.target",

@@ -9,8 +9,9 @@ use std::time::Duration;
 use hyper::Method;
 use oakestra_protocol::api::cluster::{NodeRegistered, NodeRegistration, REGISTER_PATH};
 use oakestra_protocol::client;
-use oakestra_protocol::mqtt::worker::{DeleteCommand, DeployCommand};
-use rumqttc::{AsyncClient, ConnectReturnCode, Event, MqttOptions, Packet, QoS};
+use oakestra_protocol::mqtt::topics::{Topic, TopicId};
+use oakestra_protocol::mqtt::worker::{ConnectionLost, DeleteCommand, DeployCommand};
+use rumqttc::{AsyncClient, ConnectReturnCode, Event, LastWill, MqttOptions, Packet, QoS};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
@@ -195,6 +196,22 @@ impl Session {
             // The broker keeps our subscriptions and queues QoS 1 commands while we are away.
             .set_clean_session(false)
             .set_max_packet_size(MAX_PACKET, MAX_PACKET);
+        // If this connection ends without a DISCONNECT (a crash, a kill, a reset), the broker tells the cluster at
+        // once on `nodes/<id>/lost`, instead of the cluster waiting out its worker timeout.
+        match TopicId::new(node_id) {
+            Ok(id) => {
+                let will = serde_json::to_vec(&ConnectionLost::will()).unwrap_or_default();
+                options.set_last_will(LastWill::new(
+                    Topic::Lost(id).to_string(),
+                    will,
+                    QoS::AtLeastOnce,
+                    false,
+                ));
+            }
+            Err(e) => {
+                tracing::warn!(node = %node_id, error = %e, "no last will: the node id is not a topic segment")
+            }
+        }
         let (client, mut eventloop) = AsyncClient::new(options, 1000);
         let (tx, rx) = mpsc::unbounded_channel();
         let connected = Arc::new(AtomicBool::new(false));

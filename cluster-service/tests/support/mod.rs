@@ -33,9 +33,12 @@ use oakestra_cluster_service::{Cli, Config, Running};
 use oakestra_protocol::{
     api::cluster::NodeRegistered,
     client,
-    mqtt::topics::{Topic, TopicId},
+    mqtt::{
+        topics::{Topic, TopicId},
+        worker::ConnectionLost,
+    },
 };
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, QoS};
 use serde_json::{Value, json};
 use tokio::{net::TcpListener, sync::mpsc, task::JoinHandle};
 
@@ -498,6 +501,15 @@ pub fn node_body(host: &str, vcpus: i64, memory: i64) -> Value {
 impl FakeWorker {
     /// Registers `host` with the cluster and connects to its broker.
     pub async fn join(cluster: &Running, host: &str, vcpus: i64, memory: i64) -> Self {
+        Self::join_as(cluster, host, vcpus, memory, false).await
+    }
+
+    /// [`Self::join`] leaving `nodes/<id>/lost` as the connection's last will, as the NodeEngine does.
+    pub async fn join_with_will(cluster: &Running, host: &str, vcpus: i64, memory: i64) -> Self {
+        Self::join_as(cluster, host, vcpus, memory, true).await
+    }
+
+    async fn join_as(cluster: &Running, host: &str, vcpus: i64, memory: i64, will: bool) -> Self {
         let r = call(
             cluster.addr,
             Method::POST,
@@ -510,16 +522,25 @@ impl FakeWorker {
         let answer: NodeRegistered = serde_json::from_value(r.body).unwrap();
         let port = answer.mqtt_broker_port_u16().unwrap();
         let password = answer.mqtt_password.clone().unwrap();
-        Self::connect(&answer.id, &format!("{}-ne", answer.id), &password, port).await
+        Self::connect_with(&answer.id, &format!("{}-ne", answer.id), &password, port, will).await
     }
 
     /// Connects as MQTT user (and client id) `user` and subscribes to the node's control topics and the job
     /// broadcasts.
     pub async fn connect(id: &str, user: &str, password: &str, port: u16) -> Self {
+        Self::connect_with(id, user, password, port, false).await
+    }
+
+    async fn connect_with(id: &str, user: &str, password: &str, port: u16, will: bool) -> Self {
         let mut options = MqttOptions::new(user, "127.0.0.1", port);
         options
             .set_credentials(user, password)
             .set_keep_alive(Duration::from_secs(5));
+        if will {
+            let topic = Topic::Lost(TopicId::new(id).unwrap()).to_string();
+            let body = serde_json::to_vec(&ConnectionLost::will()).unwrap();
+            options.set_last_will(LastWill::new(topic, body, QoS::AtLeastOnce, false));
+        }
         options.set_max_packet_size(1 << 20, 1 << 20);
         let (client, mut eventloop) = AsyncClient::new(options, 100);
         let (tx, inbox) = mpsc::unbounded_channel();
@@ -678,6 +699,13 @@ impl FakeWorker {
                 Ok(Some(_)) => {}
                 _ => return false,
             }
+        }
+    }
+
+    /// Simulates a crash: it stops publishing and its connection closes without a DISCONNECT.
+    pub fn crash(mut self) {
+        for l in self.loops.drain(..) {
+            l.abort();
         }
     }
 

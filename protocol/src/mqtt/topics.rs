@@ -14,6 +14,8 @@ pub const SUB_NODES_JOB: &str = "nodes/+/job";
 pub const SUB_NODES_JOBS_RESOURCES: &str = "nodes/+/jobs/resources";
 /// The cluster service manager's subscription to every NetManager message (the worker id is segment 2).
 pub const SUB_NODES_NET: &str = "nodes/+/net/#";
+/// The cluster manager's subscription to every worker's last will (an oakestra-rs addition, see [`Topic::Lost`]).
+pub const SUB_NODES_LOST: &str = "nodes/+/lost";
 /// What the cluster manager subscribes to (the reference subscribes exactly these three).
 pub const CLUSTER_MANAGER_SUBSCRIPTIONS: [&str; 3] =
     [SUB_NODES_INFORMATION, SUB_NODES_JOB, SUB_NODES_JOBS_RESOURCES];
@@ -126,6 +128,10 @@ pub enum Topic {
     NetServiceAddressChanged(TopicId),
     /// `nodes/<id>/net/interest/remove` (W→C): [`super::net::InterestRemove`].
     NetInterestRemove(TopicId),
+    /// `nodes/<id>/lost` (the broker on the worker's behalf): the NodeEngine's MQTT last will, published by the
+    /// broker when the worker's connection ends without a DISCONNECT (crash, kill, reset): [`super::worker::ConnectionLost`].
+    /// An oakestra-rs addition (the reference sets no will); a cluster that does not subscribe never sees it.
+    Lost(TopicId),
     /// `jobs/<job_name>/updates_available` (C→W broadcast): [`super::net::UpdatesAvailable`].
     UpdatesAvailable(TopicId),
 }
@@ -135,7 +141,7 @@ type NodeTopicCtor = fn(TopicId) -> Topic;
 
 /// Node topic suffixes (after `nodes/<id>/`) and the variant each one builds, used by the parser. `node_suffix` is the
 /// other direction; the round-trip proptest over every variant keeps the two in agreement.
-const NODE_TOPICS: [(&str, NodeTopicCtor); 14] = [
+const NODE_TOPICS: [(&str, NodeTopicCtor); 15] = [
     ("information", Topic::Information),
     ("jobs/resources", Topic::JobsResources),
     ("job", Topic::Job),
@@ -150,6 +156,7 @@ const NODE_TOPICS: [(&str, NodeTopicCtor); 14] = [
     ("net/service/undeployed", Topic::NetServiceUndeployed),
     ("net/service/address-changed", Topic::NetServiceAddressChanged),
     ("net/interest/remove", Topic::NetInterestRemove),
+    ("lost", Topic::Lost),
 ];
 
 impl Topic {
@@ -209,6 +216,7 @@ impl Topic {
             | Self::NetServiceUndeployed(id)
             | Self::NetServiceAddressChanged(id)
             | Self::NetInterestRemove(id)
+            | Self::Lost(id)
             | Self::UpdatesAvailable(id) => id,
         }
     }
@@ -230,6 +238,7 @@ impl Topic {
             Self::NetServiceUndeployed(_) => "net/service/undeployed",
             Self::NetServiceAddressChanged(_) => "net/service/address-changed",
             Self::NetInterestRemove(_) => "net/interest/remove",
+            Self::Lost(_) => "lost",
             Self::UpdatesAvailable(_) => return None,
         })
     }
@@ -289,6 +298,7 @@ mod tests {
             "net/service/undeployed",
             "net/service/address-changed",
             "net/interest/remove",
+            "lost",
         ];
         let all = Topic::all_for_node(&n);
         assert_eq!(all.len(), expected.len());
@@ -367,13 +377,14 @@ mod tests {
             ["nodes/+/information", "nodes/+/job", "nodes/+/jobs/resources"]
         );
         assert_eq!(SUB_NODES_NET, "nodes/+/net/#");
+        assert_eq!(SUB_NODES_LOST, "nodes/+/lost");
     }
 
     proptest! {
         #[test]
-        fn parse_inverts_display(raw in "[^/+#\u{0}]{1,40}", which in 0usize..15) {
+        fn parse_inverts_display(raw in "[^/+#\u{0}]{1,40}", which in 0usize..16) {
             let tid = TopicId::new(raw).unwrap();
-            let topic = if which == 14 {
+            let topic = if which == 15 {
                 Topic::UpdatesAvailable(tid)
             } else {
                 Topic::all_for_node(&tid).swap_remove(which)

@@ -1,5 +1,5 @@
-//! NodeEngine ⇄ cluster manager MQTT payloads: the worker's `information`, `jobs/resources` and `job` reports and the
-//! cluster's `control/deploy`, `control/delete` and `control/error` commands.
+//! NodeEngine ⇄ cluster manager MQTT payloads: the worker's `information`, `jobs/resources` and `job` reports, its
+//! `lost` last will, and the cluster's `control/deploy`, `control/delete` and `control/error` commands.
 //!
 //! Every payload keeps unknown keys in an `extra` map, so a message we forward or re-publish never loses a field a
 //! newer peer added (the node snapshot and the deploy command grow with every Oakestra version). The flattened map
@@ -398,6 +398,29 @@ impl ControlError {
     }
 }
 
+/// The `nodes/<id>/lost` payload: what the NodeEngine leaves with the broker as its last will when it connects. The
+/// broker publishes it if the connection ends without a DISCONNECT; a NodeEngine that stops cleanly disconnects, so
+/// its will is discarded.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnectionLost {
+    /// Free text for whoever watches the topic.
+    #[serde(default, deserialize_with = "serde_util::string")]
+    pub reason: String,
+    /// Every other key, verbatim (also makes the type accept only a JSON object).
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+impl ConnectionLost {
+    /// The will a NodeEngine leaves.
+    pub fn will() -> Self {
+        Self {
+            reason: "the worker's connection to the broker ended without a DISCONNECT".to_owned(),
+            extra: Map::new(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
@@ -623,6 +646,18 @@ mod tests {
     }
 
     #[test]
+    fn the_will_is_an_object_with_a_reason() {
+        let text = serde_json::to_string(&ConnectionLost::will()).unwrap();
+        assert!(
+            text.starts_with(r#"{"reason":"the worker's connection"#),
+            "{text}"
+        );
+        assert_eq!(round_trip::<ConnectionLost>(&text), ConnectionLost::will());
+        assert!(serde_json::from_str::<ConnectionLost>("[]").is_err());
+        assert_eq!(serde_json::from_str::<ConnectionLost>("{}").unwrap().reason, "");
+    }
+
+    #[test]
     fn malformed_payloads_are_errors() {
         fn all_reject(s: &str) {
             assert!(
@@ -677,6 +712,7 @@ mod tests {
             serde_json::from_str::<DeployCommand>(s).is_ok(),
             serde_json::from_str::<DeleteCommand>(s).is_ok(),
             serde_json::from_str::<ControlError>(s).is_ok(),
+            serde_json::from_str::<ConnectionLost>(s).is_ok(),
         ]
         .contains(&true)
     }
