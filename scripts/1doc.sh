@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # 1-DOC: root, cluster and one worker on this machine with one command.
 #   ./scripts/1doc.sh [up]      install what is missing, build, start everything, wait until the worker is active
+#   ./scripts/1doc.sh install   only install what is missing and build (starts nothing)
 #   ./scripts/1doc.sh status    show each component
 #   ./scripts/1doc.sh example   log in, register examples/clientsrvr-local.json, deploy it, show the client's log
 #   ./scripts/1doc.sh down      stop everything and remove the network state it created
@@ -32,7 +33,7 @@ die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 
 usage() {
   cat <<EOF
-Usage: scripts/1doc.sh [up|status|example|down|help]
+Usage: scripts/1doc.sh [up|install|status|example|down|help]
 
 A whole Oakestra on this machine (1-DOC): root-service (API on :$OAK_API_PORT), cluster-service (on :$OAK_CLUSTER_PORT
 with its embedded MQTT broker on :$OAK_MQTT_PORT) and one worker (NetManager + NodeEngine, containers through
@@ -43,6 +44,8 @@ containerd). Runs as root (the worker creates network interfaces and containers)
            images (scripts/images/build.sh), starts the four processes in the background and waits until the worker
            is active. Prints the API URL, the Admin password and the next command. Running it again restarts nothing
            that is running.
+  install  only the first two steps of up: the packages, the toolchain and the release build (e.g. to prepare a
+           machine image); starts nothing
   status   each component: running or not, pid, and what it reports
   example  logs in, registers examples/clientsrvr-local.json (curl client + nginx server on 10.30.55.55), deploys
            one instance of each, waits for RUNNING and prints the client's log (the page it fetched)
@@ -85,7 +88,7 @@ install_packages() {
   fi
   if [ -z "$OAK_BIN_DIR" ] && ! command -v cargo >/dev/null && [ ! -x "$HOME/.cargo/bin/cargo" ]; then
     log "installing a Rust toolchain with rustup (stable, minimal profile)"
-    curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal --default-toolchain stable
+    "$repo/scripts/rustup.sh" stable
   fi
 }
 
@@ -325,6 +328,7 @@ print(app["_id"], " ".join(reversed(app["microservices"])))' "$name")"
 
 case "${1:-up}" in
   up) up ;;
+  install) need_root; install_packages; build; log "installed; the binaries are in $bin" ;;
   status) status ;;
   down) down ;;
   example) shift; example "$@" ;;

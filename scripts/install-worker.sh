@@ -289,7 +289,7 @@ build=1
 # rustup's stable toolchain into root's home; cargo is then on PATH for the rest of this script.
 install_rust() {
   log "installing a Rust toolchain with rustup (stable, minimal profile)"
-  curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal --default-toolchain stable
+  "$repo/scripts/rustup.sh" stable
   export PATH="$HOME/.cargo/bin:$PATH"
 }
 

@@ -42,7 +42,7 @@ fi
 if ! command -v cargo >/dev/null; then
   log "installing a Rust toolchain with rustup (stable, minimal profile)"
   command -v curl >/dev/null || as_root apt-get -o DPkg::Lock::Timeout=900 install -y -qq --no-install-recommends curl ca-certificates
-  curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal --default-toolchain stable
+  ./scripts/rustup.sh stable
   export PATH="$HOME/.cargo/bin:$PATH"
 fi
 for c in rustfmt clippy; do
