@@ -9,6 +9,7 @@ mod support;
 use std::time::Duration;
 
 use axum::http::Method;
+use oakestra_cluster_service::Running;
 use serde_json::{Value, json};
 use support::*;
 
@@ -227,6 +228,18 @@ async fn lifecycle(broker: BrokerKind) {
     cluster.stop().await.unwrap();
 }
 
+/// Deploys instance 0 of `job1` (`app.ns.svc.ns`), which lands on `worker` (the only one), and has it report the
+/// instance until root hears it is RUNNING.
+async fn run_job1_on(cluster: &Running, root: &FakeRoot, worker: &mut FakeWorker) {
+    deploy(cluster, "job1", 0, &job_doc("job1", "app.ns.svc.ns", json!({}))).await;
+    worker.next("control/deploy", 5).await;
+    worker.resources(&[("app.ns.svc.ns", 0)]).await;
+    eventually(5, "RUNNING", || async {
+        (root.reported_status("job1", 0)? == "RUNNING").then_some(())
+    })
+    .await;
+}
+
 /// Worker death ⇒ its instance is rescheduled on another worker; a stuck NODE_SCHEDULED is rescheduled; a
 /// crash-looping instance backs off; a COMPLETED one-shot is left alone.
 async fn self_healing(broker: BrokerKind) {
@@ -236,13 +249,7 @@ async fn self_healing(broker: BrokerKind) {
     let mut a = FakeWorker::join(&cluster, "edge-a", 4, 4000).await;
 
     // Worker death.
-    deploy(&cluster, "job1", 0, &job_doc("job1", "app.ns.svc.ns", json!({}))).await;
-    a.next("control/deploy", 5).await;
-    a.resources(&[("app.ns.svc.ns", 0)]).await;
-    eventually(5, "RUNNING", || async {
-        (root.reported_status("job1", 0)? == "RUNNING").then_some(())
-    })
-    .await;
+    run_job1_on(&cluster, &root, &mut a).await;
     let mut b = FakeWorker::join(&cluster, "edge-b", 4, 4000).await;
     let killed_at = tokio::time::Instant::now();
     a.kill().await;
@@ -351,13 +358,7 @@ async fn connection_loss(broker: BrokerKind) {
     args.extend(["--lost-grace".to_owned(), "0.5".to_owned()]);
     let cluster = start_cluster(args, &broker).await;
     let mut a = FakeWorker::join_with_will(&cluster, "edge-a", 4, 4000).await;
-    deploy(&cluster, "job1", 0, &job_doc("job1", "app.ns.svc.ns", json!({}))).await;
-    a.next("control/deploy", 5).await;
-    a.resources(&[("app.ns.svc.ns", 0)]).await;
-    eventually(5, "RUNNING", || async {
-        (root.reported_status("job1", 0)? == "RUNNING").then_some(())
-    })
-    .await;
+    run_job1_on(&cluster, &root, &mut a).await;
     let mut b = FakeWorker::join_with_will(&cluster, "edge-b", 4, 4000).await;
     let crashed_at = tokio::time::Instant::now();
     a.crash();

@@ -5,6 +5,7 @@
 //! - [`incontainer`]: netprobe clients and servers inside a container's network namespace, containers' pids.
 //! - [`containerd`]: a private containerd daemon, the busybox test image, a local registry.
 //! - [`stack`]: root + cluster as child processes and the NodeEngine command line.
+//! - [`overlaybed`]: a netns testbed with root, cluster and NetManager + NodeEngine workers, and its teardown.
 //! - [`procs`]: locate a built binary (`NodeEngine`, `NetManager`, `cluster-service`, `root-service`) and run it.
 //!
 //! The suites live in `tests/tests/*.rs`. They expect the binaries to be built first (`cargo build --bins`, which
@@ -14,5 +15,6 @@ pub mod containerd;
 pub mod harness;
 pub mod incontainer;
 pub mod netns;
+pub mod overlaybed;
 pub mod procs;
 pub mod stack;

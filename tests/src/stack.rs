@@ -282,6 +282,17 @@ impl Stack {
         Some(i)
     }
 
+    /// Waits up to `secs` for root to count `n` active workers in the cluster.
+    pub async fn wait_active_workers(&self, n: usize, secs: u64, procs: &[&Proc]) {
+        let want = format!("\"active_nodes\":{n}");
+        let url = format!("{}/api/clusters", self.root_url);
+        eventually(secs, &format!("{n} active worker(s)"), procs, || async {
+            let r = call("GET", &url, Some(&self.token), None).await;
+            r.body.to_string().contains(&want).then_some(())
+        })
+        .await;
+    }
+
     /// Waits up to 60 s for instance 0 of `job` to have `status` at root.
     pub async fn wait_status(&self, job: &str, status: &str, procs: &[&Proc]) -> Value {
         eventually(60, &format!("{job} to be {status} at root"), procs, || async {
@@ -289,99 +300,4 @@ impl Stack {
         })
         .await
     }
-}
-
-/// Starts one worker of an overlay testbed in netns `netns`: a NetManager (socket, state and logs under
-/// `dir/<name>-*`) and a NodeEngine using it ([`overlay_node_engine`]). Returns (NetManager, NodeEngine).
-pub fn overlay_worker(
-    dir: &Path,
-    netns: &str,
-    name: &str,
-    cluster_ip: &str,
-    cluster_port: u16,
-    ctrd: &Containerd,
-) -> (Proc, Proc) {
-    let cfg = worker_path(dir, name, "netcfg.json");
-    std::fs::write(
-        &cfg,
-        json!({"NodePublicAddress": "0.0.0.0", "NodePublicPort": "50103", "ClusterUrl": "0.0.0.0",
-               "ClusterMqttPort": "10003"})
-        .to_string(),
-    )
-    .expect("writing netcfg.json");
-    let nm_args = owned(&[
-        "--config",
-        &cfg,
-        "--socket",
-        &worker_path(dir, name, "nm.sock"),
-        "--state-dir",
-        &worker_path(dir, name, "nm-state"),
-        "--log-file",
-        "none",
-        "--workers",
-        "2",
-    ]);
-    let nm = Proc::start_in(
-        netns,
-        "NetManager",
-        &nm_args,
-        dir.join(format!("{name}-netmanager.log")),
-    );
-    let ne = overlay_node_engine(dir, netns, name, cluster_ip, cluster_port, ctrd, "nodeengine");
-    (nm, ne)
-}
-
-/// Starts the NodeEngine of overlay worker `name` (see [`overlay_worker`]): it uses that worker's NetManager,
-/// registers at the cluster on `cluster_ip:cluster_port`, runs containers in `ctrd`'s namespace `name`, keeps its
-/// state in `dir/<name>-ne-state` (a restarted one adopts what the last one left), reports every 0.5 s, and logs
-/// to `dir/<name>-<log>.log`.
-pub fn overlay_node_engine(
-    dir: &Path,
-    netns: &str,
-    name: &str,
-    cluster_ip: &str,
-    cluster_port: u16,
-    ctrd: &Containerd,
-    log: &str,
-) -> Proc {
-    let d = |x: &str| worker_path(dir, name, x);
-    let ne_args = owned(&[
-        "-a",
-        cluster_ip,
-        "-p",
-        &cluster_port.to_string(),
-        "-n",
-        &d("nm.sock"),
-        "-l",
-        &d("apps"),
-        "--conf",
-        &d("no-conf.json"),
-        "--containerd",
-        &ctrd.socket.display().to_string(),
-        "--namespace",
-        name,
-        "--state-dir",
-        &d("ne-state"),
-        "--log-file",
-        "none",
-        "--report-interval",
-        "0.5",
-        "--node-name",
-        name,
-    ]);
-    Proc::start_in(
-        netns,
-        "NodeEngine",
-        &ne_args,
-        dir.join(format!("{name}-{log}.log")),
-    )
-}
-
-/// `dir/<worker>-<what>`: where an overlay worker keeps a file or directory.
-fn worker_path(dir: &Path, worker: &str, what: &str) -> String {
-    dir.join(format!("{worker}-{what}")).display().to_string()
-}
-
-fn owned(args: &[&str]) -> Vec<String> {
-    args.iter().map(|s| (*s).to_owned()).collect()
 }

@@ -13,10 +13,10 @@ use std::time::{Duration, Instant};
 
 use oakestra_tests::{
     containerd::Containerd,
-    harness::{Proc, eventually},
+    harness::eventually,
     incontainer::{lines, probe, serve, tasks},
-    netns::{HostSnapshot, Testbed, require_root},
-    stack::{IMAGE, Stack, call, overlay_node_engine, overlay_worker},
+    overlaybed::OverlayBed,
+    stack::{IMAGE, Stack, call},
 };
 use serde_json::{Value, json};
 
@@ -83,80 +83,42 @@ fn server_pid(ctrd: &Containerd, ns: &str) -> Option<u32> {
 
 #[tokio::test(flavor = "current_thread")]
 async fn instances_of_a_killed_worker_come_back_on_another_behind_the_same_service_ip() {
-    require_root();
-    let host_before = HostSnapshot::take();
-    let tb = Testbed::new("fo", 2);
-    tb.lan.enter_current_thread();
-    let tmp = std::env::temp_dir().join(format!("oakestra-failover-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).unwrap();
-    let ctrd = Containerd::start("fo");
-    let lan_ip = tb.lan_addr().to_string();
-    let stack = Stack::start_with(&tmp, &lan_ip, &["--worker-timeout", WORKER_TIMEOUT_S]).await;
-    let names = ["w1", "w2"];
-    let mut netmanagers = Vec::new();
-    let mut engines = Vec::new();
-    for (w, name) in tb.workers.iter().zip(names) {
-        ctrd.import_test_image(name, IMAGE);
-        let (nm, ne) = overlay_worker(&tmp, w.ns.name(), name, &lan_ip, stack.cluster_port, &ctrd);
-        netmanagers.push(nm);
-        engines.push(ne);
-    }
-    let logs = |engines: &[Proc], netmanagers: &[Proc]| -> String {
-        engines
-            .iter()
-            .chain(netmanagers)
-            .chain([&stack.root, &stack.cluster])
-            .map(|p| format!("--- {}:\n{}", p.log.display(), p.log()))
-            .collect::<Vec<_>>()
-            .join("\n")
-    };
-    let active = |n: usize| {
-        let stack = &stack;
-        move || async move {
-            let r = call(
-                "GET",
-                &format!("{}/api/clusters", stack.root_url),
-                Some(&stack.token),
-                None,
-            )
-            .await;
-            r.body
-                .to_string()
-                .contains(&format!("\"active_nodes\":{n}"))
-                .then_some(())
-        }
-    };
-    eventually(
-        60,
-        "both workers to be active",
-        &[&stack.root, &stack.cluster],
-        active(2),
-    )
-    .await;
+    let mut bed = OverlayBed::start("fo", 2, &["--worker-timeout", WORKER_TIMEOUT_S]).await;
+    let names = [OverlayBed::name(0), OverlayBed::name(1)];
+    bed.stack.wait_active_workers(2, 60, &bed.procs()).await;
 
     // The server first, wherever the cluster puts it; then the client, pinned to the other worker.
     let srv = json!({"microserviceID": "", "microservice_name": "srv", "microservice_namespace": "test",
         "virtualization": "container", "memory": 64, "vcpus": 0, "code": IMAGE, "cmd": ["sleep", "3600"],
         "addresses": {"rr_ip": RR_V4, "rr_ip_v6": RR_V6}});
-    let srv_id = deploy(&stack, "fos", srv).await;
-    let procs: Vec<&Proc> = engines.iter().chain([&stack.root, &stack.cluster]).collect();
-    let first = eventually(90, "the server RUNNING", &procs, || running(&stack, &srv_id)).await;
+    let srv_id = deploy(&bed.stack, "fos", srv).await;
+    let first = eventually(90, "the server RUNNING", &bed.procs(), || {
+        running(&bed.stack, &srv_id)
+    })
+    .await;
     let home = (0..2)
-        .find(|&w| server_pid(&ctrd, names[w]).is_some())
+        .find(|&w| server_pid(&bed.ctrd, &names[w]).is_some())
         .expect("the server's container on one worker");
     let other = 1 - home;
     let cli = json!({"microserviceID": "", "microservice_name": "cli", "microservice_namespace": "test",
         "virtualization": "container", "memory": 32, "vcpus": 0, "code": IMAGE, "cmd": ["sleep", "3600"],
         "constraints": [{"type": "direct", "node": names[other]}]});
-    let cli_id = deploy(&stack, "foc", cli).await;
-    eventually(90, "the client RUNNING", &procs, || running(&stack, &cli_id)).await;
-    let cli_pid = tasks(&ctrd, names[other])
+    let cli_id = deploy(&bed.stack, "foc", cli).await;
+    eventually(90, "the client RUNNING", &bed.procs(), || {
+        running(&bed.stack, &cli_id)
+    })
+    .await;
+    let cli_pid = tasks(&bed.ctrd, &names[other])
         .into_iter()
         .find_map(|(task, pid)| task.starts_with("foc.test.cli.test.instance.").then_some(pid))
         .expect("the client's container on the other worker");
     let old_name = format!("srv-on-{}", names[home]);
-    let _old_server = serve(server_pid(&ctrd, names[home]).unwrap(), &old_name, 8080, 8081);
+    let _old_server = serve(
+        server_pid(&bed.ctrd, &names[home]).unwrap(),
+        &old_name,
+        8080,
+        8081,
+    );
     std::thread::sleep(Duration::from_millis(300));
     for rr in [RR_V4, RR_V6] {
         let got = lines(&probe(cli_pid, &["tcp-each", rr, "8080", "--count", "2"]));
@@ -169,41 +131,35 @@ async fn instances_of_a_killed_worker_come_back_on_another_behind_the_same_servi
 
     // A NodeEngine that crashes and is back at once (as systemd restarts it) keeps its instances where they are:
     // it reports again within the lost grace.
-    let server_before = server_pid(&ctrd, names[home]);
-    engines[home].kill();
-    engines[home] = overlay_node_engine(
-        &tmp,
-        tb.workers[home].ns.name(),
-        names[home],
-        &lan_ip,
-        stack.cluster_port,
-        &ctrd,
-        "nodeengine-restarted",
-    );
+    let server_before = server_pid(&bed.ctrd, &names[home]);
+    bed.engines[home].kill();
+    bed.engines[home] = bed.node_engine(home, "nodeengine-restarted");
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let kept = running(&stack, &srv_id).await.expect("the server still RUNNING");
+    let kept = running(&bed.stack, &srv_id)
+        .await
+        .expect("the server still RUNNING");
     assert_eq!(
         kept["worker_id"], first["worker_id"],
         "moved after a quick restart: {kept}"
     );
     assert_eq!(
-        server_pid(&ctrd, names[home]),
+        server_pid(&bed.ctrd, &names[home]),
         server_before,
         "the same container"
     );
-    assert_eq!(server_pid(&ctrd, names[other]), None, "no second server");
+    assert_eq!(server_pid(&bed.ctrd, &names[other]), None, "no second server");
 
     // SIGKILL the server's NodeEngine. Its container and NetManager stay: only the agent is gone.
-    engines[home].kill();
+    bed.engines[home].kill();
     let killed = Instant::now();
-    let procs: Vec<&Proc> = engines.iter().chain([&stack.root, &stack.cluster]).collect();
     let replacement = eventually(
-        60,
+        20,
         "the server RUNNING again on the other worker",
-        &procs,
+        &bed.procs(),
         || async {
-            let i = running(&stack, &srv_id).await?;
-            (i["worker_id"] != first["worker_id"] && server_pid(&ctrd, names[other]).is_some()).then_some(i)
+            let i = running(&bed.stack, &srv_id).await?;
+            (i["worker_id"] != first["worker_id"] && server_pid(&bed.ctrd, &names[other]).is_some())
+                .then_some(i)
         },
     )
     .await;
@@ -213,14 +169,19 @@ async fn instances_of_a_killed_worker_come_back_on_another_behind_the_same_servi
         "the same instance, moved: {replacement}"
     );
     let new_name = format!("srv-on-{}", names[other]);
-    let _new_server = serve(server_pid(&ctrd, names[other]).unwrap(), &new_name, 8080, 8081);
+    let _new_server = serve(
+        server_pid(&bed.ctrd, &names[other]).unwrap(),
+        &new_name,
+        8080,
+        8081,
+    );
     // Every new flow to the service IP now reaches the replacement, though the orphan still answers on its old
     // instance address: the client's NetManager dropped the old instance from its table.
     for rr in [RR_V4, RR_V6] {
         eventually(
             30,
             &format!("new flows via {rr} to reach {new_name} only"),
-            &procs,
+            &bed.procs(),
             || async {
                 let out = probe(cli_pid, &["tcp-each", rr, "8080", "--count", "4"]);
                 let text = String::from_utf8_lossy(&out.stdout).to_string();
@@ -247,32 +208,24 @@ async fn instances_of_a_killed_worker_come_back_on_another_behind_the_same_servi
 
     // The killed NodeEngine starts again: it adopts the orphan, which the cluster has placed elsewhere, so it is
     // removed; root still lists the one instance on the other worker.
-    engines[home] = overlay_node_engine(
-        &tmp,
-        tb.workers[home].ns.name(),
-        names[home],
-        &lan_ip,
-        stack.cluster_port,
-        &ctrd,
-        "nodeengine-2",
-    );
-    let procs: Vec<&Proc> = engines.iter().chain([&stack.root, &stack.cluster]).collect();
-    eventually(60, "both workers active again", &procs, active(2)).await;
+    bed.engines[home] = bed.node_engine(home, "nodeengine-2");
+    bed.stack.wait_active_workers(2, 60, &bed.procs()).await;
     eventually(
         60,
         "the orphaned server container to be removed",
-        &procs,
-        || async { server_pid(&ctrd, names[home]).is_none().then_some(()) },
+        &bed.procs(),
+        || async { server_pid(&bed.ctrd, &names[home]).is_none().then_some(()) },
     )
     .await;
-    let after = running(&stack, &srv_id)
+    let after = running(&bed.stack, &srv_id)
         .await
         .expect("the one server instance RUNNING");
     assert_eq!(after["worker_id"], replacement["worker_id"], "{after}");
     let got = lines(&probe(cli_pid, &["tcp-each", RR_V4, "8080", "--count", "2"]));
     assert_eq!(got, vec![new_name.clone(), new_name.clone()], "after the restart");
 
-    // Delete both applications; then stop the workers: nothing stays behind.
+    // Delete both applications: every container goes; then nothing stays behind.
+    let stack = &bed.stack;
     let apps = call(
         "GET",
         &format!("{}/api/applications", stack.root_url),
@@ -291,30 +244,9 @@ async fn instances_of_a_killed_worker_come_back_on_another_behind_the_same_servi
         .await;
         assert_eq!(r.status, 200, "{}", r.body);
     }
-    let procs: Vec<&Proc> = engines.iter().chain([&stack.root, &stack.cluster]).collect();
-    eventually(60, "every container to be removed", &procs, || async {
-        names.iter().all(|n| tasks(&ctrd, n).is_empty()).then_some(())
+    eventually(60, "every container to be removed", &bed.procs(), || async {
+        names.iter().all(|n| tasks(&bed.ctrd, n).is_empty()).then_some(())
     })
     .await;
-    for e in &mut engines {
-        e.terminate(Duration::from_secs(10));
-    }
-    for nm in &mut netmanagers {
-        let code = nm.terminate(Duration::from_secs(10));
-        assert_eq!(code, Some(0), "{}", logs(&engines, &netmanagers));
-    }
-    for w in &tb.workers {
-        let links = String::from_utf8_lossy(&w.ns.run(&["ip", "-o", "link"]).stdout).to_string();
-        assert!(
-            !links.contains("goProxy") && !links.contains("veth"),
-            "left behind in {}: {links}",
-            w.ns.name()
-        );
-    }
-    drop(stack);
-    ctrd.sweep();
-    drop(tb);
-    HostSnapshot::assert_no_overlay();
-    host_before.assert_unchanged(&HostSnapshot::take());
-    let _ = std::fs::remove_dir_all(&tmp);
+    bed.finish();
 }

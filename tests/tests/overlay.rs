@@ -8,12 +8,12 @@
 use std::time::Duration;
 
 use oakestra_tests::{
-    containerd::Containerd,
-    harness::{Proc, eventually},
+    harness::eventually,
     incontainer::{lines, nsenter, probe, serve, tasks},
-    netns::{HostSnapshot, Testbed, require_root},
+    netns::HostSnapshot,
+    overlaybed::OverlayBed,
     procs::binary,
-    stack::{IMAGE, Stack, call, overlay_worker},
+    stack::{IMAGE, call},
 };
 use serde_json::json;
 
@@ -22,32 +22,9 @@ const RR_V6: &str = "fdff:2000::55";
 
 #[tokio::test(flavor = "current_thread")]
 async fn service_addresses_balance_across_workers_and_nothing_leaks() {
-    require_root();
-    let host_before = HostSnapshot::take();
-    let tb = Testbed::new("ovl", 2);
-    // Everything this test starts (root, cluster, containerd, the HTTP calls) lives in the LAN namespace.
-    tb.lan.enter_current_thread();
-    let tmp = std::env::temp_dir().join(format!("oakestra-overlay-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).unwrap();
-    let ctrd = Containerd::start("ovl");
-    let lan_ip = tb.lan_addr().to_string();
-    let stack = Stack::start_at(&tmp, &lan_ip).await;
-
-    let mut netmanagers = Vec::new();
-    let mut engines = Vec::new();
-    for (i, w) in tb.workers.iter().enumerate() {
-        let name = format!("w{}", i + 1);
-        ctrd.import_test_image(&name, IMAGE);
-        let (nm, ne) = overlay_worker(&tmp, w.ns.name(), &name, &lan_ip, stack.cluster_port, &ctrd);
-        netmanagers.push(nm);
-        engines.push(ne);
-    }
-    let all: Vec<&Proc> = netmanagers
-        .iter()
-        .chain(engines.iter())
-        .chain([&stack.root, &stack.cluster])
-        .collect();
+    let bed = OverlayBed::start("ovl", 2, &[]).await;
+    let (stack, ctrd, tb) = (&bed.stack, &bed.ctrd, &bed.tb);
+    let all = bed.procs();
 
     // One application: the server (two instances, each needs both cores, so one per worker) and a client.
     let srv = json!({"microserviceID": "", "microservice_name": "srv", "microservice_namespace": "test",
@@ -89,18 +66,7 @@ async fn service_addresses_balance_across_workers_and_nothing_leaks() {
     };
     let (srv_id, cli_id) = (id_of("srv"), id_of("cli"));
     // Both workers must be up before placing the servers.
-    eventually(60, "both workers to be active", &all, || async {
-        let r = call(
-            "GET",
-            &format!("{}/api/clusters", stack.root_url),
-            Some(&stack.token),
-            None,
-        )
-        .await;
-        let text = r.body.to_string();
-        text.contains("\"active_nodes\":2").then_some(())
-    })
-    .await;
+    stack.wait_active_workers(2, 60, &all).await;
     for id in [&srv_id, &srv_id, &cli_id] {
         let r = call(
             "POST",
@@ -123,7 +89,7 @@ async fn service_addresses_balance_across_workers_and_nothing_leaks() {
     let mut servers: Vec<(String, u32, usize)> = Vec::new(); // (name, pid, worker index)
     let mut client = None;
     for (w, name) in ["w1", "w2"].iter().enumerate() {
-        for (task, pid) in tasks(&ctrd, name) {
+        for (task, pid) in tasks(ctrd, name) {
             if task.starts_with("ovl.test.srv.test.instance.") {
                 servers.push((format!("srv-on-{name}"), pid, w));
             } else if task.starts_with("ovl.test.cli.test.instance.") {
@@ -213,7 +179,7 @@ async fn service_addresses_balance_across_workers_and_nothing_leaks() {
         .find(|i| {
             i["worker_id"].is_string()
                 && i["status"] == json!("RUNNING")
-                && tasks(&ctrd, if remote.2 == 0 { "w1" } else { "w2" })
+                && tasks(ctrd, if remote.2 == 0 { "w1" } else { "w2" })
                     .keys()
                     .any(|t| t.ends_with(&format!(".instance.{}", i["instance_number"])))
         })
@@ -248,33 +214,6 @@ async fn service_addresses_balance_across_workers_and_nothing_leaks() {
     )
     .await;
     assert_eq!(r.status, 200, "{}", r.body);
-    for e in &mut engines {
-        e.terminate(Duration::from_secs(10));
-    }
-    for nm in &mut netmanagers {
-        assert_eq!(nm.terminate(Duration::from_secs(10)), Some(0), "{}", nm.log());
-    }
-    for w in &tb.workers {
-        let links = String::from_utf8_lossy(&w.ns.run(&["ip", "-o", "link"]).stdout).to_string();
-        assert!(
-            !links.contains("goProxy") && !links.contains("veth0"),
-            "left behind in {}: {links}",
-            w.ns.name()
-        );
-        let nft = String::from_utf8_lossy(&w.ns.run(&["nft", "list", "tables"]).stdout).to_string();
-        assert!(
-            !nft.contains("oakestra"),
-            "nft table left in {}: {nft}",
-            w.ns.name()
-        );
-    }
-    drop(stack);
-    ctrd.sweep();
-    drop(tb);
-    HostSnapshot::assert_no_overlay();
-    host_before.assert_unchanged(&HostSnapshot::take());
-    for nm in &netmanagers {
-        eprintln!("--- {}\n{}", nm.log.display(), nm.log());
-    }
-    let _ = std::fs::remove_dir_all(&tmp);
+    drop(all);
+    bed.finish();
 }

@@ -461,17 +461,7 @@ async fn a_started_instance_is_reported_without_waiting_for_the_next_period() {
     args[at + 1] = "60".to_owned();
     let ne = Proc::start("NodeEngine", &args, dir.join("ne.log"));
     let all = [&stack.root, &stack.cluster, &ne];
-    eventually(30, "the worker to be active", &all, || async {
-        let r = call(
-            "GET",
-            &format!("{}/api/clusters", stack.root_url),
-            Some(&stack.token),
-            None,
-        )
-        .await;
-        r.body.to_string().contains("\"active_nodes\":1").then_some(())
-    })
-    .await;
+    stack.wait_active_workers(1, 30, &all).await;
     // The periodic reports went out at the start; the next one is about 60 s away.
     let job = stack.deploy("soon", &json!({"cmd": ["sleep", "3600"]})).await;
     eventually(

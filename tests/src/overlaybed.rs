@@ -1,0 +1,241 @@
+//! The overlay testbed with everything on it: a netns [`Testbed`] whose LAN namespace runs root, cluster (embedded
+//! broker) and one private containerd, and in each worker namespace a real NetManager and NodeEngine; plus the
+//! teardown that checks nothing stays behind.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::containerd::Containerd;
+use crate::harness::Proc;
+use crate::netns::{HostSnapshot, Testbed, require_root};
+use crate::stack::{IMAGE, Stack};
+
+/// Root, cluster and `n` overlay workers (`w1`, `w2`, …) on a testbed. Fields drop in declaration order: the
+/// workers first, the namespaces last.
+#[derive(Debug)]
+pub struct OverlayBed {
+    /// The NodeEngines, worker `i` at index `i`.
+    pub engines: Vec<Proc>,
+    /// The NetManagers, worker `i` at index `i`.
+    pub netmanagers: Vec<Proc>,
+    /// root and cluster, in the LAN namespace.
+    pub stack: Stack,
+    /// The containerd every worker uses, one containerd namespace per worker (named like the worker).
+    pub ctrd: Containerd,
+    /// The namespaces.
+    pub tb: Testbed,
+    /// Data directories and logs.
+    pub dir: PathBuf,
+    /// The LAN address the cluster and its broker listen on.
+    pub lan_ip: String,
+    host_before: HostSnapshot,
+}
+
+impl OverlayBed {
+    /// Builds testbed `tag` with `workers` workers, enters its LAN namespace on this thread (so everything the test
+    /// starts, and its HTTP calls, live there), starts root and cluster (with `cluster_flags` added) and the workers.
+    pub async fn start(tag: &str, workers: usize, cluster_flags: &[&str]) -> Self {
+        require_root();
+        let host_before = HostSnapshot::take();
+        let tb = Testbed::new(tag, workers);
+        tb.lan.enter_current_thread();
+        let dir = std::env::temp_dir().join(format!("oakestra-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create the test directory");
+        let ctrd = Containerd::start(tag);
+        let lan_ip = tb.lan_addr().to_string();
+        let stack = Stack::start_with(&dir, &lan_ip, cluster_flags).await;
+        let mut bed = Self {
+            engines: Vec::new(),
+            netmanagers: Vec::new(),
+            stack,
+            ctrd,
+            tb,
+            dir,
+            lan_ip,
+            host_before,
+        };
+        for i in 0..workers {
+            let name = Self::name(i);
+            bed.ctrd.import_test_image(&name, IMAGE);
+            let (nm, ne) = overlay_worker(
+                &bed.dir,
+                bed.tb.workers[i].ns.name(),
+                &name,
+                &bed.lan_ip,
+                bed.stack.cluster_port,
+                &bed.ctrd,
+            );
+            bed.netmanagers.push(nm);
+            bed.engines.push(ne);
+        }
+        bed
+    }
+
+    /// The node name (and containerd namespace) of worker `i`: `w<i+1>`.
+    pub fn name(i: usize) -> String {
+        format!("w{}", i + 1)
+    }
+
+    /// Every process of the bed, for failure messages.
+    pub fn procs(&self) -> Vec<&Proc> {
+        self.engines
+            .iter()
+            .chain(&self.netmanagers)
+            .chain([&self.stack.root, &self.stack.cluster])
+            .collect()
+    }
+
+    /// Starts worker `i`'s NodeEngine again (same state directory, so it adopts what the last one left), logging
+    /// to `<dir>/w<i+1>-<log>.log`; the caller puts it in [`Self::engines`].
+    pub fn node_engine(&self, i: usize, log: &str) -> Proc {
+        overlay_node_engine(
+            &self.dir,
+            self.tb.workers[i].ns.name(),
+            &Self::name(i),
+            &self.lan_ip,
+            self.stack.cluster_port,
+            &self.ctrd,
+            log,
+        )
+    }
+
+    /// Stops the NodeEngines, then the NetManagers (each must exit 0 having removed its bridge, TUN, veths and
+    /// nftables table; checked in every worker namespace), the control plane and containerd, removes the
+    /// namespaces, and checks that the host's namespace is as it was and never saw an overlay address.
+    pub fn finish(self) {
+        let Self {
+            mut engines,
+            mut netmanagers,
+            stack,
+            ctrd,
+            tb,
+            dir,
+            host_before,
+            ..
+        } = self;
+        for e in &mut engines {
+            e.terminate(Duration::from_secs(10));
+        }
+        for nm in &mut netmanagers {
+            assert_eq!(nm.terminate(Duration::from_secs(10)), Some(0), "{}", nm.log());
+        }
+        for w in &tb.workers {
+            let links = String::from_utf8_lossy(&w.ns.run(&["ip", "-o", "link"]).stdout).to_string();
+            assert!(
+                !links.contains("goProxy") && !links.contains("veth"),
+                "left behind in {}: {links}",
+                w.ns.name()
+            );
+            let nft = String::from_utf8_lossy(&w.ns.run(&["nft", "list", "tables"]).stdout).to_string();
+            assert!(
+                !nft.contains("oakestra"),
+                "nft table left in {}: {nft}",
+                w.ns.name()
+            );
+        }
+        drop(stack);
+        drop(ctrd);
+        drop(tb);
+        HostSnapshot::assert_no_overlay();
+        host_before.assert_unchanged(&HostSnapshot::take());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+/// Starts one worker of an overlay testbed in netns `netns`: a NetManager (socket, state and logs under
+/// `dir/<name>-*`) and a NodeEngine using it ([`overlay_node_engine`]). Returns (NetManager, NodeEngine).
+pub fn overlay_worker(
+    dir: &Path,
+    netns: &str,
+    name: &str,
+    cluster_ip: &str,
+    cluster_port: u16,
+    ctrd: &Containerd,
+) -> (Proc, Proc) {
+    let cfg = worker_path(dir, name, "netcfg.json");
+    std::fs::write(
+        &cfg,
+        json!({"NodePublicAddress": "0.0.0.0", "NodePublicPort": "50103", "ClusterUrl": "0.0.0.0",
+               "ClusterMqttPort": "10003"})
+        .to_string(),
+    )
+    .expect("writing netcfg.json");
+    let nm_args = owned(&[
+        "--config",
+        &cfg,
+        "--socket",
+        &worker_path(dir, name, "nm.sock"),
+        "--state-dir",
+        &worker_path(dir, name, "nm-state"),
+        "--log-file",
+        "none",
+        "--workers",
+        "2",
+    ]);
+    let nm = Proc::start_in(
+        netns,
+        "NetManager",
+        &nm_args,
+        dir.join(format!("{name}-netmanager.log")),
+    );
+    let ne = overlay_node_engine(dir, netns, name, cluster_ip, cluster_port, ctrd, "nodeengine");
+    (nm, ne)
+}
+
+/// Starts the NodeEngine of overlay worker `name` (see [`overlay_worker`]): it uses that worker's NetManager,
+/// registers at the cluster on `cluster_ip:cluster_port`, runs containers in `ctrd`'s namespace `name`, keeps its
+/// state in `dir/<name>-ne-state` (a restarted one adopts what the last one left), reports every 0.5 s, and logs
+/// to `dir/<name>-<log>.log`.
+pub fn overlay_node_engine(
+    dir: &Path,
+    netns: &str,
+    name: &str,
+    cluster_ip: &str,
+    cluster_port: u16,
+    ctrd: &Containerd,
+    log: &str,
+) -> Proc {
+    let d = |x: &str| worker_path(dir, name, x);
+    let ne_args = owned(&[
+        "-a",
+        cluster_ip,
+        "-p",
+        &cluster_port.to_string(),
+        "-n",
+        &d("nm.sock"),
+        "-l",
+        &d("apps"),
+        "--conf",
+        &d("no-conf.json"),
+        "--containerd",
+        &ctrd.socket.display().to_string(),
+        "--namespace",
+        name,
+        "--state-dir",
+        &d("ne-state"),
+        "--log-file",
+        "none",
+        "--report-interval",
+        "0.5",
+        "--node-name",
+        name,
+    ]);
+    Proc::start_in(
+        netns,
+        "NodeEngine",
+        &ne_args,
+        dir.join(format!("{name}-{log}.log")),
+    )
+}
+
+/// `dir/<worker>-<what>`: where an overlay worker keeps a file or directory.
+fn worker_path(dir: &Path, worker: &str, what: &str) -> String {
+    dir.join(format!("{worker}-{what}")).display().to_string()
+}
+
+fn owned(args: &[&str]) -> Vec<String> {
+    args.iter().map(|s| (*s).to_owned()).collect()
+}
