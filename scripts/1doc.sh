@@ -98,7 +98,10 @@ build() {
   else
     log "building the four binaries (release; the first build takes a few minutes)"
     export PATH="$HOME/.cargo/bin:$PATH"
-    (cd "$repo" && cargo build --release --quiet -p oakestra-root-service -p oakestra-cluster-service \
+    # At a terminal cargo's own progress bar shows how far it is; in a log only errors appear.
+    local quiet=(--quiet)
+    [ -t 2 ] && quiet=()
+    (cd "$repo" && cargo build --release "${quiet[@]}" -p oakestra-root-service -p oakestra-cluster-service \
       -p oakestra-worker-agent -p oakestra-netmanager)
     bin=${CARGO_TARGET_DIR:-$repo/target}/release
   fi

@@ -284,7 +284,7 @@ impl Daemon {
         let netlink = Netlink::connect().map_err(|e| ApiError::Internal(e.to_string()))?;
         let public = match s.public_address {
             Some(a) => a,
-            None => self.detect_public(&netlink).await?,
+            None => self.detect_public(&netlink, cluster).await?,
         };
         let (session, inbound, mqtt_pump) = Session::start(cluster, mqtt_port, id, password);
         let (subnet_tx, subnet_rx) = oneshot::channel();
@@ -355,13 +355,20 @@ impl Daemon {
         })
     }
 
-    async fn detect_public(&self, netlink: &Netlink) -> Result<IpAddr, ApiError> {
+    /// `NodePublicAddress` from the routing table: the default route's source address, else a global address. A
+    /// machine with neither whose cluster is on the machine itself (a 1-DOC without any network) gets 127.0.0.1:
+    /// no other worker could reach it anyway.
+    async fn detect_public(&self, netlink: &Netlink, cluster: &str) -> Result<IpAddr, ApiError> {
         let s = &self.settings;
         let exclude = [s.bridge_name.as_str(), s.tun_name.as_str()];
         match netlink.default_route_v4(&exclude).await {
             Ok(Some((addr, iface))) => {
                 tracing::info!(address = %addr, interface = %iface, "detected NodePublicAddress");
                 Ok(IpAddr::V4(addr))
+            }
+            Ok(None) if is_local_host(cluster) => {
+                tracing::warn!(cluster = %cluster, "no IPv4 default route and no global IPv4 address, and the cluster is on this machine: NodePublicAddress is 127.0.0.1 (a single-machine setup)");
+                Ok(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST))
             }
             Ok(None) => Err(ApiError::Internal(
                 "cannot detect NodePublicAddress: no IPv4 default route and no global IPv4 address; set \
@@ -884,7 +891,7 @@ impl Daemon {
         let Some(node) = guard.as_mut() else {
             return;
         };
-        let Ok(fresh) = self.detect_public(&node.netlink).await else {
+        let Ok(fresh) = self.detect_public(&node.netlink, &node.cluster).await else {
             return;
         };
         if fresh == node.public {
@@ -978,5 +985,40 @@ fn response(l: &Local) -> ContainerDeployResponse {
         ns_address: l.ns_v4.to_string(),
         ns_address_v6: l.ns_v6.to_string(),
         ..ContainerDeployResponse::default()
+    }
+}
+
+/// Whether `host` (a name or address, IPv6 possibly in brackets) is this machine's loopback.
+fn is_local_host(host: &str) -> bool {
+    let host = host.trim().trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost") || host.parse::<IpAddr>().is_ok_and(|a| a.is_loopback())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_local_host;
+
+    #[test]
+    fn local_hosts_are_loopback_names_and_addresses() {
+        for local in [
+            "127.0.0.1",
+            "127.1.2.3",
+            "::1",
+            "[::1]",
+            "localhost",
+            " LocalHost ",
+        ] {
+            assert!(is_local_host(local), "{local}");
+        }
+        for remote in [
+            "10.0.0.5",
+            "192.0.2.1",
+            "fe80::1",
+            "cluster.example",
+            "",
+            "localhost.example",
+        ] {
+            assert!(!is_local_host(remote), "{remote}");
+        }
     }
 }
