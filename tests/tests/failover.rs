@@ -16,7 +16,7 @@ use oakestra_tests::{
     harness::eventually,
     incontainer::{lines, probe, serve, tasks},
     overlaybed::OverlayBed,
-    stack::{IMAGE, Stack, call},
+    stack::{Stack, call},
 };
 use serde_json::{Value, json};
 
@@ -27,43 +27,6 @@ const RR_V6: &str = "fdff:2000::56";
 const WORKER_TIMEOUT_S: &str = "30";
 /// Task id prefix of the server's instances.
 const SRV_TASK: &str = "fos.test.srv.test.instance.";
-
-/// Registers a one-service application `app` (service `ms`) and deploys one instance; returns the service id.
-async fn deploy(stack: &Stack, app: &str, ms: Value) -> String {
-    let sla = json!({"sla_version": "v2.0", "customerID": "Admin", "applications": [{
-        "applicationID": "", "application_name": app, "application_namespace": "test",
-        "application_desc": "", "microservices": [ms]}]});
-    let url = |path: &str| format!("{}{path}", stack.root_url);
-    let apps = call("POST", &url("/api/application"), Some(&stack.token), Some(&sla)).await;
-    assert_eq!(apps.status, 200, "{}", apps.body);
-    let app_id = apps
-        .body
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|a| a["application_name"] == json!(app))
-        .unwrap()["_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let services = call(
-        "GET",
-        &url(&format!("/api/services/{app_id}")),
-        Some(&stack.token),
-        None,
-    )
-    .await;
-    let id = services.body[0]["_id"].as_str().unwrap().to_owned();
-    let r = call(
-        "POST",
-        &url(&format!("/api/service/{id}/instance")),
-        Some(&stack.token),
-        Some(&json!({})),
-    )
-    .await;
-    assert_eq!(r.status, 200, "{}", r.body);
-    id
-}
 
 /// The one instance of `job` root lists, once it is RUNNING.
 async fn running(stack: &Stack, job: &str) -> Option<Value> {
@@ -88,10 +51,9 @@ async fn instances_of_a_killed_worker_come_back_on_another_behind_the_same_servi
     bed.stack.wait_active_workers(2, 60, &bed.procs()).await;
 
     // The server first, wherever the cluster puts it; then the client, pinned to the other worker.
-    let srv = json!({"microserviceID": "", "microservice_name": "srv", "microservice_namespace": "test",
-        "virtualization": "container", "memory": 64, "vcpus": 0, "code": IMAGE, "cmd": ["sleep", "3600"],
+    let srv = json!({"microservice_name": "srv", "memory": 64, "cmd": ["sleep", "3600"],
         "addresses": {"rr_ip": RR_V4, "rr_ip_v6": RR_V6}});
-    let srv_id = deploy(&bed.stack, "fos", srv).await;
+    let srv_id = bed.stack.deploy("fos", &srv).await;
     let first = eventually(90, "the server RUNNING", &bed.procs(), || {
         running(&bed.stack, &srv_id)
     })
@@ -100,10 +62,9 @@ async fn instances_of_a_killed_worker_come_back_on_another_behind_the_same_servi
         .find(|&w| server_pid(&bed.ctrd, &names[w]).is_some())
         .expect("the server's container on one worker");
     let other = 1 - home;
-    let cli = json!({"microserviceID": "", "microservice_name": "cli", "microservice_namespace": "test",
-        "virtualization": "container", "memory": 32, "vcpus": 0, "code": IMAGE, "cmd": ["sleep", "3600"],
+    let cli = json!({"microservice_name": "cli", "memory": 32, "cmd": ["sleep", "3600"],
         "constraints": [{"type": "direct", "node": names[other]}]});
-    let cli_id = deploy(&bed.stack, "foc", cli).await;
+    let cli_id = bed.stack.deploy("foc", &cli).await;
     eventually(90, "the client RUNNING", &bed.procs(), || {
         running(&bed.stack, &cli_id)
     })
