@@ -353,8 +353,7 @@ async fn connection_loss(broker: BrokerKind) {
     let root = FakeRoot::start().await;
     let dir = TempDir::new();
     let mut args = fast_args(&root.url, &dir.0);
-    let at = args.iter().position(|a| a == "--worker-timeout").unwrap();
-    args[at + 1] = "30".into();
+    set_flag(&mut args, "--worker-timeout", "30");
     args.extend(["--lost-grace".to_owned(), "0.5".to_owned()]);
     let cluster = start_cluster(args, &broker).await;
     let mut a = FakeWorker::join_with_will(&cluster, "edge-a", 4, 4000).await;
@@ -504,8 +503,7 @@ async fn persistence(broker: BrokerKind) {
     let dir = TempDir::new();
     let mut args = fast_args(&root.url, &dir.0);
     // Long enough that the worker stays alive across the restart.
-    let at = args.iter().position(|a| a == "--worker-timeout").unwrap();
-    args[at + 1] = "5".to_owned();
+    set_flag(&mut args, "--worker-timeout", "5");
     let cluster = start_cluster(args.clone(), &broker).await;
     let mut w = FakeWorker::join(&cluster, "edge-a", 4, 4000).await;
     w.publish("net/subnet", json!({"METHOD": "GET"})).await;

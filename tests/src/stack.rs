@@ -259,6 +259,14 @@ impl Stack {
         job
     }
 
+    /// Every application root lists for Admin.
+    pub async fn applications(&self) -> Vec<Value> {
+        let url = format!("{}/api/applications", self.root_url);
+        let r = call("GET", &url, Some(&self.token), None).await;
+        assert_eq!(r.status, 200, "GET /api/applications: {}", r.body);
+        r.body.as_array().cloned().unwrap_or_default()
+    }
+
     /// Every instance of `job` as root lists it (empty if the call fails).
     pub async fn instances(&self, job: &str) -> Vec<Value> {
         let url = format!("{}/api/service/{job}", self.root_url);

@@ -187,14 +187,7 @@ async fn instances_of_a_killed_worker_come_back_on_another_behind_the_same_servi
 
     // Delete both applications: every container goes; then nothing stays behind.
     let stack = &bed.stack;
-    let apps = call(
-        "GET",
-        &format!("{}/api/applications", stack.root_url),
-        Some(&stack.token),
-        None,
-    )
-    .await;
-    for app in apps.body.as_array().unwrap() {
+    for app in stack.applications().await {
         let id = app["_id"].as_str().unwrap();
         let r = call(
             "DELETE",

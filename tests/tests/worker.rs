@@ -383,17 +383,9 @@ async fn the_overlay_is_attached_between_create_and_start_and_orphans_go() {
     // An orphan: the agent is killed, the job is deleted meanwhile; the restarted agent adopts the container and the
     // cluster, which no longer knows it, has it removed (and detached).
     drop(ne);
-    let apps = call(
-        "GET",
-        &format!("{}/api/applications", stack.root_url),
-        Some(&stack.token),
-        None,
-    )
-    .await;
-    let ovl_app = apps
-        .body
-        .as_array()
-        .unwrap()
+    let ovl_app = stack
+        .applications()
+        .await
         .iter()
         .find(|a| a["application_name"] == json!("ovl"))
         .unwrap()["_id"]

@@ -362,6 +362,12 @@ pub fn fast_args(root_url: &str, data_dir: &Path) -> Vec<String> {
     .collect()
 }
 
+/// Sets the value of `flag` (one of [`fast_args`]) in `args`.
+pub fn set_flag(args: &mut [String], flag: &str, value: &str) {
+    let at = args.iter().position(|a| a == flag).unwrap();
+    args[at + 1] = value.to_owned();
+}
+
 /// Which broker a test runs against.
 pub enum BrokerKind {
     Embedded,
