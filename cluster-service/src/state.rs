@@ -61,6 +61,11 @@ impl Default for Timing {
 }
 
 impl Timing {
+    /// How long after its last will a silent worker is dead: the lost grace, never more than the worker timeout.
+    pub fn lost_wait_ms(&self) -> u64 {
+        self.lost_grace_ms.min(self.worker_timeout_ms)
+    }
+
     /// The pause before restart number `failures` (1 = the first failure).
     pub fn backoff_ms(&self, failures: u32) -> u64 {
         let doublings = failures.saturating_sub(1).min(32);
@@ -632,7 +637,7 @@ impl State {
         };
         // `tick` declares it dead once `now - last_seen > worker_timeout`: move last_seen back so that happens
         // `lost_grace` from now.
-        let wait = t.lost_grace_ms.min(t.worker_timeout_ms);
+        let wait = t.lost_wait_ms();
         let backdated = now_ms.saturating_sub(t.worker_timeout_ms - wait);
         n.last_seen_ms = n.last_seen_ms.min(backdated);
         n.connection_lost = true;
@@ -1067,7 +1072,7 @@ impl State {
                     format!(
                         "worker {}'s broker connection dropped and it did not come back within {} ms",
                         n.record.id,
-                        t.lost_grace_ms.min(t.worker_timeout_ms)
+                        t.lost_wait_ms()
                     )
                 } else {
                     format!(

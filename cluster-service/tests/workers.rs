@@ -555,7 +555,9 @@ async fn persistence(broker: BrokerKind) {
     cluster.stop().await.unwrap();
 }
 
-macro_rules! on_embedded {
+/// Runs each scenario against the embedded broker (`embedded::<name>`) and against a Mosquitto child
+/// (`mosquitto::<name>`).
+macro_rules! on_both_brokers {
     ($($name:ident),*) => {
         mod embedded {
             $(
@@ -565,11 +567,6 @@ macro_rules! on_embedded {
                 }
             )*
         }
-    };
-}
-
-macro_rules! on_mosquitto {
-    ($($name:ident),*) => {
         mod mosquitto {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -581,15 +578,7 @@ macro_rules! on_mosquitto {
     };
 }
 
-on_embedded!(
-    registration,
-    lifecycle,
-    self_healing,
-    connection_loss,
-    network,
-    persistence
-);
-on_mosquitto!(
+on_both_brokers!(
     registration,
     lifecycle,
     self_healing,
