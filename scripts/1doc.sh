@@ -75,6 +75,9 @@ install_packages() {
   [ "$OAK_NO_INSTALL" = 1 ] && return 0
   local want=(containerd runc nftables iproute2 iptables busybox-static nginx curl ca-certificates gcc libc6-dev
     pkg-config protobuf-compiler python3) missing=()
+  # NetManager's eBPF fast path is compiled with bpf-linker, built against LLVM 22.
+  [ -n "$OAK_BIN_DIR" ] || [ "${OAKESTRA_SKIP_EBPF:-0}" = 1 ] \
+    || want+=(llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev binutils)
   for p in "${want[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p"); done
   if [ ${#missing[@]} -gt 0 ]; then
     log "installing apt packages: ${missing[*]}"
@@ -89,6 +92,9 @@ install_packages() {
   if [ -z "$OAK_BIN_DIR" ] && ! command -v cargo >/dev/null && [ ! -x "$HOME/.cargo/bin/cargo" ]; then
     log "installing a Rust toolchain with rustup (stable, minimal profile)"
     "$repo/scripts/rustup.sh" stable
+  fi
+  if [ -z "$OAK_BIN_DIR" ] && [ "${OAKESTRA_SKIP_EBPF:-0}" != 1 ]; then
+    "$repo/scripts/ebpf-toolchain.sh" --no-apt
   fi
 }
 

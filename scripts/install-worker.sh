@@ -310,7 +310,9 @@ else
   else
     packages+=(containerd runc)
   fi
-  [ "$build" = 0 ] || packages+=(build-essential pkg-config protobuf-compiler curl ca-certificates)
+  # Building from source: NetManager's eBPF fast path also needs LLVM 22 (for bpf-linker).
+  [ "$build" = 0 ] || packages+=(build-essential pkg-config protobuf-compiler curl ca-certificates llvm-22-dev
+    libpolly-22-dev libzstd-dev zlib1g-dev binutils)
   missing=()
   for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -325,6 +327,11 @@ else
   if [ "$build" = 1 ]; then
     if [ -x "$HOME/.cargo/bin/cargo" ]; then export PATH="$HOME/.cargo/bin:$PATH"; fi
     command -v cargo >/dev/null || install_rust
+    # The nightly toolchain and bpf-linker that netmanager/build.rs compiles the eBPF programs with.
+    if [ "${OAKESTRA_SKIP_EBPF:-0}" != 1 ]; then
+      item checking "eBPF toolchain (nightly, rust-src, bpf-linker)"
+      "$repo/scripts/ebpf-toolchain.sh" --no-apt
+    fi
   fi
 fi
 

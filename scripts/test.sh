@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh Debian 12 machine: installs what is missing (apt packages, rustup components,
-# bpf-linker), then runs rustfmt, clippy, every test, and builds the eBPF object.
+# bpf-linker), then runs rustfmt, clippy, every test, and checks the eBPF object NetManager's build.rs embeds.
 #   ./scripts/test.sh            everything (what CI runs through .ci/run)
-#   OAKESTRA_SKIP_EBPF=1 ./scripts/test.sh   skip the eBPF toolchain and object (e.g. on a machine without LLVM 22)
+#   OAKESTRA_SKIP_EBPF=1 ./scripts/test.sh   skip the eBPF toolchain; NetManager is built without its fast path and
+#                                            the eBPF dataplane tests fail (they need it): for a quick local run only
 # Idempotent; with everything installed and built it only re-runs the checks.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -26,6 +27,7 @@ SKIP_EBPF="${OAKESTRA_SKIP_EBPF:-0}"
 # nginx, curl, python3: the 1-DOC test builds the example images (scripts/images/build.sh) and runs scripts/1doc.sh.
 packages=(gcc libc6-dev pkg-config mosquitto docker-registry skopeo busybox-static containerd runc protobuf-compiler
   nftables iproute2 iperf3 sockperf nginx curl python3)
+# The eBPF build (netmanager/build.rs): LLVM 22 for bpf-linker (scripts/ebpf-toolchain.sh does the rest).
 [ "$SKIP_EBPF" = 1 ] || packages+=(llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev binutils)
 missing=()
 for p in "${packages[@]}"; do
@@ -49,15 +51,7 @@ for c in rustfmt clippy; do
   rustup component list --installed 2>/dev/null | grep -q "^$c" || { log "adding rustup component $c"; rustup component add "$c"; }
 done
 if [ "$SKIP_EBPF" != 1 ]; then
-  rustup toolchain list | grep -q '^nightly' || { log "installing the nightly toolchain"; rustup toolchain install nightly --profile minimal; }
-  rustup component list --toolchain nightly --installed 2>/dev/null | grep -q '^rust-src' \
-    || { log "adding rust-src to nightly"; rustup component add rust-src --toolchain nightly; }
-  if ! command -v bpf-linker >/dev/null && [ ! -x "$HOME/.cargo/bin/bpf-linker" ]; then
-    log "building bpf-linker against LLVM 22 (a few minutes, once)"
-    PATH="/usr/lib/llvm-22/bin:$PATH" LLVM_SYS_221_PREFIX=/usr/lib/llvm-22 \
-      cargo install bpf-linker --no-default-features --features llvm-22
-  fi
-  export PATH="$HOME/.cargo/bin:$PATH"
+  ./scripts/ebpf-toolchain.sh --no-apt
 fi
 
 # --- checks ------------------------------------------------------------------------------------------------------
@@ -85,16 +79,15 @@ if [ "$test_status" -ne 0 ]; then
 fi
 
 if [ "$SKIP_EBPF" != 1 ]; then
-  log "building the eBPF object (nightly, bpfel-unknown-none)"
-  (cd ebpf/programs && cargo build --locked --release)
-  obj="${CARGO_TARGET_DIR:-target}/bpfel-unknown-none/release/oakestra-tc"
-  [ -f "$obj" ] || die "eBPF object $obj was not produced"
-  # The object must hold both classifiers and the counter map; a build that silently produced an empty object fails.
+  log "checking the eBPF object NetManager embeds (built by netmanager/build.rs)"
+  obj=$(ls -t "${CARGO_TARGET_DIR:-target}"/debug/build/oakestra-netmanager-*/out/oakestra-tc 2>/dev/null | head -1)
+  [ -n "$obj" ] && [ -s "$obj" ] || die "no eBPF object under ${CARGO_TARGET_DIR:-target}/debug/build/oakestra-netmanager-*/out"
+  # Both classifiers and every map; a build that silently produced an empty or partial object fails here.
   syms=$(readelf -sW "$obj")
-  for s in oakestra_from_container oakestra_to_container COUNTERS; do
+  for s in oakestra_from_container oakestra_from_underlay FLOWS LOCALS CONFIG STATS; do
     grep -qw "$s" <<<"$syms" || die "eBPF object $obj lacks symbol $s"
   done
-  echo "eBPF object ok: $obj ($(stat -c %s "$obj") bytes, classifiers oakestra_from_container/oakestra_to_container)"
+  echo "eBPF object ok: $obj ($(stat -c %s "$obj") bytes)"
 fi
 
 log "all checks passed"

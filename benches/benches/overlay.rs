@@ -4,8 +4,10 @@
 //!
 //! - `veth`: routed veths, the workers forwarding over the LAN; the floor every other path is compared to.
 //! - `vxlan`: the kernel's VXLAN between the two workers (id 42, port 4789), container veths at MTU 1450.
-//! - `overlay`: our overlay through two NetManagers. NOT WIRED YET: the path is skipped with a note until the proxy
-//!   owner fills in [`setup_overlay`]; until then the closing line compares vxlan, never a made-up overlay figure.
+//! - `overlay`: our overlay through two NetManagers on the TUN dataplane (`--dataplane tun`): every packet crosses
+//!   user space on both workers.
+//! - `ebpf`: the same two NetManagers with the eBPF fast path (`--dataplane ebpf`): the TUN proxy decides each
+//!   flow's first packets, tc programs carry the rest in the kernel.
 //!
 //! `cargo bench --bench overlay`. Needs root (it prints a note and exits 0 without) and `iperf3`; everything runs in
 //! namespaces of its own, removed at the end (also on a panic).
@@ -116,6 +118,16 @@ struct Measurement {
 /// Sets a path up between the client and server containers, or says why it cannot.
 type Setup = fn(&Testbed, &Container, &Container) -> Result<Target, String>;
 
+/// OUR overlay on the TUN dataplane.
+fn setup_overlay(tb: &Testbed, client: &Container, server: &Container) -> Result<Target, String> {
+    setup_netmanagers(tb, client, server, "tun")
+}
+
+/// OUR overlay with the eBPF fast path.
+fn setup_ebpf(tb: &Testbed, client: &Container, server: &Container) -> Result<Target, String> {
+    setup_netmanagers(tb, client, server, "ebpf")
+}
+
 /// Both containers on routed veths; each worker forwards and routes the other's container subnet to it over the LAN.
 fn setup_veth(tb: &Testbed, client: &Container, server: &Container) -> Result<Target, String> {
     let mut undo = Teardown::default();
@@ -164,11 +176,16 @@ fn setup_vxlan(tb: &Testbed, client: &Container, server: &Container) -> Result<T
     })
 }
 
-/// OUR overlay: two NetManagers (one per worker), the client dialling the server's round-robin service address.
-/// The cluster side is Mosquitto in the LAN namespace plus [`responder`], a minimal stand-in for the cluster's
-/// network service (subnets, table queries from what the NetManagers report): the bench measures the dataplane,
-/// not the control plane, and needs no containerd.
-fn setup_overlay(tb: &Testbed, client: &Container, server: &Container) -> Result<Target, String> {
+/// OUR overlay: two NetManagers (one per worker) on `dataplane`, the client dialling the server's round-robin
+/// service address. The cluster side is Mosquitto in the LAN namespace plus [`responder`], a minimal stand-in for
+/// the cluster's network service (subnets, table queries from what the NetManagers report): the bench measures the
+/// dataplane, not the control plane, and needs no containerd.
+fn setup_netmanagers(
+    tb: &Testbed,
+    client: &Container,
+    server: &Container,
+    dataplane: &str,
+) -> Result<Target, String> {
     if !have("mosquitto") {
         return Err("skipped: mosquitto is not installed (apt-get install mosquitto)".into());
     }
@@ -217,6 +234,8 @@ fn setup_overlay(tb: &Testbed, client: &Container, server: &Container) -> Result
                 dir.join(format!("w{w}-state")).to_str().unwrap(),
                 "--log-file",
                 "none",
+                "--dataplane",
+                dataplane,
             ])
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.join(format!("w{w}.log"))).map_err(|e| e.to_string())?)
@@ -603,7 +622,13 @@ fn print_counters(sock: &std::path::Path) {
         .output();
     match out {
         Ok(o) => match serde_json::from_slice::<serde_json::Value>(&o.stdout) {
-            Ok(v) => eprintln!("  {}: counters {}", sock.display(), v["counters"]),
+            Ok(v) => {
+                eprintln!("  {}: counters {}", sock.display(), v["counters"]);
+                let d = &v["dataplane"];
+                if !d["ebpf"].is_null() {
+                    eprintln!("  {}: ebpf {}", sock.display(), d["ebpf"]);
+                }
+            }
             Err(_) => eprintln!(
                 "  {}: no status ({})",
                 sock.display(),
@@ -634,10 +659,11 @@ fn main() -> ExitCode {
     let tb = Testbed::new(TAG, 2);
     let client = tb.container(1, "client");
     let server = tb.container(2, "server");
-    let paths: [(&str, Setup); 3] = [
+    let paths: [(&str, Setup); 4] = [
         ("veth", setup_veth),
         ("vxlan", setup_vxlan),
         ("overlay", setup_overlay),
+        ("ebpf", setup_ebpf),
     ];
     let mut rows: Vec<(&str, Measurement)> = Vec::new();
     // `OVERLAY_BENCH_PATHS=overlay` (comma-separated) measures only some paths; veth is always measured, as the base.
@@ -654,6 +680,17 @@ fn main() -> ExitCode {
         }
         match setup(&tb, &client, &server) {
             Ok(target) => {
+                // `OVERLAY_BENCH_HOLD=<seconds>`: keep the path up before measuring, to look at it by hand.
+                let hold = std::env::var("OVERLAY_BENCH_HOLD")
+                    .ok()
+                    .and_then(|s| s.parse::<u64>().ok());
+                if let Some(secs) = hold.filter(|_| name != "veth") {
+                    eprintln!(
+                        "{name}: holding {secs} s (client pid {}, server pid {})",
+                        client.pid, server.pid
+                    );
+                    std::thread::sleep(Duration::from_secs(secs));
+                }
                 let m = measure(&client, &server, &target);
                 for sock in &target.netmanagers {
                     print_counters(sock);
@@ -691,13 +728,22 @@ fn main() -> ExitCode {
             m.p50_us - veth.p50_us
         );
     }
-    // The closing line is about the overlay once it is measured; until then about vxlan, labelled as such.
-    if let Some((name, m)) = ["overlay", "vxlan"]
-        .iter()
-        .find_map(|want| rows.iter().find(|(n, _)| n == want))
-    {
+    // The closing lines: each overlay dataplane against veth, eBPF also against the kernel's VXLAN.
+    let row = |want: &str| rows.iter().find(|(n, _)| *n == want).map(|(_, m)| *m);
+    if let Some(m) = row("overlay") {
         println!(
-            "{name} vs veth: throughput {:.0}% added-latency-p50 {:.1} us",
+            "overlay vs veth: throughput {:.0}% added-latency-p50 {:.1} us",
+            100.0 * m.gbps / veth.gbps,
+            m.p50_us - veth.p50_us
+        );
+    }
+    if let Some(m) = row("ebpf") {
+        let vs_vxlan = row("vxlan").map_or_else(
+            || "n/a (vxlan not measured)".to_owned(),
+            |x| format!("{:.0}%", 100.0 * m.gbps / x.gbps),
+        );
+        println!(
+            "ebpf vs veth: throughput {:.0}% added-latency-p50 {:.1} us ; vs vxlan: throughput {vs_vxlan}",
             100.0 * m.gbps / veth.gbps,
             m.p50_us - veth.p50_us
         );

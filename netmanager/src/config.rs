@@ -34,6 +34,10 @@ pub const DEFAULT_MTU: u32 = 1450;
         namespace with a /26 IPv4 and a /120 IPv6 address. Packets to service addresses (10.30.0.0/16, \
         fdff::/16) go through the TUN proxy, which picks an instance (round robin, one instance per flow) and \
         sends the packet in a UDP datagram to that instance's worker (port 50103).\n\n\
+        With the eBPF dataplane (--dataplane auto, the default, or ebpf) the TUN proxy decides each flow's first \
+        packets and writes the flow into BPF maps; tc programs on the container veths and the underlay then \
+        translate, encapsulate and deliver the flow's later packets in the kernel. `NetManager status` shows \
+        which dataplane runs and why.\n\n\
         Settings come from netcfg.json, then the environment, then these flags."
 )]
 pub struct Cli {
@@ -112,7 +116,47 @@ pub struct RunFlags {
     /// Debug logging (same as `"Debug": true` in netcfg.json).
     #[arg(long, short = 'D', global = true)]
     pub debug: bool,
+    /// Which dataplane forwards established flows: `auto` (eBPF if it loads, else the TUN proxy, with one
+    /// warning naming the reason), `ebpf` (refuse to register without it) or `tun` (the TUN proxy only). Also
+    /// netcfg.json's "Dataplane".
+    #[arg(
+        long,
+        global = true,
+        env = "NETMANAGER_DATAPLANE",
+        value_name = "auto|ebpf|tun"
+    )]
+    pub dataplane: Option<String>,
+    /// Capacity of the eBPF flow map (least recently used flows are evicted when it is full; each direction of a
+    /// connection takes one entry; about 170 bytes of kernel memory each). Also netcfg.json's "EbpfMaxFlows".
+    #[arg(long, global = true, env = "NETMANAGER_EBPF_FLOWS", value_name = "N")]
+    pub ebpf_flows: Option<u32>,
 }
+
+/// Which dataplane forwards established flows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DataplaneMode {
+    /// eBPF when it loads and attaches, else the TUN proxy alone.
+    Auto,
+    /// eBPF or nothing: registration fails if the fast path cannot run.
+    Ebpf,
+    /// The TUN proxy alone.
+    Tun,
+}
+
+impl DataplaneMode {
+    fn parse(field: &'static str, text: &str) -> Result<Self, ConfigError> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "" | "auto" => Ok(Self::Auto),
+            "ebpf" => Ok(Self::Ebpf),
+            "tun" => Ok(Self::Tun),
+            _ => Err(self::field(field, text, "must be auto, ebpf or tun")),
+        }
+    }
+}
+
+/// Default capacity of the eBPF flow map.
+pub const DEFAULT_EBPF_FLOWS: u32 = 65_536;
 
 /// `/etc/netmanager/netcfg.json`. Every field reads leniently (numbers or strings, `null`, missing keys fall back to
 /// the default); unknown keys are kept.
@@ -146,6 +190,12 @@ pub struct NetCfg {
     /// MQTT TLS client key.
     #[serde(default, deserialize_with = "serde_util::string")]
     pub mqtt_key: String,
+    /// `auto`, `ebpf` or `tun` (oakestra-rs; the reference has no such key).
+    #[serde(default, deserialize_with = "serde_util::string")]
+    pub dataplane: String,
+    /// Capacity of the eBPF flow map (oakestra-rs).
+    #[serde(default, deserialize_with = "serde_util::string")]
+    pub ebpf_max_flows: String,
     /// Every other key, verbatim.
     #[serde(flatten)]
     pub extra: Map<String, Value>,
@@ -173,6 +223,8 @@ impl Default for NetCfg {
             public_ip_networking: false,
             mqtt_cert: String::new(),
             mqtt_key: String::new(),
+            dataplane: String::new(),
+            ebpf_max_flows: String::new(),
             extra: Map::new(),
         }
     }
@@ -244,6 +296,10 @@ pub struct Settings {
     pub log_file: Option<PathBuf>,
     /// Debug logging.
     pub debug: bool,
+    /// The dataplane asked for.
+    pub dataplane: DataplaneMode,
+    /// Capacity of the eBPF flow map.
+    pub ebpf_flows: u32,
 }
 
 fn field(field: &'static str, value: impl Into<String>, rule: &'static str) -> ConfigError {
@@ -361,6 +417,28 @@ impl Settings {
                 "must be letters, digits or '_'",
             ));
         }
+        let dataplane = match &flags.dataplane {
+            Some(text) => DataplaneMode::parse("--dataplane", text)?,
+            None => DataplaneMode::parse("Dataplane", &file.dataplane)?,
+        };
+        let ebpf_flows = match (flags.ebpf_flows, file.ebpf_max_flows.trim()) {
+            (Some(n), _) => n,
+            (None, "") => DEFAULT_EBPF_FLOWS,
+            (None, text) => text
+                .parse()
+                .map_err(|_| field("EbpfMaxFlows", text, "must be a number in 1024..=16777216"))?,
+        };
+        if !(1024..=16_777_216).contains(&ebpf_flows) {
+            return Err(field(
+                if flags.ebpf_flows.is_some() {
+                    "--ebpf-flows"
+                } else {
+                    "EbpfMaxFlows"
+                },
+                ebpf_flows.to_string(),
+                "must be a number in 1024..=16777216",
+            ));
+        }
         Ok(Self {
             socket: flags
                 .socket
@@ -384,6 +462,8 @@ impl Settings {
                 p => Some(PathBuf::from(p)),
             },
             debug: flags.debug || file.debug,
+            dataplane,
+            ebpf_flows,
         })
     }
 }
@@ -440,6 +520,37 @@ mod tests {
         let mut f = flags();
         f.tun_name = "a-name-that-is-far-too-long".to_owned();
         assert!(Settings::from_parts(&f, &NetCfg::default()).is_err());
+    }
+
+    #[test]
+    fn dataplane_from_file_flag_and_errors() {
+        let s = Settings::from_parts(&flags(), &NetCfg::default()).unwrap();
+        assert_eq!(s.dataplane, DataplaneMode::Auto);
+        assert_eq!(s.ebpf_flows, DEFAULT_EBPF_FLOWS);
+        let file: NetCfg = serde_json::from_str(r#"{"Dataplane":"TUN","EbpfMaxFlows":"4096"}"#).unwrap();
+        let s = Settings::from_parts(&flags(), &file).unwrap();
+        assert_eq!((s.dataplane, s.ebpf_flows), (DataplaneMode::Tun, 4096));
+        // The flag wins over the file.
+        let cli = Cli::parse_from(["NetManager", "--dataplane", "ebpf", "--ebpf-flows", "2048"]);
+        let s = Settings::from_parts(&cli.run, &file).unwrap();
+        assert_eq!((s.dataplane, s.ebpf_flows), (DataplaneMode::Ebpf, 2048));
+        let bad: NetCfg = serde_json::from_str(r#"{"Dataplane":"xdp"}"#).unwrap();
+        let e = Settings::from_parts(&flags(), &bad).unwrap_err().to_string();
+        assert!(
+            e.contains("Dataplane") && e.contains("xdp") && e.contains("auto, ebpf or tun"),
+            "{e}"
+        );
+        let cli = Cli::parse_from(["NetManager", "--ebpf-flows", "10"]);
+        let e = Settings::from_parts(&cli.run, &NetCfg::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--ebpf-flows") && e.contains("10") && e.contains("1024"),
+            "{e}"
+        );
+        let bad: NetCfg = serde_json::from_str(r#"{"EbpfMaxFlows":"lots"}"#).unwrap();
+        let e = Settings::from_parts(&flags(), &bad).unwrap_err().to_string();
+        assert!(e.contains("EbpfMaxFlows") && e.contains("lots"), "{e}");
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! The TUN proxy's connection table: `FlowKey` → `FlowAction` with per-flow state and expiry, shared by the
-//! dataplane threads.
+//! dataplane threads, and optionally mirrored into the eBPF fast path's flow map ([`FlowMirror`]).
 //!
 //! The table is sharded: each shard is a mutex around an Fx-hashed `HashMap`, and a key's shard comes from its hash,
 //! so threads working on different flows rarely meet on a lock and every lock is held for one map operation. Keys and
@@ -7,9 +7,10 @@
 //! it is (see [`ConnTable::for_each`]).
 
 use std::collections::HashMap;
+use std::fmt;
 use std::hash::BuildHasher;
-use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use oakestra_ebpf_common::{FlowAction, FlowKey, proto};
 use rustc_hash::FxBuildHasher;
@@ -133,12 +134,33 @@ pub enum ConnTableError {
     },
 }
 
+/// A copy of the table in the kernel: the eBPF fast path's flow map. The table writes every entry it inserts
+/// and deletes every entry it drops; the fast path forwards packets without the table seeing them and says when
+/// it last did, which the table's expiry takes into account.
+pub trait FlowMirror: Send + Sync + fmt::Debug {
+    /// Writes (or overwrites) `key → action`.
+    fn install(&self, key: &FlowKey, action: &FlowAction) -> Result<(), String>;
+    /// Deletes `key` (absent is fine).
+    fn remove(&self, key: &FlowKey);
+    /// When the fast path last forwarded a packet of `key`, in [`now_secs`] time; `None` if it has no entry.
+    fn last_seen(&self, key: &FlowKey) -> Option<u32>;
+}
+
+/// A flow forwarded by the slow path although the mirror has it (LRU eviction in the kernel, or a packet the fast
+/// path leaves alone) is written to the mirror again, at most this often.
+pub const REMIRROR_SECS: u32 = 2;
+
+/// `mirrored_at` of an entry that is not (or no longer) in the mirror.
+const NOT_MIRRORED: u32 = u32::MAX;
+
 /// One entry: the action plus bookkeeping. Kept small and `Copy` so a hit copies 52 bytes out under the lock.
 #[derive(Debug, Clone, Copy)]
 struct Entry {
     action: FlowAction,
     last_seen: u32,
     state: FlowState,
+    /// When the entry was last written to the mirror ([`NOT_MIRRORED`]: never).
+    mirrored_at: u32,
 }
 
 impl Entry {
@@ -176,6 +198,9 @@ pub struct ConnTable {
     per_shard: usize,
     max_flows: usize,
     timeouts: Timeouts,
+    mirror: OnceLock<Arc<dyn FlowMirror>>,
+    /// Mirror writes that failed (the flow then stays on the slow path).
+    mirror_errors: AtomicU64,
 }
 
 impl ConnTable {
@@ -193,6 +218,8 @@ impl ConnTable {
             per_shard,
             max_flows,
             timeouts,
+            mirror: OnceLock::new(),
+            mirror_errors: AtomicU64::new(0),
         }
     }
 
@@ -225,14 +252,80 @@ impl ConnTable {
     pub fn lookup(&self, key: &FlowKey, now: u32, tcp_flags: Option<u8>) -> Option<FlowAction> {
         let mut shard = self.shard(key);
         let entry = shard.map.get_mut(key)?;
-        if entry.expired(now, &self.timeouts) {
+        if !self.alive(key, entry, now) {
             return None;
         }
         entry.last_seen = entry.last_seen.max(now);
         if let Some(flags) = tcp_flags {
             entry.state = entry.state.after(flags);
         }
+        // The slow path sees a flow the mirror should carry: written again (rate-limited), in case the kernel's
+        // LRU map evicted it.
+        if let Some(m) = self.mirror.get()
+            && (entry.mirrored_at == NOT_MIRRORED || now.saturating_sub(entry.mirrored_at) >= REMIRROR_SECS)
+        {
+            entry.mirrored_at = self.mirror_install(m.as_ref(), key, &entry.action, now);
+        }
         Some(entry.action)
+    }
+
+    /// Whether `entry` is still alive at `now`: not expired, or expired here but refreshed since by the fast path
+    /// (whose time is then taken over).
+    fn alive(&self, key: &FlowKey, entry: &mut Entry, now: u32) -> bool {
+        if !entry.expired(now, &self.timeouts) {
+            return true;
+        }
+        if let Some(seen) = self.mirror.get().and_then(|m| m.last_seen(key))
+            && seen > entry.last_seen
+        {
+            entry.last_seen = seen;
+            return !entry.expired(now, &self.timeouts);
+        }
+        false
+    }
+
+    fn mirror_install(&self, m: &dyn FlowMirror, key: &FlowKey, action: &FlowAction, now: u32) -> u32 {
+        match m.install(key, action) {
+            Ok(()) => now,
+            Err(e) => {
+                if self.mirror_errors.fetch_add(1, Ordering::Relaxed) == 0 {
+                    tracing::warn!(error = %e, "cannot write a flow to the eBPF flow map; such flows stay on the TUN path");
+                }
+                NOT_MIRRORED
+            }
+        }
+    }
+
+    /// Mirrors every later change into `mirror` (once; a second mirror is refused). Entries already in the table
+    /// are written to it now.
+    pub fn set_mirror(&self, mirror: Arc<dyn FlowMirror>, now: u32) -> bool {
+        if self.mirror.set(mirror).is_err() {
+            return false;
+        }
+        if let Some(m) = self.mirror.get() {
+            for shard in self.shards.iter() {
+                let mut shard = lock(shard);
+                for (k, e) in shard.map.iter_mut() {
+                    e.mirrored_at = self.mirror_install(m.as_ref(), k, &e.action, now);
+                }
+            }
+        }
+        true
+    }
+
+    /// Whether a mirror is set.
+    pub fn mirrored(&self) -> bool {
+        self.mirror.get().is_some()
+    }
+
+    /// When the mirror last saw `key` forwarded (None without a mirror or entry).
+    pub fn mirror_last_seen(&self, key: &FlowKey) -> Option<u32> {
+        self.mirror.get()?.last_seen(key)
+    }
+
+    /// Mirror writes that failed so far.
+    pub fn mirror_errors(&self) -> u64 {
+        self.mirror_errors.load(Ordering::Relaxed)
     }
 
     /// The action and state for `key` without refreshing or changing anything (for status queries and tests).
@@ -251,21 +344,26 @@ impl ConnTable {
         now: u32,
         tcp_flags: Option<u8>,
     ) -> Result<(), ConnTableError> {
-        let entry = Entry {
+        let mut entry = Entry {
             action,
             last_seen: now,
             state: FlowState::initial(key.protocol, tcp_flags),
+            mirrored_at: NOT_MIRRORED,
         };
         let mut shard = self.shard(&key);
         if shard.map.len() >= self.per_shard && !shard.map.contains_key(&key) {
             if shard.futile_scan_at != Some(now) {
-                let timeouts = self.timeouts;
-                shard.map.retain(|_, e| !e.expired(now, &timeouts));
+                self.drop_dead(&mut shard, now);
                 shard.futile_scan_at = (shard.map.len() >= self.per_shard).then_some(now);
             }
             if shard.map.len() >= self.per_shard {
                 return Err(ConnTableError::Full { max: self.max_flows });
             }
+        }
+        // Written to the mirror under the shard's lock, so a concurrent remove of the same key cannot leave the
+        // mirror holding a flow the table forgot.
+        if let Some(m) = self.mirror.get() {
+            entry.mirrored_at = self.mirror_install(m.as_ref(), &key, &action, now);
         }
         shard.map.insert(key, entry);
         Ok(())
@@ -273,30 +371,54 @@ impl ConnTable {
 
     /// Removes the entry for `key`; whether there was one.
     pub fn remove(&self, key: &FlowKey) -> bool {
-        self.shard(key).map.remove(key).is_some()
+        let mut shard = self.shard(key);
+        let found = shard.map.remove(key).is_some();
+        if found && let Some(m) = self.mirror.get() {
+            m.remove(key);
+        }
+        found
     }
 
     /// Keeps only the entries `keep` accepts (e.g. drops every flow to an instance that went away); returns how
     /// many were removed. Locks one shard at a time.
     pub fn retain(&self, mut keep: impl FnMut(&FlowKey, &FlowAction) -> bool) -> usize {
+        let mirror = self.mirror.get();
         let mut removed = 0;
         for shard in self.shards.iter() {
             let mut shard = lock(shard);
             let before = shard.map.len();
-            shard.map.retain(|k, e| keep(k, &e.action));
+            shard.map.retain(|k, e| {
+                let keep = keep(k, &e.action);
+                if !keep && let Some(m) = mirror {
+                    m.remove(k);
+                }
+                keep
+            });
             removed += before - shard.map.len();
         }
         removed
     }
 
-    /// Drops the entries that expired by `now`; returns how many.
+    /// Drops the entries of `shard` that are dead at `now` (from the mirror too).
+    fn drop_dead(&self, shard: &mut Shard, now: u32) {
+        let mirror = self.mirror.get();
+        shard.map.retain(|k, e| {
+            let alive = self.alive(k, e, now);
+            if !alive && let Some(m) = mirror {
+                m.remove(k);
+            }
+            alive
+        });
+    }
+
+    /// Drops the entries that expired by `now`, taking the fast path's last-seen times into account; returns how
+    /// many.
     pub fn sweep(&self, now: u32) -> usize {
-        let timeouts = self.timeouts;
         let mut removed = 0;
         for shard in self.shards.iter() {
             let mut shard = lock(shard);
             let before = shard.map.len();
-            shard.map.retain(|_, e| !e.expired(now, &timeouts));
+            self.drop_dead(&mut shard, now);
             removed += before - shard.map.len();
         }
         removed
@@ -327,6 +449,29 @@ impl ConnTable {
 /// (every operation is a single std `HashMap` call), so a poisoned lock is simply taken over.
 fn lock(shard: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
     shard.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// `CLOCK_MONOTONIC_COARSE` in nanoseconds: the clock the eBPF programs stamp flows with
+/// (`bpf_ktime_get_coarse_ns`).
+#[allow(unsafe_code)]
+pub fn monotonic_coarse_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: as in `now_secs`.
+    unsafe {
+        libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts);
+    }
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
+}
+
+/// A `CLOCK_MONOTONIC` time in nanoseconds (as the eBPF programs write it) in [`now_secs`] time.
+pub fn secs_of_monotonic_ns(ns: u64) -> u32 {
+    // Make sure the epoch is set.
+    let _ = now_secs();
+    let secs = i64::try_from(ns / 1_000_000_000).unwrap_or(i64::MAX);
+    u32::try_from(secs.saturating_sub(EPOCH.load(Ordering::Relaxed)).max(0)).unwrap_or(u32::MAX)
 }
 
 /// Seconds of the coarse monotonic clock at the first call, so [`now_secs`] starts near 0.
@@ -628,5 +773,91 @@ mod tests {
                 prop_assert_eq!(model.get(&k), Some(&a));
             }
         }
+    }
+
+    fn mirrored_table(to: Timeouts) -> (ConnTable, Arc<crate::plumbing::fake::FakeFastPath>) {
+        let t = ConnTable::new(1000, to);
+        let fake = Arc::new(crate::plumbing::fake::FakeFastPath::default());
+        assert!(t.set_mirror(fake.clone(), 0));
+        assert!(!t.set_mirror(fake.clone(), 0), "one mirror only");
+        (t, fake)
+    }
+
+    #[test]
+    fn the_mirror_follows_inserts_removes_and_retains() {
+        let (t, fake) = mirrored_table(Timeouts::default());
+        for i in 0..4 {
+            t.insert(key(i, proto::UDP), action(u8::try_from(i).unwrap()), 0, None)
+                .unwrap();
+        }
+        assert_eq!(fake.flows.lock().unwrap().len(), 4);
+        assert_eq!(fake.flows.lock().unwrap()[&key(2, proto::UDP)].0, action(2));
+        assert!(t.remove(&key(0, proto::UDP)));
+        assert!(!fake.flows.lock().unwrap().contains_key(&key(0, proto::UDP)));
+        assert_eq!(t.retain(|_, a| *a != action(1)), 1);
+        assert_eq!(fake.flows.lock().unwrap().len(), 2);
+        // Entries there before the mirror was set are written when it is.
+        let t2 = ConnTable::new(100, Timeouts::default());
+        t2.insert(key(9, proto::TCP), action(9), 0, None).unwrap();
+        let fake2 = Arc::new(crate::plumbing::fake::FakeFastPath::default());
+        t2.set_mirror(fake2.clone(), 0);
+        assert!(fake2.flows.lock().unwrap().contains_key(&key(9, proto::TCP)));
+    }
+
+    #[test]
+    fn expiry_counts_what_the_fast_path_forwarded() {
+        let to = Timeouts {
+            udp: 10,
+            ..Timeouts::default()
+        };
+        let (t, fake) = mirrored_table(to);
+        let (busy, idle) = (key(1, proto::UDP), key(2, proto::UDP));
+        t.insert(busy, action(1), 0, None).unwrap();
+        t.insert(idle, action(2), 0, None).unwrap();
+        // The fast path carried `busy` at 8 s; the table itself saw neither since 0.
+        fake.flows.lock().unwrap().get_mut(&busy).unwrap().1 = Some(8);
+        assert_eq!(t.sweep(15), 1, "only the idle flow expires");
+        assert!(t.peek(&busy, 15).is_some());
+        assert!(
+            !fake.flows.lock().unwrap().contains_key(&idle),
+            "and leaves the flow map"
+        );
+        assert!(fake.flows.lock().unwrap().contains_key(&busy));
+        // A lookup past the table's own timeout still finds a flow the fast path keeps alive.
+        fake.flows.lock().unwrap().get_mut(&busy).unwrap().1 = Some(20);
+        assert!(t.lookup(&busy, 25, None).is_some());
+        assert_eq!(t.sweep(31), 0);
+        assert_eq!(t.sweep(36), 1, "nothing since 25");
+        assert!(fake.flows.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_flow_the_slow_path_sees_again_is_rewritten_to_the_mirror_at_most_every_few_seconds() {
+        let (t, fake) = mirrored_table(Timeouts::default());
+        let k = key(1, proto::TCP);
+        t.insert(k, action(1), 100, Some(tcp_flags::SYN)).unwrap();
+        assert_eq!(fake.installs.lock().unwrap().len(), 1);
+        // The kernel evicted it (LRU): the next slow-path hit after REMIRROR_SECS writes it again.
+        fake.flows.lock().unwrap().clear();
+        t.lookup(&k, 100, None).unwrap();
+        assert_eq!(
+            fake.installs.lock().unwrap().len(),
+            1,
+            "not within the same second"
+        );
+        t.lookup(&k, 100 + REMIRROR_SECS, None).unwrap();
+        assert_eq!(fake.installs.lock().unwrap().len(), 2);
+        assert!(fake.flows.lock().unwrap().contains_key(&k));
+        t.lookup(&k, 101 + REMIRROR_SECS, None).unwrap();
+        assert_eq!(fake.installs.lock().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn kernel_time_converts_to_table_time() {
+        let now = now_secs();
+        let ns = monotonic_coarse_ns();
+        let secs = secs_of_monotonic_ns(ns);
+        assert!(secs >= now && secs <= now + 1, "{secs} vs {now}");
+        assert_eq!(secs_of_monotonic_ns(0), 0, "before the epoch is 0, not a wrap");
     }
 }

@@ -1,6 +1,8 @@
-//! The NetManager daemon's state and control logic: registration (MQTT session, subnet, host plumbing, dataplane),
-//! container attach/detach with addresses and port mappings, the table cache fed by table queries, interests and
-//! their expiry, the public-address watcher, and cleanup on shutdown. The HTTP API (`api`) calls into this.
+//! The NetManager daemon's state and control logic: registration (MQTT session, subnet, host plumbing, the TUN
+//! dataplane and the eBPF fast path or the fallback from it), container attach/detach with addresses, port
+//! mappings and fast-path attachments, the table cache fed by table queries, interests and their expiry, the
+//! public-address watcher, and cleanup on shutdown. The HTTP API (`api`) calls into this; every kernel change goes
+//! through [`Plumbing`].
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -14,7 +16,7 @@ use ipnetwork::{Ipv4Network, Ipv6Network};
 use oakestra_protocol::{
     addr::{
         NodeAddressV4Pool, NodeAddressV6Pool, WorkerSubnetV4, WorkerSubnetV6,
-        plan::{OVERLAY_V4, OVERLAY_V6, WORKER_SUBNET_V4_PREFIX, WORKER_SUBNET_V6_PREFIX},
+        plan::{WORKER_SUBNET_V4_PREFIX, WORKER_SUBNET_V6_PREFIX},
     },
     api::netmanager::{ContainerDeployRequest, ContainerDeployResponse, RegisterRequest, UndeployRequest},
     mqtt::net::{
@@ -27,16 +29,18 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{
-    config::Settings,
+    config::{DataplaneMode, Settings},
     conntrack::now_secs,
-    dataplane::{Dataplane, DataplaneConfig},
-    netlink::{Attach, Netlink, NetnsTarget, veth_names},
-    nft::{self, HostRules, PortMapping, parse_port_mappings},
+    dataplane::DataplaneConfig,
+    fastpath::FastPathConfig,
+    netlink::{Attach, NetnsTarget, veth_names},
+    nft::{HostRules, PortMapping, parse_port_mappings},
+    plumbing::{BridgeSpec, FastPathOps, Kernel, Plumbing},
     proxy::{Limits, QueryKey, Shared, Verdict},
     session::{Inbound, Session},
-    sysctl,
     table::{Instance, Table},
 };
+use oakestra_ebpf_common::LocalDest;
 
 /// How long a table query may take (the reference's 5 s).
 pub const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -90,13 +94,28 @@ pub struct Local {
     pub ports: String,
     /// Named network namespace created for a unikernel.
     pub netns: Option<String>,
+    /// Whether the fast path's container program is attached to the veth.
+    pub fast_path: bool,
     #[serde(skip)]
     mappings: Vec<PortMapping>,
 }
 
+/// Which dataplane runs, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DataplaneState {
+    /// What was asked for (`--dataplane`).
+    pub requested: DataplaneMode,
+    /// What runs: `ebpf` (the fast path with the TUN proxy as its slow path) or `tun`.
+    pub mode: &'static str,
+    /// Why the fast path is not running although it was asked for (auto's fallback).
+    pub fallback: Option<String>,
+    /// The interface tunnel datagrams are decapsulated on in the kernel (None: they all take the slow path).
+    pub underlay: Option<String>,
+}
+
 /// Everything that exists once the NodeEngine registered.
 #[derive(Debug)]
-struct Node {
+struct Node<P: Plumbing> {
     node_id: String,
     cluster: String,
     session: Session,
@@ -105,8 +124,9 @@ struct Node {
     pool_v4: NodeAddressV4Pool,
     pool_v6: NodeAddressV6Pool,
     shared: Arc<Shared>,
-    dataplane: Dataplane,
-    netlink: Netlink,
+    dataplane: P::Dataplane,
+    fast: Option<Arc<P::FastPath>>,
+    dataplane_state: DataplaneState,
     locals: BTreeMap<String, Local>,
     veth_counter: u32,
     public: IpAddr,
@@ -114,12 +134,28 @@ struct Node {
     control: tokio::task::JoinHandle<()>,
 }
 
-/// The daemon.
+/// What registration learned before the host is built: who we are, where the cluster is, our subnets.
+struct Joined {
+    id: String,
+    cluster: String,
+    session: Session,
+    mqtt_pump: tokio::task::JoinHandle<()>,
+    control: tokio::task::JoinHandle<()>,
+    subnet_v4: WorkerSubnetV4,
+    subnet_v6: WorkerSubnetV6,
+    queries: mpsc::UnboundedSender<QueryKey>,
+    public: IpAddr,
+    /// The interface holding `public`, if known.
+    public_if: Option<String>,
+}
+
+/// The daemon, over the kernel plumbing `P` (the real [`Kernel`] outside tests).
 #[derive(Debug)]
-pub struct Daemon {
+pub struct Daemon<P: Plumbing = Kernel> {
     settings: Settings,
+    plumbing: P,
     /// Registration and every deploy/undeploy run one at a time (the reference's serialised deploy queue).
-    node: tokio::sync::Mutex<Option<Node>>,
+    node: tokio::sync::Mutex<Option<Node<P>>>,
     table: Mutex<Table>,
     queries: Mutex<HashMap<String, InFlight>>,
     subnet_waiter: Mutex<Option<oneshot::Sender<SubnetResult>>>,
@@ -157,11 +193,32 @@ fn local_key(job: &str, instance: i64) -> String {
     format!("{job}.{instance}")
 }
 
-impl Daemon {
-    /// A daemon waiting for registration.
-    pub fn new(settings: Settings) -> Arc<Self> {
+/// The MAC address of a container's end of its veth: locally administered (`02`), `4f` ("O"), then the
+/// container's IPv4 address, unique on the worker's bridge and stable across restarts.
+pub fn container_mac(ns_v4: Ipv4Addr) -> [u8; 6] {
+    let [a, b, c, d] = ns_v4.octets();
+    [0x02, 0x4f, a, b, c, d]
+}
+
+/// The bridge's MAC address: as [`container_mac`] of its own address, with `4e` so it never equals a container's.
+pub fn bridge_mac(bridge_v4: Ipv4Addr) -> [u8; 6] {
+    let [a, b, c, d] = bridge_v4.octets();
+    [0x02, 0x4e, a, b, c, d]
+}
+
+impl Daemon<Kernel> {
+    /// A daemon on the real kernel, waiting for registration.
+    pub fn new(settings: Settings, plumbing: Kernel) -> Arc<Self> {
+        Self::with_plumbing(settings, plumbing)
+    }
+}
+
+impl<P: Plumbing> Daemon<P> {
+    /// A daemon over `plumbing`, waiting for registration.
+    pub fn with_plumbing(settings: Settings, plumbing: P) -> Arc<Self> {
         Arc::new(Self {
             settings,
+            plumbing,
             node: tokio::sync::Mutex::new(None),
             table: Mutex::new(Table::default()),
             queries: Mutex::new(HashMap::new()),
@@ -177,27 +234,29 @@ impl Daemon {
         &self.settings
     }
 
-    /// Removes what a previous run that crashed left behind (its veths and bridge are recreated on registration;
-    /// the nftables table is replaced then too).
+    /// Removes what a previous run that was killed left behind: its veths (from the state file), and its tc
+    /// programs on any interface (the underlay's, which would otherwise keep forwarding with stale maps). The
+    /// bridge and the nftables table are replaced on registration anyway.
     pub async fn cleanup_leftovers(&self) {
+        let programs = self.plumbing.remove_leftover_programs().await;
+        if programs > 0 {
+            tracing::info!(
+                interfaces = programs,
+                "removed eBPF programs left by an earlier run"
+            );
+        }
         let path = self.state_file();
         let Ok(text) = std::fs::read_to_string(&path) else {
             return;
         };
         let veths: Vec<String> = serde_json::from_str(&text).unwrap_or_default();
-        if veths.is_empty() {
-            return;
-        }
-        match Netlink::connect() {
-            Ok(nl) => {
-                for v in &veths {
-                    if let Err(e) = nl.detach(v).await {
-                        tracing::warn!(veth = %v, error = %e, "cannot remove a leftover veth");
-                    }
-                }
-                tracing::info!(count = veths.len(), "removed veths left by an earlier run");
+        for v in &veths {
+            if let Err(e) = self.plumbing.detach(v).await {
+                tracing::warn!(veth = %v, error = %e, "cannot remove a leftover veth");
             }
-            Err(e) => tracing::warn!(error = %e, "cannot open netlink to remove leftovers"),
+        }
+        if !veths.is_empty() {
+            tracing::info!(count = veths.len(), "removed veths left by an earlier run");
         }
         let _ = std::fs::remove_file(path);
     }
@@ -206,7 +265,7 @@ impl Daemon {
         self.settings.state_dir.join("veths.json")
     }
 
-    fn save_veths(&self, node: &Node) {
+    fn save_veths(&self, node: &Node<P>) {
         let veths: Vec<&str> = node.locals.values().map(|l| l.veth.as_str()).collect();
         let path = self.state_file();
         let write = std::fs::create_dir_all(&self.settings.state_dir)
@@ -262,7 +321,12 @@ impl Daemon {
             .get("mqtt_password")
             .and_then(|v| v.as_str())
             .map(str::to_owned);
-        let node = self.join(&id, &cluster, mqtt_port, password.as_deref()).await?;
+        let joined = self.join(&id, &cluster, mqtt_port, password.as_deref()).await?;
+        let node = self.build_node(joined).await?;
+        tracing::info!(
+            node = %id, requested = ?self.settings.dataplane, dataplane = node.dataplane_state.mode,
+            underlay = ?node.dataplane_state.underlay, "dataplane running"
+        );
         tracing::info!(
             node = %id, public = %node.public, port = self.settings.public_port, cluster = %cluster, mqtt_port,
             subnet = %node.subnet_v4.network(), subnet_v6 = %node.subnet_v6.network(),
@@ -273,18 +337,21 @@ impl Daemon {
         Ok(())
     }
 
+    /// Joins the cluster's broker and obtains this worker's subnets.
     async fn join(
         self: &Arc<Self>,
         id: &str,
         cluster: &str,
         mqtt_port: u16,
         password: Option<&str>,
-    ) -> Result<Node, ApiError> {
+    ) -> Result<Joined, ApiError> {
         let s = &self.settings;
-        let netlink = Netlink::connect().map_err(|e| ApiError::Internal(e.to_string()))?;
-        let public = match s.public_address {
-            Some(a) => a,
-            None => self.detect_public(&netlink, cluster).await?,
+        let (public, public_if) = match s.public_address {
+            Some(a) => (a, self.plumbing.link_with_address(a).await.ok().flatten()),
+            None => {
+                let (a, iface) = self.detect_public(cluster).await?;
+                (a, iface)
+            }
         };
         let (session, inbound, mqtt_pump) = Session::start(cluster, mqtt_port, id, password);
         let (subnet_tx, subnet_rx) = oneshot::channel();
@@ -320,55 +387,151 @@ impl Daemon {
             );
             return Err(abandon(&session, &mqtt_pump, &control, msg).await);
         };
+        Ok(Joined {
+            id: id.to_owned(),
+            cluster: cluster.to_owned(),
+            session,
+            mqtt_pump,
+            control,
+            subnet_v4,
+            subnet_v6,
+            queries: query_tx,
+            public,
+            public_if,
+        })
+    }
+
+    /// Builds the host side (bridge, TUN dataplane, routes, sysctls, rules) and the fast path as asked; on any
+    /// failure undoes it all and leaves the broker.
+    async fn build_node(&self, j: Joined) -> Result<Node<P>, ApiError> {
         let shared = Arc::new(Shared::new(
-            subnet_v4.network(),
-            subnet_v6.network(),
+            j.subnet_v4.network(),
+            j.subnet_v6.network(),
             Limits::default(),
-            query_tx,
+            j.queries,
         ));
-        let built = self
-            .build_host(&netlink, subnet_v4, subnet_v6, shared.clone())
-            .await;
-        let dataplane = match built {
+        let dataplane = match self.build_host(j.subnet_v4, j.subnet_v6, shared.clone()).await {
             Ok(d) => d,
             Err(e) => {
-                self.teardown_host(&netlink).await;
-                return Err(abandon(&session, &mqtt_pump, &control, e).await);
+                self.teardown_host().await;
+                return Err(abandon(&j.session, &j.mqtt_pump, &j.control, e).await);
+            }
+        };
+        let bridge = bridge_mac(j.subnet_v4.bridge());
+        let started = self
+            .start_fast_path(&shared, &dataplane, j.public, j.public_if.as_deref(), bridge)
+            .await;
+        let (fast, dataplane_state) = match started {
+            Ok(f) => f,
+            Err(e) => {
+                let mut dataplane = dataplane;
+                self.plumbing.stop_dataplane(&mut dataplane);
+                self.teardown_host().await;
+                return Err(abandon(&j.session, &j.mqtt_pump, &j.control, e).await);
             }
         };
         Ok(Node {
-            node_id: id.to_owned(),
-            cluster: cluster.to_owned(),
-            session,
-            subnet_v4,
-            subnet_v6,
-            pool_v4: NodeAddressV4Pool::new(subnet_v4),
-            pool_v6: NodeAddressV6Pool::new(subnet_v6),
+            node_id: j.id,
+            cluster: j.cluster,
+            session: j.session,
+            subnet_v4: j.subnet_v4,
+            subnet_v6: j.subnet_v6,
+            pool_v4: NodeAddressV4Pool::new(j.subnet_v4),
+            pool_v6: NodeAddressV6Pool::new(j.subnet_v6),
             shared,
             dataplane,
-            netlink,
+            fast,
+            dataplane_state,
             locals: BTreeMap::new(),
             veth_counter: 0,
-            public,
-            mqtt_pump,
-            control,
+            public: j.public,
+            mqtt_pump: j.mqtt_pump,
+            control: j.control,
         })
+    }
+
+    /// Loads the eBPF fast path and attaches it to the underlay as `--dataplane` asks. `auto` falls back to the
+    /// TUN dataplane with one warning naming the reason; `ebpf` fails instead.
+    async fn start_fast_path(
+        &self,
+        shared: &Arc<Shared>,
+        dataplane: &P::Dataplane,
+        public: IpAddr,
+        public_if: Option<&str>,
+        gateway_mac: [u8; 6],
+    ) -> Result<(Option<Arc<P::FastPath>>, DataplaneState), String> {
+        let requested = self.settings.dataplane;
+        let mut state = DataplaneState {
+            requested,
+            mode: "tun",
+            fallback: None,
+            underlay: None,
+        };
+        if requested == DataplaneMode::Tun {
+            return Ok((None, state));
+        }
+        // Encapsulation needs this worker's IPv4 underlay address; a loopback one (a 1-DOC without network) has
+        // no peers to reach, and its instances all run here.
+        let underlay_v4 = match public {
+            IpAddr::V4(a) if !a.is_loopback() && !a.is_unspecified() => Some(a),
+            _ => None,
+        };
+        let underlay_if = public_if.filter(|_| underlay_v4.is_some());
+        let cfg = FastPathConfig {
+            max_flows: self.settings.ebpf_flows,
+            tunnel_port: self.settings.tunnel_port,
+            underlay_v4,
+            gateway_mac,
+        };
+        let loaded = self.plumbing.load_fastpath(&cfg).and_then(|fast| {
+            if let Some(iface) = underlay_if
+                && let Err(e) = fast.attach_underlay(iface)
+            {
+                fast.shutdown();
+                return Err(e);
+            }
+            Ok(fast)
+        });
+        match loaded {
+            Ok(fast) => {
+                shared.conn.set_mirror(fast.clone().mirror(), now_secs());
+                // GRO on the tunnel sockets would merge datagrams before tc sees them, so the kernel could not
+                // decapsulate them one by one.
+                self.plumbing.set_udp_gro(dataplane, false);
+                state.mode = "ebpf";
+                state.underlay = underlay_if.map(str::to_owned);
+                if underlay_if.is_none() {
+                    tracing::warn!(
+                        public = %public,
+                        "eBPF fast path: no IPv4 underlay interface for {public}; flows to and from other workers \
+                         stay on the TUN path (flows between local containers use the fast path)"
+                    );
+                }
+                Ok((Some(fast), state))
+            }
+            Err(e) if requested == DataplaneMode::Auto => {
+                tracing::warn!(reason = %e, "eBPF fast path unavailable, running the TUN dataplane only: {e}");
+                state.fallback = Some(e.to_string());
+                Ok((None, state))
+            }
+            Err(e) => Err(format!("--dataplane ebpf: the eBPF fast path cannot run: {e}")),
+        }
     }
 
     /// `NodePublicAddress` from the routing table: the default route's source address, else a global address. A
     /// machine with neither whose cluster is on the machine itself (a 1-DOC without any network) gets 127.0.0.1:
     /// no other worker could reach it anyway.
-    async fn detect_public(&self, netlink: &Netlink, cluster: &str) -> Result<IpAddr, ApiError> {
+    async fn detect_public(&self, cluster: &str) -> Result<(IpAddr, Option<String>), ApiError> {
         let s = &self.settings;
         let exclude = [s.bridge_name.as_str(), s.tun_name.as_str()];
-        match netlink.default_route_v4(&exclude).await {
+        match self.plumbing.default_route_v4(&exclude).await {
             Ok(Some((addr, iface))) => {
                 tracing::info!(address = %addr, interface = %iface, "detected NodePublicAddress");
-                Ok(IpAddr::V4(addr))
+                Ok((IpAddr::V4(addr), Some(iface)))
             }
             Ok(None) if is_local_host(cluster) => {
                 tracing::warn!(cluster = %cluster, "no IPv4 default route and no global IPv4 address, and the cluster is on this machine: NodePublicAddress is 127.0.0.1 (a single-machine setup)");
-                Ok(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST))
+                Ok((IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), None))
             }
             Ok(None) => Err(ApiError::Internal(
                 "cannot detect NodePublicAddress: no IPv4 default route and no global IPv4 address; set \
@@ -383,25 +546,24 @@ impl Daemon {
 
     async fn build_host(
         &self,
-        netlink: &Netlink,
         v4: WorkerSubnetV4,
         v6: WorkerSubnetV6,
         shared: Arc<Shared>,
-    ) -> Result<Dataplane, String> {
+    ) -> Result<P::Dataplane, String> {
         let s = &self.settings;
-        netlink
-            .recreate_bridge(
-                &s.bridge_name,
-                s.mtu,
-                v4.bridge(),
-                WORKER_SUBNET_V4_PREFIX,
-                v6.bridge(),
-                WORKER_SUBNET_V6_PREFIX,
-            )
+        let bridge = BridgeSpec {
+            name: s.bridge_name.clone(),
+            mtu: s.mtu,
+            mac: bridge_mac(v4.bridge()),
+            v4: (v4.bridge(), WORKER_SUBNET_V4_PREFIX),
+            v6: (v6.bridge(), WORKER_SUBNET_V6_PREFIX),
+        };
+        self.plumbing
+            .recreate_bridge(&bridge)
             .await
             .map_err(|e| e.to_string())?;
         let mtu = u16::try_from(s.mtu).map_err(|_| format!("MTU {} does not fit a TUN", s.mtu))?;
-        let dataplane = Dataplane::start(
+        let mut dataplane = self.plumbing.start_dataplane(
             &DataplaneConfig {
                 tun_name: s.tun_name.clone(),
                 mtu,
@@ -409,14 +571,21 @@ impl Daemon {
                 tunnel_port: s.tunnel_port,
             },
             shared,
-        )
-        .map_err(|e| e.to_string())?;
-        netlink
-            .setup_tun(&s.tun_name, s.mtu, 1000, &[OVERLAY_V4], &[OVERLAY_V6])
-            .await
-            .map_err(|e| e.to_string())?;
-        sysctl::host_forwarding_and_rp_filter(&[&s.bridge_name, &s.tun_name]).map_err(|e| e.to_string())?;
-        self.apply_rules(v4, v6, &BTreeMap::new()).await?;
+        )?;
+        let rest = async {
+            self.plumbing
+                .setup_tun(&s.tun_name, s.mtu)
+                .await
+                .map_err(|e| e.to_string())?;
+            self.plumbing
+                .enable_forwarding(&[&s.bridge_name, &s.tun_name])
+                .map_err(|e| e.to_string())?;
+            self.apply_rules(v4, v6, &BTreeMap::new()).await
+        };
+        if let Err(e) = rest.await {
+            self.plumbing.stop_dataplane(&mut dataplane);
+            return Err(e);
+        }
         Ok(dataplane)
     }
 
@@ -438,15 +607,15 @@ impl Daemon {
                 .flat_map(|l| l.mappings.iter().map(|m| (*m, l.ns_v4, l.ns_v6)))
                 .collect(),
         };
-        nft::apply(&nft::render(&rules)).await.map_err(|e| e.to_string())
+        self.plumbing.apply_rules(&rules).await.map_err(|e| e.to_string())
     }
 
-    async fn teardown_host(&self, netlink: &Netlink) {
+    async fn teardown_host(&self) {
         let s = &self.settings;
-        if let Err(e) = nft::remove_table(&s.nft_table).await {
+        if let Err(e) = self.plumbing.remove_rules(&s.nft_table).await {
             tracing::warn!(error = %e, "cannot remove the nftables table");
         }
-        if let Err(e) = netlink.delete_link(&s.bridge_name).await {
+        if let Err(e) = self.plumbing.delete_link(&s.bridge_name).await {
             tracing::warn!(error = %e, "cannot remove the bridge");
         }
     }
@@ -504,11 +673,18 @@ impl Daemon {
         let plumbed = self
             .plumb(node, &host, &peer, req.pid, netns.as_deref(), ns_v4, ns_v6)
             .await;
-        if let Err(e) = plumbed {
-            let _ = node.pool_v4.free(ns_v4);
-            let _ = node.pool_v6.free(ns_v6);
-            return Err(e);
-        }
+        let host_index = match plumbed {
+            Ok(i) => i,
+            Err(e) => {
+                let _ = node.pool_v4.free(ns_v4);
+                let _ = node.pool_v6.free(ns_v6);
+                return Err(e);
+            }
+        };
+        let fast_path = node
+            .fast
+            .as_ref()
+            .is_some_and(|f| attach_fast_path(f.as_ref(), &host, host_index, ns_v4, ns_v6));
         let local = Local {
             job: req.service_name.clone(),
             instance: req.instance_number,
@@ -518,6 +694,7 @@ impl Daemon {
             pid: req.pid,
             ports: req.port_mappings.clone(),
             netns,
+            fast_path,
             mappings,
         };
         node.locals.insert(key.clone(), local.clone());
@@ -560,17 +737,18 @@ impl Daemon {
     #[allow(clippy::too_many_arguments, reason = "the addresses and names of one attach")]
     async fn plumb(
         &self,
-        node: &Node,
+        node: &Node<P>,
         host: &str,
         peer: &str,
         pid: i64,
         netns: Option<&str>,
         ns_v4: Ipv4Addr,
         ns_v6: Ipv6Addr,
-    ) -> Result<(), ApiError> {
+    ) -> Result<u32, ApiError> {
         let target = match netns {
             Some(name) => NetnsTarget::Path(
-                Netlink::create_named_netns(name)
+                self.plumbing
+                    .create_netns(name)
                     .await
                     .map_err(|e| ApiError::Internal(format!("cannot create netns {name}: {e}")))?,
             ),
@@ -579,6 +757,7 @@ impl Daemon {
         let attach = Attach {
             host_name: host.to_owned(),
             peer_name: peer.to_owned(),
+            peer_mac: container_mac(ns_v4),
             bridge: self.settings.bridge_name.clone(),
             mtu: self.settings.mtu,
             target,
@@ -589,13 +768,15 @@ impl Daemon {
             v6_prefix: WORKER_SUBNET_V6_PREFIX,
             gw6: node.subnet_v6.bridge(),
         };
-        if let Err(e) = node.netlink.attach(&attach).await {
-            if let Some(name) = netns {
-                let _ = Netlink::delete_named_netns(name).await;
+        match self.plumbing.attach(&attach).await {
+            Ok(index) => Ok(index),
+            Err(e) => {
+                if let Some(name) = netns {
+                    let _ = self.plumbing.delete_netns(name).await;
+                }
+                Err(ApiError::Internal(format!("cannot attach pid {pid}: {e}")))
             }
-            return Err(ApiError::Internal(format!("cannot attach pid {pid}: {e}")));
         }
-        Ok(())
     }
 
     /// `POST /container/undeploy`, `/docker/undeploy`, `/unikernel/undeploy`: always succeeds once registered.
@@ -615,7 +796,7 @@ impl Daemon {
         Ok(())
     }
 
-    async fn detach_locked(&self, node: &mut Node, key: &str) {
+    async fn detach_locked(&self, node: &mut Node<P>, key: &str) {
         let Some(local) = node.locals.remove(key) else {
             return;
         };
@@ -624,11 +805,16 @@ impl Daemon {
             jobs.remove(&IpAddr::V4(local.ns_v4));
             jobs.remove(&IpAddr::V6(local.ns_v6));
         }
-        if let Err(e) = node.netlink.detach(&local.veth).await {
+        if let Some(fast) = &node.fast {
+            fast.remove_local(IpAddr::V4(local.ns_v4));
+            fast.remove_local(IpAddr::V6(local.ns_v6));
+            fast.detach_container(&local.veth);
+        }
+        if let Err(e) = self.plumbing.detach(&local.veth).await {
             tracing::warn!(veth = %local.veth, error = %e, "cannot remove the veth");
         }
         if let Some(name) = &local.netns {
-            let _ = Netlink::delete_named_netns(name).await;
+            let _ = self.plumbing.delete_netns(name).await;
         }
         let _ = node.pool_v4.free(local.ns_v4);
         let _ = node.pool_v6.free(local.ns_v6);
@@ -789,7 +975,11 @@ impl Daemon {
                     }
                     t.snapshot()
                 };
-                shared.table.publish(snap);
+                shared.table.publish(snap.clone());
+                let pruned = shared.prune(&snap);
+                if pruned > 0 {
+                    tracing::debug!(job = %job, flows = pruned, "flows to instances that left the table dropped");
+                }
                 session.add_interest(job);
                 tracing::debug!(job = %job, instances = count, "table updated");
             }
@@ -871,7 +1061,22 @@ impl Daemon {
             if locals.contains(&job) {
                 continue;
             }
-            let last = lock(&self.table).last_used(&job).unwrap_or(0);
+            let mut last = lock(&self.table).last_used(&job).unwrap_or(0);
+            if now.saturating_sub(last) >= INTEREST_TTL {
+                // The fast path forwards without touching the table's usage clocks: ask it before letting go.
+                let targets: Vec<IpAddr> = lock(&self.table).job(&job).map_or_else(Vec::new, |list| {
+                    list.iter()
+                        .flat_map(|i| [Some(IpAddr::V4(i.ns_v4)), i.ns_v6.map(IpAddr::V6)])
+                        .flatten()
+                        .collect()
+                });
+                if let Some(seen) = shared.fast_path_last_use(&targets)
+                    && seen > last
+                {
+                    lock(&self.table).mark_used(&job, seen);
+                    last = seen;
+                }
+            }
             if now.saturating_sub(last) >= INTEREST_TTL {
                 session.remove_interest(&job);
                 session.publish("net/interest/remove", &InterestRemove::new(&job));
@@ -882,7 +1087,8 @@ impl Daemon {
         }
         if changed {
             let snap = lock(&self.table).snapshot();
-            shared.table.publish(snap);
+            shared.table.publish(snap.clone());
+            shared.prune(&snap);
         }
     }
 
@@ -891,7 +1097,7 @@ impl Daemon {
         let Some(node) = guard.as_mut() else {
             return;
         };
-        let Ok(fresh) = self.detect_public(&node.netlink, &node.cluster).await else {
+        let Ok((fresh, _)) = self.detect_public(&node.cluster).await else {
             return;
         };
         if fresh == node.public {
@@ -930,7 +1136,15 @@ impl Daemon {
             "subnet_v4": node.subnet_v4.network().to_string(),
             "subnet_v6": node.subnet_v6.network().to_string(),
             "workers": self.settings.workers,
-            "offload": node.dataplane.offload,
+            "offload": self.plumbing.dataplane_offload(&node.dataplane),
+            "dataplane": {
+                "requested": node.dataplane_state.requested,
+                "mode": node.dataplane_state.mode,
+                "fallback": node.dataplane_state.fallback,
+                "underlay": node.dataplane_state.underlay,
+                "ebpf": node.fast.as_ref().map(|f| f.stats()),
+                "mirror_errors": node.shared.conn.mirror_errors(),
+            },
             "instances": node.locals.values().collect::<Vec<_>>(),
             "table": {"jobs": table.job_names().collect::<Vec<_>>(), "instances": table.len()},
             "interests": node.session.interests(),
@@ -939,7 +1153,8 @@ impl Daemon {
             "counters": {
                 "tun_rx": get(&c.tun_rx), "tun_tx": get(&c.tun_tx), "udp_rx": get(&c.udp_rx),
                 "udp_tx": get(&c.udp_tx), "dropped": get(&c.dropped), "parked": get(&c.parked),
-                "flows": get(&c.flows),
+                "flows": get(&c.flows), "checksums_completed": get(&c.checksums),
+                "segmented": get(&c.segmented),
             },
         })
     }
@@ -956,13 +1171,47 @@ impl Daemon {
         for k in keys {
             self.detach_locked(&mut node, &k).await;
         }
-        node.dataplane.stop();
-        self.teardown_host(&node.netlink).await;
+        if let Some(fast) = node.fast.take()
+            && let Some(iface) = fast.shutdown()
+        {
+            self.plumbing.remove_clsact_if_empty(&iface).await;
+        }
+        self.plumbing.stop_dataplane(&mut node.dataplane);
+        self.teardown_host().await;
         node.session.disconnect().await;
         node.mqtt_pump.abort();
         node.control.abort();
         let _ = std::fs::remove_file(self.state_file());
         tracing::info!("network state removed");
+    }
+}
+
+/// Attaches the fast path's container program to the host end `veth` and records where the container's
+/// addresses are; `false` (with a warning) if that failed: the container then works through the TUN path.
+fn attach_fast_path<F: FastPathOps + ?Sized>(
+    fast: &F,
+    veth: &str,
+    host_index: u32,
+    ns_v4: Ipv4Addr,
+    ns_v6: Ipv6Addr,
+) -> bool {
+    let dest = LocalDest {
+        ifindex: host_index,
+        mac: container_mac(ns_v4),
+        _pad: [0; 2],
+    };
+    let done = fast
+        .set_local(IpAddr::V4(ns_v4), dest)
+        .and_then(|()| fast.set_local(IpAddr::V6(ns_v6), dest))
+        .and_then(|()| fast.attach_container(veth));
+    match done {
+        Ok(()) => true,
+        Err(e) => {
+            fast.remove_local(IpAddr::V4(ns_v4));
+            fast.remove_local(IpAddr::V6(ns_v6));
+            tracing::warn!(veth = %veth, error = %e, "eBPF fast path not attached; this container's flows take the TUN path");
+            false
+        }
     }
 }
 
@@ -1020,5 +1269,373 @@ mod tests {
         ] {
             assert!(!is_local_host(remote), "{remote}");
         }
+    }
+}
+
+/// The daemon's logic over the recording fake: what registration builds and in which order, the fast path or the
+/// fallback from it, attach/detach with the fast path's maps, flows leaving the mirror, leftovers, shutdown.
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "test code")]
+mod logic_tests {
+    use std::{net::IpAddr, sync::Arc};
+
+    use clap::Parser;
+    use oakestra_ebpf_common::{FlowKey, proto};
+    use oakestra_protocol::{
+        addr::{WorkerSubnetV4, WorkerSubnetV6},
+        api::netmanager::{ContainerDeployRequest, UndeployRequest},
+    };
+    use tokio::sync::mpsc;
+
+    use super::*;
+    use crate::{
+        config::{Cli, NetCfg},
+        fastpath::FastPathError,
+        plumbing::fake::Recording,
+        proxy,
+    };
+
+    fn settings(dataplane: &str, state: &std::path::Path) -> Settings {
+        let cli = Cli::parse_from([
+            "NetManager",
+            "--dataplane",
+            dataplane,
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--log-file",
+            "none",
+        ]);
+        Settings::from_parts(&cli.run, &NetCfg::default()).unwrap()
+    }
+
+    fn joined(public: IpAddr) -> Joined {
+        // A session to a port nobody listens on: publishes are queued, nothing is sent.
+        let (session, _inbound, mqtt_pump) = Session::start("127.0.0.1", 1, "n1", None);
+        let (queries, _rx) = mpsc::unbounded_channel();
+        Joined {
+            id: "n1".to_owned(),
+            cluster: "127.0.0.1".to_owned(),
+            session,
+            mqtt_pump,
+            control: tokio::spawn(async {}),
+            subnet_v4: WorkerSubnetV4::new(Ipv4Network::new(Ipv4Addr::new(10, 18, 0, 64), 26).unwrap())
+                .unwrap(),
+            subnet_v6: WorkerSubnetV6::new(
+                Ipv6Network::new(Ipv6Addr::new(0xfc00, 0, 0, 0, 0, 0, 0, 0x100), 120).unwrap(),
+            )
+            .unwrap(),
+            queries,
+            public,
+            public_if: Some("eth0".to_owned()),
+        }
+    }
+
+    /// A daemon over the fake, registered (as `build_node` leaves it) with `dataplane`.
+    async fn registered(
+        dataplane: &str,
+        fast_error: Option<FastPathError>,
+    ) -> (Arc<Daemon<Recording>>, tempdir::Dir) {
+        let dir = tempdir::Dir::new();
+        let fake = Recording::default();
+        *fake.fast_error.lock().unwrap() = fast_error;
+        let d = Daemon::with_plumbing(settings(dataplane, dir.path()), fake);
+        let node = d
+            .build_node(joined(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7))))
+            .await
+            .unwrap();
+        *lock(&d.shared) = Some(node.shared.clone());
+        *d.node.lock().await = Some(node);
+        (d, dir)
+    }
+
+    mod tempdir {
+        /// A directory under the system temp dir, removed on drop.
+        #[derive(Debug)]
+        pub struct Dir(std::path::PathBuf);
+
+        impl Dir {
+            pub fn new() -> Self {
+                static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+                let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let p = std::env::temp_dir().join(format!("nm-logic-{}-{n}", std::process::id()));
+                std::fs::create_dir_all(&p).unwrap();
+                Self(p)
+            }
+
+            pub fn path(&self) -> &std::path::Path {
+                &self.0
+            }
+        }
+
+        impl Drop for Dir {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+    }
+
+    fn deploy_req(pid: i64) -> ContainerDeployRequest {
+        serde_json::from_value(serde_json::json!({
+            "pid": pid, "serviceName": "app.test.srv.test", "instanceNumber": 0, "portMappings": ""
+        }))
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn ebpf_registration_builds_the_host_then_the_fast_path() {
+        let (d, _dir) = registered("ebpf", None).await;
+        assert_eq!(
+            d.plumbing.ops(),
+            [
+                "recreate_bridge",
+                "start_dataplane",
+                "setup_tun",
+                "enable_forwarding",
+                "apply_rules",
+                "load_fastpath",
+                "set_udp_gro"
+            ]
+        );
+        // The bridge gets its fixed MAC; the fast path the worker's underlay address and port; GRO goes off.
+        assert_eq!(
+            d.plumbing.calls_of("recreate_bridge"),
+            ["recreate_bridge goProxyBridge [02, 4e, 0a, 12, 00, 41] 10.18.0.65/26"]
+        );
+        assert_eq!(
+            d.plumbing.calls_of("load_fastpath"),
+            ["load_fastpath flows 65536 port 50103 underlay Some(192.0.2.7)"]
+        );
+        assert_eq!(d.plumbing.calls_of("set_udp_gro"), ["set_udp_gro false"]);
+        let fast = d.plumbing.fast.lock().unwrap().clone().unwrap();
+        assert_eq!(*fast.calls.lock().unwrap(), ["attach_underlay eth0"]);
+        let status = d.status().await;
+        assert_eq!(status["dataplane"]["mode"], "ebpf");
+        assert_eq!(status["dataplane"]["underlay"], "eth0");
+        assert!(status["dataplane"]["fallback"].is_null());
+    }
+
+    #[tokio::test]
+    async fn a_loopback_worker_gets_no_underlay_and_no_encapsulation() {
+        let dir = tempdir::Dir::new();
+        let d = Daemon::with_plumbing(settings("auto", dir.path()), Recording::default());
+        let node = d
+            .build_node(joined(IpAddr::V4(Ipv4Addr::LOCALHOST)))
+            .await
+            .unwrap();
+        assert_eq!(node.dataplane_state.mode, "ebpf");
+        assert_eq!(node.dataplane_state.underlay, None);
+        assert_eq!(
+            d.plumbing.calls_of("load_fastpath"),
+            ["load_fastpath flows 65536 port 50103 underlay None"]
+        );
+        let fast = d.plumbing.fast.lock().unwrap().clone().unwrap();
+        assert!(fast.calls.lock().unwrap().is_empty(), "no underlay attach");
+    }
+
+    #[tokio::test]
+    async fn auto_falls_back_to_tun_and_says_why() {
+        let reason =
+            FastPathError::Permission("loading the object: Operation not permitted (os error 1)".into());
+        let (d, _dir) = registered("auto", Some(reason)).await;
+        let status = d.status().await;
+        assert_eq!(status["dataplane"]["mode"], "tun");
+        assert_eq!(status["dataplane"]["requested"], "auto");
+        let why = status["dataplane"]["fallback"].as_str().unwrap();
+        assert!(why.contains("no permission") && why.contains("CAP_BPF"), "{why}");
+        assert!(
+            d.plumbing.calls_of("set_udp_gro").is_empty(),
+            "GRO stays on for the TUN path"
+        );
+        // Containers are plumbed as ever, without fast-path attachments.
+        let r = d.deploy(deploy_req(42), false).await.unwrap();
+        assert_eq!(r.ns_address, "10.18.0.66");
+        assert!(
+            !d.node
+                .lock()
+                .await
+                .as_ref()
+                .unwrap()
+                .locals
+                .values()
+                .next()
+                .unwrap()
+                .fast_path
+        );
+    }
+
+    #[tokio::test]
+    async fn ebpf_refuses_to_register_without_the_fast_path_and_undoes_the_host() {
+        let dir = tempdir::Dir::new();
+        let fake = Recording::default();
+        *fake.fast_error.lock().unwrap() =
+            Some(FastPathError::Kernel("BPF_MAP_TYPE_LRU_HASH: EINVAL".into()));
+        let d = Daemon::with_plumbing(settings("ebpf", dir.path()), fake);
+        let err = d
+            .build_node(joined(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7))))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--dataplane ebpf") && err.contains("LRU_HASH"),
+            "{err}"
+        );
+        let ops = d.plumbing.ops();
+        let tail: Vec<&str> = ops.iter().rev().take(3).rev().map(String::as_str).collect();
+        assert_eq!(tail, ["stop_dataplane", "remove_rules", "delete_link"], "{ops:?}");
+    }
+
+    #[tokio::test]
+    async fn an_underlay_that_refuses_the_program_means_tun_under_auto() {
+        let dir = tempdir::Dir::new();
+        let fake = Recording::default();
+        fake.fail.lock().unwrap().insert("attach_underlay");
+        let d = Daemon::with_plumbing(settings("auto", dir.path()), fake);
+        let node = d
+            .build_node(joined(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7))))
+            .await
+            .unwrap();
+        assert_eq!(node.dataplane_state.mode, "tun");
+        assert!(node.dataplane_state.fallback.as_deref().unwrap().contains("eth0"));
+        let fast = d.plumbing.fast.lock().unwrap().clone().unwrap();
+        assert_eq!(*fast.calls.lock().unwrap(), ["attach_underlay eth0", "shutdown"]);
+        assert!(!node.shared.conn.mirrored());
+    }
+
+    #[tokio::test]
+    async fn tun_never_loads_the_fast_path() {
+        let (d, _dir) = registered("tun", None).await;
+        assert!(d.plumbing.calls_of("load_fastpath").is_empty());
+        assert_eq!(d.status().await["dataplane"]["mode"], "tun");
+    }
+
+    #[tokio::test]
+    async fn attach_and_detach_keep_the_fast_path_maps_in_step() {
+        let (d, _dir) = registered("ebpf", None).await;
+        let fast = d.plumbing.fast.lock().unwrap().clone().unwrap();
+        let r = d.deploy(deploy_req(42), false).await.unwrap();
+        assert_eq!(
+            (r.ns_address.as_str(), r.ns_address_v6.as_str()),
+            ("10.18.0.66", "fc00::102")
+        );
+        let attach = d.plumbing.calls_of("attach ");
+        assert_eq!(attach.len(), 1);
+        assert!(
+            attach[0].contains("/proc/42/ns/net") && attach[0].contains("[02, 4f, 0a, 12, 00, 42]"),
+            "{attach:?}"
+        );
+        let veth = attach[0].split_whitespace().nth(1).unwrap().to_owned();
+        // Both addresses point at the host end's index (the fake's first is 101) and the container's MAC.
+        let v4: IpAddr = "10.18.0.66".parse().unwrap();
+        let v6: IpAddr = "fc00::102".parse().unwrap();
+        let locals = fast.locals.lock().unwrap().clone();
+        assert_eq!(locals.len(), 2);
+        assert_eq!(locals[&v4].ifindex, 101);
+        assert_eq!(locals[&v4].mac, [0x02, 0x4f, 10, 18, 0, 66]);
+        assert_eq!(locals[&v6], locals[&v4]);
+        assert_eq!(
+            *fast.calls.lock().unwrap(),
+            [
+                "attach_underlay eth0".to_owned(),
+                format!("attach_container {veth}")
+            ]
+        );
+
+        // A flow of the container, written through the connection table, reaches the mirror; undeploying the
+        // container takes its flows out of the kernel too.
+        let shared = d.shared().unwrap();
+        let key = FlowKey::v4(
+            [10, 18, 0, 66],
+            [10, 30, 1, 1],
+            4000u16.to_be(),
+            80u16.to_be(),
+            proto::TCP,
+        );
+        let action = proxy::action(
+            "10.30.0.5".parse().unwrap(),
+            "10.18.0.130".parse().unwrap(),
+            Some("192.0.2.8:50103".parse().unwrap()),
+        );
+        shared.conn.insert(key, action, now_secs(), Some(0x02)).unwrap();
+        assert!(fast.flows.lock().unwrap().contains_key(&key));
+        let undeploy: UndeployRequest = serde_json::from_value(
+            serde_json::json!({"serviceName": "app.test.srv.test", "instanceNumber": 0}),
+        )
+        .unwrap();
+        d.undeploy(undeploy).await.unwrap();
+        assert!(
+            fast.flows.lock().unwrap().is_empty(),
+            "the container's flows left the flow map"
+        );
+        assert!(fast.locals.lock().unwrap().is_empty());
+        assert_eq!(
+            fast.calls.lock().unwrap().last().unwrap(),
+            &format!("detach_container {veth}")
+        );
+        assert_eq!(d.plumbing.calls_of("detach "), [format!("detach {veth}")]);
+    }
+
+    #[tokio::test]
+    async fn a_failed_attach_leaves_no_map_entry_and_frees_the_addresses() {
+        let (d, _dir) = registered("ebpf", None).await;
+        d.plumbing.fail.lock().unwrap().insert("attach");
+        let err = d.deploy(deploy_req(42), false).await.unwrap_err();
+        assert_eq!(err.status(), 500);
+        let fast = d.plumbing.fast.lock().unwrap().clone().unwrap();
+        assert!(fast.locals.lock().unwrap().is_empty());
+        // Both addresses went back to the pools.
+        let guard = d.node.lock().await;
+        let node = guard.as_ref().unwrap();
+        assert!(!node.pool_v4.is_used(Ipv4Addr::new(10, 18, 0, 66)));
+        assert!(!node.pool_v6.is_used("fc00::102".parse().unwrap()));
+        assert!(node.locals.is_empty());
+    }
+
+    #[tokio::test]
+    async fn shutdown_detaches_the_fast_path_before_the_host_goes() {
+        let (d, _dir) = registered("ebpf", None).await;
+        d.deploy(deploy_req(42), false).await.unwrap();
+        let before = d.plumbing.calls.lock().unwrap().len();
+        d.shutdown().await;
+        let after: Vec<String> = d.plumbing.ops()[before..].to_vec();
+        assert_eq!(
+            after,
+            [
+                "detach",
+                "remove_clsact_if_empty",
+                "stop_dataplane",
+                "remove_rules",
+                "delete_link"
+            ]
+        );
+        let fast = d.plumbing.fast.lock().unwrap().clone().unwrap();
+        assert_eq!(fast.calls.lock().unwrap().last().unwrap(), "shutdown");
+    }
+
+    #[tokio::test]
+    async fn leftovers_of_a_killed_run_are_removed_before_anything_else() {
+        let dir = tempdir::Dir::new();
+        std::fs::write(
+            dir.path().join("veths.json"),
+            r#"["veth0012abcd","veth0013efgh"]"#,
+        )
+        .unwrap();
+        let d = Daemon::with_plumbing(settings("auto", dir.path()), Recording::default());
+        d.cleanup_leftovers().await;
+        assert_eq!(d.plumbing.ops(), ["remove_leftover_programs", "detach", "detach"]);
+        assert!(!dir.path().join("veths.json").exists());
+        // Without a state file, only the programs are looked for.
+        let d = Daemon::with_plumbing(settings("auto", dir.path()), Recording::default());
+        d.cleanup_leftovers().await;
+        assert_eq!(d.plumbing.ops(), ["remove_leftover_programs"]);
+    }
+
+    #[test]
+    fn macs_are_locally_administered_distinct_and_stable() {
+        let c = container_mac(Ipv4Addr::new(10, 18, 0, 66));
+        let b = bridge_mac(Ipv4Addr::new(10, 18, 0, 65));
+        assert_eq!(c, [0x02, 0x4f, 10, 18, 0, 66]);
+        assert_eq!(c[0] & 0x03, 0x02, "locally administered unicast");
+        assert_eq!(b[0] & 0x03, 0x02);
+        assert_ne!(bridge_mac(Ipv4Addr::new(10, 18, 0, 66)), c);
     }
 }

@@ -105,6 +105,8 @@ pub struct Dataplane {
     stop: Arc<AtomicBool>,
     wake: Vec<UnixStream>,
     threads: Vec<JoinHandle<()>>,
+    /// The tunnel sockets' descriptors (owned by the threads, valid until [`Dataplane::stop`] joins them).
+    udp_fds: Vec<RawFd>,
     /// Whether the TUN runs with offloads.
     pub offload: bool,
 }
@@ -163,6 +165,7 @@ impl Dataplane {
         let stop = Arc::new(AtomicBool::new(false));
         let mut wake = Vec::new();
         let mut threads = Vec::new();
+        let mut udp_fds = Vec::new();
         for (index, tun) in queues.into_iter().enumerate() {
             tun.set_nonblocking(true).map_err(tun_err)?;
             let addr = SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), cfg.tunnel_port);
@@ -170,6 +173,7 @@ impl Dataplane {
                 port: cfg.tunnel_port,
                 reason: e.to_string(),
             })?;
+            udp_fds.push(udp.as_raw_fd());
             let (wake_r, wake_w) = pipe().map_err(|e| DataplaneError::Thread(e.to_string()))?;
             wake.push(wake_w);
             let worker = Worker::new(
@@ -193,8 +197,34 @@ impl Dataplane {
             stop,
             wake,
             threads,
+            udp_fds,
             offload,
         })
+    }
+
+    /// Turns UDP GRO on the tunnel sockets on or off. With the eBPF fast path it is off: GRO would merge a
+    /// flow's datagrams before tc sees them, and the kernel could then not decapsulate them one by one.
+    pub fn set_udp_gro(&self, on: bool) {
+        if self.threads.is_empty() {
+            return;
+        }
+        for fd in &self.udp_fds {
+            let value: libc::c_int = i32::from(on);
+            // SAFETY: `fd` is an open socket owned by a running dataplane thread (they only stop in `stop`, which
+            // takes `&mut self`); `value` is a valid c_int for the call.
+            let rc = unsafe {
+                libc::setsockopt(
+                    *fd,
+                    libc::SOL_UDP,
+                    crate::udp::UDP_GRO,
+                    std::ptr::from_ref(&value).cast(),
+                    libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>()).unwrap_or(4),
+                )
+            };
+            if rc != 0 {
+                tracing::debug!(error = %io::Error::last_os_error(), "cannot change UDP GRO on a tunnel socket");
+            }
+        }
     }
 
     /// Stops the threads (they drop their TUN queues, which removes the device).
@@ -206,6 +236,7 @@ impl Dataplane {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
+        self.udp_fds.clear();
     }
 }
 
@@ -225,6 +256,8 @@ struct Worker {
     offset: usize,
     /// Bytes of one packet buffer: headroom + MTU + slack.
     slot_len: usize,
+    /// The TUN's MTU: longer inner packets from peers are cut into segments first.
+    mtu: usize,
     reader: Reader,
     /// The raw read buffer (virtio header + up to 64 KiB super-packet).
     original: Vec<u8>,
@@ -301,6 +334,7 @@ impl Worker {
             stop,
             offset,
             slot_len: slot,
+            mtu: usize::from(mtu),
             reader,
             original: vec![0; VIRTIO_NET_HDR_LEN + 65_536],
             rx: (0..BATCH).map(|_| vec![0; slot]).collect(),
@@ -410,29 +444,47 @@ impl Worker {
             let now = now_secs();
             let shared = self.shared.clone();
             let offset = self.offset;
-            for (_from, datagram) in self.recv.datagrams() {
-                tally.udp_rx += 1;
-                if self.tx_len == self.tx.len() {
-                    write_tun(
-                        &self.tun,
-                        &mut self.gro,
-                        &mut self.tx,
-                        &mut self.tx_len,
-                        offset,
-                        tally,
-                    );
+            let mtu = self.mtu;
+            let (tun, gro, tx, tx_len, released) = (
+                &self.tun,
+                &mut self.gro,
+                &mut self.tx,
+                &mut self.tx_len,
+                &mut self.released,
+            );
+            // One inner packet into a TUN write slot and through the inbound translation.
+            let mut deliver = |pkt: &[u8], tally: &mut Tally| {
+                if *tx_len == tx.len() {
+                    write_tun(tun, gro, tx, tx_len, offset, tally);
                 }
-                let Some(buf) = take_tx(&mut self.tx, &mut self.tx_len, offset, datagram) else {
+                let Some(buf) = take_tx(tx, tx_len, offset, pkt) else {
                     tally.dropped += 1;
-                    continue;
+                    return;
                 };
-                match shared.ingoing(now, &mut buf[offset..], &mut self.released) {
+                match shared.ingoing(now, &mut buf[offset..], released) {
                     Verdict::Local | Verdict::Loop => tally.tun_tx += 1,
-                    Verdict::Held => self.tx_len -= 1,
+                    Verdict::Held => *tx_len -= 1,
                     _ => {
-                        self.tx_len -= 1;
+                        *tx_len -= 1;
                         tally.dropped += 1;
                     }
+                }
+            };
+            for (_from, datagram) in self.recv.datagrams() {
+                tally.udp_rx += 1;
+                if datagram.len() <= mtu {
+                    deliver(datagram, tally);
+                    continue;
+                }
+                // A TCP super-packet that a peer's eBPF fast path sent whole (GSO) over links that keep offloads
+                // (veth, virtio): cut here into MTU-sized segments, as the peer's NIC would have.
+                let cut = crate::packet::parse(datagram)
+                    .and_then(|h| crate::packet::segment_tcp(datagram, &h, mtu, |seg| deliver(seg, tally)));
+                match cut {
+                    Ok(_) => {
+                        shared.counters.segmented.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(_) => tally.dropped += 1,
                 }
             }
             self.drain_released(now, tally);

@@ -9,6 +9,8 @@
 //! - [`dataplane`]: the TUN/UDP threads.
 //! - [`packet`], [`conntrack`], [`frag`], [`udp`]: parsing and rewriting, the connection table, fragment series,
 //!   batched UDP.
+//! - [`fastpath`]: the eBPF fast path (loader, maps, tc attachments); [`plumbing`]: the seam between the daemon and
+//!   every kernel change it makes.
 //! - [`netlink`], [`nft`], [`sysctl`]: host plumbing (links, addresses, routes, namespaces; nftables; sysctls).
 
 pub mod api;
@@ -16,10 +18,12 @@ pub mod config;
 pub mod conntrack;
 pub mod daemon;
 pub mod dataplane;
+pub mod fastpath;
 pub mod frag;
 pub mod netlink;
 pub mod nft;
 pub mod packet;
+pub mod plumbing;
 pub mod proxy;
 pub mod session;
 pub mod sysctl;
@@ -44,6 +48,9 @@ pub enum Error {
         /// The OS error.
         reason: String,
     },
+    /// The kernel plumbing could not be set up.
+    #[error("cannot open the kernel interfaces: {0}")]
+    Plumbing(#[from] netlink::PlumbError),
     /// `status`: the daemon did not answer.
     #[error("NetManager is not running or not reachable on {socket}: {reason}")]
     NotRunning {
@@ -56,7 +63,7 @@ pub enum Error {
 
 /// Runs the daemon until `shutdown` turns true, then removes the network state it created.
 pub async fn run(settings: Settings, mut shutdown: tokio::sync::watch::Receiver<bool>) -> Result<(), Error> {
-    let daemon = daemon::Daemon::new(settings.clone());
+    let daemon = daemon::Daemon::new(settings.clone(), plumbing::Kernel::connect()?);
     daemon.cleanup_leftovers().await;
     let socket = settings.socket.clone();
     if let Some(dir) = socket.parent() {

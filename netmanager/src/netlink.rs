@@ -20,6 +20,7 @@ use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute,
 use rtnetlink::packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteScope, RouteType,
 };
+use rtnetlink::packet_route::tc::TcHandle;
 use rtnetlink::{
     Handle, LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVeth, NetworkNamespace, RouteMessageBuilder,
 };
@@ -180,6 +181,8 @@ pub struct Attach {
     pub host_name: String,
     /// The container end, moved into `target` and configured there under this name.
     pub peer_name: String,
+    /// The container end's MAC address (set, not random: the fast path addresses frames to it).
+    pub peer_mac: [u8; 6],
     /// The bridge the host end joins.
     pub bridge: String,
     /// MTU of both ends.
@@ -305,10 +308,15 @@ impl Netlink {
 
     /// (Re)creates bridge `name`: deletes any existing link of that name, creates the bridge, sets its MTU, adds both
     /// addresses (IPv6 without duplicate address detection) and brings it up. Returns its index.
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "the bridge's settings, each with its own type"
+    )]
     pub async fn recreate_bridge(
         &self,
         name: &str,
         mtu: u32,
+        mac: [u8; 6],
         v4: Ipv4Addr,
         v4_prefix: u8,
         v6: Ipv6Addr,
@@ -325,11 +333,18 @@ impl Netlink {
         let index = require_index(h, name).await?;
         // Set after creation (not as a creation attribute) so the kernel records it as chosen by the user and the
         // bridge keeps it instead of following its ports' MTUs.
+        // The MAC too: a bridge whose address was never set takes its lowest port's, which changes with every
+        // container.
         h.link()
-            .set(LinkUnspec::new_with_index(index).mtu(mtu).build())
+            .set(
+                LinkUnspec::new_with_index(index)
+                    .mtu(mtu)
+                    .address(mac.to_vec())
+                    .build(),
+            )
             .execute()
             .await
-            .map_err(nl_err("set the MTU of", format!("{name} to {mtu}")))?;
+            .map_err(nl_err("set the MTU and MAC of", format!("{name} to {mtu}")))?;
         add_v4(h, index, name, v4, v4_prefix).await?;
         add_v6_nodad(h, index, name, v6, v6_prefix).await?;
         set_up(h, index, name).await?;
@@ -407,9 +422,10 @@ impl Netlink {
     }
 
     /// Wires a container: a veth pair whose host end joins `a.bridge` and whose peer is created directly inside the
-    /// target namespace, where it gets both addresses and the default routes (and `lo` comes up). If anything fails
-    /// after the pair exists, the host end (and so the pair) is deleted before the error is returned.
-    pub async fn attach(&self, a: &Attach) -> Result<(), PlumbError> {
+    /// target namespace, where it gets both addresses and the default routes (and `lo` comes up). Returns the host
+    /// end's interface index. If anything fails after the pair exists, the host end (and so the pair) is deleted
+    /// before the error is returned.
+    pub async fn attach(&self, a: &Attach) -> Result<u32, PlumbError> {
         let h = &self.handle;
         // Everything that can be checked before creating links is checked first: then a failure leaves nothing.
         let bridge = index_of(h, &a.bridge)
@@ -426,6 +442,7 @@ impl Netlink {
         // belong to another container's pair that we must not delete.
         let peer = LinkUnspec::new_with_name(&a.peer_name)
             .mtu(a.mtu)
+            .address(a.peer_mac.to_vec())
             .setns_by_fd(ns.as_raw_fd())
             .build();
         let pair = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
@@ -444,7 +461,7 @@ impl Netlink {
         ))?;
 
         match self.configure_attached(a, bridge, &ns, &ns_path).await {
-            Ok(()) => Ok(()),
+            Ok(index) => Ok(index),
             Err(e) => {
                 if let Err(cleanup) = self.delete_link(&a.host_name).await {
                     tracing::warn!(link = %a.host_name, error = %cleanup, "could not remove the veth pair of a failed attach");
@@ -454,14 +471,14 @@ impl Netlink {
         }
     }
 
-    /// The steps of `attach` after the pair exists.
+    /// The steps of `attach` after the pair exists; returns the host end's index.
     async fn configure_attached(
         &self,
         a: &Attach,
         bridge: u32,
         ns: &File,
         ns_path: &Path,
-    ) -> Result<(), PlumbError> {
+    ) -> Result<u32, PlumbError> {
         let h = &self.handle;
         let host = require_index(h, &a.host_name).await?;
         h.link()
@@ -507,7 +524,103 @@ impl Netlink {
                 "add route",
                 format!("::/0 via {} dev {}", a.gw6, a.peer_name),
             ))?;
-        Ok(())
+        Ok(host)
+    }
+
+    /// Removes the clsact qdisc of link `name` when no filter is attached to either of its hooks; `Ok(false)`
+    /// when it stayed (a filter of someone else, or no such link).
+    pub async fn remove_clsact_if_empty(&self, name: &str) -> Result<bool, PlumbError> {
+        let h = &self.handle;
+        let Some(index) = index_of(h, name).await? else {
+            return Ok(false);
+        };
+        let index = i32::try_from(index).unwrap_or(i32::MAX);
+        let ingress: Vec<_> = h
+            .traffic_filter(index)
+            .get()
+            .ingress()
+            .execute()
+            .try_collect()
+            .await
+            .unwrap_or_default();
+        let egress: Vec<_> = h
+            .traffic_filter(index)
+            .get()
+            .egress()
+            .execute()
+            .try_collect()
+            .await
+            .unwrap_or_default();
+        if !ingress.is_empty() || !egress.is_empty() {
+            return Ok(false);
+        }
+        let mut req = h.qdisc().del(index);
+        // TC_H_CLSACT (ffff:fff1), handle ffff:0: what `tc qdisc del dev X clsact` sends.
+        req.message_mut().header.parent = TcHandle {
+            major: 0xffff,
+            minor: 0xfff1,
+        };
+        req.message_mut().header.handle = TcHandle {
+            major: 0xffff,
+            minor: 0,
+        };
+        match req.execute().await {
+            Ok(()) => Ok(true),
+            Err(e) if matches!(errno(&e), Some(libc::ENOENT | libc::EINVAL)) => Ok(false),
+            Err(e) => Err(nl_err("delete the clsact qdisc of", name)(e)),
+        }
+    }
+
+    /// The names of every link in this network namespace.
+    pub async fn link_names(&self) -> Result<Vec<String>, PlumbError> {
+        Ok(list_links(&self.handle)
+            .await?
+            .into_iter()
+            .map(|l| l.name)
+            .collect())
+    }
+
+    /// The MAC address of link `name`.
+    pub async fn mac_of(&self, name: &str) -> Result<[u8; 6], PlumbError> {
+        let mut reply = self.handle.link().get().match_name(name.to_owned()).execute();
+        let msg = reply
+            .try_next()
+            .await
+            .map_err(nl_err("look up link", name))?
+            .ok_or_else(|| PlumbError::LinkMissing(name.to_owned()))?;
+        msg.attributes
+            .iter()
+            .find_map(|a| match a {
+                LinkAttribute::Address(mac) => <[u8; 6]>::try_from(mac.as_slice()).ok(),
+                _ => None,
+            })
+            .ok_or_else(|| PlumbError::LinkMissing(format!("{name} (no MAC address)")))
+    }
+
+    /// The name of the link that holds address `addr`, if any.
+    pub async fn link_with_address(&self, addr: IpAddr) -> Result<Option<String>, PlumbError> {
+        let h = &self.handle;
+        let messages: Vec<_> = h
+            .address()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl_err("list", "addresses"))?;
+        let index = messages.iter().find_map(|m| {
+            m.attributes
+                .iter()
+                .any(|a| matches!(a, AddressAttribute::Local(x) | AddressAttribute::Address(x) if *x == addr))
+                .then_some(m.header.index)
+        });
+        let Some(index) = index else {
+            return Ok(None);
+        };
+        Ok(list_links(h)
+            .await?
+            .into_iter()
+            .find(|l| l.index == index)
+            .map(|l| l.name))
     }
 
     /// Removes a container's veth pair by its host end; an absent pair is fine.

@@ -633,6 +633,160 @@ fn update_checksum(buf: &mut [u8], pos: usize, delta: u32, udp: bool) {
     field.copy_from_slice(&new.to_be_bytes());
 }
 
+/// The one's-complement sum of `data` as 16-bit big-endian words (an odd last byte padded with zero), added to
+/// `initial`, not folded.
+fn sum_words(data: &[u8], initial: u64) -> u64 {
+    let mut chunks = data.chunks_exact(2);
+    let mut sum = initial;
+    for c in &mut chunks {
+        sum += u64::from(u16::from_be_bytes([c[0], c[1]]));
+    }
+    if let [last] = chunks.remainder() {
+        sum += u64::from(u16::from_be_bytes([*last, 0]));
+    }
+    sum
+}
+
+fn fold64(mut sum: u64) -> u16 {
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    #[allow(clippy::cast_possible_truncation, reason = "the loop leaves at most 16 bits")]
+    let folded = sum as u16;
+    folded
+}
+
+/// The pseudo-header sum (not folded) of a transport segment of `l4_len` bytes of `protocol` between the
+/// packet's addresses.
+fn pseudo_header_sum(h: &Headers, protocol: u8, l4_len: usize) -> u64 {
+    let mut sum = sum_words(&addr_bytes(h.src)[..if h.src.is_ipv4() { 4 } else { 16 }], 0);
+    sum = sum_words(&addr_bytes(h.dst)[..if h.dst.is_ipv4() { 4 } else { 16 }], sum);
+    sum + u64::from(protocol) + l4_len as u64
+}
+
+/// Where the transport checksum of a whole (unfragmented) TCP or UDP packet sits, and its segment's bounds.
+fn l4_checksum_at(h: &Headers) -> Option<(usize, std::ops::Range<usize>)> {
+    if h.frag.is_some() {
+        return None;
+    }
+    let at = match h.l4 {
+        L4::Tcp { .. } => 16,
+        L4::Udp { .. } => 6,
+        _ => return None,
+    };
+    Some((h.l4_offset + at, h.l4_offset..h.total_len))
+}
+
+/// Completes a transport checksum that holds only its pseudo-header sum, in place; returns whether it did.
+///
+/// That is what a kernel sender leaves in a packet whose checksum it offloads (CHECKSUM_PARTIAL). Such packets
+/// reach this worker's TUN path when another worker's eBPF fast path encapsulated them and nothing between the
+/// two resolved the offload (veth and virtio links pass it on): the slow path must then finish the checksum, or
+/// the container drops the packet. A complete checksum that happens to equal the pseudo-header sum (1 in 65536)
+/// is recomputed to the same value, so the test needs no other hint.
+pub fn complete_partial_checksum(buf: &mut [u8], h: &Headers) -> bool {
+    let Some((at, segment)) = l4_checksum_at(h) else {
+        return false;
+    };
+    let (Some(field), Some(_)) = (buf.get(at..at + 2), buf.get(segment.clone())) else {
+        return false;
+    };
+    let stored = u16::from_be_bytes([field[0], field[1]]);
+    let pseudo = pseudo_header_sum(h, h.protocol, segment.len());
+    if stored == 0 || stored != fold64(pseudo) {
+        return false;
+    }
+    buf[at] = 0;
+    buf[at + 1] = 0;
+    let mut sum = !fold64(sum_words(&buf[segment], pseudo));
+    if sum == 0 && matches!(h.l4, L4::Udp { .. }) {
+        sum = 0xffff;
+    }
+    buf[at..at + 2].copy_from_slice(&sum.to_be_bytes());
+    true
+}
+
+/// Cuts a TCP packet longer than `mtu` (a GSO super-packet a kernel fast path sent whole over links that keep
+/// offloads) into segments of at most `mtu` bytes, each with its own IP length (and IPv4 id and checksum), TCP
+/// sequence number and a complete TCP checksum; FIN and PSH stay on the last segment, CWR on the first. Each
+/// segment is handed to `out`. Returns the number of segments.
+pub fn segment_tcp(
+    pkt: &[u8],
+    h: &Headers,
+    mtu: usize,
+    mut out: impl FnMut(&[u8]),
+) -> Result<usize, PacketError> {
+    let L4::Tcp { flags, .. } = h.l4 else {
+        return Err(PacketError::L4HeaderMissing(h.protocol));
+    };
+    if h.frag.is_some() {
+        return Err(PacketError::L4HeaderMissing(h.protocol));
+    }
+    let l4 = h.l4_offset;
+    let tcp_len = pkt
+        .get(l4 + 12)
+        .map(|b| usize::from(b >> 4) * 4)
+        .filter(|n| *n >= 20)
+        .ok_or(PacketError::L4HeaderMissing(h.protocol))?;
+    let hdr_len = l4 + tcp_len;
+    let payload = pkt
+        .get(hdr_len..h.total_len)
+        .ok_or(PacketError::L4HeaderMissing(h.protocol))?;
+    let mss = mtu.saturating_sub(hdr_len);
+    if mss == 0 {
+        return Err(PacketError::Mismatch {
+            what: "MTU below the headers",
+            value: mtu,
+        });
+    }
+    let v6 = h.src.is_ipv6();
+    let seq0 = u32::from_be_bytes([pkt[l4 + 4], pkt[l4 + 5], pkt[l4 + 6], pkt[l4 + 7]]);
+    let id0 = if v6 {
+        0
+    } else {
+        u16::from_be_bytes([pkt[4], pkt[5]])
+    };
+    let chunks = payload.chunks(mss);
+    let count = chunks.len();
+    let mut seg = Vec::with_capacity(mtu);
+    for (i, chunk) in chunks.enumerate() {
+        seg.clear();
+        seg.extend_from_slice(&pkt[..hdr_len]);
+        seg.extend_from_slice(chunk);
+        let len = seg.len();
+        let offset = u32::try_from(i * mss).unwrap_or(u32::MAX);
+        let last = i + 1 == count;
+        if v6 {
+            let payload_len = u16::try_from(len - 40).unwrap_or(u16::MAX);
+            seg[4..6].copy_from_slice(&payload_len.to_be_bytes());
+        } else {
+            let total = u16::try_from(len).unwrap_or(u16::MAX);
+            seg[2..4].copy_from_slice(&total.to_be_bytes());
+            let id = id0.wrapping_add(u16::try_from(i).unwrap_or(0));
+            seg[4..6].copy_from_slice(&id.to_be_bytes());
+            seg[10] = 0;
+            seg[11] = 0;
+            let check = !fold64(sum_words(&seg[..l4], 0));
+            seg[10..12].copy_from_slice(&check.to_be_bytes());
+        }
+        seg[l4 + 4..l4 + 8].copy_from_slice(&seq0.wrapping_add(offset).to_be_bytes());
+        let mut f = flags;
+        if !last {
+            f &= !(tcp_flags::FIN | tcp_flags::PSH);
+        }
+        if i > 0 {
+            f &= !tcp_flags::CWR;
+        }
+        seg[l4 + 13] = f;
+        seg[l4 + 16] = 0;
+        seg[l4 + 17] = 0;
+        let sum = !fold64(sum_words(&seg[l4..], pseudo_header_sum(h, h.protocol, len - l4)));
+        seg[l4 + 16..l4 + 18].copy_from_slice(&sum.to_be_bytes());
+        out(&seg);
+    }
+    Ok(count)
+}
+
 #[cfg(test)]
 mod tests {
     use etherparse::{
@@ -1272,5 +1426,121 @@ mod tests {
         b[0] = 0xfc;
         b[15] = last;
         Ipv6Addr::from(b)
+    }
+
+    /// Replaces the transport checksum of `pkt` with its pseudo-header sum, as a kernel sender leaves it when the
+    /// checksum is offloaded (CHECKSUM_PARTIAL).
+    fn make_partial(pkt: &mut [u8]) {
+        let h = parse(pkt).unwrap();
+        let (at, segment) = l4_checksum_at(&h).unwrap();
+        let pseudo = fold64(pseudo_header_sum(&h, h.protocol, segment.len()));
+        pkt[at..at + 2].copy_from_slice(&pseudo.to_be_bytes());
+    }
+
+    #[test]
+    fn partial_checksums_are_completed_and_complete_ones_left_alone() {
+        for (name, mut pkt) in [
+            ("tcp4", build_v4(V4A, V4B, T::Tcp, &payload(1000))),
+            ("udp4", build_v4(V4A, V4B, T::Udp, &payload(333))),
+            (
+                "tcp6",
+                build_v6(v6("fc00::2"), v6("fdff:2000::55"), T::Tcp, &payload(999)),
+            ),
+            (
+                "udp6",
+                build_v6(v6("fc00::2"), v6("fdff:2000::55"), T::Udp, &payload(2)),
+            ),
+        ] {
+            let good = pkt.clone();
+            let h = parse(&pkt).unwrap();
+            assert!(
+                !complete_partial_checksum(&mut pkt, &h),
+                "{name}: complete left alone"
+            );
+            assert_eq!(pkt, good, "{name}");
+            make_partial(&mut pkt);
+            assert_ne!(pkt, good, "{name}: the test made it partial");
+            let h = parse(&pkt).unwrap();
+            assert!(
+                complete_partial_checksum(&mut pkt, &h),
+                "{name}: partial completed"
+            );
+            assert_eq!(pkt, good, "{name}: byte for byte what a full computation gives");
+            assert_checksums(&pkt);
+        }
+        // ICMP and fragments are not touched.
+        let mut icmp = build_v4(V4A, V4B, T::EchoReq, &payload(10));
+        let h = parse(&icmp).unwrap();
+        assert!(!complete_partial_checksum(&mut icmp, &h));
+    }
+
+    #[test]
+    fn a_partial_checksum_survives_the_rewrite_once_completed() {
+        // What the TUN path does with a packet a peer's fast path sent: complete first, then translate.
+        let mut pkt = build_v4(V4C, V4A, T::Tcp, &payload(500));
+        make_partial(&mut pkt);
+        let h = parse(&pkt).unwrap();
+        assert!(complete_partial_checksum(&mut pkt, &h));
+        rewrite(&mut pkt, &h, IpAddr::V4(V4B), IpAddr::V4(V4A)).unwrap();
+        assert_checksums(&pkt);
+    }
+
+    fn tcp_flags_of(seg: &[u8], l4: usize) -> u8 {
+        seg[l4 + 13]
+    }
+
+    #[test]
+    fn super_packets_are_cut_into_mtu_segments_with_their_own_headers() {
+        for is_v6 in [false, true] {
+            let data = payload(4000);
+            let (src, dst) = (v6("fc00::2"), v6("fdff::7"));
+            let b = if is_v6 {
+                PacketBuilder::ipv6(src.octets(), dst.octets(), 64)
+            } else {
+                PacketBuilder::ipv4(V4A.octets(), V4B.octets(), 64)
+            };
+            let mut pkt = Vec::new();
+            b.tcp(40000, 80, 1_000_000, 1024)
+                .ack(5)
+                .psh()
+                .fin()
+                .write(&mut pkt, &data)
+                .unwrap();
+            // As a fast path sends it: offloaded checksum, one packet of 4000 bytes of data.
+            make_partial(&mut pkt);
+            let h = parse(&pkt).unwrap();
+            let mut segs: Vec<Vec<u8>> = Vec::new();
+            let n = segment_tcp(&pkt, &h, 1450, |s| segs.push(s.to_vec())).unwrap();
+            assert_eq!(n, segs.len());
+            let l4 = if is_v6 { 40 } else { 20 };
+            let mss = 1450 - l4 - 20;
+            assert_eq!(n, data.len().div_ceil(mss), "v6 {is_v6}");
+            let mut joined = Vec::new();
+            for (i, seg) in segs.iter().enumerate() {
+                assert!(seg.len() <= 1450, "segment {i}: {} bytes", seg.len());
+                assert_checksums(seg);
+                let sh = parse(seg).unwrap();
+                assert_eq!(sh.total_len, seg.len());
+                let seq = u32::from_be_bytes([seg[l4 + 4], seg[l4 + 5], seg[l4 + 6], seg[l4 + 7]]);
+                assert_eq!(seq, 1_000_000 + u32::try_from(i * mss).unwrap());
+                let f = tcp_flags_of(seg, l4);
+                let last = i + 1 == n;
+                assert_eq!(f & tcp_flags::FIN != 0, last, "FIN on the last segment only");
+                assert_eq!(f & tcp_flags::PSH != 0, last, "PSH on the last segment only");
+                assert!(f & tcp_flags::ACK != 0);
+                if !is_v6 {
+                    assert_eq!(
+                        u16::from_be_bytes([seg[4], seg[5]]),
+                        u16::from_be_bytes([pkt[4], pkt[5]]).wrapping_add(u16::try_from(i).unwrap())
+                    );
+                }
+                joined.extend_from_slice(&seg[l4 + 20..]);
+            }
+            assert_eq!(joined, data, "the data, in order, once");
+        }
+        // Not TCP: refused.
+        let udp = build_v4(V4A, V4B, T::Udp, &payload(3000));
+        let h = parse(&udp).unwrap();
+        assert!(segment_tcp(&udp, &h, 1450, |_| {}).is_err());
     }
 }

@@ -138,6 +138,10 @@ pub struct Counters {
     pub parked: AtomicU64,
     /// New flows.
     pub flows: AtomicU64,
+    /// Packets from peers whose offloaded (pseudo-header only) transport checksum was completed here.
+    pub checksums: AtomicU64,
+    /// Packets from peers longer than the MTU (GSO super-packets) cut into segments here.
+    pub segmented: AtomicU64,
 }
 
 /// How a fragment series is handled: the first fragment's action, or `None` for "delivered unchanged".
@@ -202,6 +206,36 @@ pub fn action(new_src: IpAddr, new_dst: IpAddr, tunnel: Option<SocketAddr>) -> F
         tunnel_port,
         _pad: [0; 2],
     }
+}
+
+/// The two connection-table entries of a new flow, as the slow path decides it and writes them (also into the eBPF
+/// flow map): `key` is the first packet's (client namespace address → `dialled` address), the client's instance
+/// address is `src_inst`, the chosen instance has namespace address `t_ns` and instance address `t_inst` and runs
+/// behind `tunnel` (None: on this worker).
+///
+/// - forward: `key` → src becomes `src_inst`, dst becomes `t_ns`, sent through `tunnel`;
+/// - reply: the instance answers from its instance address to the client's namespace address, which must look as
+///   if it came from the address the client dialled: (`t_inst` → client, ports swapped) → src becomes `dialled`,
+///   dst stays the client, delivered here.
+pub fn flow_pair(
+    key: &FlowKey,
+    dialled: IpAddr,
+    src_inst: IpAddr,
+    t_ns: IpAddr,
+    t_inst: IpAddr,
+    tunnel: Option<SocketAddr>,
+) -> [(FlowKey, FlowAction); 2] {
+    let v4 = key.family == oakestra_ebpf_common::family::V4;
+    let client = packet::addr_from_bytes(&key.src_addr, v4);
+    let forward = action(src_inst, t_ns, tunnel);
+    let reply_key = FlowKey {
+        src_addr: packet::addr_bytes(t_inst),
+        dst_addr: key.src_addr,
+        src_port: key.dst_port,
+        dst_port: key.src_port,
+        ..*key
+    };
+    [(*key, forward), (reply_key, action(dialled, client, None))]
 }
 
 /// Where an action sends the packet (None: deliver on this node).
@@ -272,6 +306,32 @@ impl Shared {
         self.conn.sweep(now)
     }
 
+    /// Drops every flow whose destination instance on another worker is no longer in `snap` (after a table
+    /// update): the fast path forwards without asking the table, so a removed instance's flows must leave its map
+    /// at once. New packets of such flows are balanced again by the slow path. Returns how many were dropped.
+    pub fn prune(&self, snap: &Snapshot) -> usize {
+        self.conn.retain(|k, a| {
+            let dst = from16(a.new_dst, k.family == oakestra_ebpf_common::family::V6);
+            self.is_local(dst) || snap.has_ns(dst)
+        })
+    }
+
+    /// When the fast path last forwarded a packet to any of the namespace addresses `targets` (in `now_secs`
+    /// time): the table's usage clocks only see the slow path, so an interest about to expire asks this first.
+    pub fn fast_path_last_use(&self, targets: &[IpAddr]) -> Option<u32> {
+        if !self.conn.mirrored() || targets.is_empty() {
+            return None;
+        }
+        let wanted: Vec<[u8; 16]> = targets.iter().map(|a| packet::addr_bytes(*a)).collect();
+        let mut keys = Vec::new();
+        self.conn.for_each(|k, a, _| {
+            if keys.len() < 256 && wanted.contains(&a.new_dst) {
+                keys.push(*k);
+            }
+        });
+        keys.iter().filter_map(|k| self.conn.mirror_last_seen(k)).max()
+    }
+
     fn verdict_for(&self, a: &FlowAction, new_dst: IpAddr) -> Verdict {
         match action_tunnel(a) {
             Some(to) => Verdict::Tunnel(to),
@@ -334,17 +394,7 @@ impl Shared {
             return Verdict::Drop(Drop::NoAddress);
         };
         let tunnel = (!self.is_local(t_ns)).then_some(target.node);
-        let forward = action(src_inst, t_ns, tunnel);
-        // The reply comes back from the target's instance address to the client's namespace address and must
-        // look as if it came from the address the client dialled.
-        let reply_key = FlowKey {
-            src_addr: packet::addr_bytes(t_inst),
-            dst_addr: packet::addr_bytes(h.src),
-            src_port: key.dst_port,
-            dst_port: key.src_port,
-            ..key
-        };
-        let reply = action(h.dst, h.src, None);
+        let [(key, forward), (reply_key, reply)] = flow_pair(&key, h.dst, src_inst, t_ns, t_inst, tunnel);
         if self.conn.insert(key, forward, now, flags).is_err()
             || self.conn.insert(reply_key, reply, now, None).is_err()
         {
@@ -362,6 +412,10 @@ impl Shared {
         };
         if h.is_later_fragment() {
             return self.later_fragment(&self.frag_in, &h, pkt, now);
+        }
+        // Before any rewrite: an incremental update of a pseudo-header-only checksum would not give one either.
+        if packet::complete_partial_checksum(pkt, &h) {
+            self.counters.checksums.fetch_add(1, Ordering::Relaxed);
         }
         let v6 = h.dst.is_ipv6();
         if let Some(key) = packet::flow_key(&h)
@@ -443,5 +497,247 @@ impl Shared {
                 Err(_) => Verdict::Drop(Drop::Full),
             },
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "test code")]
+mod tests {
+    use std::{
+        net::{Ipv4Addr, Ipv6Addr},
+        sync::Arc,
+    };
+
+    use oakestra_ebpf_common::{FlowEntry, family, proto};
+
+    use super::*;
+    use crate::{
+        conntrack::FlowMirror,
+        plumbing::fake::FakeFastPath,
+        table::{Instance, Policy, Table},
+    };
+
+    const CLIENT_NS: Ipv4Addr = Ipv4Addr::new(10, 18, 0, 2);
+    const CLIENT_INST: Ipv4Addr = Ipv4Addr::new(10, 30, 0, 5);
+    const SERVER_NS: Ipv4Addr = Ipv4Addr::new(10, 18, 0, 66);
+    const SERVER_INST: Ipv4Addr = Ipv4Addr::new(10, 30, 0, 7);
+    const RR: Ipv4Addr = Ipv4Addr::new(10, 30, 55, 55);
+
+    fn v4(a: Ipv4Addr) -> IpAddr {
+        IpAddr::V4(a)
+    }
+
+    #[test]
+    fn a_flow_decision_becomes_two_entries_as_the_wire_contract_says() {
+        let key = FlowKey::v4(
+            CLIENT_NS.octets(),
+            RR.octets(),
+            40000u16.to_be(),
+            80u16.to_be(),
+            proto::TCP,
+        );
+        let peer: SocketAddr = "192.168.1.2:50103".parse().unwrap();
+        let [(fk, fa), (rk, ra)] = flow_pair(
+            &key,
+            v4(RR),
+            v4(CLIENT_INST),
+            v4(SERVER_NS),
+            v4(SERVER_INST),
+            Some(peer),
+        );
+        // Forward: the client's instance address to the chosen instance's namespace address, through the tunnel.
+        assert_eq!(fk, key);
+        assert_eq!(fa.new_src[..4], CLIENT_INST.octets());
+        assert_eq!(fa.new_dst[..4], SERVER_NS.octets());
+        assert!(fa.new_src[4..].iter().chain(&fa.new_dst[4..]).all(|b| *b == 0));
+        assert_eq!(fa.tunnel_addr, FlowAction::v4_mapped([192, 168, 1, 2]));
+        assert_eq!(u16::from_be(fa.tunnel_port), 50103);
+        assert_eq!(action_tunnel(&fa), Some(peer));
+        // Reply: from the instance's own address back to the client, made to look as if from the dialled address.
+        assert_eq!(
+            rk,
+            FlowKey::v4(
+                SERVER_INST.octets(),
+                CLIENT_NS.octets(),
+                80u16.to_be(),
+                40000u16.to_be(),
+                proto::TCP
+            )
+        );
+        assert_eq!(ra.new_src[..4], RR.octets());
+        assert_eq!(ra.new_dst[..4], CLIENT_NS.octets());
+        assert!(ra.is_local());
+        // The map value the fast path reads: the action behind the last-seen stamp.
+        let e = FlowEntry::new(fa, 7);
+        assert_eq!((e.last_seen_ns, e.action, e._pad), (7, fa, [0; 4]));
+
+        // IPv6, ICMP echo (ports are the echo id both ways), local target: no tunnel.
+        let c6: Ipv6Addr = "fc00::2".parse().unwrap();
+        let rr6: Ipv6Addr = "fdff:2000::55".parse().unwrap();
+        let k6 = FlowKey::v6(
+            c6.octets(),
+            rr6.octets(),
+            0x1234u16.to_be(),
+            0x1234u16.to_be(),
+            proto::ICMPV6,
+        );
+        let s_ns6: Ipv6Addr = "fc00::3".parse().unwrap();
+        let s_inst6: Ipv6Addr = "fdff::7".parse().unwrap();
+        let c_inst6: Ipv6Addr = "fdff::5".parse().unwrap();
+        let [(_, f6), (r6, a6)] = flow_pair(
+            &k6,
+            IpAddr::V6(rr6),
+            IpAddr::V6(c_inst6),
+            IpAddr::V6(s_ns6),
+            IpAddr::V6(s_inst6),
+            None,
+        );
+        assert!(f6.is_local());
+        assert_eq!((f6.new_src, f6.new_dst), (c_inst6.octets(), s_ns6.octets()));
+        assert_eq!(r6.family, family::V6);
+        assert_eq!((r6.src_addr, r6.dst_addr), (s_inst6.octets(), c6.octets()));
+        assert_eq!((r6.src_port, r6.dst_port), (k6.dst_port, k6.src_port));
+        assert_eq!((a6.new_src, a6.new_dst), (rr6.octets(), c6.octets()));
+    }
+
+    fn instance(job: &str, ns: Ipv4Addr, inst: Ipv4Addr, node: &str, rr: Option<Ipv4Addr>) -> Instance {
+        Instance {
+            job: Arc::from(job),
+            number: 0,
+            node: node.parse().unwrap(),
+            ns_v4: ns,
+            ns_v6: None,
+            ip_v4: Some(inst),
+            ip_v6: None,
+            services: rr
+                .map(|a| (Policy::RoundRobin, Some(a), None))
+                .into_iter()
+                .collect(),
+        }
+    }
+
+    /// A worker with subnet 10.18.0.0/26 running the client, the server on another worker, the table knowing both,
+    /// and the connection table mirrored into a fake flow map.
+    fn worker() -> (Shared, Table, Arc<FakeFastPath>) {
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let shared = Shared::new(
+            "10.18.0.0/26".parse().unwrap(),
+            "fc00::/120".parse().unwrap(),
+            Limits::default(),
+            tx,
+        );
+        let mut table = Table::default();
+        table.replace_job(
+            "app.t.cli.t",
+            vec![instance(
+                "app.t.cli.t",
+                CLIENT_NS,
+                CLIENT_INST,
+                "192.168.1.1:50103",
+                None,
+            )],
+        );
+        table.replace_job(
+            "app.t.srv.t",
+            vec![instance(
+                "app.t.srv.t",
+                SERVER_NS,
+                SERVER_INST,
+                "192.168.1.2:50103",
+                Some(RR),
+            )],
+        );
+        shared.table.publish(table.snapshot());
+        let fake = Arc::new(FakeFastPath::default());
+        assert!(shared.conn.set_mirror(fake.clone(), 0));
+        (shared, table, fake)
+    }
+
+    fn syn() -> Vec<u8> {
+        let mut pkt = Vec::new();
+        etherparse::PacketBuilder::ipv4(CLIENT_NS.octets(), RR.octets(), 64)
+            .tcp(40000, 80, 1, 1024)
+            .syn()
+            .write(&mut pkt, &[])
+            .unwrap();
+        pkt
+    }
+
+    #[test]
+    fn the_slow_path_writes_both_directions_into_the_flow_map() {
+        let (shared, _table, fake) = worker();
+        let mut pkt = syn();
+        let snap = shared.table.get();
+        let verdict = shared.outgoing(&snap, 1, &mut pkt, &mut Vec::new());
+        assert_eq!(verdict, Verdict::Tunnel("192.168.1.2:50103".parse().unwrap()));
+        let key = FlowKey::v4(
+            CLIENT_NS.octets(),
+            RR.octets(),
+            40000u16.to_be(),
+            80u16.to_be(),
+            proto::TCP,
+        );
+        let want = flow_pair(
+            &key,
+            v4(RR),
+            v4(CLIENT_INST),
+            v4(SERVER_NS),
+            v4(SERVER_INST),
+            Some("192.168.1.2:50103".parse().unwrap()),
+        );
+        assert_eq!(
+            *fake.installs.lock().unwrap(),
+            [want[0].0, want[1].0],
+            "forward, then reply"
+        );
+        let flows = fake.flows.lock().unwrap();
+        assert_eq!(flows[&want[0].0].0, want[0].1);
+        assert_eq!(flows[&want[1].0].0, want[1].1);
+    }
+
+    #[test]
+    fn flows_to_an_instance_that_left_the_table_leave_the_flow_map() {
+        let (shared, mut table, fake) = worker();
+        let mut pkt = syn();
+        let snap = shared.table.get();
+        shared.outgoing(&snap, 1, &mut pkt, &mut Vec::new());
+        assert_eq!(fake.flows.lock().unwrap().len(), 2);
+        // Nothing changes while the server is in the table.
+        assert_eq!(shared.prune(&table.snapshot()), 0);
+        table.remove_job("app.t.srv.t");
+        let snap = table.snapshot();
+        assert_eq!(shared.prune(&snap), 1, "the forward entry to the server goes");
+        let flows = fake.flows.lock().unwrap();
+        assert_eq!(flows.len(), 1);
+        // What stays is the reply entry, which delivers to the local client.
+        let (_, a) = flows.iter().next().unwrap();
+        assert_eq!(a.0.new_dst[..4], CLIENT_NS.octets());
+    }
+
+    #[test]
+    fn the_fast_path_keeps_a_target_in_use() {
+        let (shared, _table, fake) = worker();
+        let mut pkt = syn();
+        let snap = shared.table.get();
+        shared.outgoing(&snap, 1, &mut pkt, &mut Vec::new());
+        assert_eq!(
+            shared.fast_path_last_use(&[v4(SERVER_NS)]),
+            None,
+            "nothing forwarded in the kernel yet"
+        );
+        let key = FlowKey::v4(
+            CLIENT_NS.octets(),
+            RR.octets(),
+            40000u16.to_be(),
+            80u16.to_be(),
+            proto::TCP,
+        );
+        fake.flows.lock().unwrap().get_mut(&key).unwrap().1 = Some(77);
+        assert_eq!(shared.fast_path_last_use(&[v4(SERVER_NS)]), Some(77));
+        assert_eq!(fake.last_seen(&key), Some(77));
+        assert_eq!(
+            shared.fast_path_last_use(&[v4(Ipv4Addr::new(10, 18, 0, 99))]),
+            None
+        );
     }
 }

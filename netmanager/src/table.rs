@@ -295,6 +295,11 @@ impl Snapshot {
         self.touch(index, now)
     }
 
+    /// Whether an instance has namespace address `ns` (without marking anything as used).
+    pub fn has_ns(&self, ns: IpAddr) -> bool {
+        self.by_ns.get(ns).is_some()
+    }
+
     /// The instance whose namespace address is `ns` (marks its job as used at `now`).
     pub fn by_ns(&self, ns: IpAddr, now: u32) -> Option<&Instance> {
         let index = *self.by_ns.get(ns)?;

@@ -1,5 +1,6 @@
 #![allow(clippy::unwrap_used, reason = "tests")]
-//! The plumbing modules (`netlink`, `nft`, `sysctl`) against the real kernel. Needs root, `ip`, `nsenter`,
+//! The plumbing modules (`netlink`, `nft`, `sysctl`, and the eBPF fast path's loader and attachments) against the
+//! real kernel. Needs root, `ip`, `nsenter`,
 //! `unshare`, `nft` and `busybox`.
 //!
 //! Every test works only inside network namespaces it creates (`oakplumb-<test>-<pid>`) and removes them when it
@@ -19,8 +20,14 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
+use oakestra_ebpf_common::{FlowKey, LocalDest, proto};
+use oakestra_netmanager::conntrack::FlowMirror;
+use oakestra_netmanager::fastpath::{self, FastPath, FastPathConfig};
 use oakestra_netmanager::netlink::{Attach, Netlink, NetnsTarget, PlumbError, veth_names};
 use oakestra_netmanager::nft::{self, HostRules, L4Proto, PortMapping};
+use oakestra_netmanager::proxy;
 use oakestra_netmanager::sysctl;
 use rustix::thread::{LinkNameSpaceType, move_into_link_name_space};
 use serde_json::Value;
@@ -28,6 +35,7 @@ use serde_json::Value;
 const BRIDGE: &str = "goProxyBridge";
 const BR4: Ipv4Addr = Ipv4Addr::new(10, 18, 0, 1);
 const BR6: Ipv6Addr = Ipv6Addr::new(0xfc00, 0, 0, 0, 0, 0, 0, 1);
+const BRIDGE_MAC: [u8; 6] = [0x02, 0x4e, 10, 18, 0, 1];
 const MTU: u32 = 1450;
 
 /// Runs a command, fails the test if it fails, returns its stdout.
@@ -211,6 +219,7 @@ fn attach_spec(host: &str, peer: &str, target: NetnsTarget, n: u8) -> Attach {
     Attach {
         host_name: host.to_owned(),
         peer_name: peer.to_owned(),
+        peer_mac: [0x02, 0x4f, 10, 18, 0, n],
         bridge: BRIDGE.to_owned(),
         mtu: MTU,
         target,
@@ -224,7 +233,9 @@ fn attach_spec(host: &str, peer: &str, target: NetnsTarget, n: u8) -> Attach {
 }
 
 async fn bridge(nl: &Netlink) -> u32 {
-    nl.recreate_bridge(BRIDGE, MTU, BR4, 26, BR6, 120).await.unwrap()
+    nl.recreate_bridge(BRIDGE, MTU, BRIDGE_MAC, BR4, 26, BR6, 120)
+        .await
+        .unwrap()
 }
 
 /// (family, local, prefixlen) of every global address in an `ip -j addr` link entry, checking none is tentative.
@@ -326,12 +337,16 @@ fn attach_wires_a_container_and_detach_removes_the_pair() {
         let container = Container::start();
         let pid = container.pid();
         let (host, peer) = veth_names(1, "task-attach");
-        nl.attach(&attach_spec(&host, &peer, NetnsTarget::Pid(pid), 2))
+        let index = nl
+            .attach(&attach_spec(&host, &peer, NetnsTarget::Pid(pid), 2))
             .await
             .unwrap();
 
-        // Host side: one veth end, in the bridge, up, with the MTU; the peer is not in our namespace.
+        // Host side: one veth end, in the bridge, up, with the MTU; the peer is not in our namespace. The index
+        // returned is the host end's; the bridge keeps the MAC address it was given.
         let host_link = &ip_json(&["-d", "link", "show", "dev", &host])[0];
+        assert_eq!(host_link["ifindex"], index);
+        assert_eq!(nl.mac_of(BRIDGE).await.unwrap(), BRIDGE_MAC);
         assert_eq!(host_link["mtu"], MTU);
         assert_eq!(host_link["master"], BRIDGE);
         assert_eq!(host_link["linkinfo"]["info_kind"], "veth");
@@ -341,6 +356,10 @@ fn attach_wires_a_container_and_detach_removes_the_pair() {
         // Container side: addresses with their prefixes, not tentative, up, MTU, lo up, both default routes.
         let inside = &ip_json_in(pid, &["addr", "show", "dev", &peer])[0];
         assert_eq!(inside["mtu"], MTU);
+        assert_eq!(
+            inside["address"], "02:4f:0a:12:00:02",
+            "the container end has the MAC it was given"
+        );
         assert!(flags(inside).contains(&"UP".to_owned()), "{inside}");
         assert_eq!(
             global_addresses(inside),
@@ -843,5 +862,215 @@ fn named_netns_hosts_an_attached_instance() {
             assert!(Instant::now() < deadline, "the host end outlived the namespace");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    });
+}
+
+/// Runs `f` on a thread that entered the network namespace of process `pid`.
+fn in_netns_of<T: Send + 'static>(
+    pid: i32,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    std::thread::spawn(move || {
+        let ns = File::open(format!("/proc/{pid}/ns/net")).unwrap();
+        move_into_link_name_space(ns.as_fd(), Some(LinkNameSpaceType::Network)).unwrap();
+        f()
+    })
+}
+
+fn fast_path_config(underlay: Option<Ipv4Addr>) -> FastPathConfig {
+    FastPathConfig {
+        max_flows: 1024,
+        tunnel_port: 50103,
+        underlay_v4: underlay,
+        gateway_mac: BRIDGE_MAC,
+    }
+}
+
+/// The names of the tc programs on `dev`'s ingress (`tc filter show`).
+fn ingress_programs(dev: &str) -> String {
+    String::from_utf8_lossy(&run("tc", &["filter", "show", "dev", dev, "ingress"]).stdout).into_owned()
+}
+
+#[test]
+fn fast_path_delivers_between_local_containers_in_the_kernel() {
+    let ns = TestNetns::new("fastlocal");
+    ns.run(|| async {
+        let nl = Netlink::connect().unwrap();
+        bridge(&nl).await;
+        sysctl::host_forwarding_and_rp_filter(&[BRIDGE]).unwrap();
+        let (c1, c2) = (Container::start(), Container::start());
+        let (h1, p1) = veth_names(1, "fast-c1");
+        let (h2, p2) = veth_names(2, "fast-c2");
+        let i1 = nl
+            .attach(&attach_spec(&h1, &p1, NetnsTarget::Pid(c1.pid()), 2))
+            .await
+            .unwrap();
+        let i2 = nl
+            .attach(&attach_spec(&h2, &p2, NetnsTarget::Pid(c2.pid()), 3))
+            .await
+            .unwrap();
+
+        let fast = Arc::new(FastPath::load(&fast_path_config(None)).unwrap());
+        for (host, index, n) in [(&h1, i1, 2u8), (&h2, i2, 3u8)] {
+            fast.attach_container(host).unwrap();
+            let dest = LocalDest {
+                ifindex: index,
+                mac: [0x02, 0x4f, 10, 18, 0, n],
+                _pad: [0; 2],
+            };
+            fast.set_local(IpAddr::V4(Ipv4Addr::new(10, 18, 0, n)), dest)
+                .unwrap();
+        }
+        assert!(
+            ingress_programs(&h1).contains("oakestra_from_container"),
+            "{}",
+            ingress_programs(&h1)
+        );
+
+        // What the slow path would write for a UDP flow from c1 (10.18.0.2, instance 10.30.0.5) to the service
+        // 10.30.55.55, balanced to c2 (10.18.0.3, instance 10.30.0.7), and for c2's reply: both ends local.
+        let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+        let k1 = FlowKey::v4(
+            [10, 18, 0, 2],
+            [10, 30, 55, 55],
+            40000u16.to_be(),
+            9000u16.to_be(),
+            proto::UDP,
+        );
+        let out = proxy::flow_pair(
+            &k1,
+            ip("10.30.55.55"),
+            ip("10.30.0.5"),
+            ip("10.18.0.3"),
+            ip("10.30.0.7"),
+            None,
+        );
+        let k3 = FlowKey::v4(
+            [10, 18, 0, 3],
+            [10, 30, 0, 5],
+            9000u16.to_be(),
+            40000u16.to_be(),
+            proto::UDP,
+        );
+        let back = proxy::flow_pair(
+            &k3,
+            ip("10.30.0.5"),
+            ip("10.30.0.7"),
+            ip("10.18.0.2"),
+            ip("10.30.0.5"),
+            None,
+        );
+        for (k, a) in out.iter().chain(back.iter()) {
+            fast.install(k, a).unwrap();
+        }
+        let before = fast.stats();
+
+        // c2 answers whoever writes to it on UDP 9000 with what it saw as the source; c1 asks the service.
+        let server = in_netns_of(c2.pid(), || {
+            let s = std::net::UdpSocket::bind("0.0.0.0:9000").unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut buf = [0u8; 64];
+            let (_, from) = s.recv_from(&mut buf).unwrap();
+            s.send_to(from.to_string().as_bytes(), from).unwrap();
+            from
+        });
+        std::thread::sleep(Duration::from_millis(200));
+        let client = in_netns_of(c1.pid(), || {
+            let s = std::net::UdpSocket::bind("0.0.0.0:40000").unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            s.send_to(b"ping", "10.30.55.55:9000").unwrap();
+            let mut buf = [0u8; 64];
+            let (n, from) = s.recv_from(&mut buf).unwrap();
+            (from, String::from_utf8_lossy(&buf[..n]).into_owned())
+        });
+        let seen_by_server = server.join().unwrap();
+        let (reply_from, text) = client.join().unwrap();
+        // The server saw the client's instance address; the client got its answer from the address it asked.
+        assert_eq!(seen_by_server, "10.30.0.5:40000".parse::<SocketAddr>().unwrap());
+        assert_eq!(text, "10.30.0.5:40000");
+        assert_eq!(reply_from, "10.30.55.55:9000".parse::<SocketAddr>().unwrap());
+        let after = fast.stats();
+        assert_eq!(
+            after.egress_local.packets - before.egress_local.packets,
+            2,
+            "{after:?}"
+        );
+        assert_eq!(after.errors.packets, 0);
+        assert_eq!(after.flows, 4);
+        assert!(fast.last_seen(&k1).is_some());
+
+        // Detached and shut down: nothing of ours is left on the veths.
+        fast.detach_container(&h1);
+        assert!(
+            !ingress_programs(&h1).contains("oakestra"),
+            "{}",
+            ingress_programs(&h1)
+        );
+        assert_eq!(fast.shutdown(), None, "no underlay was attached");
+        assert!(
+            !ingress_programs(&h2).contains("oakestra"),
+            "{}",
+            ingress_programs(&h2)
+        );
+        nl.detach(&h1).await.unwrap();
+        nl.detach(&h2).await.unwrap();
+    });
+}
+
+#[test]
+fn fast_path_underlay_attach_shutdown_and_leftovers() {
+    let ns = TestNetns::new("fastunder");
+    ns.run(|| async {
+        let nl = Netlink::connect().unwrap();
+        cmd(
+            "ip",
+            &["link", "add", "und0", "type", "veth", "peer", "name", "und1"],
+        );
+        cmd("ip", &["link", "set", "und0", "up"]);
+        let clsact = || {
+            String::from_utf8_lossy(&run("tc", &["qdisc", "show", "dev", "und0"]).stdout).contains("clsact")
+        };
+        assert!(!clsact());
+
+        // Attach, shut down: the program and the clsact qdisc we added are gone.
+        let fast = FastPath::load(&fast_path_config(Some(Ipv4Addr::new(192, 0, 2, 7)))).unwrap();
+        fast.attach_underlay("und0").unwrap();
+        assert!(clsact());
+        assert!(ingress_programs("und0").contains("oakestra_from_underlay"));
+        assert_eq!(fast.stats().underlay.as_deref(), Some("und0"));
+        assert_eq!(fast.shutdown().as_deref(), Some("und0"), "we added the qdisc");
+        assert!(!ingress_programs("und0").contains("oakestra"));
+        assert!(nl.remove_clsact_if_empty("und0").await.unwrap());
+        assert!(!clsact());
+        drop(fast);
+
+        // A NetManager that is killed leaves its program attached; the next start removes it.
+        let killed = FastPath::load(&fast_path_config(Some(Ipv4Addr::new(192, 0, 2, 7)))).unwrap();
+        killed.attach_underlay("und0").unwrap();
+        std::mem::forget(killed);
+        assert!(ingress_programs("und0").contains("oakestra_from_underlay"));
+        let links = nl.link_names().await.unwrap();
+        assert_eq!(fastpath::remove_leftovers(&links), ["und0"]);
+        assert!(!ingress_programs("und0").contains("oakestra"));
+        assert!(
+            fastpath::remove_leftovers(&links).is_empty(),
+            "nothing left to remove"
+        );
+
+        // Someone else's filter keeps the qdisc in place.
+        cmd(
+            "tc",
+            &[
+                "filter", "add", "dev", "und0", "ingress", "prio", "7", "u32", "match", "u32", "0", "0",
+                "classid", "1:1",
+            ],
+        );
+        assert!(!nl.remove_clsact_if_empty("und0").await.unwrap());
+        assert!(clsact());
+        // A second fast path attaching to the same interface does not remove it either.
+        let again = FastPath::load(&fast_path_config(Some(Ipv4Addr::new(192, 0, 2, 7)))).unwrap();
+        again.attach_underlay("und0").unwrap();
+        assert_eq!(again.shutdown(), None, "the qdisc was there before");
+        assert!(clsact());
     });
 }

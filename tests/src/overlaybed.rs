@@ -1,11 +1,11 @@
 //! The overlay testbed with everything on it: a netns [`Testbed`] whose LAN namespace runs root, cluster (embedded
-//! broker) and one private containerd, and in each worker namespace a real NetManager and NodeEngine; plus the
-//! teardown that checks nothing stays behind.
+//! broker) and one private containerd, and in each worker namespace a real NetManager (on the dataplane the test
+//! names) and NodeEngine; plus the teardown that checks nothing stays behind.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde_json::json;
+use serde_json::{Value, json};
 
 use crate::containerd::Containerd;
 use crate::harness::Proc;
@@ -30,13 +30,17 @@ pub struct OverlayBed {
     pub dir: PathBuf,
     /// The LAN address the cluster and its broker listen on.
     pub lan_ip: String,
+    /// The `--dataplane` of worker `i`'s NetManager.
+    pub dataplanes: Vec<String>,
     host_before: HostSnapshot,
 }
 
 impl OverlayBed {
-    /// Builds testbed `tag` with `workers` workers, enters its LAN namespace on this thread (so everything the test
-    /// starts, and its HTTP calls, live there), starts root and cluster (with `cluster_flags` added) and the workers.
-    pub async fn start(tag: &str, workers: usize, cluster_flags: &[&str]) -> Self {
+    /// Builds testbed `tag` with one worker per entry of `dataplanes` (worker `i`'s NetManager runs with
+    /// `--dataplane dataplanes[i]`), enters its LAN namespace on this thread (so everything the test starts, and its
+    /// HTTP calls, live there), starts root and cluster (with `cluster_flags` added) and the workers.
+    pub async fn start(tag: &str, dataplanes: &[&str], cluster_flags: &[&str]) -> Self {
+        let workers = dataplanes.len();
         require_root();
         let host_before = HostSnapshot::take();
         let tb = Testbed::new(tag, workers);
@@ -55,9 +59,10 @@ impl OverlayBed {
             tb,
             dir,
             lan_ip,
+            dataplanes: dataplanes.iter().map(|d| (*d).to_owned()).collect(),
             host_before,
         };
-        for i in 0..workers {
+        for (i, dataplane) in dataplanes.iter().enumerate() {
             let name = Self::name(i);
             bed.ctrd.import_test_image(&name, IMAGE);
             let (nm, ne) = overlay_worker(
@@ -67,6 +72,7 @@ impl OverlayBed {
                 &bed.lan_ip,
                 bed.stack.cluster_port,
                 &bed.ctrd,
+                dataplane,
             );
             bed.netmanagers.push(nm);
             bed.engines.push(ne);
@@ -77,6 +83,54 @@ impl OverlayBed {
     /// The node name (and containerd namespace) of worker `i`: `w<i+1>`.
     pub fn name(i: usize) -> String {
         format!("w{}", i + 1)
+    }
+
+    /// `NetManager status` of worker `i` (panics if it does not answer).
+    pub fn netmanager_status(&self, i: usize) -> Value {
+        let sock = worker_path(&self.dir, &Self::name(i), "nm.sock");
+        let out = std::process::Command::new(crate::procs::binary("NetManager"))
+            .args(["status", "--socket", &sock])
+            .output()
+            .expect("run NetManager status");
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "NetManager status of worker {i}: {e}: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+    }
+
+    /// Waits (up to 60 s) for every NetManager to be registered, then checks that each runs the dataplane it was
+    /// started with (`auto` must have become `ebpf` here: the test machines run the fast path) and that an eBPF
+    /// worker's fast path is attached to its underlay.
+    pub fn assert_dataplanes(&self) {
+        for (i, want) in self.dataplanes.iter().enumerate() {
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            let mut status = self.netmanager_status(i);
+            while status["registered"] != json!(true) && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(250));
+                status = self.netmanager_status(i);
+            }
+            let d = &status["dataplane"];
+            let mode = if want == "tun" { "tun" } else { "ebpf" };
+            assert_eq!(d["mode"], mode, "worker {i} asked for {want}: {d}");
+            if mode == "ebpf" {
+                assert_eq!(d["underlay"], "eth0", "worker {i}'s underlay: {d}");
+                assert!(d["ebpf"].is_object(), "worker {i}: {d}");
+            } else {
+                assert!(d["ebpf"].is_null(), "worker {i}: {d}");
+            }
+        }
+    }
+
+    /// The packets worker `i`'s fast path handled itself so far: (redirected locally + encapsulated,
+    /// decapsulated); `(0, 0)` on the TUN dataplane.
+    pub fn fast_path_packets(&self, i: usize) -> (u64, u64) {
+        let status = self.netmanager_status(i);
+        let e = &status["dataplane"]["ebpf"];
+        let n = |k: &str| e[k]["packets"].as_u64().unwrap_or(0);
+        (n("egress_local") + n("egress_encap"), n("ingress_decap"))
     }
 
     /// Every process of the bed, for failure messages.
@@ -102,8 +156,8 @@ impl OverlayBed {
         )
     }
 
-    /// Stops the NodeEngines, then the NetManagers (each must exit 0 having removed its bridge, TUN, veths and
-    /// nftables table; checked in every worker namespace), the control plane and containerd, removes the
+    /// Stops the NodeEngines, then the NetManagers (each must exit 0 having removed its bridge, TUN, veths,
+    /// nftables table and tc programs; checked in every worker namespace), the control plane and containerd, removes the
     /// namespaces, and checks that the host's namespace is as it was and never saw an overlay address.
     pub fn finish(self) {
         let Self {
@@ -129,6 +183,14 @@ impl OverlayBed {
                 "left behind in {}: {links}",
                 w.ns.name()
             );
+            // The fast path's programs and the clsact qdisc it added to the underlay are gone too.
+            let qdiscs = String::from_utf8_lossy(&w.ns.run(&["tc", "qdisc", "show", "dev", "eth0"]).stdout)
+                .to_string();
+            assert!(
+                !qdiscs.contains("clsact"),
+                "clsact qdisc left on eth0 in {}: {qdiscs}",
+                w.ns.name()
+            );
             let nft = String::from_utf8_lossy(&w.ns.run(&["nft", "list", "tables"]).stdout).to_string();
             assert!(
                 !nft.contains("oakestra"),
@@ -145,8 +207,8 @@ impl OverlayBed {
     }
 }
 
-/// Starts one worker of an overlay testbed in netns `netns`: a NetManager (socket, state and logs under
-/// `dir/<name>-*`) and a NodeEngine using it ([`overlay_node_engine`]). Returns (NetManager, NodeEngine).
+/// Starts one worker of an overlay testbed in netns `netns`: a NetManager on `dataplane` (socket, state and logs
+/// under `dir/<name>-*`) and a NodeEngine using it ([`overlay_node_engine`]). Returns (NetManager, NodeEngine).
 pub fn overlay_worker(
     dir: &Path,
     netns: &str,
@@ -154,6 +216,7 @@ pub fn overlay_worker(
     cluster_ip: &str,
     cluster_port: u16,
     ctrd: &Containerd,
+    dataplane: &str,
 ) -> (Proc, Proc) {
     let cfg = worker_path(dir, name, "netcfg.json");
     std::fs::write(
@@ -174,6 +237,8 @@ pub fn overlay_worker(
         "none",
         "--workers",
         "2",
+        "--dataplane",
+        dataplane,
     ]);
     let nm = Proc::start_in(
         netns,

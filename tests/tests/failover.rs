@@ -6,6 +6,9 @@
 //! with no flow left going to the orphaned container (a NodeEngine killed and restarted at once, before, kept its
 //! instance in place). The killed NodeEngine then starts again: it adopts the orphan,
 //! the cluster tells it to remove it, and root still lists one instance. Everything is gone afterwards.
+//!
+//! It runs on the TUN dataplane, on the eBPF fast path (whose flow maps must drop the dead instance's flows at
+//! once) and on a mixed pair.
 #![allow(clippy::unwrap_used, reason = "test code: a panic is the clearest failure")]
 #![allow(clippy::print_stderr, reason = "the test reports the failover times it saw")]
 
@@ -44,11 +47,38 @@ fn server_pid(ctrd: &Containerd, ns: &str) -> Option<u32> {
         .find_map(|(task, pid)| task.starts_with(SRV_TASK).then_some(pid))
 }
 
+/// One scenario at a time (each is a whole testbed).
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test(flavor = "current_thread")]
-async fn instances_of_a_killed_worker_come_back_on_another_behind_the_same_service_ip() {
-    let mut bed = OverlayBed::start("fo", 2, &["--worker-timeout", WORKER_TIMEOUT_S]).await;
+async fn on_the_tun_dataplane() {
+    let _one = SERIAL.lock().await;
+    instances_of_a_killed_worker_come_back_on_another_behind_the_same_service_ip("fotun", &["tun", "tun"])
+        .await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn on_the_ebpf_dataplane() {
+    let _one = SERIAL.lock().await;
+    instances_of_a_killed_worker_come_back_on_another_behind_the_same_service_ip("foebpf", &["ebpf", "ebpf"])
+        .await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn on_a_mixed_pair() {
+    let _one = SERIAL.lock().await;
+    instances_of_a_killed_worker_come_back_on_another_behind_the_same_service_ip("fomix", &["ebpf", "tun"])
+        .await;
+}
+
+async fn instances_of_a_killed_worker_come_back_on_another_behind_the_same_service_ip(
+    tag: &str,
+    dataplanes: &[&str],
+) {
+    let mut bed = OverlayBed::start(tag, dataplanes, &["--worker-timeout", WORKER_TIMEOUT_S]).await;
     let names = [OverlayBed::name(0), OverlayBed::name(1)];
     bed.stack.wait_active_workers(2, 60, &bed.procs()).await;
+    bed.assert_dataplanes();
 
     // The server first, wherever the cluster puts it; then the client, pinned to the other worker.
     let srv = json!({"microservice_name": "srv", "memory": 64, "cmd": ["sleep", "3600"],

@@ -149,6 +149,167 @@ impl FlowAction {
     }
 }
 
+/// A flow-map value: the action of [`FlowAction`] plus when the fast path last forwarded a packet of the flow.
+/// 64 bytes, no padding.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct FlowEntry {
+    /// `CLOCK_MONOTONIC` nanoseconds (the kernel's coarse clock) of the last packet the fast path forwarded;
+    /// written by the programs at most about once a second, read by NetManager's expiry sweep.
+    pub last_seen_ns: u64,
+    /// What to do with the flow's packets.
+    pub action: FlowAction,
+    /// Always zero.
+    pub _pad: [u8; 4],
+}
+
+impl FlowEntry {
+    /// An entry for `action`, last seen at `now_ns`.
+    pub const fn new(action: FlowAction, now_ns: u64) -> Self {
+        FlowEntry {
+            last_seen_ns: now_ns,
+            action,
+            _pad: [0; 4],
+        }
+    }
+}
+
+/// Key of the local-instance map: a container's namespace address on this worker. 20 bytes, no padding.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct LocalKey {
+    /// The address (IPv4 in the first 4 bytes, rest zero), network byte order.
+    pub addr: [u8; 16],
+    /// [`family`] tag.
+    pub family: u8,
+    /// Always zero.
+    pub _pad: [u8; 3],
+}
+
+impl LocalKey {
+    /// The key of an IPv4 namespace address.
+    pub const fn v4(a: [u8; 4]) -> Self {
+        let mut addr = [0u8; 16];
+        addr[0] = a[0];
+        addr[1] = a[1];
+        addr[2] = a[2];
+        addr[3] = a[3];
+        LocalKey {
+            addr,
+            family: family::V4,
+            _pad: [0; 3],
+        }
+    }
+
+    /// The key of an IPv6 namespace address.
+    pub const fn v6(addr: [u8; 16]) -> Self {
+        LocalKey {
+            addr,
+            family: family::V6,
+            _pad: [0; 3],
+        }
+    }
+}
+
+/// Where a local container is: the host end of its veth (the programs redirect to its peer) and the MAC address of
+/// the container's end (the destination MAC a frame must carry). 12 bytes, no padding.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct LocalDest {
+    /// Interface index of the host end of the veth.
+    pub ifindex: u32,
+    /// MAC address of the container's end.
+    pub mac: [u8; 6],
+    /// Always zero.
+    pub _pad: [u8; 2],
+}
+
+/// The fast path's settings (a one-element array map written by NetManager before any program is attached).
+/// 20 bytes, no padding.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Config {
+    /// Interface index of the underlay (the route lookup for encapsulated packets is made out of it).
+    pub underlay_ifindex: u32,
+    /// The overlay's UDP port on this worker (network byte order): underlay packets to it are decapsulated.
+    pub tunnel_port: u16,
+    /// [`config_flags`] bits.
+    pub flags: u16,
+    /// This worker's IPv4 underlay address (the source of encapsulated packets), network byte order.
+    pub underlay_v4: [u8; 4],
+    /// MAC address of the container bridge: the source MAC of frames delivered to containers (the gateway they
+    /// talk to).
+    pub gateway_mac: [u8; 6],
+    /// Always zero.
+    pub _pad: [u8; 2],
+}
+
+/// Bits of [`Config::flags`].
+pub mod config_flags {
+    /// The programs may translate and forward (clear: every packet goes to the slow path).
+    pub const ENABLED: u16 = 1;
+    /// `underlay_v4` and `underlay_ifindex` are set: flows to other workers over an IPv4 underlay are
+    /// encapsulated in the kernel.
+    pub const ENCAP_V4: u16 = 2;
+}
+
+/// Slots of the per-CPU statistics array; each slot holds `[packets, bytes]`.
+pub mod stat {
+    /// From a container, translated and redirected into a container on this worker.
+    pub const LOCAL: u32 = 0;
+    /// From a container, translated, encapsulated and sent to another worker.
+    pub const ENCAP: u32 = 1;
+    /// From another worker, decapsulated, translated and redirected into a container.
+    pub const DECAP: u32 = 2;
+    /// From a container to an overlay address, not in the flow map: left to the slow path (the TUN).
+    pub const MISS_OUT: u32 = 3;
+    /// A tunnel datagram whose inner flow is not in the flow map: left to the slow path (the UDP socket).
+    pub const MISS_IN: u32 = 4;
+    /// From a container, in the flow map but not handled here (TCP SYN/FIN/RST, fragment, options, IPv6
+    /// underlay, no route or neighbour, too big): left to the slow path.
+    pub const PASS_OUT: u32 = 5;
+    /// From another worker, in the flow map but not handled here: left to the slow path.
+    pub const PASS_IN: u32 = 6;
+    /// A helper failed after the packet was changed: dropped.
+    pub const ERROR: u32 = 7;
+    /// Number of slots.
+    pub const COUNT: u32 = 8;
+}
+
+/// Names of the maps and programs in the object, as NetManager looks them up.
+pub mod names {
+    /// `LruHashMap<FlowKey, FlowEntry>`: established flows, both directions.
+    pub const FLOWS: &str = "FLOWS";
+    /// `HashMap<LocalKey, LocalDest>`: containers on this worker.
+    pub const LOCALS: &str = "LOCALS";
+    /// `Array<Config>` of one element.
+    pub const CONFIG: &str = "CONFIG";
+    /// `PerCpuArray<[u64; 2]>` of [`super::stat::COUNT`] slots.
+    pub const STATS: &str = "STATS";
+    /// tc ingress of the host end of every container veth (packets the container sends).
+    pub const FROM_CONTAINER: &str = "oakestra_from_container";
+    /// tc ingress of the underlay interface (tunnel datagrams from other workers).
+    pub const FROM_UNDERLAY: &str = "oakestra_from_underlay";
+}
+
+// SAFETY (all four): `#[repr(C)]` plain old data made of integers and byte arrays with no implicit padding (the
+// layout tests below check the sizes), so every bit pattern is a valid value and the bytes can be copied to and
+// from the kernel as they are.
+#[cfg(feature = "user")]
+#[allow(unsafe_code)]
+mod pod {
+    // SAFETY: see above.
+    unsafe impl aya::Pod for super::FlowKey {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for super::FlowEntry {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for super::LocalKey {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for super::LocalDest {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for super::Config {}
+}
+
 #[cfg(test)]
 mod tests {
     use core::mem::{align_of, size_of};
@@ -164,6 +325,12 @@ mod tests {
         assert_eq!(size_of::<FlowAction>(), 16 + 16 + 16 + 2 + 2);
         assert_eq!(size_of::<FlowAction>(), 52);
         assert_eq!(align_of::<FlowAction>(), 2);
+        assert_eq!(size_of::<FlowEntry>(), 8 + 52 + 4);
+        assert_eq!(align_of::<FlowEntry>(), 8);
+        assert_eq!(size_of::<LocalKey>(), 16 + 1 + 3);
+        assert_eq!(size_of::<LocalDest>(), 4 + 6 + 2);
+        assert_eq!(size_of::<Config>(), 4 + 2 + 2 + 4 + 6 + 2);
+        assert_eq!(align_of::<Config>(), 4);
     }
 
     #[test]
