@@ -1,5 +1,7 @@
 //! Dataplane micro-benchmarks of the TUN proxy: packet parse/rewrite, connection-table lookups at 10k–1M flows,
-//! service-address resolution at 10 and 30k services, and the whole per-packet translation of an established flow.
+//! service-address resolution at 10 and 30k services, the whole per-packet translation of an established flow, and
+//! what the slow path pays per new flow to hand it to the eBPF fast path (both directions written into the
+//! connection table and, as root, into the kernel's flow map).
 //!
 //! `cargo bench -p oakestra-benches --bench dataplane`. Every bench reports time per packet or per lookup
 //! (`Throughput::Elements(1)`), with short measurement windows so the file runs in well under a minute.
@@ -402,11 +404,81 @@ fn bench_translate(c: &mut Criterion) {
     group.finish();
 }
 
+/// Decision → both entries written: `flow_pair` and the two connection-table inserts of a new flow, without and
+/// (as root, with the embedded eBPF object) with the kernel flow map mirrored (two `BPF_MAP_UPDATE_ELEM`s more).
+/// 16,384 distinct flows in turn, so the maps hold them all and each insert replaces an entry of the same size.
+fn bench_install(c: &mut Criterion) {
+    use oakestra_netmanager::fastpath::{FastPath, FastPathConfig};
+    use oakestra_netmanager::proxy::flow_pair;
+
+    let mut group = c.benchmark_group("install");
+    short(&mut group);
+    let keys: Vec<FlowKey> = (0..16_384u16)
+        .map(|p| {
+            FlowKey::v4(
+                [10, 18, 0, 2],
+                [10, 30, 55, 55],
+                (20_000 + p).to_be(),
+                80u16.to_be(),
+                proto::TCP,
+            )
+        })
+        .collect();
+    let dialled = IpAddr::V4(Ipv4Addr::new(10, 30, 55, 55));
+    let src_inst = IpAddr::V4(Ipv4Addr::new(10, 30, 0, 5));
+    let t_ns = IpAddr::V4(Ipv4Addr::new(10, 18, 0, 130));
+    let t_inst = IpAddr::V4(Ipv4Addr::new(10, 30, 0, 7));
+    let mut run = |name: &str, table: &ConnTable| {
+        let mut j = 0usize;
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                j = (j + 1) & 16_383;
+                let [(k, a), (rk, ra)] = flow_pair(&keys[j], dialled, src_inst, t_ns, t_inst, Some(peer()));
+                let ok = table.insert(k, a, 1, Some(0x02)).is_ok() && table.insert(rk, ra, 1, None).is_ok();
+                black_box(ok)
+            })
+        });
+    };
+    run(
+        "new_flow_table_only",
+        &ConnTable::new(65_536, Timeouts::default()),
+    );
+    if !rustix::process::getuid().is_root() {
+        #[allow(clippy::print_stderr, reason = "a benchmark explains what it skipped")]
+        {
+            eprintln!("install/new_flow_table_and_bpf: skipped, needs root to load the eBPF maps");
+        }
+    } else {
+        match FastPath::load(&FastPathConfig {
+            max_flows: 65_536,
+            tunnel_port: 50103,
+            underlay_v4: None,
+            gateway_mac: [0; 6],
+        }) {
+            Ok(fast) => {
+                let table = ConnTable::new(65_536, Timeouts::default());
+                table.set_mirror(Arc::new(fast), 1);
+                run("new_flow_table_and_bpf", &table);
+            }
+            Err(e) => {
+                #[allow(clippy::print_stderr, reason = "a benchmark explains what it skipped")]
+                {
+                    eprintln!(
+                        "install/new_flow_table_and_bpf: skipped, the fast path does not load here: {e}"
+                    );
+                }
+            }
+        }
+    }
+    group.finish();
+}
+
 criterion_group!(
     benches,
     bench_packet,
     bench_conntrack,
     bench_services,
-    bench_translate
+    bench_translate,
+    bench_install
 );
 criterion_main!(benches);

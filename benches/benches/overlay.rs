@@ -104,6 +104,8 @@ struct Target {
     addr: IpAddr,
     /// Local API sockets of the NetManagers on this path (their counters are printed after the run).
     netmanagers: Vec<PathBuf>,
+    /// Their process ids (their resident memory is printed before and after the run).
+    netmanager_pids: Vec<u32>,
     _teardown: Teardown,
 }
 
@@ -142,6 +144,7 @@ fn setup_veth(tb: &Testbed, client: &Container, server: &Container) -> Result<Ta
     Ok(Target {
         addr: SERVER_ADDR.into(),
         netmanagers: Vec::new(),
+        netmanager_pids: Vec::new(),
         _teardown: undo,
     })
 }
@@ -172,6 +175,7 @@ fn setup_vxlan(tb: &Testbed, client: &Container, server: &Container) -> Result<T
     Ok(Target {
         addr: SERVER_ADDR.into(),
         netmanagers: Vec::new(),
+        netmanager_pids: Vec::new(),
         _teardown: undo,
     })
 }
@@ -217,6 +221,7 @@ fn setup_netmanagers(
     )
     .map_err(|e| e.to_string())?;
     let mut sockets = Vec::new();
+    let mut pids = Vec::new();
     for w in [1, 2] {
         let sock = dir.join(format!("w{w}.sock"));
         let nm = tb
@@ -241,6 +246,7 @@ fn setup_netmanagers(
             .stderr(std::fs::File::create(dir.join(format!("w{w}.log"))).map_err(|e| e.to_string())?)
             .spawn()
             .map_err(|e| e.to_string())?;
+        pids.push(nm.id());
         undo.terminate(nm);
         sockets.push(sock);
     }
@@ -300,6 +306,7 @@ fn setup_netmanagers(
     Ok(Target {
         addr: responder::SERVICE_IP.parse().unwrap(),
         netmanagers: sockets,
+        netmanager_pids: pids,
         _teardown: undo,
     })
 }
@@ -613,6 +620,18 @@ fn measure(client: &Container, server: &Container, target: &Target) -> Measureme
     Measurement { gbps, p50_us, p99_us }
 }
 
+/// `VmRSS` of process `pid` in MB (0 if it cannot be read).
+fn rss_mb(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1000.0)
+}
+
 /// The dataplane counters of one NetManager (from `NetManager status`), so a slow run shows where packets went.
 fn print_counters(sock: &std::path::Path) {
     let out = Command::new(procs::binary("NetManager"))
@@ -680,6 +699,11 @@ fn main() -> ExitCode {
         }
         match setup(&tb, &client, &server) {
             Ok(target) => {
+                // Idle: registered, both containers attached, maps loaded, one ping through; nothing running.
+                std::thread::sleep(Duration::from_secs(2));
+                for pid in &target.netmanager_pids {
+                    println!("{name}: NetManager pid {pid} idle RSS {:.1} MB", rss_mb(*pid));
+                }
                 // `OVERLAY_BENCH_HOLD=<seconds>`: keep the path up before measuring, to look at it by hand.
                 let hold = std::env::var("OVERLAY_BENCH_HOLD")
                     .ok()
@@ -694,6 +718,12 @@ fn main() -> ExitCode {
                 let m = measure(&client, &server, &target);
                 for sock in &target.netmanagers {
                     print_counters(sock);
+                }
+                for pid in &target.netmanager_pids {
+                    println!(
+                        "{name}: NetManager pid {pid} RSS after the run {:.1} MB",
+                        rss_mb(*pid)
+                    );
                 }
                 println!(
                     "{name}: {:.2} Gbit/s, p50 {:.1} us, p99 {:.1} us",

@@ -220,7 +220,19 @@ impl FastPath {
         if !built_in() {
             return Err(FastPathError::NotBuilt);
         }
+        // Loading allocates megabytes that are garbage right after (the loader parses the kernel's BTF, ~5 MB,
+        // when it is created; the object is parsed and relocated): handed back to the system afterwards, with the
+        // object's pages in the binary, which are not read again.
+        let loaded = Self::load_here(cfg);
+        release_startup_memory();
+        loaded
+    }
+
+    fn load_here(cfg: &FastPathConfig) -> Result<Self, FastPathError> {
+        // No kernel BTF: the programs use no CO-RE relocations (only `__sk_buff`, whose offsets the verifier
+        // rewrites).
         let mut ebpf = EbpfLoader::new()
+            .btf(None)
             .set_max_entries(names::FLOWS, cfg.max_flows.max(16))
             .load(OBJECT)
             .map_err(|e| load_error("loading the object", &e))?;
@@ -427,6 +439,28 @@ impl FlowMirror for FastPath {
     fn last_seen(&self, key: &FlowKey) -> Option<u32> {
         let entry = lock(&self.flows).get(key, 0).ok()?;
         Some(secs_of_monotonic_ns(entry.last_seen_ns))
+    }
+}
+
+/// Hands what loading left behind back to the system: the free heap of every malloc arena (glibc), and the
+/// embedded object's pages of the binary (read once; a private read-only mapping, so dropping them only means a
+/// later read would fault them in again from the file).
+fn release_startup_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only releases free memory of the allocator; it is safe to call at any time.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+    let page = 4096usize;
+    let start = OBJECT.as_ptr() as usize;
+    let first = start.div_ceil(page) * page;
+    let end = (start + OBJECT.len()) / page * page;
+    if end > first {
+        // SAFETY: [first, end) lies inside `OBJECT`, a read-only static of the binary's file mapping; MADV_DONTNEED
+        // on it discards the resident copies, and any later read faults the same bytes back in from the file.
+        unsafe {
+            libc::madvise(first as *mut libc::c_void, end - first, libc::MADV_DONTNEED);
+        }
     }
 }
 

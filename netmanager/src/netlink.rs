@@ -15,7 +15,9 @@ use std::path::{Path, PathBuf};
 use futures_util::TryStreamExt;
 use ipnetwork::{Ipv4Network, Ipv6Network};
 use rtnetlink::packet_route::AddressFamily;
-use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags, AddressHeaderFlags, AddressScope};
+use rtnetlink::packet_route::address::{
+    AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage, AddressScope,
+};
 use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkMessage};
 use rtnetlink::packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteScope, RouteType,
@@ -600,13 +602,7 @@ impl Netlink {
     /// The name of the link that holds address `addr`, if any.
     pub async fn link_with_address(&self, addr: IpAddr) -> Result<Option<String>, PlumbError> {
         let h = &self.handle;
-        let messages: Vec<_> = h
-            .address()
-            .get()
-            .execute()
-            .try_collect()
-            .await
-            .map_err(nl_err("list", "addresses"))?;
+        let messages = address_messages(h).await?;
         let index = messages.iter().find_map(|m| {
             m.attributes
                 .iter()
@@ -852,14 +848,18 @@ struct V4Address {
     global: bool,
 }
 
-async fn list_v4_addresses(h: &Handle) -> Result<Vec<V4Address>, PlumbError> {
-    let messages: Vec<_> = h
-        .address()
+/// Every address of every link in this namespace, as the kernel lists them.
+async fn address_messages(h: &Handle) -> Result<Vec<AddressMessage>, PlumbError> {
+    h.address()
         .get()
         .execute()
         .try_collect()
         .await
-        .map_err(nl_err("list", "addresses"))?;
+        .map_err(nl_err("list", "addresses"))
+}
+
+async fn list_v4_addresses(h: &Handle) -> Result<Vec<V4Address>, PlumbError> {
+    let messages = address_messages(h).await?;
     Ok(messages
         .iter()
         .filter(|m| m.header.family == AddressFamily::Inet)

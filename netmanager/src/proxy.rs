@@ -527,15 +527,20 @@ mod tests {
         IpAddr::V4(a)
     }
 
-    #[test]
-    fn a_flow_decision_becomes_two_entries_as_the_wire_contract_says() {
-        let key = FlowKey::v4(
+    /// The client's TCP flow to the service: 10.18.0.2:40000 → 10.30.55.55:80.
+    fn client_key() -> FlowKey {
+        FlowKey::v4(
             CLIENT_NS.octets(),
             RR.octets(),
             40000u16.to_be(),
             80u16.to_be(),
             proto::TCP,
-        );
+        )
+    }
+
+    #[test]
+    fn a_flow_decision_becomes_two_entries_as_the_wire_contract_says() {
+        let key = client_key();
         let peer: SocketAddr = "192.168.1.2:50103".parse().unwrap();
         let [(fk, fa), (rk, ra)] = flow_pair(
             &key,
@@ -670,13 +675,7 @@ mod tests {
         let snap = shared.table.get();
         let verdict = shared.outgoing(&snap, 1, &mut pkt, &mut Vec::new());
         assert_eq!(verdict, Verdict::Tunnel("192.168.1.2:50103".parse().unwrap()));
-        let key = FlowKey::v4(
-            CLIENT_NS.octets(),
-            RR.octets(),
-            40000u16.to_be(),
-            80u16.to_be(),
-            proto::TCP,
-        );
+        let key = client_key();
         let want = flow_pair(
             &key,
             v4(RR),
@@ -725,13 +724,7 @@ mod tests {
             None,
             "nothing forwarded in the kernel yet"
         );
-        let key = FlowKey::v4(
-            CLIENT_NS.octets(),
-            RR.octets(),
-            40000u16.to_be(),
-            80u16.to_be(),
-            proto::TCP,
-        );
+        let key = client_key();
         fake.flows.lock().unwrap().get_mut(&key).unwrap().1 = Some(77);
         assert_eq!(shared.fast_path_last_use(&[v4(SERVER_NS)]), Some(77));
         assert_eq!(fake.last_seen(&key), Some(77));

@@ -37,7 +37,8 @@ pub struct OverlayBed {
 
 impl OverlayBed {
     /// Builds testbed `tag` with one worker per entry of `dataplanes` (worker `i`'s NetManager runs with
-    /// `--dataplane dataplanes[i]`), enters its LAN namespace on this thread (so everything the test starts, and its
+    /// `--dataplane dataplanes[i]`; `auto-nobpf` is `auto` under [`NOBPF`], where every `bpf(2)` call fails with
+    /// EPERM as without CAP_BPF), enters its LAN namespace on this thread (so everything the test starts, and its
     /// HTTP calls, live there), starts root and cluster (with `cluster_flags` added) and the workers.
     pub async fn start(tag: &str, dataplanes: &[&str], cluster_flags: &[&str]) -> Self {
         let workers = dataplanes.len();
@@ -113,8 +114,26 @@ impl OverlayBed {
                 status = self.netmanager_status(i);
             }
             let d = &status["dataplane"];
-            let mode = if want == "tun" { "tun" } else { "ebpf" };
+            let mode = if want == "tun" || want == NOBPF {
+                "tun"
+            } else {
+                "ebpf"
+            };
             assert_eq!(d["mode"], mode, "worker {i} asked for {want}: {d}");
+            if want == NOBPF {
+                // The fallback names its reason, in the status and in one warning.
+                let why = d["fallback"].as_str().unwrap_or_default();
+                assert!(
+                    why.contains("no permission") && why.contains("CAP_BPF"),
+                    "worker {i}: {d}"
+                );
+                let log = self.netmanagers[i].log();
+                let warnings = log
+                    .lines()
+                    .filter(|l| l.contains("eBPF fast path unavailable"))
+                    .count();
+                assert_eq!(warnings, 1, "worker {i}'s log: {log}");
+            }
             if mode == "ebpf" {
                 assert_eq!(d["underlay"], "eth0", "worker {i}'s underlay: {d}");
                 assert!(d["ebpf"].is_object(), "worker {i}: {d}");
@@ -207,6 +226,9 @@ impl OverlayBed {
     }
 }
 
+/// The `dataplanes` entry for a NetManager on `--dataplane auto` that may not use eBPF (see [`OverlayBed::start`]).
+pub const NOBPF: &str = "auto-nobpf";
+
 /// Starts one worker of an overlay testbed in netns `netns`: a NetManager on `dataplane` (socket, state and logs
 /// under `dir/<name>-*`) and a NodeEngine using it ([`overlay_node_engine`]). Returns (NetManager, NodeEngine).
 pub fn overlay_worker(
@@ -238,14 +260,16 @@ pub fn overlay_worker(
         "--workers",
         "2",
         "--dataplane",
-        dataplane,
+        if dataplane == NOBPF { "auto" } else { dataplane },
     ]);
-    let nm = Proc::start_in(
-        netns,
-        "NetManager",
-        &nm_args,
-        dir.join(format!("{name}-netmanager.log")),
-    );
+    let log = dir.join(format!("{name}-netmanager.log"));
+    let nm = if dataplane == NOBPF {
+        let mut args = vec![crate::procs::binary("NetManager").display().to_string()];
+        args.extend(nm_args);
+        Proc::start_in(netns, "nobpf", &args, log)
+    } else {
+        Proc::start_in(netns, "NetManager", &nm_args, log)
+    };
     let ne = overlay_node_engine(dir, netns, name, cluster_ip, cluster_port, ctrd, "nodeengine");
     (nm, ne)
 }

@@ -18,7 +18,7 @@ use oakestra_tests::{
     harness::eventually,
     incontainer::{lines, nsenter, probe, serve, tasks},
     netns::HostSnapshot,
-    overlaybed::OverlayBed,
+    overlaybed::{NOBPF, OverlayBed},
     procs::binary,
     stack::{IMAGE, call},
 };
@@ -51,6 +51,14 @@ async fn on_a_mixed_pair() {
     scenario("ovlmix", &["ebpf", "tun"]).await;
 }
 
+/// The second worker's NetManager asks for `auto` but may not use eBPF: it falls back to the TUN dataplane with
+/// one warning naming the reason, and still interoperates with the eBPF worker.
+#[tokio::test(flavor = "current_thread")]
+async fn auto_falls_back_to_tun_without_ebpf_permission() {
+    let _one = SERIAL.lock().await;
+    scenario("ovlnobpf", &["ebpf", NOBPF]).await;
+}
+
 /// `iperf3 -c <addr> -t 2 [-R] -J` in the client container; Gbit/s received.
 fn bulk(cli_pid: u32, addr: &str, reverse: bool) -> f64 {
     let mut args = vec!["iperf3", "-c", addr, "-t", "2", "-J"];
@@ -74,7 +82,7 @@ async fn scenario(tag: &str, dataplanes: &[&str]) {
     let bed = OverlayBed::start(tag, dataplanes, &[]).await;
     let (stack, ctrd, tb) = (&bed.stack, &bed.ctrd, &bed.tb);
     let all = bed.procs();
-    let ebpf = |w: usize| dataplanes[w] != "tun";
+    let ebpf = |w: usize| dataplanes[w] == "ebpf" || dataplanes[w] == "auto";
 
     // One application: the server (two instances, each needs both cores, so one per worker) and a client.
     let srv = json!({"microserviceID": "", "microservice_name": "srv", "microservice_namespace": "test",
