@@ -1105,6 +1105,12 @@ impl<P: Plumbing> Daemon<P> {
         }
         tracing::info!(old = %node.public, new = %fresh, "the node's address changed; telling the cluster");
         node.public = fresh;
+        // Encapsulated packets leave from the new address from now on.
+        if let (Some(fast), IpAddr::V4(v4)) = (&node.fast, fresh)
+            && let Err(e) = fast.set_underlay_source(v4)
+        {
+            tracing::warn!(error = %e, "cannot give the eBPF fast path the new underlay address");
+        }
         for l in node.locals.values() {
             // The full job name (the reference sends only its first part, which the cluster cannot find).
             node.session.publish(
@@ -1627,6 +1633,19 @@ mod logic_tests {
         let d = Daemon::with_plumbing(settings("auto", dir.path()), Recording::default());
         d.cleanup_leftovers().await;
         assert_eq!(d.plumbing.ops(), ["remove_leftover_programs"]);
+    }
+
+    #[tokio::test]
+    async fn a_new_node_address_reaches_the_fast_path() {
+        let (d, _dir) = registered("ebpf", None).await;
+        *d.plumbing.route.lock().unwrap() = Some((Ipv4Addr::new(192, 0, 2, 9), "eth0".to_owned()));
+        d.watch_address().await;
+        let fast = d.plumbing.fast.lock().unwrap().clone().unwrap();
+        assert_eq!(
+            fast.calls.lock().unwrap().last().unwrap(),
+            "set_underlay_source 192.0.2.9"
+        );
+        assert_eq!(d.status().await["public_address"], "192.0.2.9");
     }
 
     #[test]

@@ -366,6 +366,17 @@ impl FastPath {
         })
     }
 
+    /// Sets the source address of encapsulated packets (the node's address changed).
+    pub fn set_underlay_source(&self, v4: Ipv4Addr) -> Result<(), FastPathError> {
+        let mut guard = lock(&self.config);
+        let (map, value) = &mut *guard;
+        value.underlay_v4 = v4.octets();
+        map.set(0, *value, 0).map_err(|e| FastPathError::Map {
+            map: names::CONFIG,
+            reason: e.to_string(),
+        })
+    }
+
     /// Writes where the container with namespace address `ns` is.
     pub fn set_local(&self, ns: IpAddr, dest: LocalDest) -> Result<(), FastPathError> {
         lock(&self.locals)

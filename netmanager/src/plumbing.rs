@@ -51,6 +51,8 @@ pub trait FastPathOps: Send + Sync + std::fmt::Debug + 'static {
     fn set_local(&self, ns: IpAddr, dest: LocalDest) -> Result<(), FastPathError>;
     /// Forgets it.
     fn remove_local(&self, ns: IpAddr);
+    /// The source address of encapsulated packets (after the node's address changed).
+    fn set_underlay_source(&self, v4: Ipv4Addr) -> Result<(), FastPathError>;
     /// Counters and sizes for `status`.
     fn stats(&self) -> FastPathStats;
     /// Detaches everything; returns the interface whose clsact qdisc it added, if any.
@@ -148,6 +150,10 @@ impl FastPathOps for FastPath {
 
     fn remove_local(&self, ns: IpAddr) {
         FastPath::remove_local(self, ns);
+    }
+
+    fn set_underlay_source(&self, v4: Ipv4Addr) -> Result<(), FastPathError> {
+        FastPath::set_underlay_source(self, v4)
     }
 
     fn stats(&self) -> FastPathStats {
@@ -550,6 +556,14 @@ pub mod fake {
 
         fn remove_local(&self, ns: IpAddr) {
             self.locals.lock().unwrap().remove(&ns);
+        }
+
+        fn set_underlay_source(&self, v4: Ipv4Addr) -> Result<(), FastPathError> {
+            self.calls
+                .lock()
+                .unwrap()
+                .push(format!("set_underlay_source {v4}"));
+            Ok(())
         }
 
         fn stats(&self) -> FastPathStats {
