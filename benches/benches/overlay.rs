@@ -201,6 +201,10 @@ fn setup_netmanagers(
     std::fs::write(&conf, format!("listener 1883 {lan}\nallow_anonymous true\n"))
         .map_err(|e| e.to_string())?;
     let mut undo = Teardown::default();
+    // Runs last (teardown goes in reverse): the NetManagers' sockets, state and logs.
+    let mut rm = Command::new("rm");
+    rm.arg("-rf").arg(&dir);
+    undo.push(rm);
     let broker = tb
         .lan
         .command("mosquitto")

@@ -84,7 +84,8 @@ pub struct RunFlags {
     /// MTU of the TUN, the bridge and the container veths.
     #[arg(long, global = true, env = "TUN_MTU_SIZE", value_name = "BYTES")]
     pub mtu: Option<u32>,
-    /// Dataplane threads, one TUN queue each (default: one per CPU, at most 8).
+    /// TUN dataplane threads, one TUN queue each (default: one per CPU, at most 8; one when the eBPF fast path
+    /// runs, since the TUN proxy then only decides each flow's first packets).
     #[arg(long, global = true, env = "NETMANAGER_WORKERS", value_name = "N")]
     pub workers: Option<usize>,
     /// Name of the TUN device.
@@ -284,6 +285,8 @@ pub struct Settings {
     pub mtu: u32,
     /// Dataplane threads.
     pub workers: usize,
+    /// Whether `workers` was given (flag or environment) rather than defaulted.
+    pub workers_set: bool,
     /// TUN device name.
     pub tun_name: String,
     /// Bridge name.
@@ -453,6 +456,7 @@ impl Settings {
             default_interface,
             mtu,
             workers,
+            workers_set: flags.workers.is_some(),
             tun_name: interface_name("--tun-name", &flags.tun_name)?,
             bridge_name: interface_name("--bridge-name", &flags.bridge_name)?,
             nft_table: flags.nft_table.clone(),

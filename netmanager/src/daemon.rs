@@ -111,6 +111,8 @@ pub struct DataplaneState {
     pub fallback: Option<String>,
     /// The interface tunnel datagrams are decapsulated on in the kernel (None: they all take the slow path).
     pub underlay: Option<String>,
+    /// Threads of the TUN dataplane.
+    pub workers: usize,
 }
 
 /// Everything that exists once the NodeEngine registered.
@@ -410,22 +412,18 @@ impl<P: Plumbing> Daemon<P> {
             Limits::default(),
             j.queries,
         ));
-        let dataplane = match self.build_host(j.subnet_v4, j.subnet_v6, shared.clone()).await {
-            Ok(d) => d,
-            Err(e) => {
-                self.teardown_host().await;
-                return Err(abandon(&j.session, &j.mqtt_pump, &j.control, e).await);
-            }
-        };
-        let bridge = bridge_mac(j.subnet_v4.bridge());
-        let started = self
-            .start_fast_path(&shared, &dataplane, j.public, j.public_if.as_deref(), bridge)
+        let built = self
+            .build_host(
+                j.subnet_v4,
+                j.subnet_v6,
+                shared.clone(),
+                j.public,
+                j.public_if.as_deref(),
+            )
             .await;
-        let (fast, dataplane_state) = match started {
-            Ok(f) => f,
+        let (dataplane, fast, dataplane_state) = match built {
+            Ok(b) => b,
             Err(e) => {
-                let mut dataplane = dataplane;
-                self.plumbing.stop_dataplane(&mut dataplane);
                 self.teardown_host().await;
                 return Err(abandon(&j.session, &j.mqtt_pump, &j.control, e).await);
             }
@@ -454,8 +452,6 @@ impl<P: Plumbing> Daemon<P> {
     /// TUN dataplane with one warning naming the reason; `ebpf` fails instead.
     async fn start_fast_path(
         &self,
-        shared: &Arc<Shared>,
-        dataplane: &P::Dataplane,
         public: IpAddr,
         public_if: Option<&str>,
         gateway_mac: [u8; 6],
@@ -466,6 +462,7 @@ impl<P: Plumbing> Daemon<P> {
             mode: "tun",
             fallback: None,
             underlay: None,
+            workers: self.settings.workers,
         };
         if requested == DataplaneMode::Tun {
             return Ok((None, state));
@@ -494,10 +491,6 @@ impl<P: Plumbing> Daemon<P> {
         });
         match loaded {
             Ok(fast) => {
-                shared.conn.set_mirror(fast.clone().mirror(), now_secs());
-                // GRO on the tunnel sockets would merge datagrams before tc sees them, so the kernel could not
-                // decapsulate them one by one.
-                self.plumbing.set_udp_gro(dataplane, false);
                 state.mode = "ebpf";
                 state.underlay = underlay_if.map(str::to_owned);
                 if underlay_if.is_none() {
@@ -544,12 +537,18 @@ impl<P: Plumbing> Daemon<P> {
         }
     }
 
+    /// The host side, in order: the bridge; the fast path as `--dataplane` asks (its fallback decided); the TUN
+    /// dataplane (one thread when the fast path carries established flows and `--workers` is not given: it then
+    /// only decides first packets); the TUN's routes, sysctls and rules. A failure undoes what was done except the
+    /// bridge and rules (the caller's `teardown_host`).
     async fn build_host(
         &self,
         v4: WorkerSubnetV4,
         v6: WorkerSubnetV6,
         shared: Arc<Shared>,
-    ) -> Result<P::Dataplane, String> {
+        public: IpAddr,
+        public_if: Option<&str>,
+    ) -> Result<(P::Dataplane, Option<Arc<P::FastPath>>, DataplaneState), String> {
         let s = &self.settings;
         let bridge = BridgeSpec {
             name: s.bridge_name.clone(),
@@ -563,15 +562,41 @@ impl<P: Plumbing> Daemon<P> {
             .await
             .map_err(|e| e.to_string())?;
         let mtu = u16::try_from(s.mtu).map_err(|_| format!("MTU {} does not fit a TUN", s.mtu))?;
-        let mut dataplane = self.plumbing.start_dataplane(
+        let (fast, state) = self.start_fast_path(public, public_if, bridge.mac).await?;
+        let undo_fast = |fast: &Option<Arc<P::FastPath>>| {
+            let added = fast.as_ref().and_then(|f| f.shutdown());
+            async move {
+                if let Some(iface) = added {
+                    self.plumbing.remove_clsact_if_empty(&iface).await;
+                }
+            }
+        };
+        let workers = match (&fast, s.workers_set) {
+            (Some(_), false) => 1,
+            _ => s.workers,
+        };
+        let started = self.plumbing.start_dataplane(
             &DataplaneConfig {
                 tun_name: s.tun_name.clone(),
                 mtu,
-                workers: s.workers,
+                workers,
                 tunnel_port: s.tunnel_port,
             },
-            shared,
-        )?;
+            shared.clone(),
+        );
+        let mut dataplane = match started {
+            Ok(d) => d,
+            Err(e) => {
+                undo_fast(&fast).await;
+                return Err(e);
+            }
+        };
+        if let Some(f) = &fast {
+            shared.conn.set_mirror(f.clone().mirror(), now_secs());
+            // GRO on the tunnel sockets would merge datagrams before tc sees them, so the kernel could not
+            // decapsulate them one by one.
+            self.plumbing.set_udp_gro(&dataplane, false);
+        }
         let rest = async {
             self.plumbing
                 .setup_tun(&s.tun_name, s.mtu)
@@ -584,9 +609,10 @@ impl<P: Plumbing> Daemon<P> {
         };
         if let Err(e) = rest.await {
             self.plumbing.stop_dataplane(&mut dataplane);
+            undo_fast(&fast).await;
             return Err(e);
         }
-        Ok(dataplane)
+        Ok((dataplane, fast, DataplaneState { workers, ..state }))
     }
 
     async fn apply_rules(
@@ -1141,7 +1167,7 @@ impl<P: Plumbing> Daemon<P> {
             "tunnel_port": self.settings.tunnel_port,
             "subnet_v4": node.subnet_v4.network().to_string(),
             "subnet_v6": node.subnet_v6.network().to_string(),
-            "workers": self.settings.workers,
+            "workers": node.dataplane_state.workers,
             "offload": self.plumbing.dataplane_offload(&node.dataplane),
             "dataplane": {
                 "requested": node.dataplane_state.requested,
@@ -1394,13 +1420,18 @@ mod logic_tests {
             d.plumbing.ops(),
             [
                 "recreate_bridge",
+                "load_fastpath",
                 "start_dataplane",
+                "set_udp_gro",
                 "setup_tun",
                 "enable_forwarding",
-                "apply_rules",
-                "load_fastpath",
-                "set_udp_gro"
+                "apply_rules"
             ]
+        );
+        // With the fast path on, the TUN proxy only decides first packets: one thread.
+        assert_eq!(
+            d.plumbing.calls_of("start_dataplane"),
+            ["start_dataplane goProxyTun mtu 1450 workers 1"]
         );
         // The bridge gets its fixed MAC; the fast path the worker's underlay address and port; GRO goes off.
         assert_eq!(
@@ -1487,7 +1518,11 @@ mod logic_tests {
         );
         let ops = d.plumbing.ops();
         let tail: Vec<&str> = ops.iter().rev().take(3).rev().map(String::as_str).collect();
-        assert_eq!(tail, ["stop_dataplane", "remove_rules", "delete_link"], "{ops:?}");
+        assert_eq!(
+            tail,
+            ["load_fastpath", "remove_rules", "delete_link"],
+            "nothing started after the refusal: {ops:?}"
+        );
     }
 
     #[tokio::test]
@@ -1505,6 +1540,66 @@ mod logic_tests {
         let fast = d.plumbing.fast.lock().unwrap().clone().unwrap();
         assert_eq!(*fast.calls.lock().unwrap(), ["attach_underlay eth0", "shutdown"]);
         assert!(!node.shared.conn.mirrored());
+    }
+
+    #[tokio::test]
+    async fn the_tun_path_keeps_its_threads_without_the_fast_path_or_when_told() {
+        // Fallback: the default thread count (one per core).
+        let reason = FastPathError::Kernel("x".into());
+        let (d, _dir) = registered("auto", Some(reason)).await;
+        let cores = std::thread::available_parallelism().map_or(1, usize::from).min(8);
+        assert_eq!(
+            d.plumbing.calls_of("start_dataplane"),
+            [format!("start_dataplane goProxyTun mtu 1450 workers {cores}")]
+        );
+        assert_eq!(d.status().await["workers"], cores);
+        // `--workers` wins over the fast path's default of one.
+        let dir = tempdir::Dir::new();
+        let cli = Cli::parse_from([
+            "NetManager",
+            "--dataplane",
+            "ebpf",
+            "--workers",
+            "3",
+            "--state-dir",
+            dir.path().to_str().unwrap(),
+        ]);
+        let settings = Settings::from_parts(&cli.run, &NetCfg::default()).unwrap();
+        let d = Daemon::with_plumbing(settings, Recording::default());
+        d.build_node(joined(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7))))
+            .await
+            .unwrap();
+        assert_eq!(
+            d.plumbing.calls_of("start_dataplane"),
+            ["start_dataplane goProxyTun mtu 1450 workers 3"]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failure_after_the_fast_path_loaded_detaches_it_again() {
+        let dir = tempdir::Dir::new();
+        let fake = Recording::default();
+        fake.fail.lock().unwrap().insert("setup_tun");
+        let d = Daemon::with_plumbing(settings("ebpf", dir.path()), fake);
+        let err = d
+            .build_node(joined(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7))))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("setup_tun"), "{err}");
+        let fast = d.plumbing.fast.lock().unwrap().clone().unwrap();
+        assert_eq!(*fast.calls.lock().unwrap(), ["attach_underlay eth0", "shutdown"]);
+        let ops = d.plumbing.ops();
+        let tail: Vec<&str> = ops.iter().rev().take(4).rev().map(String::as_str).collect();
+        assert_eq!(
+            tail,
+            [
+                "stop_dataplane",
+                "remove_clsact_if_empty",
+                "remove_rules",
+                "delete_link"
+            ],
+            "{ops:?}"
+        );
     }
 
     #[tokio::test]

@@ -385,7 +385,10 @@ pub mod fake {
             cfg: &DataplaneConfig,
             _shared: Arc<Shared>,
         ) -> Result<FakeDataplane, String> {
-            self.log(format!("start_dataplane {} mtu {}", cfg.tun_name, cfg.mtu));
+            self.log(format!(
+                "start_dataplane {} mtu {} workers {}",
+                cfg.tun_name, cfg.mtu, cfg.workers
+            ));
             self.check("start_dataplane").map_err(|e| e.to_string())?;
             Ok(FakeDataplane { stopped: false })
         }
