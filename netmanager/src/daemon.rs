@@ -493,7 +493,10 @@ impl<P: Plumbing> Daemon<P> {
             Ok(fast) => {
                 state.mode = "ebpf";
                 state.underlay = underlay_if.map(str::to_owned);
-                if underlay_if.is_none() {
+                if public.is_loopback() {
+                    // A single machine without network: there are no other workers to reach.
+                    tracing::info!(public = %public, "eBPF fast path for local flows only (no underlay)");
+                } else if underlay_if.is_none() {
                     tracing::warn!(
                         public = %public,
                         "eBPF fast path: no IPv4 underlay interface for {public}; flows to and from other workers \
