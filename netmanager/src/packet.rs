@@ -597,8 +597,8 @@ fn checksum_delta(old: &[u8], new: &[u8]) -> u32 {
         .sum()
 }
 
-/// Folds a 32-bit one's-complement sum into 16 bits (end-around carry).
-fn fold(mut sum: u32) -> u16 {
+/// Folds a one's-complement sum into 16 bits (end-around carry).
+fn fold(mut sum: u64) -> u16 {
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }
@@ -624,7 +624,7 @@ fn update_checksum(buf: &mut [u8], pos: usize, delta: u32, udp: bool) {
     if udp && old == 0 {
         return;
     }
-    let new = !fold(u32::from(!old) + delta);
+    let new = !fold(u64::from(!old) + u64::from(delta));
     let new = match (udp, new) {
         (true, 0) => 0xffff,
         (false, 0xffff) => 0,
@@ -645,15 +645,6 @@ fn sum_words(data: &[u8], initial: u64) -> u64 {
         sum += u64::from(u16::from_be_bytes([*last, 0]));
     }
     sum
-}
-
-fn fold64(mut sum: u64) -> u16 {
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    #[allow(clippy::cast_possible_truncation, reason = "the loop leaves at most 16 bits")]
-    let folded = sum as u16;
-    folded
 }
 
 /// The pseudo-header sum (not folded) of a transport segment of `l4_len` bytes of `protocol` between the
@@ -693,12 +684,12 @@ pub fn complete_partial_checksum(buf: &mut [u8], h: &Headers) -> bool {
     };
     let stored = u16::from_be_bytes([field[0], field[1]]);
     let pseudo = pseudo_header_sum(h, h.protocol, segment.len());
-    if stored == 0 || stored != fold64(pseudo) {
+    if stored == 0 || stored != fold(pseudo) {
         return false;
     }
     buf[at] = 0;
     buf[at + 1] = 0;
-    let mut sum = !fold64(sum_words(&buf[segment], pseudo));
+    let mut sum = !fold(sum_words(&buf[segment], pseudo));
     if sum == 0 && matches!(h.l4, L4::Udp { .. }) {
         sum = 0xffff;
     }
@@ -766,7 +757,7 @@ pub fn segment_tcp(
             seg[4..6].copy_from_slice(&id.to_be_bytes());
             seg[10] = 0;
             seg[11] = 0;
-            let check = !fold64(sum_words(&seg[..l4], 0));
+            let check = !fold(sum_words(&seg[..l4], 0));
             seg[10..12].copy_from_slice(&check.to_be_bytes());
         }
         seg[l4 + 4..l4 + 8].copy_from_slice(&seq0.wrapping_add(offset).to_be_bytes());
@@ -780,7 +771,7 @@ pub fn segment_tcp(
         seg[l4 + 13] = f;
         seg[l4 + 16] = 0;
         seg[l4 + 17] = 0;
-        let sum = !fold64(sum_words(&seg[l4..], pseudo_header_sum(h, h.protocol, len - l4)));
+        let sum = !fold(sum_words(&seg[l4..], pseudo_header_sum(h, h.protocol, len - l4)));
         seg[l4 + 16..l4 + 18].copy_from_slice(&sum.to_be_bytes());
         out(&seg);
     }
@@ -1433,7 +1424,7 @@ mod tests {
     fn make_partial(pkt: &mut [u8]) {
         let h = parse(pkt).unwrap();
         let (at, segment) = l4_checksum_at(&h).unwrap();
-        let pseudo = fold64(pseudo_header_sum(&h, h.protocol, segment.len()));
+        let pseudo = fold(pseudo_header_sum(&h, h.protocol, segment.len()));
         pkt[at..at + 2].copy_from_slice(&pseudo.to_be_bytes());
     }
 
