@@ -20,6 +20,8 @@ OAK_BIN_DIR=${OAK_BIN_DIR:-}
 OAK_NO_INSTALL=${OAK_NO_INSTALL:-0}
 OAK_NO_IMAGES=${OAK_NO_IMAGES:-0}
 OAK_WORKER_TIMEOUT=${OAK_WORKER_TIMEOUT:-10}
+OAK_NO_UNIKERNEL=${OAK_NO_UNIKERNEL:-0}
+OAK_GUEST_PORT=${OAK_GUEST_PORT:-10091}
 
 logs=$OAK_HOME/logs
 run=$OAK_HOME/run
@@ -47,8 +49,14 @@ containerd). Runs as root (the worker creates network interfaces and containers)
   install  only the first two steps of up: the packages, the toolchain and the release build (e.g. to prepare a
            machine image); starts nothing
   status   each component: running or not, pid, and what it reports
-  example  logs in, registers examples/clientsrvr-local.json (curl client + nginx server on 10.30.55.55), deploys
-           one instance of each, waits for RUNNING and prints the client's log (the page it fetched)
+  example [SLA]
+           logs in, registers examples/clientsrvr-local.json (curl client + nginx server on 10.30.55.55) or the
+           SLA given (e.g. examples/unikernel.json: curl client + a unikernel web server on 10.30.77.77), deploys
+           one instance of each, waits for RUNNING and prints the logs (the client's shows the page it fetched)
+  Unikernels: when QEMU is installed (up installs it: scripts/qemu-install.sh) the NodeEngine runs with -u=true
+  and up builds the test guest (scripts/images/unikernel.sh) and serves it on http://127.0.0.1:$OAK_GUEST_PORT/
+  (busybox httpd, "guest-images"), so examples/unikernel.json works offline.
+
   down     stops the four processes (SIGTERM: the NetManager removes its bridge, TUN, veths and nftables table),
            removes the containers left in the containerd namespace, stops containerd if 1doc started it, and removes
            any network state a killed NetManager left; keeps data and logs
@@ -61,7 +69,8 @@ Settings (environment): OAK_HOME, OAK_API_PORT (10000), OAK_CLUSTER_PORT (10100)
 OAK_CONTAINERD (containerd socket; containerd is started if nothing answers there), OAK_NAMESPACE (containerd
 namespace, oakestra), OAK_WORKER_TIMEOUT (seconds before a silent worker's instances move, 10),
 OAK_BIN_DIR (take the binaries from there instead of building), OAK_NO_INSTALL=1 (no apt, no rustup),
-OAK_NO_IMAGES=1 (do not build the local example images).
+OAK_NO_IMAGES=1 (do not build the local example images), OAK_NO_UNIKERNEL=1 (no QEMU, no -u=true),
+OAK_GUEST_PORT (where the guest images are served, 10091).
 EOF
 }
 
@@ -96,7 +105,13 @@ install_packages() {
   if [ -z "$OAK_BIN_DIR" ] && [ "${OAKESTRA_SKIP_EBPF:-0}" != 1 ]; then
     "$repo/scripts/ebpf-toolchain.sh" --no-apt
   fi
+  if [ "$OAK_NO_UNIKERNEL" != 1 ]; then
+    "$repo/scripts/qemu-install.sh" >/dev/null || step "QEMU could not be installed: the worker offers containers only"
+  fi
 }
+
+# QEMU here and unikernels not switched off.
+unikernels_on() { [ "$OAK_NO_UNIKERNEL" != 1 ] && command -v "qemu-system-$(uname -m)" >/dev/null; }
 
 build() {
   if [ -n "$OAK_BIN_DIR" ]; then
@@ -171,6 +186,15 @@ up() {
       >>"$logs/images.log" 2>&1 || die "image build failed; see $logs/images.log"
   fi
 
+  local uk_flags=()
+  if unikernels_on; then
+    log "building the test guest and serving it on http://127.0.0.1:$OAK_GUEST_PORT/ (unikernels on: -u=true)"
+    "$repo/scripts/images/unikernel.sh" --out "$data/guest-images" >>"$logs/images.log" 2>&1 \
+      || die "guest image build failed; see $logs/images.log"
+    start guest-images busybox httpd -f -p "127.0.0.1:$OAK_GUEST_PORT" -h "$data/guest-images"
+    uk_flags=(-u=true)
+  fi
+
   log "starting root-service on :$OAK_API_PORT"
   OAKESTRA_ADMIN_PASSWORD=$(cat "$OAK_HOME/admin.password") start root-service "$bin/root-service" \
     --listen "0.0.0.0:$OAK_API_PORT" --data-dir "$data/root"
@@ -191,7 +215,7 @@ up() {
   wait_for 20 "the NetManager's socket" NetManager test -S "$run/netmanager.sock"
   start NodeEngine "$bin/NodeEngine" -a 127.0.0.1 -p "$OAK_CLUSTER_PORT" -n "$run/netmanager.sock" \
     -l "$logs/apps" --conf "$data/nodeengine.conf.json" --containerd "$OAK_CONTAINERD" --namespace "$OAK_NAMESPACE" \
-    --state-dir "$data/nodeengine" --log-file none --node-name "$(hostname)-1doc"
+    --state-dir "$data/nodeengine" --log-file none --node-name "$(hostname)-1doc" "${uk_flags[@]}"
   wait_for 60 "the worker to be active" NodeEngine worker_active
   wait_for 30 "the NetManager to register" NetManager netmanager_registered
 
@@ -210,7 +234,8 @@ EOF
 # --- status -------------------------------------------------------------------------------------------------------
 status() {
   local c any=0
-  for c in containerd "${components[@]}"; do
+  for c in containerd "${components[@]}" guest-images; do
+    if [ "$c" = guest-images ] && ! alive "$c"; then continue; fi
     if alive "$c"; then
       any=1
       printf '  %-16s running  pid %s\n' "$c" "$(pid_of "$c")"
@@ -265,6 +290,11 @@ down() {
       ctr -a "$OAK_CONTAINERD" -n "$OAK_NAMESPACE" containers delete "$t" >/dev/null 2>&1 && step "removed container $t"
     done
   fi
+  stop guest-images
+  # Guests outlive their NodeEngine like containers do: stop the QEMUs it left.
+  if pkill -TERM -f "qemu-system-.* -kernel $data/nodeengine/unikernel/" 2>/dev/null; then
+    sleep 1; step "stopped the unikernel guests"
+  fi
   stop containerd
   # Network state a killed NetManager may have left: its bridge and TUN, and the veths it recorded.
   local l veths=()
@@ -275,6 +305,13 @@ down() {
   for l in goProxyBridge goProxyTun "${veths[@]}"; do
     [ -n "$l" ] && ip link show "$l" >/dev/null 2>&1 && ip link del "$l" 2>/dev/null && step "removed interface $l"
   done
+  # The unikernel namespaces it recorded.
+  if [ -s "$data/netmanager/netns.json" ]; then
+    for l in $(python3 -c 'import json,sys; print("\n".join(json.load(open(sys.argv[1]))))' \
+      "$data/netmanager/netns.json" 2>/dev/null || true); do
+      [ -e "/var/run/netns/$l" ] && ip netns del "$l" 2>/dev/null && step "removed namespace $l"
+    done
+  fi
   if nft list table inet oakestra >/dev/null 2>&1; then nft delete table inet oakestra && step "removed nftables table inet oakestra"; fi
   log "down (data and logs kept in $OAK_HOME)"
 }

@@ -40,6 +40,8 @@ Options:
   --bin-dir DIR       take NodeEngine and NetManager from DIR instead of building them
   --no-apt            install no packages and no Rust toolchain (everything needed is already there)
   --start             enable and start netmanager and nodeengine (restart them if they run and something changed)
+  --unikernel         also run unikernels: installs QEMU (scripts/qemu-install.sh) and starts the NodeEngine with
+                      -u=true (drop-in nodeengine.service.d/unikernel.conf: OAKESTRA_UNIKERNEL=true)
   --root DIR          install into DIR instead of / (tests, packaging): no apt, no rustup, no systemctl
   --uninstall         stop and disable the units, remove units, binaries and /bin links; keeps configs and logs
   --purge             with --uninstall: also remove /etc/oakestra, /etc/netmanager and /var/log/oakestra
@@ -51,7 +53,7 @@ EOF
 }
 
 # --- options -----------------------------------------------------------------------------------------------------
-prefix="" root_given=0 no_apt=0 bin_dir="" cluster="" cluster_port="" start=0 uninstall=0 purge=0
+prefix="" root_given=0 no_apt=0 bin_dir="" cluster="" cluster_port="" start=0 uninstall=0 purge=0 unikernel=0
 while [ $# -gt 0 ]; do
   case "$1" in
     -h | --help) usage; exit 0 ;;
@@ -61,6 +63,7 @@ while [ $# -gt 0 ]; do
     --root) [ $# -ge 2 ] || die "--root needs a directory"; prefix="$2"; root_given=1; shift 2 ;;
     --no-apt) no_apt=1; shift ;;
     --start) start=1; shift ;;
+    --unikernel) unikernel=1; shift ;;
     --uninstall) uninstall=1; shift ;;
     --purge) purge=1; shift ;;
     *) die "unknown option $1 (see --help)" ;;
@@ -254,6 +257,8 @@ if [ "$uninstall" = 1 ]; then
   fi
   log "removing units, binaries and links"
   for u in "${units[@]}"; do remove "$prefix/etc/systemd/system/$u"; done
+  [ -e "$prefix/etc/systemd/system/nodeengine.service.d/unikernel.conf" ] \
+    && remove "$prefix/etc/systemd/system/nodeengine.service.d/unikernel.conf"
   for b in "${bin_names[@]}"; do
     remove "$prefix/usr/local/bin/$b"
     # /bin/<name> is ours only when it is the link this script made; anything else there is left alone.
@@ -323,6 +328,10 @@ else
     apt-get -o DPkg::Lock::Timeout=900 install -y --no-install-recommends "${missing[@]}"
   else
     item unchanged "${packages[*]}"
+  fi
+  if [ "$unikernel" = 1 ]; then
+    item checking "QEMU for unikernels (scripts/qemu-install.sh)"
+    "$repo/scripts/qemu-install.sh"
   fi
   if [ "$build" = 1 ]; then
     if [ -x "$HOME/.cargo/bin/cargo" ]; then export PATH="$HOME/.cargo/bin:$PATH"; fi
@@ -414,6 +423,14 @@ TimeoutStopSec=15
 [Install]
 WantedBy=multi-user.target
 EOF
+[ "$changed" = 0 ] || units_changed=1
+if [ "$unikernel" = 1 ]; then
+  put_text "$prefix/etc/systemd/system/nodeengine.service.d/unikernel.conf" 0644 <<'EOF'
+# Written by oakestra-rs scripts/install-worker.sh --unikernel: the NodeEngine also runs unikernels (-u=true).
+[Service]
+Environment=OAKESTRA_UNIKERNEL=true
+EOF
+fi
 [ "$changed" = 0 ] || units_changed=1
 
 # --- 5. directories and configs ----------------------------------------------------------------------------------

@@ -53,6 +53,12 @@ done
 if [ "$SKIP_EBPF" != 1 ]; then
   ./scripts/ebpf-toolchain.sh --no-apt
 fi
+# QEMU (qemu-system-x86 from bookworm-backports on Debian 12), cpio: the unikernel tests boot real guests, and
+# scripts/images/unikernel.sh packs the test guest (a Debian kernel fetched with apt-get download, cached).
+as_root ./scripts/qemu-install.sh
+# The kernel package is fetched here, on the host: the tests build the guest inside network namespaces without a
+# route to the mirror (then from the cache).
+as_root ./scripts/images/unikernel.sh >/dev/null
 
 # --- checks ------------------------------------------------------------------------------------------------------
 log "cargo fmt --check"

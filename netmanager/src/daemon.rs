@@ -1,8 +1,9 @@
 //! The NetManager daemon's state and control logic: registration (MQTT session, subnet, host plumbing, the TUN
 //! dataplane and the eBPF fast path or the fallback from it), container attach/detach with addresses, port
-//! mappings and fast-path attachments, the table cache fed by table queries, interests and their expiry, the
-//! public-address watcher, and cleanup on shutdown. The HTTP API (`api`) calls into this; every kernel change goes
-//! through [`Plumbing`].
+//! mappings and fast-path attachments, unikernel attach (a named namespace where a tap and a bridge make the veth a
+//! wire to the QEMU guest, which owns the instance's addresses), the table cache fed by table queries, interests and
+//! their expiry, the public-address watcher, and cleanup on shutdown and after a killed run. The HTTP API (`api`)
+//! calls into this; every kernel change goes through [`Plumbing`].
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -18,7 +19,9 @@ use oakestra_protocol::{
         NodeAddressV4Pool, NodeAddressV6Pool, WorkerSubnetV4, WorkerSubnetV6,
         plan::{WORKER_SUBNET_V4_PREFIX, WORKER_SUBNET_V6_PREFIX},
     },
-    api::netmanager::{ContainerDeployRequest, ContainerDeployResponse, RegisterRequest, UndeployRequest},
+    api::netmanager::{
+        ContainerDeployRequest, ContainerDeployResponse, GuestNic, RegisterRequest, UndeployRequest,
+    },
     mqtt::net::{
         AddressChanged, InterestRemove, ServiceDeployed, SubnetRequest, SubnetResult, TableQueryRequest,
         TableQueryResult,
@@ -33,7 +36,7 @@ use crate::{
     conntrack::now_secs,
     dataplane::DataplaneConfig,
     fastpath::FastPathConfig,
-    netlink::{Attach, NetnsTarget, veth_names},
+    netlink::{Attach, GuestWiring, NetnsTarget, veth_names},
     nft::{HostRules, PortMapping, parse_port_mappings},
     plumbing::{BridgeSpec, FastPathOps, Kernel, Plumbing},
     proxy::{Limits, QueryKey, Shared, Verdict},
@@ -50,6 +53,10 @@ pub const SUBNET_TIMEOUT: Duration = Duration::from_secs(10);
 pub const INTEREST_TTL: u32 = 10;
 /// How often the public address is re-checked when it was detected (the reference's 2 min).
 pub const ADDRESS_WATCH: Duration = Duration::from_secs(120);
+/// The tap a unikernel's QEMU opens inside the instance's namespace (`-netdev tap,ifname=tap0,script=no`).
+pub const GUEST_TAP: &str = "tap0";
+/// The bridge joining [`GUEST_TAP`] and the instance's veth peer inside the instance's namespace.
+pub const GUEST_BRIDGE: &str = "br0";
 
 /// An API call that failed, with the HTTP status it maps to.
 #[derive(Debug, thiserror::Error)]
@@ -94,6 +101,9 @@ pub struct Local {
     pub ports: String,
     /// Named network namespace created for a unikernel.
     pub netns: Option<String>,
+    /// How a unikernel guest's NIC is wired (what the deploy answered).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest: Option<GuestNic>,
     /// Whether the fast path's container program is attached to the veth.
     pub fast_path: bool,
     #[serde(skip)]
@@ -208,6 +218,20 @@ pub fn bridge_mac(bridge_v4: Ipv4Addr) -> [u8; 6] {
     [0x02, 0x4e, a, b, c, d]
 }
 
+/// The MAC address of a unikernel's veth peer, a mere bridge port in the instance's namespace: as
+/// [`container_mac`], with `4d`, because the guest itself uses [`container_mac`] (the address the fast path and
+/// the worker's neighbours deliver to) and the two sit on the same layer-2 segment.
+pub fn guest_port_mac(ns_v4: Ipv4Addr) -> [u8; 6] {
+    let [a, b, c, d] = ns_v4.octets();
+    [0x02, 0x4d, a, b, c, d]
+}
+
+/// `02:4f:0a:12:00:42`: how QEMU (`-device ...,mac=`) and `ip` write a MAC address.
+pub fn mac_text(mac: [u8; 6]) -> String {
+    let [a, b, c, d, e, f] = mac;
+    format!("{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{f:02x}")
+}
+
 impl Daemon<Kernel> {
     /// A daemon on the real kernel, waiting for registration.
     pub fn new(settings: Settings, plumbing: Kernel) -> Arc<Self> {
@@ -236,9 +260,10 @@ impl<P: Plumbing> Daemon<P> {
         &self.settings
     }
 
-    /// Removes what a previous run that was killed left behind: its veths (from the state file), and its tc
-    /// programs on any interface (the underlay's, which would otherwise keep forwarding with stale maps). The
-    /// bridge and the nftables table are replaced on registration anyway.
+    /// Removes what a previous run that was killed left behind: its veths and unikernel namespaces (from the state
+    /// file; a unikernel deployed again then gets its namespace afresh), and its tc programs on any interface (the
+    /// underlay's, which would otherwise keep forwarding with stale maps). The bridge and the nftables table are
+    /// replaced on registration anyway.
     pub async fn cleanup_leftovers(&self) {
         let programs = self.plumbing.remove_leftover_programs().await;
         if programs > 0 {
@@ -247,33 +272,49 @@ impl<P: Plumbing> Daemon<P> {
                 "removed eBPF programs left by an earlier run"
             );
         }
-        let path = self.state_file();
-        let Ok(text) = std::fs::read_to_string(&path) else {
-            return;
-        };
-        let veths: Vec<String> = serde_json::from_str(&text).unwrap_or_default();
+        let veths = read_names(&self.state_file());
         for v in &veths {
             if let Err(e) = self.plumbing.detach(v).await {
                 tracing::warn!(veth = %v, error = %e, "cannot remove a leftover veth");
             }
         }
-        if !veths.is_empty() {
-            tracing::info!(count = veths.len(), "removed veths left by an earlier run");
+        let namespaces = read_names(&self.netns_file());
+        for n in &namespaces {
+            if let Err(e) = self.plumbing.delete_netns(n).await {
+                tracing::warn!(netns = %n, error = %e, "cannot remove a leftover network namespace");
+            }
         }
-        let _ = std::fs::remove_file(path);
+        if !veths.is_empty() || !namespaces.is_empty() {
+            tracing::info!(
+                veths = veths.len(),
+                netns = namespaces.len(),
+                "removed veths and unikernel namespaces left by an earlier run"
+            );
+        }
+        let _ = std::fs::remove_file(self.state_file());
+        let _ = std::fs::remove_file(self.netns_file());
     }
 
+    /// The host ends of the veths (a JSON array of names, as before unikernels: scripts read it too).
     fn state_file(&self) -> PathBuf {
         self.settings.state_dir.join("veths.json")
     }
 
+    /// The unikernels' named namespaces (a JSON array of names).
+    fn netns_file(&self) -> PathBuf {
+        self.settings.state_dir.join("netns.json")
+    }
+
+    /// Records the veths and unikernel namespaces, for `cleanup_leftovers` after a run that was killed.
     fn save_veths(&self, node: &Node<P>) {
         let veths: Vec<&str> = node.locals.values().map(|l| l.veth.as_str()).collect();
-        let path = self.state_file();
-        let write = std::fs::create_dir_all(&self.settings.state_dir)
-            .and_then(|()| std::fs::write(&path, serde_json::to_vec(&veths).unwrap_or_default()));
-        if let Err(e) = write {
-            tracing::warn!(path = %path.display(), error = %e, "cannot record the veths");
+        let namespaces: Vec<&str> = node.locals.values().filter_map(|l| l.netns.as_deref()).collect();
+        for (path, names) in [(self.state_file(), veths), (self.netns_file(), namespaces)] {
+            let write = std::fs::create_dir_all(&self.settings.state_dir)
+                .and_then(|()| std::fs::write(&path, serde_json::to_vec(&names).unwrap_or_default()));
+            if let Err(e) = write {
+                tracing::warn!(path = %path.display(), error = %e, "cannot record the network state");
+            }
         }
     }
 
@@ -722,6 +763,9 @@ impl<P: Plumbing> Daemon<P> {
             veth: host.clone(),
             pid: req.pid,
             ports: req.port_mappings.clone(),
+            guest: netns
+                .as_deref()
+                .map(|name| guest_nic(node, name, ns_v4, self.settings.mtu)),
             netns,
             fast_path,
             mappings,
@@ -763,6 +807,9 @@ impl<P: Plumbing> Daemon<P> {
         Ok(response(&local))
     }
 
+    /// Wires one instance: a container's veth peer goes into the namespace of `pid` with the addresses; a
+    /// unikernel's (`netns` named) into a new namespace of that name, bare, bridged there to the guest's tap.
+    /// Returns the host end's index; on failure leaves nothing behind.
     #[allow(clippy::too_many_arguments, reason = "the addresses and names of one attach")]
     async fn plumb(
         &self,
@@ -775,21 +822,34 @@ impl<P: Plumbing> Daemon<P> {
         ns_v6: Ipv6Addr,
     ) -> Result<u32, ApiError> {
         let target = match netns {
-            Some(name) => NetnsTarget::Path(
-                self.plumbing
-                    .create_netns(name)
-                    .await
-                    .map_err(|e| ApiError::Internal(format!("cannot create netns {name}: {e}")))?,
-            ),
+            Some(name) => {
+                // This instance's own namespace went with its last detach, so one of this name is a leftover (of a
+                // run whose state file was lost): the guest starts from scratch, as a re-deployed container does.
+                if let Err(e) = self.plumbing.delete_netns(name).await {
+                    tracing::warn!(netns = %name, error = %e, "cannot remove a stale network namespace");
+                }
+                NetnsTarget::Path(
+                    self.plumbing
+                        .create_netns(name)
+                        .await
+                        .map_err(|e| ApiError::Internal(format!("cannot create netns {name}: {e}")))?,
+                )
+            }
             None => NetnsTarget::Pid(i32::try_from(pid).unwrap_or(-1)),
         };
         let attach = Attach {
             host_name: host.to_owned(),
             peer_name: peer.to_owned(),
-            peer_mac: container_mac(ns_v4),
+            // A guest answers for the instance's addresses with `container_mac`; its bridge port must differ.
+            peer_mac: if netns.is_some() {
+                guest_port_mac(ns_v4)
+            } else {
+                container_mac(ns_v4)
+            },
             bridge: self.settings.bridge_name.clone(),
             mtu: self.settings.mtu,
             target,
+            guest_port: netns.is_some(),
             v4: ns_v4,
             v4_prefix: WORKER_SUBNET_V4_PREFIX,
             gw4: node.subnet_v4.bridge(),
@@ -797,15 +857,38 @@ impl<P: Plumbing> Daemon<P> {
             v6_prefix: WORKER_SUBNET_V6_PREFIX,
             gw6: node.subnet_v6.bridge(),
         };
-        match self.plumbing.attach(&attach).await {
-            Ok(index) => Ok(index),
+        let index = match self.plumbing.attach(&attach).await {
+            Ok(index) => index,
             Err(e) => {
-                if let Some(name) = netns {
-                    let _ = self.plumbing.delete_netns(name).await;
-                }
-                Err(ApiError::Internal(format!("cannot attach pid {pid}: {e}")))
+                return Err(match netns {
+                    Some(name) => {
+                        let _ = self.plumbing.delete_netns(name).await;
+                        ApiError::Internal(format!("cannot attach netns {name}: {e}"))
+                    }
+                    None => ApiError::Internal(format!("cannot attach pid {pid}: {e}")),
+                });
             }
+        };
+        let Some(name) = netns else {
+            return Ok(index);
+        };
+        let wiring = GuestWiring {
+            netns: attach.target.path(),
+            peer_name: peer.to_owned(),
+            tap: GUEST_TAP.to_owned(),
+            bridge: GUEST_BRIDGE.to_owned(),
+            mtu: self.settings.mtu,
+        };
+        if let Err(e) = self.plumbing.wire_guest(&wiring).await {
+            if let Err(d) = self.plumbing.detach(host).await {
+                tracing::warn!(veth = %host, error = %d, "cannot remove the veth of a failed unikernel attach");
+            }
+            let _ = self.plumbing.delete_netns(name).await;
+            return Err(ApiError::Internal(format!(
+                "cannot wire the guest's tap {GUEST_TAP} in netns {name}: {e}"
+            )));
         }
+        Ok(index)
     }
 
     /// `POST /container/undeploy`, `/docker/undeploy`, `/unikernel/undeploy`: always succeeds once registered.
@@ -1217,6 +1300,7 @@ impl<P: Plumbing> Daemon<P> {
         node.mqtt_pump.abort();
         node.control.abort();
         let _ = std::fs::remove_file(self.state_file());
+        let _ = std::fs::remove_file(self.netns_file());
         tracing::info!("network state removed");
     }
 }
@@ -1250,6 +1334,18 @@ fn attach_fast_path<F: FastPathOps + ?Sized>(
     }
 }
 
+/// The names in a state file written by `save_veths`; none if it is absent, and none (with a warning) if it is not
+/// a JSON array of strings.
+fn read_names(path: &std::path::Path) -> Vec<String> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Vec::new();
+    };
+    serde_json::from_str(&text).unwrap_or_else(|e| {
+        tracing::warn!(path = %path.display(), error = %e, "ignoring an unreadable state file");
+        Vec::new()
+    })
+}
+
 /// Leaves the broker and stops the session and control tasks of a registration that failed half way.
 async fn abandon(
     session: &Session,
@@ -1268,7 +1364,23 @@ fn response(l: &Local) -> ContainerDeployResponse {
         service_name: l.job.clone(),
         ns_address: l.ns_v4.to_string(),
         ns_address_v6: l.ns_v6.to_string(),
+        guest: l.guest.clone(),
         ..ContainerDeployResponse::default()
+    }
+}
+
+/// How the guest of the unikernel in namespace `netns` with address `ns_v4` is wired: `plumb` made the tap and the
+/// bridge; the guest owns the instance's addresses with [`container_mac`] and routes through the worker bridge.
+fn guest_nic<P: Plumbing>(node: &Node<P>, netns: &str, ns_v4: Ipv4Addr, mtu: u32) -> GuestNic {
+    GuestNic {
+        netns: netns.to_owned(),
+        tap: GUEST_TAP.to_owned(),
+        mac: mac_text(container_mac(ns_v4)),
+        gateway: node.subnet_v4.bridge().to_string(),
+        prefix: WORKER_SUBNET_V4_PREFIX,
+        gateway_v6: node.subnet_v6.bridge().to_string(),
+        prefix_v6: WORKER_SUBNET_V6_PREFIX,
+        mtu,
     }
 }
 
@@ -1318,7 +1430,7 @@ mod logic_tests {
     use oakestra_ebpf_common::{FlowKey, proto};
     use oakestra_protocol::{
         addr::{WorkerSubnetV4, WorkerSubnetV6},
-        api::netmanager::{ContainerDeployRequest, UndeployRequest},
+        api::netmanager::{ContainerDeployRequest, GuestNic, UndeployRequest},
     };
     use tokio::sync::mpsc;
 
@@ -1694,6 +1806,205 @@ mod logic_tests {
         assert!(node.locals.is_empty());
     }
 
+    const UNIKERNEL_NETNS: &str = "app.test.srv.test.instance.0";
+
+    #[tokio::test]
+    async fn a_unikernel_guest_owns_its_addresses_behind_a_tap_and_a_bridge() {
+        let (d, dir) = registered("ebpf", None).await;
+        let before = d.plumbing.calls.lock().unwrap().len();
+        let r = d.deploy(deploy_req(0), true).await.unwrap();
+        assert_eq!(
+            (r.ns_address.as_str(), r.ns_address_v6.as_str()),
+            ("10.18.0.66", "fc00::102")
+        );
+        assert_eq!(
+            r.ns_ipv6(),
+            "fc00::102".parse().ok(),
+            "a real IPv6 address, not <nil>"
+        );
+        assert_eq!(
+            r.guest,
+            Some(GuestNic {
+                netns: UNIKERNEL_NETNS.to_owned(),
+                tap: "tap0".to_owned(),
+                mac: "02:4f:0a:12:00:42".to_owned(),
+                gateway: "10.18.0.65".to_owned(),
+                prefix: 26,
+                gateway_v6: "fc00::101".to_owned(),
+                prefix_v6: 120,
+                mtu: 1450,
+            })
+        );
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["guest"]["mac"], "02:4f:0a:12:00:42");
+        assert_eq!(json["guest"]["netns"], UNIKERNEL_NETNS);
+
+        // A stale namespace of that name goes first, then: the namespace, the veth with a bare peer whose MAC is
+        // not the guest's, and the guest's tap and bridge there.
+        let (host, peer) = veth_names(1, "app.test.srv.test.0");
+        let calls = d.plumbing.calls.lock().unwrap()[before..].to_vec();
+        let path = format!("/run/netns/{UNIKERNEL_NETNS}");
+        assert_eq!(
+            calls,
+            [
+                format!("delete_netns {UNIKERNEL_NETNS}"),
+                format!("create_netns {UNIKERNEL_NETNS}"),
+                format!("attach {host} {path} [02, 4d, 0a, 12, 00, 42] 10.18.0.66 fc00::102 guest-port"),
+                format!("wire_guest {path} {peer} tap0 br0 mtu 1450"),
+            ]
+        );
+        // The fast path delivers to the guest's MAC, through the host end like a container's.
+        let fast = d.plumbing.fast.lock().unwrap().clone().unwrap();
+        let v4: IpAddr = "10.18.0.66".parse().unwrap();
+        let v6: IpAddr = "fc00::102".parse().unwrap();
+        let locals = fast.locals.lock().unwrap().clone();
+        assert_eq!(locals[&v4].mac, [0x02, 0x4f, 10, 18, 0, 66]);
+        assert_eq!((locals[&v4].ifindex, locals[&v6]), (101, locals[&v4]));
+        assert_eq!(
+            fast.calls.lock().unwrap().last().unwrap(),
+            &format!("attach_container {host}")
+        );
+        // `status` shows the wiring; the state file names the namespace for a later run to clean up.
+        let status = d.status().await;
+        assert_eq!(status["instances"][0]["netns"], UNIKERNEL_NETNS);
+        assert_eq!(status["instances"][0]["guest"]["tap"], "tap0");
+        let saved = |file: &str| -> serde_json::Value {
+            serde_json::from_slice(&std::fs::read(dir.path().join(file)).unwrap()).unwrap()
+        };
+        assert_eq!(saved("veths.json"), serde_json::json!([host]));
+        assert_eq!(saved("netns.json"), serde_json::json!([UNIKERNEL_NETNS]));
+
+        // Undeploy: the veth, then the namespace (with the tap and the bridge in it); the maps are empty again.
+        let before = d.plumbing.calls.lock().unwrap().len();
+        d.undeploy(UndeployRequest::new("app.test.srv.test", 0))
+            .await
+            .unwrap();
+        let calls = d.plumbing.calls.lock().unwrap()[before..].to_vec();
+        assert_eq!(
+            calls[..2],
+            [
+                format!("detach {host}"),
+                format!("delete_netns {UNIKERNEL_NETNS}")
+            ]
+        );
+        assert!(fast.locals.lock().unwrap().is_empty());
+        assert_eq!(saved("veths.json"), serde_json::json!([]));
+        assert_eq!(saved("netns.json"), serde_json::json!([]));
+    }
+
+    #[tokio::test]
+    async fn containers_get_no_guest_and_keep_their_addressed_peer() {
+        let (d, _dir) = registered("ebpf", None).await;
+        let r = d.deploy(deploy_req(42), false).await.unwrap();
+        assert_eq!(r.guest, None);
+        assert!(serde_json::to_value(&r).unwrap().get("guest").is_none());
+        let attach = d.plumbing.calls_of("attach ");
+        assert!(
+            attach[0].contains("[02, 4f, 0a, 12, 00, 42]") && !attach[0].contains("guest-port"),
+            "{attach:?}"
+        );
+        assert!(d.plumbing.calls_of("wire_guest").is_empty());
+        assert!(d.plumbing.calls_of("create_netns").is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_unikernel_redeploy_rewires_from_scratch_and_a_failed_wiring_leaves_nothing() {
+        let (d, _dir) = registered("ebpf", None).await;
+        d.deploy(deploy_req(0), true).await.unwrap();
+        let (old_host, _) = veth_names(1, "app.test.srv.test.0");
+        let before = d.plumbing.calls.lock().unwrap().len();
+        let again = d.deploy(deploy_req(0), true).await.unwrap();
+        let ops = d.plumbing.ops()[before..].to_vec();
+        assert_eq!(
+            ops,
+            [
+                "detach",
+                "delete_netns",
+                "delete_netns",
+                "create_netns",
+                "attach",
+                "wire_guest"
+            ]
+        );
+        assert_eq!(d.plumbing.calls_of("detach "), [format!("detach {old_host}")]);
+        // The pool hands out the next address: the guest's MAC follows whatever the answer says.
+        let v4 = again.ns_ipv4().unwrap();
+        assert_eq!(again.guest.unwrap().mac, mac_text(container_mac(v4)));
+
+        // The guest's tap cannot be made: the veth and the namespace go again, the addresses are free.
+        d.undeploy(UndeployRequest::new("app.test.srv.test", 0))
+            .await
+            .unwrap();
+        d.plumbing.fail.lock().unwrap().insert("wire_guest");
+        let before = d.plumbing.calls.lock().unwrap().len();
+        let err = d.deploy(deploy_req(0), true).await.unwrap_err();
+        assert_eq!(err.status(), 500);
+        assert!(
+            err.to_string().contains("tap0") && err.to_string().contains(UNIKERNEL_NETNS),
+            "{err}"
+        );
+        let ops = d.plumbing.ops()[before..].to_vec();
+        assert_eq!(
+            ops,
+            [
+                "delete_netns",
+                "create_netns",
+                "attach",
+                "wire_guest",
+                "detach",
+                "delete_netns"
+            ]
+        );
+        let fast = d.plumbing.fast.lock().unwrap().clone().unwrap();
+        assert!(fast.locals.lock().unwrap().is_empty());
+        let guard = d.node.lock().await;
+        let node = guard.as_ref().unwrap();
+        assert!(node.locals.is_empty());
+        assert_eq!(
+            (node.pool_v4.used_count(), node.pool_v6.used_count()),
+            (0, 0),
+            "every address went back"
+        );
+    }
+
+    #[tokio::test]
+    async fn unikernel_port_mappings_point_at_the_guest_addresses() {
+        let (d, _dir) = registered("ebpf", None).await;
+        let mut req = deploy_req(0);
+        req.port_mappings = "8080:80/tcp".to_owned();
+        d.deploy(req, true).await.unwrap();
+        assert_eq!(
+            d.plumbing.calls_of("apply_rules").last().unwrap(),
+            "apply_rules oakestra mappings 1"
+        );
+        let guard = d.node.lock().await;
+        let local = guard.as_ref().unwrap().locals.values().next().unwrap().clone();
+        // The rules are built from the instance's addresses (which the guest owns), never from a link.
+        assert_eq!(
+            (local.ns_v4, local.ns_v6, local.mappings.len()),
+            (Ipv4Addr::new(10, 18, 0, 66), "fc00::102".parse().unwrap(), 1)
+        );
+    }
+
+    #[tokio::test]
+    async fn shutdown_removes_a_unikernel_namespace() {
+        let (d, dir) = registered("ebpf", None).await;
+        d.deploy(deploy_req(0), true).await.unwrap();
+        let before = d.plumbing.calls.lock().unwrap().len();
+        d.shutdown().await;
+        let calls = d.plumbing.calls.lock().unwrap()[before..].to_vec();
+        let (host, _) = veth_names(1, "app.test.srv.test.0");
+        assert_eq!(
+            calls[..2],
+            [
+                format!("detach {host}"),
+                format!("delete_netns {UNIKERNEL_NETNS}")
+            ]
+        );
+        assert!(!dir.path().join("netns.json").exists());
+        assert!(!dir.path().join("veths.json").exists());
+    }
+
     #[tokio::test]
     async fn shutdown_detaches_the_fast_path_before_the_host_goes() {
         let (d, _dir) = registered("ebpf", None).await;
@@ -1727,6 +2038,30 @@ mod logic_tests {
         d.cleanup_leftovers().await;
         assert_eq!(d.plumbing.ops(), ["remove_leftover_programs", "detach", "detach"]);
         assert!(!dir.path().join("veths.json").exists());
+        // With a unikernel: its namespace goes too, so deploying it again makes a fresh one.
+        std::fs::write(dir.path().join("veths.json"), r#"["veth001abcd","veth002efgh"]"#).unwrap();
+        std::fs::write(dir.path().join("netns.json"), r#"["a.b.c.d.instance.0"]"#).unwrap();
+        let d = Daemon::with_plumbing(settings("auto", dir.path()), Recording::default());
+        d.cleanup_leftovers().await;
+        assert_eq!(
+            *d.plumbing.calls.lock().unwrap(),
+            [
+                "remove_leftover_programs",
+                "detach veth001abcd",
+                "detach veth002efgh",
+                "delete_netns a.b.c.d.instance.0"
+            ]
+        );
+        assert!(!dir.path().join("veths.json").exists());
+        assert!(!dir.path().join("netns.json").exists());
+        // State files that cannot be read are dropped without touching anything.
+        std::fs::write(dir.path().join("veths.json"), r#"{"veths":7}"#).unwrap();
+        std::fs::write(dir.path().join("netns.json"), "[1,").unwrap();
+        let d = Daemon::with_plumbing(settings("auto", dir.path()), Recording::default());
+        d.cleanup_leftovers().await;
+        assert_eq!(d.plumbing.ops(), ["remove_leftover_programs"]);
+        assert!(!dir.path().join("veths.json").exists());
+        assert!(!dir.path().join("netns.json").exists());
         // Without a state file, only the programs are looked for.
         let d = Daemon::with_plumbing(settings("auto", dir.path()), Recording::default());
         d.cleanup_leftovers().await;
@@ -1750,9 +2085,15 @@ mod logic_tests {
     fn macs_are_locally_administered_distinct_and_stable() {
         let c = container_mac(Ipv4Addr::new(10, 18, 0, 66));
         let b = bridge_mac(Ipv4Addr::new(10, 18, 0, 65));
+        let g = guest_port_mac(Ipv4Addr::new(10, 18, 0, 66));
         assert_eq!(c, [0x02, 0x4f, 10, 18, 0, 66]);
-        assert_eq!(c[0] & 0x03, 0x02, "locally administered unicast");
-        assert_eq!(b[0] & 0x03, 0x02);
+        assert_eq!(g, [0x02, 0x4d, 10, 18, 0, 66]);
+        for mac in [c, b, g] {
+            assert_eq!(mac[0] & 0x03, 0x02, "locally administered unicast");
+        }
         assert_ne!(bridge_mac(Ipv4Addr::new(10, 18, 0, 66)), c);
+        assert_ne!(g, c, "the guest's bridge port never has the guest's MAC");
+        assert_eq!(mac_text(c), "02:4f:0a:12:00:42");
+        assert_eq!(mac_text([0xff, 0, 0x0a, 0xab, 1, 0x10]), "ff:00:0a:ab:01:10");
     }
 }

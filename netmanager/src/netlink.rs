@@ -1,9 +1,12 @@
-//! Link plumbing over rtnetlink: the worker bridge, container veth pairs, TUN routes, named network namespaces, the
-//! default-route address lookup, and `PlumbError`, the error type shared by `netlink`, `nft` and `sysctl`.
+//! Link plumbing over rtnetlink: the worker bridge, container veth pairs, TUN routes, named network namespaces, a
+//! unikernel guest's tap and bridge inside its namespace, the default-route address lookup, and `PlumbError`, the
+//! error type shared by `netlink`, `nft` and `sysctl`.
 //!
-//! Nothing here shells out to `ip`: every change is a netlink request. Work inside another network namespace goes
-//! through a second netlink socket opened by a short-lived thread that first entered that namespace (a socket stays
-//! bound to the namespace it was created in), so the daemon's own threads never change namespace.
+//! Nothing here shells out to `ip`: every change is a netlink request (and a guest's tap, which netlink cannot make,
+//! is created with the TUNSETIFF/TUNSETPERSIST ioctls through `tun-rs`). Work inside another network namespace goes
+//! through a short-lived thread that first entered that namespace and there opens a second netlink socket or creates
+//! the tap (both stay bound to the namespace they were created in), so the daemon's own threads never change
+//! namespace.
 
 use std::fmt;
 use std::fs::File;
@@ -18,7 +21,10 @@ use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::packet_route::address::{
     AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage, AddressScope,
 };
-use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkMessage};
+use rtnetlink::packet_route::link::{
+    AfSpecInet6, AfSpecUnspec, BridgeStpState, In6AddrGenMode, InfoData, InfoKind, InfoVeth, LinkAttribute,
+    LinkFlags, LinkMessage,
+};
 use rtnetlink::packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteScope, RouteType,
 };
@@ -95,6 +101,17 @@ pub enum PlumbError {
     /// `create_named_netns` does not silently reuse a namespace that may hold stale links.
     #[error("network namespace {0} already exists")]
     NetnsExists(PathBuf),
+    /// The guest's tap could not be created inside its namespace.
+    #[error("cannot create the persistent tap {name:?} in network namespace {netns}: {source}")]
+    Tap {
+        /// The tap's name.
+        name: String,
+        /// The namespace file.
+        netns: PathBuf,
+        /// Why (the TUNSETIFF/TUNSETPERSIST ioctls' error).
+        #[source]
+        source: io::Error,
+    },
     /// Creating or deleting a named namespace failed.
     #[error("cannot {op} network namespace {name:?}: {source}")]
     Netns {
@@ -191,6 +208,10 @@ pub struct Attach {
     pub mtu: u32,
     /// The container's network namespace.
     pub target: NetnsTarget,
+    /// `true` for a unikernel: the peer is only a bridge port for the guest's tap ([`Netlink::wire_guest`] brings it
+    /// up), so it stays down, without addresses or routes, and the addressing fields below are not applied (the guest
+    /// owns those addresses). `false` for a container: the peer is the container's interface.
+    pub guest_port: bool,
     /// The container's IPv4 address and prefix length.
     pub v4: Ipv4Addr,
     /// Prefix length of `v4`.
@@ -203,6 +224,21 @@ pub struct Attach {
     pub v6_prefix: u8,
     /// The IPv6 default gateway (the bridge's address).
     pub gw6: Ipv6Addr,
+}
+
+/// Everything [`Netlink::wire_guest`] needs to join a unikernel guest's tap to its instance's veth peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestWiring {
+    /// The instance's namespace file (`/run/netns/<name>`), which already holds the peer.
+    pub netns: PathBuf,
+    /// The veth peer inside it, attached with [`Attach::guest_port`].
+    pub peer_name: String,
+    /// The persistent tap to create there, which QEMU opens.
+    pub tap: String,
+    /// The bridge to create there, joining the peer and the tap.
+    pub bridge: String,
+    /// MTU of the tap and the bridge (the overlay's, as the veth's).
+    pub mtu: u32,
 }
 
 /// Linux refuses interface names longer than this (IFNAMSIZ - 1).
@@ -264,39 +300,17 @@ impl Netlink {
     /// a helper thread enters the namespace, creates the socket and exits; the socket stays in that namespace.
     async fn connect_in(ns: &File, path: &Path) -> Result<Self, PlumbError> {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| PlumbError::NoRuntime)?;
-        let thread_err = |reason: String| PlumbError::NetnsThread {
-            path: path.to_owned(),
-            reason,
-        };
-        let ns = ns
-            .try_clone()
-            .map_err(|e| thread_err(format!("cannot duplicate the namespace file: {e}")))?;
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let thread_path = path.to_owned();
         let thread_runtime = runtime.clone();
-        std::thread::Builder::new()
-            .name("netns-netlink".to_owned())
-            .spawn(move || {
-                let opened = move_into_link_name_space(ns.as_fd(), Some(LinkNameSpaceType::Network))
-                    .map_err(|e| PlumbError::NetnsEnter {
-                        path: thread_path.clone(),
-                        source: e.into(),
-                    })
-                    .and_then(|()| {
-                        // The socket registers with the reactor on creation, so the runtime must be entered here.
-                        let _entered = thread_runtime.enter();
-                        rtnetlink::new_connection().map_err(|source| PlumbError::NetnsSocket {
-                            path: thread_path,
-                            source,
-                        })
-                    });
-                // A closed receiver means the caller was cancelled; the socket is then simply dropped.
-                let _ = tx.send(opened);
+        let thread_path = path.to_owned();
+        let (connection, handle, _unsolicited) = in_netns(ns, path, move || {
+            // The socket registers with the reactor on creation, so the runtime must be entered here.
+            let _entered = thread_runtime.enter();
+            rtnetlink::new_connection().map_err(|source| PlumbError::NetnsSocket {
+                path: thread_path,
+                source,
             })
-            .map_err(|e| thread_err(format!("cannot spawn: {e}")))?;
-        let (connection, handle, _unsolicited) = rx
-            .await
-            .map_err(|_| thread_err("ended without an answer".to_owned()))??;
+        })
+        .await?;
         Ok(Self {
             handle,
             connection: runtime.spawn(connection),
@@ -424,8 +438,9 @@ impl Netlink {
     }
 
     /// Wires a container: a veth pair whose host end joins `a.bridge` and whose peer is created directly inside the
-    /// target namespace, where it gets both addresses and the default routes (and `lo` comes up). Returns the host
-    /// end's interface index. If anything fails after the pair exists, the host end (and so the pair) is deleted
+    /// target namespace, where it gets both addresses and the default routes (and `lo` comes up); with
+    /// [`Attach::guest_port`] the peer is left down and bare for [`Self::wire_guest`]. Returns the host end's
+    /// interface index. If anything fails after the pair exists, the host end (and so the pair) is deleted
     /// before the error is returned.
     pub async fn attach(&self, a: &Attach) -> Result<u32, PlumbError> {
         let h = &self.handle;
@@ -497,6 +512,11 @@ impl Netlink {
         let lo = require_index(c, "lo").await?;
         set_up(c, lo, "lo").await?;
         let peer = require_index(c, &a.peer_name).await?;
+        if a.guest_port {
+            // Down until `wire_guest` turned off its IPv6 address generation: coming up now would give it a
+            // link-local address, and the namespace itself must send nothing the guest did not.
+            return Ok(host);
+        }
         set_up(c, peer, &a.peer_name).await?;
         add_v4(c, peer, &a.peer_name, a.v4, a.v4_prefix).await?;
         add_v6_nodad(c, peer, &a.peer_name, a.v6, a.v6_prefix).await?;
@@ -699,6 +719,135 @@ impl Netlink {
                 source,
             })
     }
+
+    /// Makes the namespace `g.netns` a layer-2 wire between the veth peer `g.peer_name` (attached with
+    /// [`Attach::guest_port`]) and a unikernel guest: a persistent tap `g.tap` (for QEMU's `-netdev tap`) and a
+    /// bridge `g.bridge` joining the two; all three get the overlay MTU, come up, and have no address. IPv6 address
+    /// generation is off on all three, so the namespace itself never speaks (no link-local addresses, router or
+    /// neighbour solicitations, MLD); the bridge runs without STP, forward delay or multicast snooping, so it floods
+    /// and learns like a plain wire from the moment a port comes up. A bridge or tap of those names already there is
+    /// replaced: calling it again rewires from scratch. On failure, what was made stays in the namespace (the daemon
+    /// then deletes the namespace).
+    pub async fn wire_guest(g: &GuestWiring) -> Result<(), PlumbError> {
+        let ns = File::open(&g.netns).map_err(|source| PlumbError::NetnsOpen {
+            path: g.netns.clone(),
+            source,
+        })?;
+        let inside = Self::connect_in(&ns, &g.netns).await?;
+        let c = &inside.handle;
+        let peer = require_index(c, &g.peer_name).await?;
+        inside.delete_link(&g.bridge).await?;
+        inside.delete_link(&g.tap).await?;
+
+        // A tap is born in the namespace of the thread that opens /dev/net/tun, so a helper thread inside does it.
+        let (tap_name, netns) = (g.tap.clone(), g.netns.clone());
+        in_netns(&ns, &g.netns, move || {
+            create_persistent_tap(&tap_name).map_err(|source| PlumbError::Tap {
+                name: tap_name,
+                netns,
+                source,
+            })
+        })
+        .await?;
+        let tap = require_index(c, &g.tap).await?;
+
+        c.link()
+            .add(
+                LinkMessageBuilder::<LinkBridge>::new(&g.bridge)
+                    .stp_state(BridgeStpState::Disabled)
+                    .forward_delay(0)
+                    .mcast_snooping(false)
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(nl_err("create bridge", &g.bridge))?;
+        let bridge = require_index(c, &g.bridge).await?;
+
+        // Everything down first (a peer that was up keeps a link-local address only until it goes down), then the
+        // MTU (set on the bridge after creation so it stays, as in `recreate_bridge`) and no IPv6 addresses.
+        for (index, name) in [(bridge, &g.bridge), (tap, &g.tap), (peer, &g.peer_name)] {
+            c.link()
+                .set(
+                    LinkUnspec::new_with_index(index)
+                        .down()
+                        .mtu(g.mtu)
+                        .append_extra_attribute(no_ipv6_addresses())
+                        .build(),
+                )
+                .execute()
+                .await
+                .map_err(nl_err(
+                    "set the MTU and IPv6 address generation of",
+                    format!("{name} (mtu {}, addrgenmode none)", g.mtu),
+                ))?;
+        }
+        for (index, name) in [(tap, &g.tap), (peer, &g.peer_name)] {
+            c.link()
+                .set(LinkUnspec::new_with_index(index).controller(bridge).build())
+                .execute()
+                .await
+                .map_err(nl_err("enslave", format!("{name} (bridge {})", g.bridge)))?;
+        }
+        for (index, name) in [(bridge, &g.bridge), (tap, &g.tap), (peer, &g.peer_name)] {
+            set_up(c, index, name).await?;
+        }
+        Ok(())
+    }
+}
+
+/// `IFLA_AF_SPEC` turning IPv6 address generation off (`addrgenmode none`): the link gets no link-local address
+/// when it comes up, and so sends no IPv6 of its own.
+fn no_ipv6_addresses() -> LinkAttribute {
+    LinkAttribute::AfSpecUnspec(vec![AfSpecUnspec::Inet6(vec![AfSpecInet6::AddrGenMode(
+        In6AddrGenMode::None,
+    )])])
+}
+
+/// Creates the persistent tap `name` (TUNSETIFF as a single-queue `IFF_TAP | IFF_NO_PI` device, then TUNSETPERSIST)
+/// in the calling thread's network namespace, left down; our descriptor closes on return and the device stays for
+/// QEMU to open by name.
+fn create_persistent_tap(name: &str) -> io::Result<()> {
+    let tap = tun_rs::DeviceBuilder::new()
+        .name(name)
+        .layer(tun_rs::Layer::L2)
+        // Not up yet: `wire_guest` first turns its IPv6 address generation off.
+        .inherit_enable_state()
+        .build_sync()?;
+    tap.persist()
+}
+
+/// Runs `f` on a short-lived thread that entered the network namespace of `ns` (named `path` in errors), so what
+/// `f` creates (netlink sockets, taps) belongs to that namespace while the caller's threads stay where they are.
+async fn in_netns<T: Send + 'static>(
+    ns: &File,
+    path: &Path,
+    f: impl FnOnce() -> Result<T, PlumbError> + Send + 'static,
+) -> Result<T, PlumbError> {
+    let thread_err = |reason: String| PlumbError::NetnsThread {
+        path: path.to_owned(),
+        reason,
+    };
+    let ns = ns
+        .try_clone()
+        .map_err(|e| thread_err(format!("cannot duplicate the namespace file: {e}")))?;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let thread_path = path.to_owned();
+    std::thread::Builder::new()
+        .name("netns-helper".to_owned())
+        .spawn(move || {
+            let result = move_into_link_name_space(ns.as_fd(), Some(LinkNameSpaceType::Network))
+                .map_err(|e| PlumbError::NetnsEnter {
+                    path: thread_path,
+                    source: e.into(),
+                })
+                .and_then(|()| f());
+            // A closed receiver means the caller was cancelled; what `f` made is then simply dropped.
+            let _ = tx.send(result);
+        })
+        .map_err(|e| thread_err(format!("cannot spawn: {e}")))?;
+    rx.await
+        .map_err(|_| thread_err("ended without an answer".to_owned()))?
 }
 
 fn named_netns_path(name: &str) -> Result<PathBuf, PlumbError> {

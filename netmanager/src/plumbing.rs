@@ -1,7 +1,7 @@
 //! The seam between the daemon's logic and the kernel: [`Plumbing`] is every host change the daemon makes (links,
-//! addresses, routes, namespaces over netlink; nftables; sysctls; the TUN dataplane; the eBPF fast path and its tc
-//! attachments). [`Kernel`] does them for real; the tests' recording fake (`daemon` tests) records them, so the
-//! daemon's attach/detach/fallback/cleanup logic is tested without root.
+//! addresses, routes, namespaces and a unikernel guest's tap and bridge over netlink; nftables; sysctls; the TUN
+//! dataplane; the eBPF fast path and its tc attachments). [`Kernel`] does them for real; the tests' recording fake
+//! (`daemon` tests) records them, so the daemon's attach/detach/fallback/cleanup logic is tested without root.
 
 use std::{
     future::Future,
@@ -16,7 +16,7 @@ use crate::{
     conntrack::FlowMirror,
     dataplane::{Dataplane, DataplaneConfig},
     fastpath::{self, FastPath, FastPathConfig, FastPathError, FastPathStats},
-    netlink::{Attach, Netlink, PlumbError},
+    netlink::{Attach, GuestWiring, Netlink, PlumbError},
     nft::{self, HostRules},
     proxy::Shared,
     sysctl,
@@ -104,6 +104,9 @@ pub trait Plumbing: Send + Sync + 'static {
     fn create_netns(&self, name: &str) -> impl Future<Output = Result<PathBuf, PlumbError>> + Send;
     /// Deletes `/run/netns/<name>`.
     fn delete_netns(&self, name: &str) -> impl Future<Output = Result<(), PlumbError>> + Send;
+    /// Creates a unikernel guest's tap and the bridge joining it to the instance's veth peer inside the guest's
+    /// namespace (see [`Netlink::wire_guest`]).
+    fn wire_guest(&self, g: &GuestWiring) -> impl Future<Output = Result<(), PlumbError>> + Send;
     /// Loads the eBPF fast path (maps, programs, configuration; nothing attached).
     fn load_fastpath(&self, cfg: &FastPathConfig) -> Result<Arc<Self::FastPath>, FastPathError>;
     /// Removes the clsact qdisc of `iface` unless something is attached to it.
@@ -239,6 +242,10 @@ impl Plumbing for Kernel {
         Netlink::delete_named_netns(name).await
     }
 
+    async fn wire_guest(&self, g: &GuestWiring) -> Result<(), PlumbError> {
+        Netlink::wire_guest(g).await
+    }
+
     fn load_fastpath(&self, cfg: &FastPathConfig) -> Result<Arc<FastPath>, FastPathError> {
         FastPath::load(cfg).map(Arc::new)
     }
@@ -286,7 +293,7 @@ pub mod fake {
         conntrack::FlowMirror,
         dataplane::DataplaneConfig,
         fastpath::{FastPathConfig, FastPathError, FastPathStats},
-        netlink::{Attach, PlumbError},
+        netlink::{Attach, GuestWiring, PlumbError},
         nft::HostRules,
         proxy::Shared,
     };
@@ -432,12 +439,13 @@ pub mod fake {
 
         async fn attach(&self, a: &Attach) -> Result<u32, PlumbError> {
             self.log(format!(
-                "attach {} {} {:02x?} {} {}",
+                "attach {} {} {:02x?} {} {}{}",
                 a.host_name,
                 a.target.path().display(),
                 a.peer_mac,
                 a.v4,
-                a.v6
+                a.v6,
+                if a.guest_port { " guest-port" } else { "" }
             ));
             self.check("attach")?;
             let mut next = self.next_index.lock().unwrap();
@@ -459,6 +467,18 @@ pub mod fake {
         async fn delete_netns(&self, name: &str) -> Result<(), PlumbError> {
             self.log(format!("delete_netns {name}"));
             Ok(())
+        }
+
+        async fn wire_guest(&self, g: &GuestWiring) -> Result<(), PlumbError> {
+            self.log(format!(
+                "wire_guest {} {} {} {} mtu {}",
+                g.netns.display(),
+                g.peer_name,
+                g.tap,
+                g.bridge,
+                g.mtu
+            ));
+            self.check("wire_guest")
         }
 
         fn load_fastpath(&self, cfg: &FastPathConfig) -> Result<Arc<FakeFastPath>, FastPathError> {

@@ -49,6 +49,18 @@ impl Proc {
         Self::spawn(command, args, log)
     }
 
+    /// Starts binary `name` inside network namespace `netns` with `nsenter --net`: unlike `ip netns exec`, in this
+    /// mount namespace, as on a real worker (named namespaces it creates under /run/netns are seen by every
+    /// process).
+    pub fn start_in_net(netns: &str, name: &str, args: &[String], log: PathBuf) -> Self {
+        let mut command = Command::new("nsenter");
+        command
+            .arg(format!("--net=/var/run/netns/{netns}"))
+            .arg("--")
+            .arg(crate::procs::binary(name));
+        Self::spawn(command, args, log)
+    }
+
     /// Its process id.
     pub fn pid(&self) -> u32 {
         self.child.id()

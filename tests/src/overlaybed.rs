@@ -32,6 +32,8 @@ pub struct OverlayBed {
     pub lan_ip: String,
     /// The `--dataplane` of worker `i`'s NetManager.
     pub dataplanes: Vec<String>,
+    /// Flags every NodeEngine gets on top of the defaults (e.g. `-u=true`).
+    pub engine_flags: Vec<String>,
     host_before: HostSnapshot,
 }
 
@@ -41,6 +43,16 @@ impl OverlayBed {
     /// EPERM as without CAP_BPF), enters its LAN namespace on this thread (so everything the test starts, and its
     /// HTTP calls, live there), starts root and cluster (with `cluster_flags` added) and the workers.
     pub async fn start(tag: &str, dataplanes: &[&str], cluster_flags: &[&str]) -> Self {
+        Self::start_with(tag, dataplanes, cluster_flags, &[]).await
+    }
+
+    /// [`Self::start`] with `engine_flags` added to every NodeEngine's arguments.
+    pub async fn start_with(
+        tag: &str,
+        dataplanes: &[&str],
+        cluster_flags: &[&str],
+        engine_flags: &[&str],
+    ) -> Self {
         let workers = dataplanes.len();
         require_root();
         let host_before = HostSnapshot::take();
@@ -61,6 +73,7 @@ impl OverlayBed {
             dir,
             lan_ip,
             dataplanes: dataplanes.iter().map(|d| (*d).to_owned()).collect(),
+            engine_flags: owned(engine_flags),
             host_before,
         };
         for (i, dataplane) in dataplanes.iter().enumerate() {
@@ -74,6 +87,7 @@ impl OverlayBed {
                 bed.stack.cluster_port,
                 &bed.ctrd,
                 dataplane,
+                &bed.engine_flags,
             );
             bed.netmanagers.push(nm);
             bed.engines.push(ne);
@@ -172,6 +186,7 @@ impl OverlayBed {
             self.stack.cluster_port,
             &self.ctrd,
             log,
+            &self.engine_flags,
         )
     }
 
@@ -231,6 +246,7 @@ pub const NOBPF: &str = "auto-nobpf";
 
 /// Starts one worker of an overlay testbed in netns `netns`: a NetManager on `dataplane` (socket, state and logs
 /// under `dir/<name>-*`) and a NodeEngine using it ([`overlay_node_engine`]). Returns (NetManager, NodeEngine).
+#[allow(clippy::too_many_arguments, reason = "the places and names of one worker")]
 pub fn overlay_worker(
     dir: &Path,
     netns: &str,
@@ -239,6 +255,7 @@ pub fn overlay_worker(
     cluster_port: u16,
     ctrd: &Containerd,
     dataplane: &str,
+    engine_flags: &[String],
 ) -> (Proc, Proc) {
     let cfg = worker_path(dir, name, "netcfg.json");
     std::fs::write(
@@ -263,21 +280,33 @@ pub fn overlay_worker(
         if dataplane == NOBPF { "auto" } else { dataplane },
     ]);
     let log = dir.join(format!("{name}-netmanager.log"));
+    // In this mount namespace (nsenter, not `ip netns exec`), as on a real worker: the named namespaces it makes
+    // for unikernels must be visible to the NodeEngine.
     let nm = if dataplane == NOBPF {
         let mut args = vec![crate::procs::binary("NetManager").display().to_string()];
         args.extend(nm_args);
-        Proc::start_in(netns, "nobpf", &args, log)
+        Proc::start_in_net(netns, "nobpf", &args, log)
     } else {
-        Proc::start_in(netns, "NetManager", &nm_args, log)
+        Proc::start_in_net(netns, "NetManager", &nm_args, log)
     };
-    let ne = overlay_node_engine(dir, netns, name, cluster_ip, cluster_port, ctrd, "nodeengine");
+    let ne = overlay_node_engine(
+        dir,
+        netns,
+        name,
+        cluster_ip,
+        cluster_port,
+        ctrd,
+        "nodeengine",
+        engine_flags,
+    );
     (nm, ne)
 }
 
 /// Starts the NodeEngine of overlay worker `name` (see [`overlay_worker`]): it uses that worker's NetManager,
 /// registers at the cluster on `cluster_ip:cluster_port`, runs containers in `ctrd`'s namespace `name`, keeps its
 /// state in `dir/<name>-ne-state` (a restarted one adopts what the last one left), reports every 0.5 s, and logs
-/// to `dir/<name>-<log>.log`.
+/// to `dir/<name>-<log>.log`; `extra` flags come last.
+#[allow(clippy::too_many_arguments, reason = "the places and names of one worker")]
 pub fn overlay_node_engine(
     dir: &Path,
     netns: &str,
@@ -286,9 +315,10 @@ pub fn overlay_node_engine(
     cluster_port: u16,
     ctrd: &Containerd,
     log: &str,
+    extra: &[String],
 ) -> Proc {
     let d = |x: &str| worker_path(dir, name, x);
-    let ne_args = owned(&[
+    let mut ne_args = owned(&[
         "-a",
         cluster_ip,
         "-p",
@@ -312,6 +342,7 @@ pub fn overlay_node_engine(
         "--node-name",
         name,
     ]);
+    ne_args.extend(extra.iter().cloned());
     Proc::start_in(
         netns,
         "NodeEngine",

@@ -26,13 +26,28 @@ fn onedoc(ns: &Netns, home: &Path, cmd: &str) -> Output {
         .arg(format!("--net={}", ns.path().display()))
         .arg("--")
         .arg(workspace_root().join("scripts/1doc.sh"))
-        .arg(cmd)
+        .args(cmd.split_whitespace())
         .env("OAK_HOME", home)
         .env("OAK_CONTAINERD", home.join("containerd.sock"))
         .env("OAK_NO_INSTALL", "1")
         .env("OAK_BIN_DIR", binary("root-service").parent().unwrap())
         .output()
         .unwrap()
+}
+
+/// Pids of the QEMUs whose command line names a file under `dir` (the 1-DOC's guests).
+fn qemus_under(dir: &Path) -> Vec<u32> {
+    let needle = dir.display().to_string();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_string_lossy().parse().ok()?;
+            let cmd =
+                String::from_utf8_lossy(&std::fs::read(e.path().join("cmdline")).ok()?).replace('\0', " ");
+            (cmd.contains("qemu-system") && cmd.contains(&needle)).then_some(pid)
+        })
+        .collect()
 }
 
 fn text(o: &Output) -> String {
@@ -335,6 +350,26 @@ async fn one_doc_runs_the_seed_walkthrough_and_cleans_up() {
         "{example_text}"
     );
 
+    // The unikernel example: 1doc.sh runs the NodeEngine with -u=true and serves the test guest itself.
+    let sla = workspace_root().join("examples/unikernel.json");
+    let uk = onedoc(&ns, &home, &format!("example {}", sla.display()));
+    let uk_text = text(&uk);
+    assert!(
+        uk.status.success(),
+        "1doc.sh example unikernel.json failed:\n{uk_text}\n{}",
+        logs(&home)
+    );
+    assert!(
+        uk_text.contains("unikernel.test.guest.test: RUNNING"),
+        "{uk_text}"
+    );
+    assert!(
+        uk_text.contains("hello from the oakestra test guest") && uk_text.contains("guest 10.18."),
+        "the curl client's log shows the guest's page: {uk_text}"
+    );
+    let guest_dir = home.join("data/nodeengine/unikernel");
+    assert!(!qemus_under(&guest_dir).is_empty(), "a QEMU for the guest");
+
     // `down` stops everything and removes the network state, also with the example's containers still running.
     let down = onedoc(&ns, &home, "down");
     assert!(down.status.success(), "{}", text(&down));
@@ -343,6 +378,7 @@ async fn one_doc_runs_the_seed_walkthrough_and_cleans_up() {
     assert!(!String::from_utf8_lossy(&nft.stdout).contains("oakestra"));
     let status = text(&onedoc(&ns, &home, "status"));
     assert!(!status.contains("running"), "{status}");
+    assert!(qemus_under(&guest_dir).is_empty(), "guests left after down");
     host_before.assert_unchanged(&HostSnapshot::take());
     let _ = std::fs::remove_dir_all(&home);
 }

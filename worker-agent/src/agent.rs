@@ -1,6 +1,6 @@
-//! The running agent: turns the cluster's deploy and delete commands into containerd instances, watches them until
-//! they exit, reports their status and resources and the node's metrics, adopts what a previous run left running,
-//! and stops cleanly.
+//! The running agent: turns the cluster's deploy and delete commands into instances of its runtimes (containerd,
+//! and QEMU with `-u=true`), watches them until they exit, reports their status and resources and the node's
+//! metrics, adopts what a previous run left running, and stops cleanly.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -17,16 +17,19 @@ use oakestra_protocol::status::Status;
 use serde_json::Value;
 use tokio::sync::{mpsc, watch};
 
-use crate::cli::{OnStop, Settings};
+use crate::cli::{AccelChoice, OnStop, Settings};
 use crate::cluster::{self, Identity, Inbound, Session};
-use crate::containerd::{Containerd, TaskState};
+use crate::containerd::Containerd;
+use crate::guest::image::ImageCache;
+use crate::guest::qemu::Accel;
 use crate::metrics::{self, CpuTracker, NodeSampler};
 use crate::overlay::NetManager;
-use crate::registry::Platform;
-use crate::spec::{self, SpecOptions};
+use crate::runtime::container::ContainerRuntime;
+use crate::runtime::unikernel::{self, UnikernelConfig, UnikernelRuntime};
+use crate::runtime::{DeployRequest, Ended, Runtime, Runtimes, TaskState};
 
 /// The virtualization name the containerd runtime registers under (the reference's name for it).
-pub const CONTAINER_RUNTIME: &str = "docker";
+pub const CONTAINER_RUNTIME: &str = crate::runtime::container::NAME;
 /// Grace between SIGTERM and SIGKILL when an instance is undeployed.
 pub const STOP_GRACE: Duration = Duration::from_secs(5);
 /// How long a measured snapshot size is reused: measuring walks the instance's writable layer (in containerd), too
@@ -62,6 +65,7 @@ enum Phase {
 
 #[derive(Debug)]
 struct Instance {
+    runtime: Arc<dyn Runtime>,
     job_name: String,
     number: i64,
     one_shot: bool,
@@ -80,8 +84,11 @@ pub struct InstanceStatus {
     pub task: String,
     /// `deploying` or `running`.
     pub phase: String,
-    /// Init pid when running.
+    /// Init pid when running (QEMU's for a unikernel).
     pub pid: u32,
+    /// The runtime (`docker`, `unikernel`).
+    #[serde(default)]
+    pub runtime: String,
 }
 
 /// What `NodeEngine status` reads (`<state dir>/status.json`, rewritten every report).
@@ -99,6 +106,12 @@ pub struct StatusFile {
     pub connected: bool,
     /// The instances.
     pub instances: Vec<InstanceStatus>,
+    /// The runtimes (`virtualization` as registered).
+    #[serde(default)]
+    pub runtimes: Vec<String>,
+    /// How unikernels run (`kvm` or `tcg`, and why), when the unikernel runtime is on.
+    #[serde(default)]
+    pub unikernel_accelerator: Option<String>,
     /// Unix seconds of the write.
     pub updated_s: u64,
 }
@@ -120,7 +133,9 @@ pub enum AgentError {
 #[derive(Debug)]
 pub struct Agent {
     settings: Settings,
-    runtime: Containerd,
+    runtimes: Runtimes,
+    /// `kvm`/`tcg` and why, with the unikernel runtime.
+    accelerator: Option<(String, String)>,
     netmanager: Option<NetManager>,
     session: Mutex<Option<Session>>,
     node_id: Mutex<String>,
@@ -133,6 +148,9 @@ pub struct Agent {
     /// Set when an instance started: the next report goes out now rather than at the next tick, since the cluster
     /// marks an instance `RUNNING` when a resources report lists it.
     report_soon: tokio::sync::Notify,
+    /// Every status report, for the unit tests' eyes.
+    #[cfg(test)]
+    reports: Mutex<Vec<(String, i64, Status, String)>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -230,7 +248,7 @@ impl Agent {
             gpu_temp: gpu.temperature,
             vram: gpu.vram,
             vram_percent: gpu.vram_percent,
-            virtualization: vec![CONTAINER_RUNTIME.to_owned()],
+            virtualization: self.runtimes.names(),
             overlay,
             overlay_socket: socket,
             log_directory: s.app_logs.display().to_string(),
@@ -240,6 +258,15 @@ impl Agent {
         };
         for (k, v) in &sample.disk {
             body.disk_info.insert(k.clone(), Value::String(format!("{v:.2}")));
+        }
+        if let Some((accel, why)) = &self.accelerator {
+            // oakestra-rs extension: how this worker's unikernels run (a reference cluster ignores it).
+            body.extra
+                .insert("unikernel_accelerator".to_owned(), Value::String(accel.clone()));
+            body.extra.insert(
+                "unikernel_accelerator_reason".to_owned(),
+                Value::String(why.clone()),
+            );
         }
         body
     }
@@ -312,6 +339,8 @@ impl Agent {
     /// Publishes a status change of an instance on `nodes/<id>/job`.
     fn report(&self, job: &str, number: i64, status: Status, detail: &str) {
         tracing::info!(job = %job, instance = number, status = status.as_str(), detail, "instance status");
+        #[cfg(test)]
+        lock(&self.reports).push((job.to_owned(), number, status, detail.to_owned()));
         let msg = JobStatusReport::new(job, number, status.as_str(), lock(&self.public_ip).clone())
             .with_detail(detail);
         match self.session() {
@@ -344,20 +373,20 @@ impl Agent {
                 return;
             }
         };
-        match cmd.virtualization.trim() {
-            "" | "docker" | "container" | "containerd" => {}
-            "unikernel" => {
-                let detail = "unikernels are not available on this worker: the unikernel runtime is not part of this release";
-                self.report(&job, number, Status::Failed, detail);
-                return;
-            }
-            other => {
-                let detail =
-                    format!("virtualization {other:?} is not supported by this worker (supported: docker)");
-                self.report(&job, number, Status::Failed, &detail);
-                return;
-            }
-        }
+        let Some(runtime) = self.runtimes.for_virtualization(&cmd.virtualization) else {
+            let hint = if cmd.virtualization.trim() == unikernel::NAME {
+                " (start the NodeEngine with -u=true on a machine with QEMU)"
+            } else {
+                ""
+            };
+            let detail = format!(
+                "virtualization {:?} is not supported by this worker (supported: {}){hint}",
+                cmd.virtualization.trim(),
+                self.runtimes.names().join(", ")
+            );
+            self.report(&job, number, Status::Failed, &detail);
+            return;
+        };
         {
             let mut map = lock(&self.instances);
             if let Some(existing) = map.get(&task) {
@@ -373,12 +402,13 @@ impl Agent {
             map.insert(
                 task.clone(),
                 Instance {
+                    runtime: runtime.clone(),
                     job_name: job.clone(),
                     number,
                     one_shot: cmd.one_shot,
                     port: cmd.port.clone(),
                     memory_mib: cmd.memory,
-                    attached: false,
+                    attached: self.netmanager.is_some(),
                     phase: Phase::Deploying,
                     stop: None,
                     done,
@@ -386,7 +416,7 @@ impl Agent {
             );
         }
         let started = Instant::now();
-        match self.clone().start_instance(&task, &cmd).await {
+        match self.clone().start_instance(&runtime, &task, &cmd).await {
             Ok(pid) => {
                 let stop = {
                     let mut map = lock(&self.instances);
@@ -395,24 +425,26 @@ impl Agent {
                         i.stop
                     })
                 };
-                tracing::info!(task = %task, pid, elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX), "instance started");
+                tracing::info!(task = %task, pid, runtime = runtime.name(), elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX), "instance started");
                 self.report(&job, number, Status::Created, "");
                 self.report_soon.notify_one();
                 if stop.is_some() {
                     // A delete arrived while we were deploying; the watcher reports once it is gone.
-                    let _ = self.runtime.kill(&task, 9, true).await;
+                    let _ = runtime.stop(&task, true).await;
                 }
             }
             Err(detail) => {
                 tracing::warn!(task = %task, error = %detail, "deploy failed");
                 // Out of the map first: a watcher already running sees no instance and leaves the report to us.
                 let removed = lock(&self.instances).remove(&task);
+                if let Err(e) = runtime.remove(&task).await {
+                    tracing::warn!(task = %task, error = %e, "cleanup after a failed deploy");
+                }
                 let attached = removed.as_ref().is_some_and(|i| i.attached);
                 if attached && let Some(nm) = &self.netmanager {
-                    let _ = nm.detach(&job, number, &cmd.port).await;
-                }
-                if let Err(e) = self.runtime.remove(&task).await {
-                    tracing::warn!(task = %task, error = %e, "cleanup after a failed deploy");
+                    let _ = nm
+                        .detach(&job, number, &cmd.port, runtime.name() == unikernel::NAME)
+                        .await;
                 }
                 let _ = std::fs::remove_dir_all(self.instance_dir(&task));
                 let stop = removed.as_ref().and_then(|i| i.stop);
@@ -427,31 +459,14 @@ impl Agent {
         }
     }
 
-    /// Image, files, container, task, overlay attach, start. Returns the init pid, or the error text reported as the
-    /// `FAILED` detail. The watcher is running before the task starts.
-    async fn start_instance(self: Arc<Self>, task: &str, cmd: &DeployCommand) -> Result<u32, String> {
-        let platform = if cmd.platform.trim().is_empty() {
-            Platform::host()
-        } else {
-            Platform::parse(cmd.platform.trim()).map_err(|e| e.to_string())?
-        };
-        let image = self
-            .runtime
-            .ensure_image(cmd.image.trim(), &platform)
-            .await
-            .map_err(|e| e.to_string())?;
-        let hostname = format!("instance-{}", cmd.instance_number);
-        let files = self
-            .write_instance_files(task, &hostname)
-            .map_err(|e| e.to_string())?;
-        let opts = SpecOptions {
-            hostname,
-            cgroups_path: self.runtime.cgroups_path(task),
-            hosts_file: files.join("hosts").display().to_string(),
-            resolv_conf: files.join("resolv.conf").display().to_string(),
-            hostname_file: files.join("hostname").display().to_string(),
-        };
-        let spec = spec::build(&image.config, cmd, &opts).map_err(|e| e.to_string())?;
+    /// Create (image, files, overlay attach), watch, start. Returns the main pid, or the error text reported as
+    /// the `FAILED` detail. The watcher is running before the instance starts.
+    async fn start_instance(
+        self: Arc<Self>,
+        runtime: &Arc<dyn Runtime>,
+        task: &str,
+        cmd: &DeployCommand,
+    ) -> Result<u32, String> {
         let labels = HashMap::from([
             (label::JOB.to_owned(), cmd.job_name.clone()),
             (label::INSTANCE.to_owned(), cmd.instance_number.to_string()),
@@ -460,76 +475,39 @@ impl Agent {
             (label::MEMORY.to_owned(), cmd.memory.to_string()),
             (label::ATTACHED.to_owned(), self.netmanager.is_some().to_string()),
         ]);
-        self.runtime
-            .create_container(task, &image, &spec, labels)
-            .await
-            .map_err(|e| e.to_string())?;
         let log = self.log_path(task);
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .map_err(|e| format!("{}: {e}", log.display()))?;
-        let pid = self
-            .runtime
-            .create_task(task, &log)
-            .await
-            .map_err(|e| e.to_string())?;
-        if let Some(nm) = &self.netmanager {
-            if let Some(i) = lock(&self.instances).get_mut(task) {
-                i.attached = true;
-            }
-            nm.attach(pid, &cmd.job_name, cmd.instance_number, &cmd.port)
-                .await
-                .map_err(|e| format!("overlay attach failed: {e}"))?;
-        }
-        tokio::spawn(self.clone().watch(task.to_owned()));
-        self.runtime.start_task(task).await.map_err(|e| e.to_string())?;
-        Ok(pid)
-    }
-
-    /// `/etc/hosts`, `/etc/resolv.conf` and `/etc/hostname` of an instance, under its state directory.
-    fn write_instance_files(&self, task: &str, hostname: &str) -> std::io::Result<PathBuf> {
         let dir = self.instance_dir(task);
-        std::fs::create_dir_all(&dir)?;
-        std::fs::write(
-            dir.join("hosts"),
-            format!(
-                "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{hostname}\n"
-            ),
-        )?;
-        std::fs::write(dir.join("hostname"), format!("{hostname}\n"))?;
-        std::fs::write(dir.join("resolv.conf"), resolv_conf())?;
-        Ok(dir)
+        let me = self.clone();
+        let (job, number) = (cmd.job_name.clone(), cmd.instance_number);
+        let progress = move |detail: &str| me.report(&job, number, Status::Creating, detail);
+        let req = DeployRequest {
+            task,
+            cmd,
+            labels,
+            log: &log,
+            instance_dir: &dir,
+            netmanager: self.netmanager.as_ref(),
+            progress: &progress,
+        };
+        runtime.create(&req).await.map_err(|e| e.to_string())?;
+        tokio::spawn(self.clone().watch(runtime.clone(), task.to_owned()));
+        runtime.start(task).await.map_err(|e| e.to_string())
     }
 
     // === Exit and undeploy ========================================================================================
 
-    /// Waits for the task of `task` to exit (riding out containerd restarts), then cleans up and reports.
-    async fn watch(self: Arc<Self>, task: String) {
-        let code = loop {
-            match self.runtime.wait(&task).await {
-                Ok(exit) => break Some(exit.code),
-                Err(e) if e.is_not_found() => break None,
-                Err(e) => {
-                    tracing::debug!(task = %task, error = %e, "wait interrupted; polling the task");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    match self.runtime.task_state(&task).await {
-                        Ok(TaskState::Stopped { exit_code }) => break Some(exit_code),
-                        Ok(TaskState::Missing) => break None,
-                        _ => {}
-                    }
-                }
-            }
-        };
-        self.finish(&task, code).await;
+    /// Waits for the instance to end, then cleans up and reports.
+    async fn watch(self: Arc<Self>, runtime: Arc<dyn Runtime>, task: String) {
+        let ended = runtime.wait(&task).await;
+        self.finish(&task, ended).await;
     }
 
     /// Detach, remove, report: the end of every instance that ran.
-    async fn finish(&self, task: &str, code: Option<u32>) {
-        let Some((job, number, one_shot, port, memory, attached, stop)) =
+    async fn finish(&self, task: &str, ended: Ended) {
+        let Some((runtime, job, number, one_shot, port, memory, attached, stop)) =
             lock(&self.instances).get(task).map(|i| {
                 (
+                    i.runtime.clone(),
                     i.job_name.clone(),
                     i.number,
                     i.one_shot,
@@ -542,42 +520,56 @@ impl Agent {
         else {
             return;
         };
-        // Read before the task is deleted: runc removes the cgroup with it.
-        let oom_kills = metrics::cgroup_stats(&self.runtime.cgroups_path(task))
-            .map(|s| s.oom_kills)
-            .unwrap_or(0);
+        // Read before the instance is removed: its cgroup goes with it.
+        let oom_kills = runtime.usage(task).await.map(|u| u.oom_kills).unwrap_or(0);
+        let guest = runtime.name() == unikernel::NAME;
+        // A container leaves the overlay before its namespace goes (the reference's order); a guest's QEMU must
+        // be gone before the NetManager deletes the namespace its tap lives in.
+        let mut deleted_code = None;
+        if guest {
+            deleted_code = self.remove_from_runtime(&runtime, task).await;
+        }
         if attached
             && let Some(nm) = &self.netmanager
-            && let Err(e) = nm.detach(&job, number, &port).await
+            && let Err(e) = nm.detach(&job, number, &port, guest).await
         {
             tracing::warn!(task = %task, error = %e, "overlay detach failed");
         }
-        let deleted_code = match self.runtime.remove(task).await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(task = %task, error = %e, "cleanup incomplete");
-                None
-            }
-        };
+        if !guest {
+            deleted_code = self.remove_from_runtime(&runtime, task).await;
+        }
         let _ = std::fs::remove_dir_all(self.instance_dir(task));
         lock(&self.cpu).forget(task);
         lock(&self.disk).remove(task);
         if let Some(i) = lock(&self.instances).remove(task) {
             let _ = i.done.send(true);
         }
-        let code = code.or(deleted_code);
+        let ended = Ended {
+            code: ended.code.or(deleted_code),
+            reason: ended.reason,
+        };
         match stop {
             Some(StopReason::Undeploy) => self.report(&job, number, Status::Undeployed, ""),
             Some(StopReason::Shutdown) => self.report(&job, number, Status::Dead, "the worker shut down"),
             None => {
-                let (status, detail) = exit_status(code, one_shot, oom_kills, memory);
+                let (status, detail) = exit_status(&ended, one_shot, oom_kills, memory);
                 self.report(&job, number, status, &detail);
             }
         }
     }
 
-    /// Handles `control/delete`: SIGTERM, then SIGKILL after [`STOP_GRACE`], then forced removal; reports
-    /// `UNDEPLOYED`.
+    async fn remove_from_runtime(&self, runtime: &Arc<dyn Runtime>, task: &str) -> Option<u32> {
+        match runtime.remove(task).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(task = %task, error = %e, "cleanup incomplete");
+                None
+            }
+        }
+    }
+
+    /// Handles `control/delete`: a graceful stop (SIGTERM, or QMP `quit` for a guest), then a kill after
+    /// [`STOP_GRACE`], then forced removal; reports `UNDEPLOYED`.
     pub async fn undeploy(self: Arc<Self>, cmd: DeleteCommand) {
         let task = match task_id(&cmd.job_name, cmd.instance_number) {
             Some(t) => t,
@@ -597,20 +589,23 @@ impl Agent {
                 if i.stop.is_none() {
                     i.stop = Some(reason);
                 }
-                (i.phase, i.done.subscribe())
+                (i.runtime.clone(), i.phase, i.done.subscribe())
             })
         };
-        let Some((phase, mut done)) = state else {
+        let Some((runtime, phase, mut done)) = state else {
             // Not ours (any more): remove leftovers, if any, and confirm. The NetManager's undeploy is idempotent, so
             // a possible attachment is released too.
-            if let Some(nm) = &self.netmanager
-                && let Err(e) = nm.detach(job, number, "").await
-            {
-                tracing::debug!(task = %task, error = %e, "overlay detach of an unknown instance");
+            for runtime in self.runtimes.all() {
+                if let Err(e) = runtime.remove(task).await {
+                    tracing::warn!(task = %task, runtime = runtime.name(), error = %e, "cleanup of an unknown instance");
+                }
             }
-            match self.runtime.remove(task).await {
-                Ok(_) => {}
-                Err(e) => tracing::warn!(task = %task, error = %e, "cleanup of an unknown instance"),
+            if let Some(nm) = &self.netmanager {
+                for unikernel in [false, true] {
+                    if let Err(e) = nm.detach(job, number, "", unikernel).await {
+                        tracing::debug!(task = %task, error = %e, "overlay detach of an unknown instance");
+                    }
+                }
             }
             if reason == StopReason::Undeploy {
                 self.report(job, number, Status::Undeployed, "");
@@ -625,79 +620,95 @@ impl Agent {
             let mut done = done.clone();
             async move { tokio::time::timeout(d, done.wait_for(|v| *v)).await.is_ok() }
         };
-        let _ = self.runtime.kill(task, 15, false).await;
+        let _ = runtime.stop(task, false).await;
         if wait_done(STOP_GRACE, &mut done).await {
             return;
         }
-        tracing::info!(task = %task, "no exit after SIGTERM; killing");
-        let _ = self.runtime.kill(task, 9, true).await;
+        tracing::info!(task = %task, "still running after the graceful stop; killing");
+        let _ = runtime.stop(task, true).await;
         if wait_done(STOP_GRACE, &mut done).await {
             return;
         }
-        tracing::warn!(task = %task, "the task does not exit; removing it by force");
-        self.finish(task, None).await;
+        tracing::warn!(task = %task, "the instance does not exit; removing it by force");
+        self.finish(task, Ended::default()).await;
     }
 
     // === Adoption ================================================================================================
 
-    /// Takes over the containers a previous run left in the namespace: running ones are watched again, exited
-    /// ones are reported and removed, containers that are not ours are removed.
+    /// Takes over what a previous run left in the runtimes: running instances are watched again, ended ones are
+    /// reported and removed, anything that is not ours is removed.
     async fn adopt(self: &Arc<Self>) {
-        let containers = match self.runtime.list().await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot list containers to adopt");
-                return;
-            }
-        };
-        for c in containers {
-            let job = c.labels.get(label::JOB).cloned().unwrap_or_default();
-            let number: Option<i64> = c.labels.get(label::INSTANCE).and_then(|n| n.parse().ok());
-            let expected = number.and_then(|n| task_id(&job, n));
-            let (Some(number), Some(task)) = (number, expected.filter(|t| *t == c.id)) else {
-                tracing::info!(container = %c.id, "removing a container that is not an Oakestra instance");
-                if let Err(e) = self.runtime.remove(&c.id).await {
-                    tracing::warn!(container = %c.id, error = %e, "cannot remove");
+        for runtime in self.runtimes.all() {
+            let found = match runtime.list().await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(runtime = runtime.name(), error = %e, "cannot list instances to adopt");
+                    continue;
                 }
-                continue;
             };
-            let state = self.runtime.task_state(&task).await;
-            let (done, _) = watch::channel(false);
-            let flag = |k: &str| c.labels.get(k).is_some_and(|v| v == "true");
-            let pid = match state {
-                Ok(TaskState::Alive { pid }) => pid,
-                _ => 0,
-            };
-            lock(&self.instances).insert(
-                task.clone(),
-                Instance {
-                    job_name: job.clone(),
-                    number,
-                    one_shot: flag(label::ONE_SHOT),
-                    port: c.labels.get(label::PORT).cloned().unwrap_or_default(),
-                    memory_mib: c
-                        .labels
-                        .get(label::MEMORY)
-                        .and_then(|m| m.parse().ok())
-                        .unwrap_or(0),
-                    attached: flag(label::ATTACHED),
-                    phase: Phase::Running { pid },
-                    stop: None,
-                    done,
-                },
-            );
-            match state {
-                Ok(TaskState::Alive { pid }) => {
-                    tracing::info!(task = %task, pid, "adopted a running instance");
-                    tokio::spawn(self.clone().watch(task));
-                }
-                Ok(TaskState::Stopped { exit_code }) => {
-                    tracing::info!(task = %task, exit_code, "an instance exited while the agent was away");
-                    self.finish(&task, Some(exit_code)).await;
-                }
-                Ok(TaskState::Missing) | Err(_) => {
-                    tracing::info!(task = %task, "an instance lost its task while the agent was away");
-                    self.finish(&task, None).await;
+            for c in found {
+                let job = c.labels.get(label::JOB).cloned().unwrap_or_default();
+                let number: Option<i64> = c.labels.get(label::INSTANCE).and_then(|n| n.parse().ok());
+                let expected = number.and_then(|n| task_id(&job, n));
+                let (Some(number), Some(task)) = (number, expected.filter(|t| *t == c.id)) else {
+                    tracing::info!(id = %c.id, runtime = runtime.name(), "removing an instance that is not an Oakestra instance");
+                    if let Err(e) = runtime.remove(&c.id).await {
+                        tracing::warn!(id = %c.id, error = %e, "cannot remove");
+                    }
+                    continue;
+                };
+                let (done, _) = watch::channel(false);
+                let flag = |k: &str| c.labels.get(k).is_some_and(|v| v == "true");
+                let pid = match c.state {
+                    TaskState::Alive { pid } => pid,
+                    _ => 0,
+                };
+                lock(&self.instances).insert(
+                    task.clone(),
+                    Instance {
+                        runtime: runtime.clone(),
+                        job_name: job.clone(),
+                        number,
+                        one_shot: flag(label::ONE_SHOT),
+                        port: c.labels.get(label::PORT).cloned().unwrap_or_default(),
+                        memory_mib: c
+                            .labels
+                            .get(label::MEMORY)
+                            .and_then(|m| m.parse().ok())
+                            .unwrap_or(0),
+                        attached: flag(label::ATTACHED),
+                        phase: Phase::Running { pid },
+                        stop: None,
+                        done,
+                    },
+                );
+                match c.state {
+                    TaskState::Alive { pid } => {
+                        tracing::info!(task = %task, pid, runtime = runtime.name(), "adopted a running instance");
+                        tokio::spawn(self.clone().watch(runtime.clone(), task));
+                    }
+                    TaskState::Stopped { exit_code } => {
+                        tracing::info!(task = %task, exit_code, "an instance exited while the agent was away");
+                        self.finish(
+                            &task,
+                            Ended {
+                                code: Some(exit_code),
+                                reason: None,
+                            },
+                        )
+                        .await;
+                    }
+                    TaskState::Missing => {
+                        tracing::info!(task = %task, "an instance ended while the agent was away");
+                        self.finish(
+                            &task,
+                            Ended {
+                                code: None,
+                                reason: Some("it ended while the NodeEngine was away".into()),
+                            },
+                        )
+                        .await;
+                    }
                 }
             }
         }
@@ -742,31 +753,30 @@ impl Agent {
 
     /// Per-instance CPU, memory, disk and log tail of the running instances.
     async fn resources(&self, available_mib: i64) -> Vec<ServiceResources> {
-        let running: Vec<(String, String, i64)> = lock(&self.instances)
+        let running: Vec<(String, String, i64, Arc<dyn Runtime>)> = lock(&self.instances)
             .iter()
             .filter(|(_, i)| matches!(i.phase, Phase::Running { .. }) && i.stop.is_none())
-            .map(|(t, i)| (t.clone(), i.job_name.clone(), i.number))
+            .map(|(t, i)| (t.clone(), i.job_name.clone(), i.number, i.runtime.clone()))
             .collect();
         let cores = metrics::logical_cores();
         let available_bytes = (available_mib.max(1) as f64) * 1024.0 * 1024.0;
         let mut out = Vec::with_capacity(running.len());
-        for (task, job, number) in running {
-            let stats = metrics::cgroup_stats(&self.runtime.cgroups_path(&task));
-            let (cpu, mem) = match stats {
-                Some(s) => {
-                    let cpu = lock(&self.cpu).percent(&task, s.cpu_usage_ns, Instant::now(), cores);
-                    (cpu, s.memory_bytes as f64 / available_bytes)
+        for (task, job, number, runtime) in running {
+            let (cpu, mem) = match runtime.usage(&task).await {
+                Some(u) => {
+                    let cpu = lock(&self.cpu).percent(&task, u.cpu_ns, Instant::now(), cores);
+                    (cpu, u.memory_bytes as f64 / available_bytes)
                 }
                 None => (0.0, 0.0),
             };
-            let disk = self.disk_usage(&task).await;
+            let disk = self.disk_usage(&runtime, &task).await;
             out.push(ServiceResources {
                 cpu_percent: format!("{cpu:.2}"),
                 memory_percent: format!("{mem:.6}"),
                 disk: disk.to_string(),
                 logs: metrics::log_tail(&self.log_path(&task), LOG_TAIL_BYTES),
                 job_name: job,
-                virtualization: CONTAINER_RUNTIME.to_owned(),
+                virtualization: runtime.name().to_owned(),
                 instance: number,
                 ..ServiceResources::default()
             });
@@ -774,14 +784,14 @@ impl Agent {
         out
     }
 
-    /// The snapshot size of `task`, measured at most every [`DISK_USAGE_TTL`].
-    async fn disk_usage(&self, task: &str) -> i64 {
+    /// The disk use of `task`, measured at most every [`DISK_USAGE_TTL`].
+    async fn disk_usage(&self, runtime: &Arc<dyn Runtime>, task: &str) -> i64 {
         if let Some((at, bytes)) = lock(&self.disk).get(task)
             && at.elapsed() < DISK_USAGE_TTL
         {
             return *bytes;
         }
-        let bytes = self.runtime.disk_usage(task).await.unwrap_or(0);
+        let bytes = runtime.disk_usage(task).await;
         lock(&self.disk).insert(task.to_owned(), (Instant::now(), bytes));
         bytes
     }
@@ -799,6 +809,7 @@ impl Agent {
                     Phase::Running { pid } => pid,
                     Phase::Deploying => 0,
                 },
+                runtime: i.runtime.name().to_owned(),
             })
             .collect();
         instances.sort_by(|a, b| a.task.cmp(&b.task));
@@ -809,6 +820,8 @@ impl Agent {
             cluster: format!("{}:{}", self.settings.cluster_address, self.settings.cluster_port),
             connected: self.session().is_some_and(|s| s.is_connected()),
             instances,
+            runtimes: self.runtimes.names(),
+            unikernel_accelerator: self.accelerator.as_ref().map(|(a, why)| format!("{a} ({why})")),
             updated_s: now_s(),
         };
         let path = self.settings.state_dir.join("status.json");
@@ -884,44 +897,83 @@ impl GpuFields {
     }
 }
 
-/// The status an exited instance is reported with.
-fn exit_status(code: Option<u32>, one_shot: bool, oom_kills: u64, memory_mib: i64) -> (Status, String) {
+/// The status an ended instance is reported with.
+fn exit_status(ended: &Ended, one_shot: bool, oom_kills: u64, memory_mib: i64) -> (Status, String) {
     if oom_kills > 0 {
         return (
             Status::Dead,
             format!("OOM-killed: the instance exceeded its memory limit of {memory_mib} MiB"),
         );
     }
-    match code {
-        Some(0) if one_shot => (Status::Completed, String::new()),
-        Some(0) => (Status::Dead, "exited with code 0".into()),
-        Some(c) if c > 128 && c < 160 => (
-            Status::Dead,
-            format!("killed by signal {} (exit code {c})", c - 128),
-        ),
-        Some(c) => (Status::Dead, format!("exited with code {c}")),
-        None => (Status::Dead, "the task vanished (no exit code)".into()),
+    let status = match ended.code {
+        Some(0) if one_shot => Status::Completed,
+        _ => Status::Dead,
+    };
+    if let Some(reason) = &ended.reason {
+        let detail = if status == Status::Completed {
+            String::new()
+        } else {
+            reason.clone()
+        };
+        return (status, detail);
     }
+    let detail = match ended.code {
+        Some(0) if one_shot => String::new(),
+        Some(0) => "exited with code 0".into(),
+        Some(c) if c > 128 && c < 160 => format!("killed by signal {} (exit code {c})", c - 128),
+        Some(c) => format!("exited with code {c}"),
+        None => "the task vanished (no exit code)".into(),
+    };
+    (status, detail)
 }
 
-/// The `resolv.conf` instances get: systemd-resolved's upstream list when present, else the host's unless it only
-/// points at a loopback resolver (unreachable from the instance's namespace), else a public resolver.
-fn resolv_conf() -> String {
-    for path in ["/run/systemd/resolve/resolv.conf", "/etc/resolv.conf"] {
-        if let Ok(text) = std::fs::read_to_string(path) {
-            let usable = text.lines().any(|l| {
-                let mut w = l.split_whitespace();
-                w.next() == Some("nameserver")
-                    && w.next()
-                        .and_then(|ip| ip.parse::<IpAddr>().ok())
-                        .is_some_and(|ip| !ip.is_loopback())
-            });
-            if usable {
-                return text;
-            }
+/// The unikernel runtime (`-u=true`): QEMU found, KVM probed, directories made. `None` (with a warning) when
+/// this machine cannot run guests; the worker then offers containers only.
+pub async fn unikernel_runtime(settings: &Settings) -> Option<UnikernelRuntime> {
+    let Some(qemu) = unikernel::find_qemu() else {
+        tracing::warn!(
+            arch = std::env::consts::ARCH,
+            "-u=true but no qemu-system-x86_64/-aarch64 in PATH (scripts/install-worker.sh installs it): unikernels are not offered"
+        );
+        return None;
+    };
+    let dir = settings.state_dir.join("unikernel");
+    let (accel, reason) = match settings.unikernel_accel {
+        AccelChoice::Auto => unikernel::probe_accel(&qemu, &dir).await,
+        AccelChoice::Kvm => (Accel::Kvm, "--unikernel-accel kvm".to_owned()),
+        AccelChoice::Tcg => (Accel::Tcg, "--unikernel-accel tcg".to_owned()),
+    };
+    if accel == Accel::Tcg {
+        tracing::warn!(reason = %reason, "unikernels run under TCG (software emulation): slower boots and guests than with KVM");
+    } else {
+        tracing::info!(reason = %reason, "unikernels run with KVM");
+    }
+    let registry = crate::registry::Registry::new(settings.registry_credentials.clone());
+    let cache = ImageCache::new(
+        dir.join("cache"),
+        settings.unikernel_max_image_bytes,
+        settings.unikernel_cache_keep,
+    );
+    let cfg = UnikernelConfig {
+        dir,
+        qemu: qemu.clone(),
+        arch: std::env::consts::ARCH.to_owned(),
+        accel,
+        accel_reason: reason,
+        vhost: std::path::Path::new("/dev/vhost-net").exists(),
+        registry,
+        cache,
+    };
+    match UnikernelRuntime::new(cfg) {
+        Ok(r) => {
+            tracing::info!(qemu = %qemu.display(), accel = accel.as_str(), "unikernel runtime ready");
+            Some(r)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "unikernel runtime unavailable");
+            None
         }
     }
-    "nameserver 8.8.8.8\n".to_owned()
 }
 
 /// Runs the agent until `shutdown` becomes true.
@@ -936,14 +988,18 @@ pub async fn run(settings: Settings, mut shutdown: watch::Receiver<bool>) -> Res
             reason: e.to_string(),
         })?;
     }
-    if settings.unikernel_requested {
-        tracing::warn!(
-            "-u=true: the unikernel runtime is not available in this release; only containers run here"
-        );
-    }
-    let Some(runtime) = connect_runtime(&settings, &mut shutdown).await else {
+    let Some(containerd) = connect_runtime(&settings, &mut shutdown).await else {
         return Ok(());
     };
+    let mut all: Vec<Arc<dyn Runtime>> = vec![Arc::new(ContainerRuntime::new(containerd))];
+    let mut accelerator = None;
+    if settings.unikernel_requested
+        && let Some(guests) = unikernel_runtime(&settings).await
+    {
+        let (accel, why) = guests.accel();
+        accelerator = Some((accel.as_str().to_owned(), why.to_owned()));
+        all.push(Arc::new(guests));
+    }
     let ip = local_ip_towards(&settings.cluster_address, settings.cluster_port)
         .await
         .map(|ip| ip.to_string())
@@ -954,7 +1010,8 @@ pub async fn run(settings: Settings, mut shutdown: watch::Receiver<bool>) -> Res
     let info = metrics::system_info();
     let agent = Arc::new(Agent {
         settings: settings.clone(),
-        runtime,
+        runtimes: Runtimes::new(all),
+        accelerator,
         netmanager,
         session: Mutex::new(None),
         node_id: Mutex::new(String::new()),
@@ -964,6 +1021,8 @@ pub async fn run(settings: Settings, mut shutdown: watch::Receiver<bool>) -> Res
         disk: Mutex::new(HashMap::new()),
         sampler: Mutex::new(sampler),
         report_soon: tokio::sync::Notify::new(),
+        #[cfg(test)]
+        reports: Mutex::new(Vec::new()),
     });
     let body = agent.registration(&first, &info);
     let Some((identity, session, mut inbound, mut pump)) = Agent::join(&settings, body, &mut shutdown).await
@@ -1060,30 +1119,317 @@ pub fn read_status(state_dir: &Path) -> Option<StatusFile> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::runtime::fake::FakeRuntime;
+    use oakestra_protocol::mqtt::worker::DeleteCommand;
 
-    #[test]
-    fn exit_statuses() {
-        assert_eq!(exit_status(Some(0), true, 0, 0).0, Status::Completed);
-        assert_eq!(exit_status(Some(0), false, 0, 0).0, Status::Dead);
-        let (s, d) = exit_status(Some(137), false, 1, 32);
-        assert_eq!(s, Status::Dead);
-        assert!(d.contains("OOM") && d.contains("32 MiB"), "{d}");
-        assert!(exit_status(Some(137), false, 0, 0).1.contains("signal 9"));
-        assert!(exit_status(Some(3), true, 0, 0).1.contains("code 3"));
-        assert_eq!(exit_status(None, true, 0, 0).0, Status::Dead);
+    const JOB: &str = "app.ns.svc.ns";
+
+    fn ended(code: Option<u32>, reason: Option<&str>) -> Ended {
+        Ended {
+            code,
+            reason: reason.map(str::to_owned),
+        }
     }
 
     #[test]
-    fn resolv_conf_never_points_at_loopback() {
-        let text = resolv_conf();
-        for line in text.lines().filter(|l| l.starts_with("nameserver")) {
-            let ip: IpAddr = line
-                .split_whitespace()
-                .nth(1)
-                .unwrap_or("")
-                .parse()
-                .unwrap_or(IpAddr::from([8, 8, 8, 8]));
-            assert!(!ip.is_loopback(), "{text}");
+    fn exit_statuses() {
+        assert_eq!(
+            exit_status(&ended(Some(0), None), true, 0, 0).0,
+            Status::Completed
+        );
+        assert_eq!(exit_status(&ended(Some(0), None), false, 0, 0).0, Status::Dead);
+        let (s, d) = exit_status(&ended(Some(137), None), false, 1, 32);
+        assert_eq!(s, Status::Dead);
+        assert!(d.contains("OOM") && d.contains("32 MiB"), "{d}");
+        assert!(
+            exit_status(&ended(Some(137), None), false, 0, 0)
+                .1
+                .contains("signal 9")
+        );
+        assert!(
+            exit_status(&ended(Some(3), None), true, 0, 0)
+                .1
+                .contains("code 3")
+        );
+        assert_eq!(exit_status(&ended(None, None), true, 0, 0).0, Status::Dead);
+        // A guest's own reason wins; a one-shot guest that powered off completes.
+        let (s, d) = exit_status(&ended(Some(1), Some("the guest kernel panicked")), true, 0, 0);
+        assert_eq!((s, d.as_str()), (Status::Dead, "the guest kernel panicked"));
+        let (s, d) = exit_status(&ended(Some(0), Some("the guest powered off")), true, 0, 0);
+        assert_eq!((s, d.as_str()), (Status::Completed, ""));
+    }
+
+    fn settings(dir: &Path) -> Settings {
+        let cli = <crate::Cli as clap::Parser>::try_parse_from([
+            "NodeEngine",
+            "-a",
+            "127.0.0.1",
+            "-n",
+            "-1",
+            "--log-file",
+            "none",
+            "--state-dir",
+            &dir.join("state").display().to_string(),
+            "-l",
+            &dir.join("logs").display().to_string(),
+        ])
+        .unwrap();
+        Settings::from_parts(&cli.run, crate::config::ConfFile::default()).unwrap()
+    }
+
+    fn agent(name: &str) -> (Arc<Agent>, Arc<FakeRuntime>, Arc<FakeRuntime>, PathBuf) {
+        let dir = std::env::temp_dir().join(format!("oak-agent-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let containers = Arc::new(FakeRuntime::new("docker"));
+        let guests = Arc::new(FakeRuntime::new("unikernel"));
+        let agent = Arc::new(Agent {
+            settings: settings(&dir),
+            runtimes: Runtimes::new(vec![containers.clone(), guests.clone()]),
+            accelerator: Some(("tcg".into(), "test".into())),
+            netmanager: None,
+            session: Mutex::new(None),
+            node_id: Mutex::new("n1".into()),
+            public_ip: Mutex::new("127.0.0.1".into()),
+            instances: Mutex::new(HashMap::new()),
+            cpu: Mutex::new(CpuTracker::new()),
+            disk: Mutex::new(HashMap::new()),
+            sampler: Mutex::new(NodeSampler::new()),
+            report_soon: tokio::sync::Notify::new(),
+            reports: Mutex::new(Vec::new()),
+        });
+        (agent, containers, guests, dir)
+    }
+
+    fn deploy_cmd(virtualization: &str, number: i64) -> DeployCommand {
+        DeployCommand {
+            job_name: JOB.into(),
+            instance_number: number,
+            virtualization: virtualization.into(),
+            image: "http://h/k.tar.gz".into(),
+            one_shot: true,
+            ..DeployCommand::default()
         }
+    }
+
+    fn statuses(agent: &Agent) -> Vec<(Status, String)> {
+        lock(&agent.reports)
+            .iter()
+            .map(|(_, _, s, d)| (*s, d.clone()))
+            .collect()
+    }
+
+    async fn until(what: &str, check: impl Fn() -> bool) {
+        for _ in 0..200 {
+            if check() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("timed out waiting for {what}");
+    }
+
+    #[tokio::test]
+    async fn deploys_are_routed_by_virtualization() {
+        let (agent, containers, guests, dir) = agent("route");
+        agent.clone().deploy(deploy_cmd("unikernel", 0)).await;
+        agent.clone().deploy(deploy_cmd("container", 1)).await;
+        assert_eq!(
+            guests.calls(),
+            [
+                "create app.ns.svc.ns.instance.0",
+                "start app.ns.svc.ns.instance.0"
+            ]
+        );
+        assert_eq!(
+            containers.calls(),
+            [
+                "create app.ns.svc.ns.instance.1",
+                "start app.ns.svc.ns.instance.1"
+            ]
+        );
+        let labels = lock(&guests.labels)["app.ns.svc.ns.instance.0"].clone();
+        assert_eq!(labels[label::JOB], JOB);
+        assert_eq!(labels[label::ONE_SHOT], "true");
+        // Progress reached the cluster as CREATING, then CREATED.
+        let s = statuses(&agent);
+        assert!(s.contains(&(Status::Creating, "creating".into())), "{s:?}");
+        assert_eq!(
+            s.iter().filter(|(st, _)| *st == Status::Created).count(),
+            2,
+            "{s:?}"
+        );
+        // Unknown runtimes fail with the list of what is offered.
+        agent.clone().deploy(deploy_cmd("crosvm", 2)).await;
+        let (st, detail) = statuses(&agent).pop().unwrap();
+        assert_eq!(st, Status::Failed);
+        assert!(
+            detail.contains("\"crosvm\"") && detail.contains("docker, unikernel"),
+            "{detail}"
+        );
+        assert_eq!(
+            agent
+                .registration(&NodeSampler::new().sample(), &metrics::system_info())
+                .virtualization,
+            ["docker", "unikernel"]
+        );
+        // A guest that powers off as a one-shot completes and is removed.
+        guests.end(
+            "app.ns.svc.ns.instance.0",
+            ended(Some(0), Some("the guest powered off")),
+        );
+        until("completed", || {
+            statuses(&agent).iter().any(|(s, _)| *s == Status::Completed)
+        })
+        .await;
+        assert!(
+            guests
+                .calls()
+                .contains(&"remove app.ns.svc.ns.instance.0".to_owned())
+        );
+        assert!(!lock(&agent.instances).contains_key("app.ns.svc.ns.instance.0"));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn a_failed_create_reports_the_reason_and_cleans_up() {
+        let (agent, _, guests, dir) = agent("fail");
+        *lock(&guests.fail_create) =
+            Some("no image for this worker's architecture amd64: the service offers arm64".into());
+        agent.clone().deploy(deploy_cmd("unikernel", 0)).await;
+        let (st, detail) = statuses(&agent).pop().unwrap();
+        assert_eq!(st, Status::Failed);
+        assert!(detail.contains("offers arm64"), "{detail}");
+        assert_eq!(
+            guests.calls(),
+            [
+                "create app.ns.svc.ns.instance.0",
+                "remove app.ns.svc.ns.instance.0"
+            ]
+        );
+        assert!(lock(&agent.instances).is_empty());
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn a_delete_during_the_deploy_wins() {
+        let (agent, _, guests, dir) = agent("race");
+        let gate = Arc::new(tokio::sync::Notify::new());
+        *lock(&guests.create_gate) = Some(gate.clone());
+        let deploying = tokio::spawn(agent.clone().deploy(deploy_cmd("unikernel", 0)));
+        until("create", || !guests.calls().is_empty()).await;
+        // The delete arrives while the image is still downloading: nothing to stop yet.
+        agent
+            .clone()
+            .undeploy(DeleteCommand {
+                job_name: JOB.into(),
+                instance_number: 0,
+                ..DeleteCommand::default()
+            })
+            .await;
+        assert!(!statuses(&agent).iter().any(|(s, _)| *s == Status::Undeployed));
+        gate.notify_one();
+        deploying.await.unwrap();
+        until("undeployed", || {
+            statuses(&agent).iter().any(|(s, _)| *s == Status::Undeployed)
+        })
+        .await;
+        let calls = guests.calls();
+        assert!(
+            calls.contains(&"stop app.ns.svc.ns.instance.0 true".to_owned()),
+            "{calls:?}"
+        );
+        assert!(
+            calls.contains(&"remove app.ns.svc.ns.instance.0".to_owned()),
+            "{calls:?}"
+        );
+        assert!(
+            !statuses(&agent)
+                .iter()
+                .any(|(s, _)| *s == Status::Dead || *s == Status::Failed)
+        );
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn undeploy_stops_gracefully_and_twice_is_harmless() {
+        let (agent, _, guests, dir) = agent("undeploy");
+        agent.clone().deploy(deploy_cmd("unikernel", 0)).await;
+        let delete = DeleteCommand {
+            job_name: JOB.into(),
+            instance_number: 0,
+            ..DeleteCommand::default()
+        };
+        agent.clone().undeploy(delete.clone()).await;
+        until("undeployed", || {
+            statuses(&agent).iter().any(|(s, _)| *s == Status::Undeployed)
+        })
+        .await;
+        assert!(
+            guests
+                .calls()
+                .contains(&"stop app.ns.svc.ns.instance.0 false".to_owned())
+        );
+        assert!(
+            !guests
+                .calls()
+                .contains(&"stop app.ns.svc.ns.instance.0 true".to_owned())
+        );
+        // A second delete (QoS 1 redelivery) cleans up leftovers in every runtime and confirms again.
+        agent.clone().undeploy(delete).await;
+        assert_eq!(
+            statuses(&agent)
+                .iter()
+                .filter(|(s, _)| *s == Status::Undeployed)
+                .count(),
+            2
+        );
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn adoption_watches_live_guests_and_reports_gone_ones() {
+        let (agent, containers, guests, dir) = agent("adopt");
+        let labels = |n: &'static str| {
+            vec![
+                (label::JOB, JOB),
+                (label::INSTANCE, n),
+                (label::ONE_SHOT, "false"),
+                (label::ATTACHED, "false"),
+            ]
+        };
+        let l0 = labels("0");
+        let l1 = labels("1");
+        *lock(&guests.found) = vec![
+            FakeRuntime::found("app.ns.svc.ns.instance.0", &l0, TaskState::Alive { pid: 77 }),
+            FakeRuntime::found("app.ns.svc.ns.instance.1", &l1, TaskState::Missing),
+            FakeRuntime::found("stranger", &[], TaskState::Alive { pid: 78 }),
+        ];
+        agent.adopt().await;
+        assert_eq!(containers.calls(), ["list"]);
+        let calls = guests.calls();
+        assert!(calls.contains(&"remove stranger".to_owned()), "{calls:?}");
+        assert!(
+            calls.contains(&"remove app.ns.svc.ns.instance.1".to_owned()),
+            "{calls:?}"
+        );
+        let (st, detail) = statuses(&agent).pop().unwrap();
+        assert_eq!(st, Status::Dead);
+        assert!(detail.contains("while the NodeEngine was away"), "{detail}");
+        {
+            let map = lock(&agent.instances);
+            let i = &map["app.ns.svc.ns.instance.0"];
+            assert_eq!(i.phase, Phase::Running { pid: 77 });
+            assert_eq!(i.runtime.name(), "unikernel");
+        }
+        // The adopted guest is watched: its end is reported.
+        guests.end(
+            "app.ns.svc.ns.instance.0",
+            ended(Some(1), Some("the guest reset")),
+        );
+        until("dead", || {
+            statuses(&agent).iter().any(|(_, d)| d == "the guest reset")
+        })
+        .await;
+        let _ = std::fs::remove_dir_all(dir);
     }
 }

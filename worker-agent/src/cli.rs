@@ -71,6 +71,17 @@ pub enum OnStop {
     Stop,
 }
 
+/// `--unikernel-accel`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AccelChoice {
+    /// KVM when the probe guest runs on it, else TCG.
+    Auto,
+    /// KVM without probing.
+    Kvm,
+    /// TCG (software emulation) always.
+    Tcg,
+}
+
 /// Flags of the agent.
 #[derive(Debug, Clone, Args)]
 pub struct RunFlags {
@@ -94,11 +105,31 @@ pub struct RunFlags {
     /// (`overlay_network`), i.e. the socket /etc/netmanager/netmanager.sock.
     #[arg(short = 'n', long = "netmanager", allow_hyphen_values = true, global = true)]
     pub netmanager: Option<String>,
-    /// Unikernel runtime: `-u`, `-u=true` or `-u true` turn it on. Not available in this release: the worker
-    /// accepts the flag and says so.
+    /// Unikernel runtime: `-u`, `-u=true` or `-u true` turn it on. Guests run in QEMU (KVM when a probe guest
+    /// really runs on /dev/kvm, else TCG); `virtualization: unikernel` services are then offered.
     #[arg(short = 'u', long = "unikernel", num_args = 0..=1, default_missing_value = "true",
-          require_equals = false, global = true)]
+          require_equals = false, env = "OAKESTRA_UNIKERNEL", global = true)]
     pub unikernel: Option<bool>,
+    /// How unikernels run: `auto` probes KVM once at start (a tiny guest must really run on /dev/kvm), `kvm`
+    /// or `tcg` skip the probe.
+    #[arg(long, value_enum, default_value_t = AccelChoice::Auto, env = "OAKESTRA_UNIKERNEL_ACCEL", global = true)]
+    pub unikernel_accel: AccelChoice,
+    /// Seconds an unused unikernel image stays in the cache (images of running guests always stay).
+    #[arg(
+        long,
+        default_value_t = 3600,
+        env = "OAKESTRA_UNIKERNEL_CACHE_KEEP",
+        global = true
+    )]
+    pub unikernel_cache_keep: u64,
+    /// Largest unikernel tarball downloaded, in MiB.
+    #[arg(
+        long,
+        default_value_t = 512,
+        env = "OAKESTRA_UNIKERNEL_MAX_IMAGE_MIB",
+        global = true
+    )]
+    pub unikernel_max_image_mib: u64,
     /// Directory of the instances' logs (`<dir>/<task id>`). Overrides `app_logs` of conf.json.
     #[arg(short = 'l', long = "logs", global = true)]
     pub logs: Option<PathBuf>,
@@ -171,8 +202,14 @@ pub struct Settings {
     pub cluster_port: u16,
     /// The NetManager, or off.
     pub overlay: Overlay,
-    /// `-u=true` was given (the runtime is not available; see [`crate::agent`]).
+    /// `-u=true` was given: offer unikernels when QEMU is here.
     pub unikernel_requested: bool,
+    /// `--unikernel-accel`.
+    pub unikernel_accel: AccelChoice,
+    /// How long unused unikernel images stay cached.
+    pub unikernel_cache_keep: Duration,
+    /// Largest unikernel tarball, in bytes.
+    pub unikernel_max_image_bytes: u64,
     /// Instance log directory.
     pub app_logs: PathBuf,
     /// containerd socket.
@@ -285,6 +322,13 @@ impl Settings {
                 "seconds between 0.05 and 3600",
             ));
         }
+        if !(1..=65536).contains(&flags.unikernel_max_image_mib) {
+            return Err(invalid(
+                "unikernel-max-image-mib",
+                flags.unikernel_max_image_mib.to_string(),
+                "MiB between 1 and 65536",
+            ));
+        }
         let registry_credentials = match &flags.registry_auth {
             Some(path) => read_credentials(path)?,
             None => HashMap::new(),
@@ -299,6 +343,9 @@ impl Settings {
             cluster_port,
             overlay,
             unikernel_requested: flags.unikernel.unwrap_or(false),
+            unikernel_accel: flags.unikernel_accel,
+            unikernel_cache_keep: Duration::from_secs(flags.unikernel_cache_keep),
+            unikernel_max_image_bytes: flags.unikernel_max_image_mib.saturating_mul(1024 * 1024),
             app_logs,
             containerd: flags.containerd.clone(),
             namespace: ns.clone(),

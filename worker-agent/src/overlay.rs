@@ -7,7 +7,7 @@ use std::time::Duration;
 use hyper::Method;
 use oakestra_protocol::api::netmanager::{
     ContainerDeployRequest, ContainerDeployResponse, PATH_CONTAINER_DEPLOY, PATH_CONTAINER_UNDEPLOY,
-    PATH_REGISTER, RegisterRequest, UndeployRequest,
+    PATH_REGISTER, PATH_UNIKERNEL_DEPLOY, PATH_UNIKERNEL_UNDEPLOY, RegisterRequest, UndeployRequest,
 };
 use oakestra_protocol::client::{self, Response};
 use serde::Serialize;
@@ -136,16 +136,44 @@ impl NetManager {
         Ok(serde_json::from_value(answer.body).unwrap_or_default())
     }
 
-    /// `POST /container/undeploy` (the reference's body, with `pid: -1`).
+    /// `POST /unikernel/deploy` (`pid: 0`, as the reference sends it): a network namespace with a tap for the
+    /// guest; the answer's `guest` says how the guest's NIC is wired.
+    pub async fn attach_unikernel(
+        &self,
+        job_name: &str,
+        instance: i64,
+        port_mappings: &str,
+    ) -> Result<ContainerDeployResponse, OverlayError> {
+        let body = ContainerDeployRequest {
+            pid: 0,
+            service_name: job_name.to_owned(),
+            instance_number: instance,
+            port_mappings: port_mappings.to_owned(),
+            ..ContainerDeployRequest::default()
+        };
+        let answer = self.post(PATH_UNIKERNEL_DEPLOY, &body).await?;
+        serde_json::from_value(answer.body).map_err(|e| OverlayError::Unreachable {
+            at: self.at(),
+            reason: format!("unreadable {PATH_UNIKERNEL_DEPLOY} answer: {e}"),
+        })
+    }
+
+    /// `POST /container/undeploy` (the reference's body, with `pid: -1`), or `/unikernel/undeploy` for a guest.
     pub async fn detach(
         &self,
         job_name: &str,
         instance: i64,
         port_mappings: &str,
+        unikernel: bool,
     ) -> Result<(), OverlayError> {
         let mut body = UndeployRequest::new(job_name, instance);
         body.pid = Some(-1);
         body.port_mappings = Some(port_mappings.to_owned());
-        self.post(PATH_CONTAINER_UNDEPLOY, &body).await.map(|_| ())
+        let path = if unikernel {
+            PATH_UNIKERNEL_UNDEPLOY
+        } else {
+            PATH_CONTAINER_UNDEPLOY
+        };
+        self.post(path, &body).await.map(|_| ())
     }
 }

@@ -1381,6 +1381,48 @@ impl Registry {
         })
     }
 
+    /// Starts a plain GET of `url` (http or https with this client's TLS roots, redirects followed, no
+    /// credentials): for files that are not registry blobs, such as unikernel tarballs. A body larger than `limit`
+    /// bytes fails the stream; 404 and other non-200 answers fail here, with the server's text.
+    pub async fn download(&self, url: &str, limit: u64) -> Result<Download, RegistryError> {
+        let target = Target::parse(url).map_err(|reason| RegistryError::Transport {
+            url: url.to_owned(),
+            reason,
+        })?;
+        let mut answer = self.get_following(target, None, None).await?;
+        if answer.status != StatusCode::OK {
+            let text = read_error_text(&mut answer, self.inner.idle_timeout).await;
+            if answer.status == StatusCode::NOT_FOUND {
+                return Err(RegistryError::NotFound {
+                    what: "file".to_owned(),
+                    url: answer.url,
+                    answer: text,
+                });
+            }
+            return Err(RegistryError::Status {
+                url: answer.url,
+                status: answer.status.as_u16(),
+                answer: text,
+            });
+        }
+        let length = content_length(&answer.headers);
+        if length.is_some_and(|l| l > limit) {
+            return Err(RegistryError::TooLarge {
+                url: answer.url,
+                limit,
+            });
+        }
+        Ok(Download {
+            body: answer.body,
+            length,
+            limit,
+            received: 0,
+            url: answer.url,
+            idle_timeout: self.inner.idle_timeout,
+            _driver: answer.driver,
+        })
+    }
+
     /// A URL for error messages before the scheme is known.
     fn describe_url(&self, image: &ImageRef, path: &str) -> String {
         let path = if path.starts_with('/') {
@@ -1989,6 +2031,87 @@ impl fmt::Debug for BlobStream {
             .field("received", &self.received)
             .field("state", &self.state)
             .finish_non_exhaustive()
+    }
+}
+
+/// A file being downloaded by [`Registry::download`].
+pub struct Download {
+    body: Incoming,
+    length: Option<u64>,
+    limit: u64,
+    received: u64,
+    url: String,
+    idle_timeout: Duration,
+    _driver: Driver,
+}
+
+impl fmt::Debug for Download {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Download")
+            .field("url", &self.url)
+            .field("length", &self.length)
+            .field("received", &self.received)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Download {
+    /// The next chunk, or `None` at the end (which must match `Content-Length` when the server sent one).
+    pub async fn next_chunk(&mut self) -> Result<Option<Bytes>, RegistryError> {
+        loop {
+            let frame = match tokio::time::timeout(self.idle_timeout, self.body.frame()).await {
+                Err(_) => {
+                    return Err(RegistryError::Timeout {
+                        url: self.url.clone(),
+                        waiting_for: "the next chunk of the file",
+                        after: self.idle_timeout,
+                    });
+                }
+                Ok(None) => {
+                    return match self.length {
+                        Some(expected) if expected != self.received => Err(RegistryError::SizeMismatch {
+                            url: self.url.clone(),
+                            expected,
+                            actual: self.received,
+                        }),
+                        _ => Ok(None),
+                    };
+                }
+                Ok(Some(Err(e))) => {
+                    return Err(RegistryError::Transport {
+                        url: self.url.clone(),
+                        reason: format!("reading the file after {} bytes: {e}", self.received),
+                    });
+                }
+                Ok(Some(Ok(frame))) => frame,
+            };
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            self.received = self.received.saturating_add(data.len() as u64);
+            if self.received > self.limit {
+                return Err(RegistryError::TooLarge {
+                    url: self.url.clone(),
+                    limit: self.limit,
+                });
+            }
+            return Ok(Some(data));
+        }
+    }
+
+    /// `Content-Length`, when the server sent it.
+    pub fn length(&self) -> Option<u64> {
+        self.length
+    }
+
+    /// Bytes received so far.
+    pub fn received(&self) -> u64 {
+        self.received
+    }
+
+    /// The URL the file came from (after redirects).
+    pub fn url(&self) -> &str {
+        &self.url
     }
 }
 

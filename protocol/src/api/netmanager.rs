@@ -71,9 +71,38 @@ pub struct ContainerDeployResponse {
     /// Namespace IPv6, e.g. `fc00::2`; the reference's unikernel path sends the text `"<nil>"`.
     #[serde(rename = "nsAddressv6", default, deserialize_with = "serde_util::string")]
     pub ns_address_v6: String,
+    /// oakestra-rs extension, only in `/unikernel/deploy` answers: how the guest's NIC is wired (a reference
+    /// NetManager leaves it out; a reference NodeEngine ignores it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest: Option<GuestNic>,
     /// Every other key, verbatim (also makes the type accept only a JSON object).
     #[serde(flatten)]
     pub extra: Map<String, Value>,
+}
+
+/// The guest side of a unikernel attach: the NetManager made the named network namespace `netns` holding the tap
+/// `tap`, bridged at layer 2 to the instance's veth, and left the namespace addresses unassigned there: the guest
+/// owns them (`nsAddress`/`nsAddressv6` of the answer) with the MAC `mac`, and routes through the gateways.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestNic {
+    /// The named network namespace (`ip netns` name; its file is `/var/run/netns/<netns>`), where QEMU must run.
+    pub netns: String,
+    /// The tap device inside `netns` that QEMU opens (`-netdev tap,ifname=<tap>,script=no`).
+    pub tap: String,
+    /// The MAC the guest's NIC must use (`-device virtio-net-pci,mac=<mac>`): the overlay delivers to it.
+    pub mac: String,
+    /// IPv4 default gateway (the worker bridge), e.g. `10.18.0.1`.
+    pub gateway: String,
+    /// IPv4 prefix length of the worker subnet (26).
+    pub prefix: u8,
+    /// IPv6 default gateway, e.g. `fc00::1`.
+    pub gateway_v6: String,
+    /// IPv6 prefix length (120).
+    pub prefix_v6: u8,
+    /// The overlay's MTU: the guest's NIC must not send larger frames (QEMU's `host_mtu` tells it so). 0:
+    /// unknown.
+    #[serde(default)]
+    pub mtu: u32,
 }
 
 impl ContainerDeployResponse {
