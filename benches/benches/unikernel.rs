@@ -27,32 +27,11 @@ use serde_json::{Value, json};
 const SAMPLES: usize = 10;
 const GUESTS: usize = 10;
 
-/// (utime + stime in clock ticks, RSS in KiB) of `pid`.
-fn usage(pid: u32) -> (u64, u64) {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
-        return (0, 0);
-    };
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = f[11].parse::<u64>().unwrap_or(0) + f[12].parse::<u64>().unwrap_or(0);
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let rss = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    (ticks, rss)
-}
-
 /// Average CPU (% of one core) and the final RSS (MiB) of `pid` over `window`.
 async fn measure(pid: u32, window: Duration) -> (f64, f64) {
-    let (t0, _) = usage(pid);
-    let start = Instant::now();
-    tokio::time::sleep(window).await;
-    let (t1, rss) = usage(pid);
-    let cpu = (t1 - t0) as f64 / 100.0 / start.elapsed().as_secs_f64() * 100.0;
-    (cpu, rss as f64 / 1024.0)
+    tokio::task::spawn_blocking(move || oakestra_benches::cpu_and_rss(pid, window))
+        .await
+        .unwrap()
 }
 
 fn p50(v: &mut [f64]) -> f64 {
@@ -276,8 +255,11 @@ async fn run() {
     tokio::time::sleep(Duration::from_secs(20)).await;
     let guests = qemus("ukb.test.guest.test.instance.");
     assert_eq!(guests.len(), GUESTS, "{guests:?}");
-    let one_qemu = usage(guests[0]).1 as f64 / 1024.0;
-    let qemu_total: f64 = guests.iter().map(|p| usage(*p).1 as f64 / 1024.0).sum();
+    let one_qemu = oakestra_benches::proc_usage(guests[0]).1 as f64 / 1024.0;
+    let qemu_total: f64 = guests
+        .iter()
+        .map(|p| oakestra_benches::proc_usage(*p).1 as f64 / 1024.0)
+        .sum();
     let (cpu10, rss10) = measure(ne.pid(), Duration::from_secs(10)).await;
     for n in first..bench.next {
         bench.undeploy(n).await;

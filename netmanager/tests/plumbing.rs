@@ -1126,6 +1126,23 @@ fn in_netns_of<T: Send + 'static>(
     })
 }
 
+/// The fast path loaded, with the container program on each `(host veth, its index, n)` and `10.18.0.<n>`
+/// recorded as a local destination behind it (MAC `02:4f:0a:12:00:<n>`, as the daemon records instances).
+fn fast_path_with_locals(locals: &[(&String, u32, u8)]) -> Arc<FastPath> {
+    let fast = Arc::new(FastPath::load(&fast_path_config(None)).unwrap());
+    for &(host, index, n) in locals {
+        fast.attach_container(host).unwrap();
+        let dest = LocalDest {
+            ifindex: index,
+            mac: [0x02, 0x4f, 10, 18, 0, n],
+            _pad: [0; 2],
+        };
+        fast.set_local(IpAddr::V4(Ipv4Addr::new(10, 18, 0, n)), dest)
+            .unwrap();
+    }
+    fast
+}
+
 fn fast_path_config(underlay: Option<Ipv4Addr>) -> FastPathConfig {
     FastPathConfig {
         max_flows: 1024,
@@ -1238,17 +1255,7 @@ fn fast_path_delivers_between_local_containers_in_the_kernel() {
             .await
             .unwrap();
 
-        let fast = Arc::new(FastPath::load(&fast_path_config(None)).unwrap());
-        for (host, index, n) in [(&h1, i1, 2u8), (&h2, i2, 3u8)] {
-            fast.attach_container(host).unwrap();
-            let dest = LocalDest {
-                ifindex: index,
-                mac: [0x02, 0x4f, 10, 18, 0, n],
-                _pad: [0; 2],
-            };
-            fast.set_local(IpAddr::V4(Ipv4Addr::new(10, 18, 0, n)), dest)
-                .unwrap();
-        }
+        let fast = fast_path_with_locals(&[(&h1, i1, 2), (&h2, i2, 3)]);
         assert!(
             ingress_programs(&h1).contains("oakestra_from_container"),
             "{}",
@@ -1295,17 +1302,7 @@ fn fast_path_delivers_to_a_unikernel_guest_through_its_bridge() {
         let guest = veth_guest(&path, 3);
 
         // As the daemon records them: the unikernel's host end, with the guest's MAC (not its bridge port's).
-        let fast = Arc::new(FastPath::load(&fast_path_config(None)).unwrap());
-        for (host, index, n) in [(&h1, i1, 2u8), (&h2, i2, 3u8)] {
-            fast.attach_container(host).unwrap();
-            let dest = LocalDest {
-                ifindex: index,
-                mac: [0x02, 0x4f, 10, 18, 0, n],
-                _pad: [0; 2],
-            };
-            fast.set_local(IpAddr::V4(Ipv4Addr::new(10, 18, 0, n)), dest)
-                .unwrap();
-        }
+        let fast = fast_path_with_locals(&[(&h1, i1, 2), (&h2, i2, 3)]);
         // `bpf_redirect_peer` lands the container's packet on the bare peer's ingress; the guest bridge forwards it
         // to the guest by its MAC. The guest's answer leaves through the same veth into the container program.
         udp_through_the_fast_path(&fast, c1.pid(), guest.pid());

@@ -50,3 +50,19 @@ pub fn run(name: &str, args: &[&str]) -> Output {
         .output()
         .unwrap_or_else(|e| panic!("cannot run {}: {e}", path.display()))
 }
+
+/// Pids of the running QEMUs (`qemu-system-*`) whose command line contains `needle` (a task id, a directory).
+pub fn qemus_with(needle: &str) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_string_lossy().parse().ok()?;
+            let cmd =
+                String::from_utf8_lossy(&std::fs::read(e.path().join("cmdline")).ok()?).replace('\0', " ");
+            (cmd.contains("qemu-system") && cmd.contains(needle)).then_some(pid)
+        })
+        .collect()
+}

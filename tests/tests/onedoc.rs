@@ -37,17 +37,7 @@ fn onedoc(ns: &Netns, home: &Path, cmd: &str) -> Output {
 
 /// Pids of the QEMUs whose command line names a file under `dir` (the 1-DOC's guests).
 fn qemus_under(dir: &Path) -> Vec<u32> {
-    let needle = dir.display().to_string();
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| {
-            let pid: u32 = e.file_name().to_string_lossy().parse().ok()?;
-            let cmd =
-                String::from_utf8_lossy(&std::fs::read(e.path().join("cmdline")).ok()?).replace('\0', " ");
-            (cmd.contains("qemu-system") && cmd.contains(&needle)).then_some(pid)
-        })
-        .collect()
+    oakestra_tests::procs::qemus_with(&dir.display().to_string())
 }
 
 fn text(o: &Output) -> String {

@@ -95,18 +95,7 @@ async fn instance_in(stack: &Stack, job: &str, status: &str) -> Option<Value> {
 
 /// QEMU processes whose command line names `task`.
 fn qemus_of(task: &str) -> Vec<u32> {
-    let mut pids = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let cmd = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-        let text = String::from_utf8_lossy(&cmd).replace('\0', " ");
-        if text.contains("qemu-system") && text.contains(&format!("{task},debug-threads=on")) {
-            pids.push(pid);
-        }
-    }
-    pids
+    oakestra_tests::procs::qemus_with(&format!("{task},debug-threads=on"))
 }
 
 /// `curl` of `url` inside the network namespace of process `pid`; the body, or `None`. (Not busybox wget: its
