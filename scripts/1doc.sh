@@ -295,6 +295,11 @@ down() {
   if pkill -TERM -f "qemu-system-.* -kernel $data/nodeengine/unikernel/" 2>/dev/null; then
     sleep 1; step "stopped the unikernel guests"
   fi
+  # Their cgroups (rmdir only removes empty ones: guests of other NodeEngines keep theirs).
+  local cg
+  for cg in /sys/fs/cgroup/oakestra-unikernel/*/ /sys/fs/cgroup/*/oakestra-unikernel/*/; do
+    [ -d "$cg" ] && rmdir "$cg" 2>/dev/null || true
+  done
   stop containerd
   # Network state a killed NetManager may have left: its bridge and TUN, and the veths it recorded.
   local l veths=()

@@ -196,7 +196,8 @@ async fn run() {
     let logs = args[args.iter().position(|a| a == "-l").unwrap() + 1].clone();
 
     let guest = json!({"microservice_name": "guest", "virtualization": "unikernel", "arch": ["amd64"], "memory": 128,
-        "vcpus": 1, "code": format!("http://127.0.0.1:{port}/oakestra-guest-amd64.tar.gz")});
+        // vcpus 0: one vCPU each without reserving a core, so ten fit on a small worker.
+        "vcpus": 0, "code": format!("http://127.0.0.1:{port}/oakestra-guest-amd64.tar.gz")});
     let job = stack.deploy("ukb", &guest).await;
     let mut bench = Bench {
         stack,
