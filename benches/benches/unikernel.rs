@@ -232,19 +232,7 @@ async fn run() {
         warm_serving.push(s);
         bench.undeploy(bench.next - 1).await;
     }
-    let mut agent: Vec<f64> = ne
-        .log()
-        .lines()
-        .filter(|l| l.contains("instance started"))
-        .filter_map(|l| {
-            l.split("elapsed_ms=")
-                .nth(1)?
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        })
-        .collect();
+    let mut agent: Vec<f64> = oakestra_benches::started_elapsed_ms(&ne.log());
     let warm_agent: Vec<f64> = agent.split_off(agent.len().saturating_sub(SAMPLES));
     let cold_agent: Vec<f64> = agent.split_off(agent.len().saturating_sub(SAMPLES));
 

@@ -22,32 +22,11 @@ use serde_json::json;
 
 const INSTANCES: usize = 20;
 
-/// (utime + stime in clock ticks, RSS in KiB) of `pid`.
-fn usage(pid: u32) -> (u64, u64) {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    // Fields after the parenthesised command name: state is field 3; utime, stime are fields 14 and 15.
-    let rest = &stat[stat.rfind(')').unwrap() + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let rss = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    (ticks, rss)
-}
-
 /// Average CPU (% of one core) and the final RSS (MiB) of `pid` over `window`.
 async fn measure(pid: u32, window: Duration) -> (f64, f64) {
-    let (t0, _) = usage(pid);
-    let start = Instant::now();
-    tokio::time::sleep(window).await;
-    let (t1, rss) = usage(pid);
-    // USER_HZ is 100 on Linux.
-    let cpu = (t1 - t0) as f64 / 100.0 / start.elapsed().as_secs_f64() * 100.0;
-    (cpu, rss as f64 / 1024.0)
+    tokio::task::spawn_blocking(move || oakestra_benches::cpu_and_rss(pid, window))
+        .await
+        .unwrap()
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -139,19 +118,7 @@ async fn run() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     let (cpu20, rss20) = measure(ne.pid(), Duration::from_secs(10)).await;
 
-    let mut agent: Vec<f64> = ne
-        .log()
-        .lines()
-        .filter(|l| l.contains("instance started"))
-        .filter_map(|l| {
-            l.split("elapsed_ms=")
-                .nth(1)?
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        })
-        .collect();
+    let mut agent: Vec<f64> = oakestra_benches::started_elapsed_ms(&ne.log());
     agent.sort_by(f64::total_cmp);
     let mut e2e: Vec<f64> = running.values().map(|d| d.as_secs_f64() * 1000.0).collect();
     e2e.sort_by(f64::total_cmp);

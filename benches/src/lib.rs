@@ -49,3 +49,18 @@ pub fn cpu_and_rss(pid: u32, window: std::time::Duration) -> (f64, f64) {
     let cpu = t1.saturating_sub(t0) as f64 / 100.0 / start.elapsed().as_secs_f64() * 100.0;
     (cpu, rss as f64 / 1024.0)
 }
+
+/// The `elapsed_ms` of every "instance started" line of a NodeEngine log (deploy message → instance running).
+pub fn started_elapsed_ms(log: &str) -> Vec<f64> {
+    log.lines()
+        .filter(|l| l.contains("instance started"))
+        .filter_map(|l| {
+            l.split("elapsed_ms=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
