@@ -476,6 +476,15 @@ impl Agent {
             (label::ATTACHED.to_owned(), self.netmanager.is_some().to_string()),
         ]);
         let log = self.log_path(task);
+        // A new instance with the same task id (a redeploy) starts a fresh log; the last one's stays next to it as
+        // `<task>.1`, so a crash loop's output is not lost, and the log API never shows an older instance's tail.
+        if std::fs::metadata(&log).is_ok_and(|m| m.len() > 0) {
+            let mut previous = log.clone().into_os_string();
+            previous.push(".1");
+            if let Err(e) = std::fs::rename(&log, &previous) {
+                tracing::debug!(task = %task, error = %e, "cannot keep the previous instance's log");
+            }
+        }
         let dir = self.instance_dir(task);
         let me = self.clone();
         let (job, number) = (cmd.job_name.clone(), cmd.instance_number);
@@ -1231,7 +1240,15 @@ mod tests {
     #[tokio::test]
     async fn deploys_are_routed_by_virtualization() {
         let (agent, containers, guests, dir) = agent("route");
+        // A log left by an earlier instance with the same task id is kept aside, not continued.
+        std::fs::create_dir_all(dir.join("logs")).unwrap();
+        std::fs::write(dir.join("logs/app.ns.svc.ns.instance.0"), "earlier instance\n").unwrap();
         agent.clone().deploy(deploy_cmd("unikernel", 0)).await;
+        assert!(!dir.join("logs/app.ns.svc.ns.instance.0").exists());
+        assert_eq!(
+            std::fs::read_to_string(dir.join("logs/app.ns.svc.ns.instance.0.1")).unwrap(),
+            "earlier instance\n"
+        );
         agent.clone().deploy(deploy_cmd("container", 1)).await;
         assert_eq!(
             guests.calls(),
