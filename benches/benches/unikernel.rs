@@ -174,15 +174,7 @@ async fn run() {
         "3600".to_owned(),
     ]);
     let ne = Proc::start("NodeEngine", &args, dir.join("ne.log"));
-    let registered = Instant::now();
-    while !ne.log().contains("connected to the cluster broker") {
-        assert!(
-            registered.elapsed() < Duration::from_secs(30),
-            "NodeEngine did not connect:\n{}",
-            ne.log()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    ne.wait_for_log("connected to the cluster broker", 30).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let (cpu0, rss0) = measure(ne.pid(), Duration::from_secs(10)).await;
     let state = args[args.iter().position(|a| a == "--state-dir").unwrap() + 1].clone();

@@ -77,6 +77,20 @@ impl Proc {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Waits (polling every 100 ms) until its log contains `needle`; panics with the log after `secs`.
+    pub async fn wait_for_log(&self, needle: &str, secs: u64) {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while !self.log().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "no {needle:?} in {} within {secs} s:\n{}",
+                self.log.display(),
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Sends SIGTERM and waits up to `within` for the exit; returns the exit code (None: it had to be killed).
     pub fn terminate(&mut self, within: Duration) -> Option<i32> {
         let _ = Command::new("kill")

@@ -2055,48 +2055,70 @@ impl fmt::Debug for Download {
     }
 }
 
+/// The next non-empty data chunk of `body` (`None` at its end), waiting at most `idle` for each frame; `what`
+/// names the body in errors, `received` is how much of it arrived before.
+async fn next_data(
+    body: &mut Incoming,
+    idle: Duration,
+    url: &str,
+    what: &'static str,
+    received: u64,
+) -> Result<Option<Bytes>, RegistryError> {
+    loop {
+        let frame = match tokio::time::timeout(idle, body.frame()).await {
+            Err(_) => {
+                return Err(RegistryError::Timeout {
+                    url: url.to_owned(),
+                    waiting_for: what,
+                    after: idle,
+                });
+            }
+            Ok(None) => return Ok(None),
+            Ok(Some(Err(e))) => {
+                return Err(RegistryError::Transport {
+                    url: url.to_owned(),
+                    reason: format!("reading {what} after {received} bytes: {e}"),
+                });
+            }
+            Ok(Some(Ok(frame))) => frame,
+        };
+        if let Ok(data) = frame.into_data()
+            && !data.is_empty()
+        {
+            return Ok(Some(data));
+        }
+    }
+}
+
 impl Download {
     /// The next chunk, or `None` at the end (which must match `Content-Length` when the server sent one).
     pub async fn next_chunk(&mut self) -> Result<Option<Bytes>, RegistryError> {
-        loop {
-            let frame = match tokio::time::timeout(self.idle_timeout, self.body.frame()).await {
-                Err(_) => {
-                    return Err(RegistryError::Timeout {
-                        url: self.url.clone(),
-                        waiting_for: "the next chunk of the file",
-                        after: self.idle_timeout,
-                    });
-                }
-                Ok(None) => {
-                    return match self.length {
-                        Some(expected) if expected != self.received => Err(RegistryError::SizeMismatch {
-                            url: self.url.clone(),
-                            expected,
-                            actual: self.received,
-                        }),
-                        _ => Ok(None),
-                    };
-                }
-                Ok(Some(Err(e))) => {
-                    return Err(RegistryError::Transport {
-                        url: self.url.clone(),
-                        reason: format!("reading the file after {} bytes: {e}", self.received),
-                    });
-                }
-                Ok(Some(Ok(frame))) => frame,
-            };
-            let Ok(data) = frame.into_data() else {
-                continue;
-            };
-            self.received = self.received.saturating_add(data.len() as u64);
-            if self.received > self.limit {
-                return Err(RegistryError::TooLarge {
+        let next = next_data(
+            &mut self.body,
+            self.idle_timeout,
+            &self.url,
+            "the next chunk of the file",
+            self.received,
+        )
+        .await?;
+        let Some(data) = next else {
+            return match self.length {
+                Some(expected) if expected != self.received => Err(RegistryError::SizeMismatch {
                     url: self.url.clone(),
-                    limit: self.limit,
-                });
-            }
-            return Ok(Some(data));
+                    expected,
+                    actual: self.received,
+                }),
+                _ => Ok(None),
+            };
+        };
+        self.received = self.received.saturating_add(data.len() as u64);
+        if self.received > self.limit {
+            return Err(RegistryError::TooLarge {
+                url: self.url.clone(),
+                limit: self.limit,
+            });
         }
+        Ok(Some(data))
     }
 
     /// `Content-Length`, when the server sent it.
@@ -2139,41 +2161,27 @@ impl BlobStream {
     }
 
     async fn advance(&mut self) -> Result<Option<Bytes>, RegistryError> {
-        loop {
-            let frame = match tokio::time::timeout(self.idle_timeout, self.body.frame()).await {
-                Err(_) => {
-                    return Err(RegistryError::Timeout {
-                        url: self.url.clone(),
-                        waiting_for: "the next chunk of the blob",
-                        after: self.idle_timeout,
-                    });
-                }
-                Ok(None) => return self.finish().map(|()| None),
-                Ok(Some(Err(e))) => {
-                    return Err(RegistryError::Transport {
-                        url: self.url.clone(),
-                        reason: format!("reading the blob after {} bytes: {e}", self.received),
-                    });
-                }
-                Ok(Some(Ok(frame))) => frame,
-            };
-            let Ok(data) = frame.into_data() else {
-                continue;
-            };
-            if data.is_empty() {
-                continue;
-            }
-            self.received = self.received.saturating_add(data.len() as u64);
-            if self.received > self.expected_size {
-                return Err(RegistryError::SizeMismatch {
-                    url: self.url.clone(),
-                    expected: self.expected_size,
-                    actual: self.received,
-                });
-            }
-            self.hasher.update(&data);
-            return Ok(Some(data));
+        let next = next_data(
+            &mut self.body,
+            self.idle_timeout,
+            &self.url,
+            "the next chunk of the blob",
+            self.received,
+        )
+        .await?;
+        let Some(data) = next else {
+            return self.finish().map(|()| None);
+        };
+        self.received = self.received.saturating_add(data.len() as u64);
+        if self.received > self.expected_size {
+            return Err(RegistryError::SizeMismatch {
+                url: self.url.clone(),
+                expected: self.expected_size,
+                actual: self.received,
+            });
         }
+        self.hasher.update(&data);
+        Ok(Some(data))
     }
 
     fn finish(&mut self) -> Result<(), RegistryError> {

@@ -325,7 +325,7 @@ impl UnikernelRuntime {
     }
 
     /// The overlay attach of a guest: the NetManager's namespace, tap, MAC and addresses.
-    async fn attach(req: &DeployRequest<'_>) -> Result<Option<(String, Nic, GuestAddresses)>, Error> {
+    async fn attach(&self, req: &DeployRequest<'_>) -> Result<Option<(String, Nic, GuestAddresses)>, Error> {
         let Some(nm) = req.netmanager else {
             return Ok(None);
         };
@@ -359,7 +359,7 @@ impl UnikernelRuntime {
             Nic {
                 tap: nic.tap.clone(),
                 mac: nic.mac.clone(),
-                vhost: Path::new("/dev/vhost-net").exists(),
+                vhost: self.cfg.vhost,
                 mtu: nic.mtu,
             },
             GuestAddresses {
@@ -382,7 +382,7 @@ impl Runtime for UnikernelRuntime {
         let cmd = req.cmd;
         let task = req.task;
         let (memory_mib, vcpus) = qemu::sizes(cmd.memory, cmd.vcpus)?;
-        let url = image::pick_url(&cmd.image, &cmd.vm_images, &cmd.arch, std::env::consts::ARCH)?;
+        let url = image::pick_url(&cmd.image, &cmd.vm_images, &cmd.arch, &self.cfg.arch)?;
         (req.progress)(&format!("fetching the unikernel image {url}"));
         let report = |got: u64, total: Option<u64>| {
             let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
@@ -412,13 +412,13 @@ impl Runtime for UnikernelRuntime {
             .append(true)
             .open(req.log)
             .map_err(|e| GuestError::io(req.log, &e))?;
-        let net = Self::attach(req).await?;
+        let net = self.attach(req).await?;
         let (control, events) = self.sockets(task);
         let _ = std::fs::remove_file(&control);
         let _ = std::fs::remove_file(&events);
         let plan = Plan {
             task: task.to_owned(),
-            arch: std::env::consts::ARCH.to_owned(),
+            arch: self.cfg.arch.clone(),
             accel: self.cfg.accel,
             memory_mib,
             vcpus,
