@@ -213,7 +213,9 @@ up() {
   start NetManager "$bin/NetManager" --config "$OAK_HOME/netcfg.json" --socket "$run/netmanager.sock" \
     --state-dir "$data/netmanager" --log-file none
   wait_for 20 "the NetManager's socket" NetManager test -S "$run/netmanager.sock"
-  start NodeEngine "$bin/NodeEngine" -a 127.0.0.1 -p "$OAK_CLUSTER_PORT" -n "$run/netmanager.sock" \
+  wait_for 10 "the cluster's worker join token" cluster-service test -s "$data/cluster/worker-join.token"
+  OAKESTRA_WORKER_JOIN_TOKEN=$(cat "$data/cluster/worker-join.token") \
+    start NodeEngine "$bin/NodeEngine" -a 127.0.0.1 -p "$OAK_CLUSTER_PORT" -n "$run/netmanager.sock" \
     -l "$logs/apps" --conf "$data/nodeengine.conf.json" --containerd "$OAK_CONTAINERD" --namespace "$OAK_NAMESPACE" \
     --state-dir "$data/nodeengine" --log-file none --node-name "$(hostname)-1doc" "${uk_flags[@]}"
   wait_for 60 "the worker to be active" NodeEngine worker_active
@@ -224,6 +226,8 @@ up() {
 
   API         $api   (OpenAPI: $api/api/docs)
   login       user Admin, password $(cat "$OAK_HOME/admin.password")   (also in $OAK_HOME/admin.password)
+  workers     join with the token in $data/cluster/worker-join.token:
+              sudo $repo/scripts/install-worker.sh --cluster <this machine> --join-token $(cat "$data/cluster/worker-join.token")
   logs, data  $OAK_HOME
 
   next:       sudo $repo/scripts/1doc.sh example      deploys the clientsrvr example and shows the client's log

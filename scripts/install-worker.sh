@@ -37,6 +37,9 @@ Running it again with the same options changes nothing.
 Options:
   --cluster ADDR      cluster orchestrator address (conf.json cluster_address, netcfg.json ClusterUrl)
   --cluster-port N    cluster orchestrator port (conf.json cluster_port; default 10100)
+  --join-token TOKEN  the cluster's worker join token (the cluster prints where it keeps it:
+                      <cluster data-dir>/worker-join.token); written to /etc/oakestra/join.token (mode 0600), which
+                      the NodeEngine reads. Also from the environment: OAKESTRA_WORKER_JOIN_TOKEN
   --bin-dir DIR       take NodeEngine and NetManager from DIR instead of building them
   --no-apt            install no packages and no Rust toolchain (everything needed is already there)
   --start             enable and start netmanager and nodeengine (restart them if they run and something changed)
@@ -54,11 +57,13 @@ EOF
 
 # --- options -----------------------------------------------------------------------------------------------------
 prefix="" root_given=0 no_apt=0 bin_dir="" cluster="" cluster_port="" start=0 uninstall=0 purge=0 unikernel=0
+join_token="${OAKESTRA_WORKER_JOIN_TOKEN:-}"
 while [ $# -gt 0 ]; do
   case "$1" in
     -h | --help) usage; exit 0 ;;
     --cluster) [ $# -ge 2 ] || die "--cluster needs an address"; cluster="$2"; shift 2 ;;
     --cluster-port) [ $# -ge 2 ] || die "--cluster-port needs a port"; cluster_port="$2"; shift 2 ;;
+    --join-token) [ $# -ge 2 ] || die "--join-token needs the token"; join_token="$2"; shift 2 ;;
     --bin-dir) [ $# -ge 2 ] || die "--bin-dir needs a directory"; bin_dir="$2"; shift 2 ;;
     --root) [ $# -ge 2 ] || die "--root needs a directory"; prefix="$2"; root_given=1; shift 2 ;;
     --no-apt) no_apt=1; shift ;;
@@ -74,6 +79,9 @@ done
 address_re='^[][A-Za-z0-9.:_-]+$'
 if [ -n "$cluster" ] && ! [[ "$cluster" =~ $address_re ]]; then
   die "--cluster $cluster is not a host name or IP address"
+fi
+if [ -n "$join_token" ] && { [ ${#join_token} -gt 256 ] || [[ "$join_token" == *[![:graph:]]* ]]; }; then
+  die "--join-token must be 1 to 256 printable ASCII characters without spaces"
 fi
 if [ -n "$cluster_port" ]; then
   if ! [[ "$cluster_port" =~ ^[0-9]{1,5}$ ]] || [ "$((10#$cluster_port))" -lt 1 ] \
@@ -438,6 +446,9 @@ log "directories"
 put_dir "$prefix/etc/oakestra"
 put_dir "$prefix/etc/netmanager"
 put_dir "$prefix/var/log/oakestra/apps"
+
+# The worker join token: a secret, so root-only (the NodeEngine reads it from there by default).
+[ -z "$join_token" ] || put_text "$prefix/etc/oakestra/join.token" 0600 <<<"$join_token"
 
 log "configs (kept when present)"
 conf_keys=() netcfg_keys=()

@@ -308,6 +308,9 @@ struct LogScan {
     declared_dead: usize,
 }
 
+/// The token the simulated workers join with.
+const WORKER_JOIN_TOKEN: &str = "bench-worker-join-token-7d2e";
+
 impl Cluster {
     /// Starts the cluster on free ports with `extra` flags and waits until it has registered with root, reported
     /// once and subscribed to its broker.
@@ -330,6 +333,8 @@ impl Cluster {
                 &format!("127.0.0.1:{}", ports[1]),
                 "--data-dir",
                 dir.0.to_str().expect("a UTF-8 temp dir"),
+                "--worker-join-token",
+                WORKER_JOIN_TOKEN,
             ])
             .args(extra)
             .stdin(Stdio::null())
@@ -521,7 +526,13 @@ impl Worker {
         inbox: Option<mpsc::UnboundedSender<Received>>,
     ) -> Result<Arc<Self>, String> {
         let url = format!("{cluster_url}/api/node/register");
-        let r = http(Method::POST, &url, None, Some(&node_body(host, vcpus, memory))).await?;
+        let r = http(
+            Method::POST,
+            &url,
+            Some(WORKER_JOIN_TOKEN),
+            Some(&node_body(host, vcpus, memory)),
+        )
+        .await?;
         if !r.is_success() {
             return Err(format!("registering {host}: HTTP {}: {}", r.status, r.body));
         }

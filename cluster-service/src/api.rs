@@ -92,15 +92,24 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .with_state(engine)
 }
 
-async fn register(State(engine): State<Arc<Engine>>, bytes: Bytes) -> Result<Json<Value>, ApiError> {
+async fn register(
+    State(engine): State<Arc<Engine>>,
+    headers: HeaderMap,
+    bytes: Bytes,
+) -> Result<Json<Value>, ApiError> {
     let value: Value = body(&bytes)?;
-    match engine.register_node(value).await {
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(bearer::token);
+    match engine.register_node(value, presented).await {
         Ok(answer) => Ok(Json(serde_json::to_value(answer).unwrap_or(Value::Null))),
         Err(NodeError::Refused(e @ RegisterError::Duplicate { .. })) => {
             Err(ApiError::new(StatusCode::CONFLICT, e.to_string()))
         }
         Err(NodeError::Refused(e)) => Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string())),
         Err(NodeError::Body(e)) => Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e)),
+        Err(e @ NodeError::Unauthorized) => Err(ApiError::new(StatusCode::UNAUTHORIZED, e.to_string())),
         Err(NodeError::Internal(e)) => {
             tracing::error!(error = %e, "worker registration failed");
             Err(ApiError::new(
@@ -173,6 +182,17 @@ async fn status(State(engine): State<Arc<Engine>>) -> Json<Value> {
     let active = state.nodes().filter(|n| n.alive).count();
     let jobs = state.jobs().count();
     let instances: usize = state.jobs().map(|j| j.instances.len()).sum();
+    let foreign_reports = state.foreign_reports();
+    let broker = engine.broker.embedded().map(|b| {
+        let counters = b.router().counters();
+        json!({
+            "connections": b.connections(),
+            "denied_publishes": counters.denied_publishes,
+            "denied_subscriptions": counters.denied_subscriptions,
+            "dropped_queue_full": counters.dropped_queue_full,
+            "dropped_offline": counters.dropped_offline,
+        })
+    });
     Json(json!({
         "cluster_name": engine.root.registration.cluster_name,
         "cluster_id": identity.map(|i| i.id),
@@ -182,6 +202,8 @@ async fn status(State(engine): State<Arc<Engine>>) -> Json<Value> {
         "active_workers": active,
         "jobs": jobs,
         "instances": instances,
+        "ignored_foreign_reports": foreign_reports,
+        "mqtt_broker": broker,
     }))
 }
 

@@ -106,10 +106,37 @@ pub struct Cli {
     #[arg(long, value_name = "COMMAND", requires = "mqtt_url")]
     pub mqtt_reload_command: Option<String>,
 
-    /// Let workers connect to the embedded broker without credentials, as reference (Go) NodeEngines do.
-    /// Off by default: every worker then needs the secret it got at registration.
+    /// Let registered workers connect to the embedded broker without credentials, as reference (Go) NodeEngines
+    /// and NetManagers do (they are identified by client id `<node id>` / `<node id>-ne`; the topic ACLs still
+    /// apply). Off by default: every worker then needs the secret it got at registration. A compatibility door,
+    /// logged loudly at start.
     #[arg(long)]
     pub mqtt_allow_anonymous: bool,
+
+    /// Most MQTT connections the embedded broker holds at once (each worker uses two); more are closed at once.
+    #[arg(
+        long,
+        env = "OAKESTRA_MQTT_MAX_CONNECTIONS",
+        value_name = "N",
+        default_value_t = 50_000
+    )]
+    pub mqtt_max_connections: usize,
+
+    /// The token workers must present to join (`Authorization: Bearer <token>` on POST /api/node/register; the
+    /// NodeEngine's --join-token). Without it one is generated at the first start, kept in the database and written
+    /// to <data-dir>/worker-join.token (mode 0600); with it, that one replaces the stored token.
+    #[arg(
+        long,
+        env = "OAKESTRA_WORKER_JOIN_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    pub worker_join_token: Option<String>,
+
+    /// Let any machine that reaches the API register as a worker without the worker join token, as reference
+    /// (Go) NodeEngines do. Off by default; a compatibility door, logged loudly at start.
+    #[arg(long, env = "OAKESTRA_OPEN_REGISTRATION")]
+    pub open_registration: bool,
 
     /// Port handed to workers as MQTT_BROKER_PORT (default: the broker's port).
     #[arg(long, value_name = "PORT")]
@@ -174,6 +201,10 @@ pub struct Config {
     pub broker: BrokerConfig,
     /// The port workers are told.
     pub mqtt_advertise_port: Option<u16>,
+    /// The worker join token given on the command line (else the stored or a generated one).
+    pub worker_join_token: Option<String>,
+    /// Workers may register without the join token.
+    pub open_registration: bool,
     /// Self-healing clocks.
     pub timing: Timing,
     /// Worker ranking.
@@ -192,6 +223,7 @@ impl fmt::Debug for Config {
             .field("data_dir", &self.data_dir)
             .field("report_interval", &self.report_interval)
             .field("broker", &self.broker)
+            .field("open_registration", &self.open_registration)
             .field("timing", &self.timing)
             .field("scheduler_policy", &self.scheduler_policy)
             .finish_non_exhaustive()
@@ -262,6 +294,16 @@ impl Config {
                 "must be 1 to 256 printable ASCII characters without spaces",
             ));
         }
+        let worker_join_token = cli.worker_join_token.map(|t| t.trim().to_owned());
+        if let Some(token) = &worker_join_token
+            && (token.len() < 16 || token.len() > 256 || !token.bytes().all(|b| b.is_ascii_graphic()))
+        {
+            return Err(invalid(
+                "--worker-join-token",
+                "<redacted>".into(),
+                "must be 16 to 256 printable ASCII characters without spaces",
+            ));
+        }
         if cli.data_dir.as_os_str().is_empty() {
             return Err(invalid("--data-dir", String::new(), "must not be empty"));
         }
@@ -323,10 +365,20 @@ impl Config {
                     reload_command: cli.mqtt_reload_command,
                 }
             }
-            None => BrokerConfig::Embedded {
-                listen: cli.mqtt_listen,
-                allow_anonymous: cli.mqtt_allow_anonymous,
-            },
+            None => {
+                if cli.mqtt_max_connections == 0 {
+                    return Err(invalid(
+                        "--mqtt-max-connections",
+                        "0".into(),
+                        "must be at least 1 (two per worker, plus slack)",
+                    ));
+                }
+                BrokerConfig::Embedded {
+                    listen: cli.mqtt_listen,
+                    allow_anonymous: cli.mqtt_allow_anonymous,
+                    max_connections: cli.mqtt_max_connections,
+                }
+            }
         };
         let advertise_address = cli
             .advertise_address
@@ -343,6 +395,8 @@ impl Config {
             report_interval,
             broker,
             mqtt_advertise_port: cli.mqtt_advertise_port,
+            worker_join_token,
+            open_registration: cli.open_registration,
             timing,
             scheduler_policy,
         })
@@ -421,7 +475,7 @@ mod tests {
         assert_eq!(c.timing.worker_timeout_ms, 10_000);
         assert_eq!(c.timing.lost_grace_ms, 3_000);
         assert!(
-            matches!(c.broker, BrokerConfig::Embedded { listen, allow_anonymous: false } if listen.port() == 10003)
+            matches!(c.broker, BrokerConfig::Embedded { listen, allow_anonymous: false, .. } if listen.port() == 10003)
         );
         assert!(!format!("{c:?}").contains("0123456789abcdef"));
     }

@@ -12,7 +12,7 @@ use oakestra_protocol::{
         cluster::{NodeRegistered, NodeRegistration},
         federation::{DEPLOY_RESULT_PATH, DeployResult},
     },
-    client,
+    bearer, client,
     mqtt::{
         topics::{Topic, TopicId},
         worker::{ControlError, JobStatusReport, NodeInformation, ResourcesReport},
@@ -39,6 +39,24 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// Who may register as a worker.
+#[derive(Clone)]
+pub struct Admission {
+    /// The worker join token.
+    pub join_token: String,
+    /// Registration without the token is allowed (reference workers).
+    pub open: bool,
+}
+
+impl std::fmt::Debug for Admission {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Admission")
+            .field("join_token", &"<redacted>")
+            .field("open", &self.open)
+            .finish()
+    }
+}
+
 /// Everything the service shares between its tasks.
 #[derive(Debug)]
 pub struct Engine {
@@ -61,6 +79,8 @@ pub struct Engine {
     pub mqtt_up: watch::Receiver<bool>,
     /// Whether the last report reached root.
     pub connected_to_root: std::sync::atomic::AtomicBool,
+    /// Who may register as a worker.
+    pub admission: Admission,
 }
 
 /// Why a worker registration failed.
@@ -72,6 +92,12 @@ pub enum NodeError {
     /// The body is not a node document.
     #[error("the body is not a node document: {0}")]
     Body(String),
+    /// Neither the worker join token nor the node's own id and secret were presented.
+    #[error(
+        "a worker registers with the cluster's worker join token (Authorization: Bearer <token>; NodeEngine \
+         --join-token, from <cluster data-dir>/worker-join.token), or with its node id and current secret"
+    )]
+    Unauthorized,
     /// The node could not be saved.
     #[error(transparent)]
     Internal(#[from] crate::Error),
@@ -79,6 +105,7 @@ pub enum NodeError {
 
 impl Engine {
     /// Assembles the engine.
+    #[allow(clippy::too_many_arguments, reason = "one call site (start), each part named")]
     pub fn new(
         state: State,
         store: Store,
@@ -87,6 +114,7 @@ impl Engine {
         root: RootLink,
         mqtt_port: u16,
         mqtt_up: watch::Receiver<bool>,
+        admission: Admission,
     ) -> Self {
         Self {
             state: Mutex::new(state),
@@ -100,6 +128,7 @@ impl Engine {
             mqtt_port,
             mqtt_up,
             connected_to_root: std::sync::atomic::AtomicBool::new(false),
+            admission,
         }
     }
 
@@ -277,14 +306,21 @@ impl Engine {
     }
 
     /// `POST /api/node/register`: a stable id per hostname, a fresh MQTT secret, the broker port.
-    pub async fn register_node(self: &Arc<Self>, body: Value) -> Result<NodeRegistered, NodeError> {
+    ///
+    /// Admitted with the worker join token (`bearer`), with the node's own id and current secret (`id`, `token` in
+    /// the body: a restarting worker), or by anyone with `--open-registration`. A hostname held by a live worker
+    /// is given to the newcomer only if it proves to be that worker, or if the old worker's NodeEngine is no longer
+    /// connected (it restarted: its connection closed, or its last will arrived).
+    pub async fn register_node(
+        self: &Arc<Self>,
+        body: Value,
+        bearer: Option<&str>,
+    ) -> Result<NodeRegistered, NodeError> {
         let Value::Object(map) = body else {
             return Err(NodeError::Body(format!("expected a JSON object, got {body}")));
         };
         let registration: NodeRegistration =
             serde_json::from_value(Value::Object(map.clone())).map_err(|e| NodeError::Body(e.to_string()))?;
-        let secret = broker::new_secret();
-        let hash = broker::hash_password(&secret);
         let claimed_id = registration.id.clone();
         let token = registration
             .extra
@@ -292,15 +328,25 @@ impl Engine {
             .and_then(Value::as_str)
             .unwrap_or_default()
             .to_owned();
+        let proves = |record: &crate::state::NodeRecord| {
+            !token.is_empty()
+                && record.id == claimed_id
+                && broker::verify_password(&record.password_hash, &token)
+        };
+        let with_token = bearer.is_some_and(|b| bearer::same_secret(b, &self.admission.join_token));
+        let known = self.state().node(&claimed_id).is_some_and(|n| proves(&n.record));
+        if !(with_token || known || self.admission.open) {
+            tracing::warn!(host = ?registration.host, ip = ?registration.ip,
+                "worker registration without the join token refused");
+            return Err(NodeError::Unauthorized);
+        }
+        let secret = broker::new_secret();
+        let hash = broker::hash_password(&secret);
         let (id, effects) = self.state().register(
             &registration,
             map,
             hash.clone(),
-            |record| {
-                !token.is_empty()
-                    && record.id == claimed_id
-                    && broker::verify_password(&record.password_hash, &token)
-            },
+            |record| proves(record) || self.node_engine_offline(&record.id),
             new_node_id,
             now_ms(),
         )?;
@@ -309,10 +355,20 @@ impl Engine {
             tracing::error!(node = %id, error = %e, "the broker did not take the new credentials");
         }
         self.apply(effects).await;
-        tracing::info!(node = %id, name = %registration.host, ip = %registration.ip, "worker registered");
+        tracing::info!(node = %id, name = ?registration.host, ip = ?registration.ip, "worker registered");
         let mut answer = NodeRegistered::new(id, self.mqtt_port);
         answer.mqtt_password = Some(secret);
         Ok(answer)
+    }
+
+    /// Whether the embedded broker holds no connection of the node's NodeEngine (`false` when unknown: with an
+    /// external broker only the last will tells).
+    fn node_engine_offline(&self, node: &str) -> bool {
+        self.broker.embedded().is_some_and(|embedded| {
+            !embedded
+                .router()
+                .online(&format!("{node}{}", broker::NODE_ENGINE_SUFFIX))
+        })
     }
 
     /// `POST /api/service/<job>/<n>` from root.

@@ -107,11 +107,11 @@ pub struct Running {
 }
 
 impl Running {
-    /// Stops the background tasks and the HTTP server and waits for the server to finish. The embedded broker
-    /// thread has no shutdown API: it ends with the process.
+    /// Stops the background tasks, the embedded broker and the HTTP server, and waits for the server to finish.
     pub async fn stop(self) -> Result<(), Error> {
         self.stop.send_replace(true);
         self.engine.publisher.disconnect().await;
+        self.engine.broker.stop();
         match self.server.await {
             Ok(result) => result,
             Err(e) => Err(Error::Task(e)),
@@ -121,6 +121,10 @@ impl Running {
 
 /// The key of the cluster's own MQTT secret in the settings table.
 const MQTT_SECRET: &str = "mqtt_secret";
+/// The key of the worker join token in the settings table.
+const WORKER_JOIN_TOKEN: &str = "worker_join_token";
+/// The file in the data directory that holds the worker join token (for scripts such as `1doc.sh`).
+pub const WORKER_JOIN_TOKEN_FILE: &str = "worker-join.token";
 
 /// Starts everything: database, broker, MQTT client, HTTP API, self-healing and the link to root.
 pub async fn start(config: Config) -> Result<Running, Error> {
@@ -148,6 +152,29 @@ pub async fn start(config: Config) -> Result<Running, Error> {
             s
         }
     };
+    let worker_token = match (&config.worker_join_token, store.setting(WORKER_JOIN_TOKEN).await?) {
+        (Some(given), stored) => {
+            if stored.as_deref() != Some(given.as_str()) {
+                store.set_setting(WORKER_JOIN_TOKEN, given.clone()).await?;
+            }
+            given.clone()
+        }
+        (None, Some(stored)) => stored,
+        (None, None) => {
+            let token = broker::new_secret();
+            store.set_setting(WORKER_JOIN_TOKEN, token.clone()).await?;
+            token
+        }
+    };
+    let token_file = config.data_dir.join(WORKER_JOIN_TOKEN_FILE);
+    store::write_secret(&token_file, &worker_token)?;
+    if config.open_registration {
+        tracing::warn!(
+            "OPEN REGISTRATION: any machine that reaches the cluster API may register as a worker without \
+            the join token (--open-registration, for reference Go workers)"
+        );
+    }
+    tracing::info!(file = %token_file.display(), "workers join with the token in this file (NodeEngine --join-token)");
     let credentials = Credentials::new(mqtt::CLUSTER_USER, &broker::hash_password(&secret));
     for (id, hash) in &node_hashes {
         credentials.set_node(id, hash);
@@ -163,8 +190,13 @@ pub async fn start(config: Config) -> Result<Running, Error> {
     let addr = listener.local_addr().map_err(Error::Serve)?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let (host, port) = broker.client_endpoint();
-    let (publisher, messages, mqtt_up) = mqtt::start(&host, port, &secret, stop_rx.clone());
+    let (publisher, messages, mqtt_up) = match broker.embedded() {
+        Some(embedded) => mqtt::start_local(Arc::clone(embedded)),
+        None => {
+            let (host, port) = broker.client_endpoint();
+            mqtt::start(&host, port, &secret, stop_rx.clone())
+        }
+    };
     let mqtt_port = config.mqtt_advertise_port.unwrap_or_else(|| broker.worker_port());
     let root = RootLink {
         root_url: config.root_url.clone(),
@@ -180,8 +212,12 @@ pub async fn start(config: Config) -> Result<Running, Error> {
         },
         store: store.clone(),
     };
+    let admission = engine::Admission {
+        join_token: worker_token,
+        open: config.open_registration,
+    };
     let engine = Arc::new(Engine::new(
-        state, store, publisher, broker, root, mqtt_port, mqtt_up,
+        state, store, publisher, broker, root, mqtt_port, mqtt_up, admission,
     ));
 
     tokio::spawn(Arc::clone(&engine).dispatch(messages));

@@ -1,17 +1,22 @@
-//! The cluster's own MQTT client: connects to the broker (embedded or external) as the cluster user, subscribes to
-//! every worker topic the cluster handles, hands each received message to a channel, and publishes commands.
+//! The cluster's own MQTT client: subscribes to every worker topic the cluster handles, hands each received message
+//! to a channel, and publishes commands.
 //!
-//! The connection is kept up forever: a broker that goes away is retried with capped back-off, and the
+//! With the embedded broker the client is in-process ([`start_local`]): a session in the broker's router, no
+//! socket, so nothing can drop it under a burst. With an external broker it is an MQTT connection as the cluster
+//! user ([`start`]), kept up forever: a broker that goes away is retried with capped back-off, and the
 //! subscriptions are renewed on every (clean-session) reconnect.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use oakestra_protocol::mqtt::topics::{CLUSTER_MANAGER_SUBSCRIPTIONS, SUB_NODES_LOST, SUB_NODES_NET, Topic};
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS, SubscribeFilter};
 use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 
-use crate::engine::stopped;
+use crate::{
+    broker::{acl::Identity, codec, router::Sink, server::Embedded},
+    engine::stopped,
+};
 
 /// Largest MQTT packet accepted or sent (a deploy command carries a whole job document).
 pub const MAX_PACKET: usize = 1024 * 1024;
@@ -29,26 +34,71 @@ pub struct Message {
 
 /// Publishes to workers; cheap to clone.
 #[derive(Debug, Clone)]
-pub struct Publisher {
-    client: AsyncClient,
+pub enum Publisher {
+    /// Over an MQTT connection (external broker).
+    Remote(AsyncClient),
+    /// Straight into the embedded broker's router.
+    Local(Arc<Embedded>),
 }
 
 impl Publisher {
     /// Publishes `payload` as JSON on `topic` with QoS 1 (what the reference workers subscribe with).
-    /// Queued while the broker is away; an error means the client is shutting down.
+    /// Queued while the broker is away (or, embedded, while the worker's persistent session is offline); an error
+    /// means the client is shutting down.
     pub async fn publish<T: Serialize>(&self, topic: &Topic, payload: &T) -> Result<(), String> {
         let body =
             serde_json::to_vec(payload).map_err(|e| format!("encoding the payload for {topic}: {e}"))?;
-        self.client
-            .publish(topic.to_string(), QoS::AtLeastOnce, false, body)
-            .await
-            .map_err(|e| format!("publishing on {topic}: {e}"))
+        match self {
+            Self::Remote(client) => client
+                .publish(topic.to_string(), QoS::AtLeastOnce, false, body)
+                .await
+                .map_err(|e| format!("publishing on {topic}: {e}")),
+            Self::Local(broker) => {
+                broker.router().publish(
+                    &Identity::Cluster,
+                    &topic.to_string(),
+                    body.into(),
+                    codec::QoS::AtLeastOnce,
+                    false,
+                );
+                Ok(())
+            }
+        }
     }
 
     /// Says goodbye to the broker.
     pub async fn disconnect(&self) {
-        let _ = self.client.disconnect().await;
+        if let Self::Remote(client) = self {
+            let _ = client.disconnect().await;
+        }
     }
+}
+
+/// The cluster's client inside the embedded broker: subscribed at once, always up.
+pub fn start_local(
+    broker: Arc<Embedded>,
+) -> (Publisher, mpsc::UnboundedReceiver<Message>, watch::Receiver<bool>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let filters: Vec<(String, codec::QoS)> = subscriptions()
+        .into_iter()
+        .map(|f| (f, codec::QoS::AtLeastOnce))
+        .collect();
+    {
+        let mut router = broker.router();
+        router.connect(CLUSTER_USER, Identity::Cluster, true, Sink::Local(tx));
+        router.subscribe(CLUSTER_USER, &filters);
+    }
+    let (_, up) = watch::channel(true);
+    (Publisher::Local(broker), rx, up)
+}
+
+/// The filters the cluster subscribes to.
+fn subscriptions() -> Vec<String> {
+    CLUSTER_MANAGER_SUBSCRIPTIONS
+        .iter()
+        .chain([&SUB_NODES_NET, &SUB_NODES_LOST])
+        .map(|f| (*f).to_owned())
+        .collect()
 }
 
 /// Connects to `host:port` and starts the connection task. Received messages arrive on the returned channel;
@@ -67,8 +117,7 @@ pub fn start(
         .set_max_packet_size(MAX_PACKET, MAX_PACKET)
         .set_inflight(1000);
     let (client, mut eventloop) = AsyncClient::new(options, 10_000);
-    // Small commands go out at once instead of waiting for an ACK (Nagle). The ~40 ms lag benches/cluster_load
-    // measures comes from the embedded broker's own sockets (rumqttd sets no TCP_NODELAY), which this cannot change.
+    // Small commands go out at once instead of waiting for an ACK (Nagle).
     let mut network = eventloop.network_options();
     network.set_tcp_nodelay(true);
     eventloop.set_network_options(network);
@@ -77,9 +126,7 @@ pub fn start(
     // the dispatcher's pace; the backlog is logged.
     let (tx, rx) = mpsc::unbounded_channel();
     let (up_tx, up_rx) = watch::channel(false);
-    let publisher = Publisher {
-        client: client.clone(),
-    };
+    let publisher = Publisher::Remote(client.clone());
     tokio::spawn(async move {
         tokio::select! {
             () = drive(client, eventloop, tx, up_tx) => {}
@@ -96,10 +143,9 @@ async fn drive(
     tx: mpsc::UnboundedSender<Message>,
     up: watch::Sender<bool>,
 ) {
-    let filters: Vec<SubscribeFilter> = CLUSTER_MANAGER_SUBSCRIPTIONS
-        .iter()
-        .chain([&SUB_NODES_NET, &SUB_NODES_LOST])
-        .map(|f| SubscribeFilter::new((*f).to_owned(), QoS::AtLeastOnce))
+    let filters: Vec<SubscribeFilter> = subscriptions()
+        .into_iter()
+        .map(|f| SubscribeFilter::new(f, QoS::AtLeastOnce))
         .collect();
     let mut pause = Duration::from_millis(200);
     loop {

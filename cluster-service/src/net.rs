@@ -285,11 +285,11 @@ impl Engine {
             fields.insert("host_port".to_owned(), Value::from(port));
         }
         fields.insert("worker_id".to_owned(), Value::from(worker));
-        let Some((job_id, effects)) = self
-            .state()
-            .instance_net(job_name, number, fields.clone(), now_ms())
+        let Some((job_id, effects)) =
+            self.state()
+                .instance_net(worker, job_name, number, fields.clone(), now_ms())
         else {
-            tracing::info!(node = %worker, job = %job_name, instance = number, "addresses for an instance this cluster does not place; ignored");
+            tracing::info!(node = %worker, job = ?job_name, instance = number, "addresses for an instance this cluster does not place on that worker; ignored");
             return;
         };
         self.apply(effects).await;

@@ -457,6 +457,8 @@ pub struct State {
     names: HashMap<String, String>,
     /// (node, job name, instance) → when a reconciliation delete was last sent.
     reconciled: HashMap<(String, String, i64), u64>,
+    /// Worker reports about instances placed elsewhere, ignored.
+    foreign_reports: u64,
 }
 
 impl State {
@@ -545,7 +547,8 @@ impl State {
     // --- workers -----------------------------------------------------------------------------------------------
 
     /// Registers a worker. A hostname seen before keeps its node id; a hostname held by a *live* worker is refused
-    /// unless the caller proves it is that worker (`reclaims`: it sent the node's id and current secret).
+    /// unless its connection was lost (last will) or `reclaims` says the newcomer may have it (it sent the node's id
+    /// and current secret, or the old worker's NodeEngine is gone from the broker).
     pub fn register(
         &mut self,
         registration: &NodeRegistration,
@@ -561,7 +564,7 @@ impl State {
         }
         let existing = self.node_by_name(host);
         let id = match existing {
-            Some(node) if node.alive && !reclaims(&node.record) => {
+            Some(node) if node.alive && !node.connection_lost && !reclaims(&node.record) => {
                 return Err(RegisterError::Duplicate {
                     host: host.to_owned(),
                     id: node.record.id.clone(),
@@ -603,6 +606,22 @@ impl State {
             }
             None => Vec::new(),
         }
+    }
+
+    /// Counts a report by `node` about an instance placed elsewhere (or nowhere), which is ignored; logged the first
+    /// time only, so a misbehaving worker cannot flood the log.
+    fn foreign_report(&mut self, node: &str, job_name: &str, number: i64, topic: &str) {
+        self.foreign_reports += 1;
+        if self.foreign_reports == 1 {
+            tracing::warn!(node = %node, job = ?job_name, instance = number, topic,
+                "a worker reported on an instance that is not placed on it; ignored (further ones are only counted \
+                 in GET /api/cluster/status)");
+        }
+    }
+
+    /// Reports ignored because they were about instances placed on another worker.
+    pub fn foreign_reports(&self) -> u64 {
+        self.foreign_reports
     }
 
     /// Marks `node` as heard from. `false` (and a `control/error`) if it is not registered.
@@ -752,7 +771,9 @@ impl State {
             return effects;
         };
         if i.worker_id.as_deref() != Some(node) {
-            // A report from a worker the instance has moved away from: the delete is already on its way.
+            // A report from a worker the instance has moved away from (the delete is already on its way), or from a
+            // worker speaking about another's instance.
+            self.foreign_report(node, &report.sname, report.instance, "job");
             return effects;
         }
         if !report.publicip.is_empty() {
@@ -1191,13 +1212,24 @@ impl State {
 
     /// Records what a worker's NetManager said about an instance (`service/deployed`, `address-changed`); the
     /// instance's entry for root's `net_deploy_status`, if the instance is known.
+    /// Only `node`, where the instance is placed, may report them: anything else is counted and ignored.
     pub fn instance_net(
         &mut self,
+        node: &str,
         job_name: &str,
         number: i64,
         fields: Map<String, Value>,
         now_ms: u64,
     ) -> Option<(String, Vec<Effect>)> {
+        let job = self.names.get(job_name).and_then(|id| self.jobs.get_mut(id))?;
+        let placed_there = job
+            .instances
+            .get(&number)
+            .is_some_and(|i| i.worker_id.as_deref() == Some(node));
+        if !placed_there {
+            self.foreign_report(node, job_name, number, "net/service");
+            return None;
+        }
         let job = self.names.get(job_name).and_then(|id| self.jobs.get_mut(id))?;
         let i = job.instances.get_mut(&number)?;
         for (k, v) in fields {
@@ -1406,6 +1438,16 @@ mod tests {
         let effects = resources(&mut s, &small, "a.b.c.d", 0, T0 + 30);
         assert_eq!(deleted_on(&effects), vec![(small.clone(), "a.b.c.d".into(), 0)]);
         assert_eq!(status(&s, "j1", 0), Status::Running);
+        // Another worker's status report or addresses for this instance are ignored and counted.
+        job_report(&mut s, &small, "a.b.c.d", 0, "FAILED", T0 + 31);
+        assert_eq!(status(&s, "j1", 0), Status::Running);
+        let forged = Map::from_iter([("host_ip".to_owned(), json!("203.0.113.66"))]);
+        assert!(
+            s.instance_net(&small, "a.b.c.d", 0, forged.clone(), T0 + 32)
+                .is_none()
+        );
+        assert_eq!(s.foreign_reports(), 2);
+        assert!(s.instance_net(&big, "a.b.c.d", 0, forged, T0 + 33).is_some());
         // The report to root carries the job and its instance.
         let report = s.report();
         assert_eq!(report["active_nodes"], json!(2));

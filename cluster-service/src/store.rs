@@ -78,6 +78,50 @@ pub struct Store {
     path: PathBuf,
 }
 
+/// Creates `dir` (and its parents) if needed and makes it 0700: it holds the database and the worker join token.
+/// A directory found with looser permissions is tightened, with a log line.
+pub fn private_dir(dir: &Path) -> Result<(), Error> {
+    use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+    let io = |source| Error::Io {
+        path: dir.to_path_buf(),
+        source,
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io)?;
+    let mode = std::fs::metadata(dir).map_err(io)?.permissions().mode() & 0o777;
+    if mode != 0o700 {
+        tracing::warn!(path = %dir.display(), mode = format!("{mode:o}"), "data directory was not private; now 0700");
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
+    }
+    Ok(())
+}
+
+/// Writes a secret to `path` with mode 0600 (also when the file existed with a looser mode).
+pub fn write_secret(path: &Path, text: &str) -> Result<(), Error> {
+    use std::{
+        io::Write as _,
+        os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _},
+    };
+    let io = |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io)?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .map_err(io)?;
+    file.write_all(text.as_bytes()).map_err(io)?;
+    file.write_all(b"\n").map_err(io)
+}
+
 impl Store {
     /// Opens (creating if needed) `<data_dir>/cluster.db` and migrates it.
     pub async fn open(data_dir: PathBuf) -> Result<Self, Error> {
@@ -85,10 +129,7 @@ impl Store {
     }
 
     fn open_blocking(data_dir: &Path) -> Result<Self, Error> {
-        std::fs::create_dir_all(data_dir).map_err(|source| Error::Io {
-            path: data_dir.to_path_buf(),
-            source,
-        })?;
+        private_dir(data_dir)?;
         let path = data_dir.join("cluster.db");
         let (mut conn, mode) = oakestra_protocol::sqlite::open(&path)?;
         if !mode.eq_ignore_ascii_case("wal") {

@@ -1,5 +1,6 @@
-//! The MQTT broker against real brokers and real MQTT 3.1.1 clients (rumqttc), all on 127.0.0.1: the embedded
-//! rumqttd with and without auth, and a Mosquitto child process whose password and ACL files the module writes.
+//! The MQTT broker against real MQTT 3.1.1 clients (rumqttc) and raw sockets, all on 127.0.0.1: the embedded broker
+//! (logins, topic ACLs, anonymous compatibility, persistent sessions, wills, garbage), and a Mosquitto child process
+//! whose password and ACL files the module writes.
 
 #![allow(clippy::unwrap_used, reason = "tests")]
 
@@ -145,11 +146,19 @@ async fn embedded(port: u16, allow_anonymous: bool, credentials: Credentials) ->
         BrokerConfig::Embedded {
             listen,
             allow_anonymous,
+            max_connections: 1000,
         },
         credentials,
     )
     .await
     .unwrap()
+}
+
+/// Waits until the client's connection is closed by the broker.
+async fn closed(conn: &mut Conn) {
+    timeout(DEADLINE, async { while conn.packets.recv().await.is_some() {} })
+        .await
+        .expect("the broker did not close the connection");
 }
 
 #[tokio::test]
@@ -167,13 +176,22 @@ async fn embedded_with_auth() {
     let mut net = connect_ok(port, "n1", &n1).await;
     let ne = connect_ok(port, "n1-ne", &n1).await;
 
-    // rumqttd closes the connection without a CONNACK on a refused login.
-    assert_refused(port, "n1", Some(("n1", "wrong"))).await;
-    assert_refused(port, "n1-ne", Some(("n1-ne", &cluster_pw))).await;
-    assert_refused(port, "n2", Some(("n1", &n1))).await;
-    assert_refused(port, "n1", None).await;
-    assert_refused(port, "n1", Some(("n1", ""))).await;
-    assert_refused(port, "nobody", Some(("nobody", &n1))).await;
+    // Refused logins get CONNACK 4 (bad user name or password) or 5 (not authorised: no credentials).
+    for (client_id, login, code) in [
+        ("n1", Some(("n1", "wrong")), "BadUserNamePassword"),
+        (
+            "n1-ne",
+            Some(("n1-ne", cluster_pw.as_str())),
+            "BadUserNamePassword",
+        ),
+        ("n2", Some(("n1", n1.as_str())), "BadUserNamePassword"),
+        ("n1", Some(("n1", "")), "BadUserNamePassword"),
+        ("nobody", Some(("nobody", n1.as_str())), "BadUserNamePassword"),
+        ("n1", None, "NotAuthorized"),
+    ] {
+        let e = assert_refused(port, client_id, login).await;
+        assert!(e.contains(code), "{client_id} {login:?}: {e}");
+    }
 
     // The cluster user sees the node's information; the node gets the cluster's commands.
     let (host, client_port) = broker.client_endpoint();
@@ -188,33 +206,224 @@ async fn embedded_with_auth() {
     cluster.publish("nodes/n1/control/deploy", "job").await;
     assert_eq!(net.next_publish().await.topic, "nodes/n1/control/deploy");
 
-    // A node added later logs in without a restart; a removed one no longer does.
+    // A node added later logs in without a restart; a revoked one is disconnected and no longer logs in.
     let n2 = new_secret();
     assert_refused(port, "n2", Some(("n2", &n2))).await;
     broker.credentials().set_node("n2", &hash_password(&n2));
     broker.credentials_changed().await.unwrap();
-    let n2_ne = connect_ok(port, "n2-ne", &n2).await;
+    let mut n2_ne = connect_ok(port, "n2-ne", &n2).await;
     n2_ne.publish("nodes/n2/information", "{}").await;
     assert_eq!(cluster.next_publish().await.topic, "nodes/n2/information");
-    broker.credentials().remove_node("n2");
+    broker.revoke_node("n2").await.unwrap();
+    closed(&mut n2_ne).await;
     assert_refused(port, "n2", Some(("n2", &n2))).await;
+    assert_eq!(broker.embedded().unwrap().router().counters().denied_publishes, 0);
 }
 
 #[tokio::test]
-async fn embedded_anonymous() {
+async fn embedded_topic_acls() {
+    let cluster_pw = new_secret();
+    let (a, b) = (new_secret(), new_secret());
+    let credentials = Credentials::new("cluster", &hash_password(&cluster_pw));
+    credentials.set_node("a", &hash_password(&a));
+    credentials.set_node("b", &hash_password(&b));
     let port = free_port();
-    let _broker = embedded(port, true, Credentials::default()).await;
-    let mut sub = connect(port, "worker-net", None).await.unwrap();
-    let publisher = connect(port, "worker-ne", None).await.unwrap();
-    sub.subscribe("jobs/+/updates_available").await;
-    publisher.publish("jobs/app1/updates_available", "x").await;
-    let p = sub.next_publish().await;
-    assert_eq!(p.topic, "jobs/app1/updates_available");
-    assert_eq!(&p.payload[..], b"x");
-    // Logins are not checked either.
-    connect(port, "someone", Some(("someone", "anything")))
+    let broker = embedded(port, false, credentials).await;
+    let mut cluster = connect_ok(port, "cluster", &cluster_pw).await;
+    let node_a = connect_ok(port, "a", &a).await;
+    let mut node_a_ne = connect_ok(port, "a-ne", &a).await;
+    let mut node_b_ne = connect_ok(port, "b-ne", &b).await;
+
+    // A node publishes only under its own id: A's forged messages about B are dropped (not delivered to the
+    // cluster, nor to B's own subscription); receiving A's later own message first proves they never came.
+    cluster.subscribe("nodes/+/#").await;
+    node_b_ne.subscribe("nodes/b/control/deploy").await;
+    node_a.publish("nodes/b/job", "forged").await;
+    node_a.publish("nodes/b/control/deploy", "forged").await;
+    node_a.publish("nodes/a/information", "real").await;
+    let p = cluster.next_publish().await;
+    assert_eq!(
+        (p.topic.as_str(), &p.payload[..]),
+        ("nodes/a/information", &b"real"[..])
+    );
+    cluster.assert_quiet().await;
+    node_b_ne.assert_quiet().await;
+    assert_eq!(broker.embedded().unwrap().router().counters().denied_publishes, 2);
+
+    // `#` from a worker means "everything of mine": B's commands never reach A.
+    node_a_ne.subscribe("#").await;
+    cluster.publish("nodes/b/control/deploy", "for-b").await;
+    cluster.publish("nodes/a/control/deploy", "for-a").await;
+    let p = node_b_ne.next_publish().await;
+    assert_eq!(
+        (p.topic.as_str(), &p.payload[..]),
+        ("nodes/b/control/deploy", &b"for-b"[..])
+    );
+    let p = node_a_ne.next_publish().await;
+    assert_eq!(
+        (p.topic.as_str(), &p.payload[..]),
+        ("nodes/a/control/deploy", &b"for-a"[..])
+    );
+    node_a_ne.assert_quiet().await;
+
+    // Subscribing to another node's topic is refused in the SUBACK.
+    node_a_ne
+        .client
+        .subscribe("nodes/b/control/deploy", QoS::AtLeastOnce)
         .await
         .unwrap();
+    let ack = timeout(DEADLINE, async {
+        loop {
+            if let Packet::SubAck(ack) = node_a_ne.packets.recv().await.expect("closed") {
+                return ack;
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(ack.return_codes, vec![rumqttc::SubscribeReasonCode::Failure]);
+
+    // Nodes read the job update notices by name; only the cluster writes them.
+    node_b_ne.subscribe("jobs/app.ns.svc.ns/updates_available").await;
+    node_a
+        .publish("jobs/app.ns.svc.ns/updates_available", "forged")
+        .await;
+    cluster
+        .publish("jobs/app.ns.svc.ns/updates_available", "real")
+        .await;
+    let p = node_b_ne.next_publish().await;
+    assert_eq!(&p.payload[..], b"real");
+    node_b_ne.assert_quiet().await;
+}
+
+#[tokio::test]
+async fn embedded_anonymous_identifies_registered_nodes_by_client_id() {
+    let credentials = Credentials::new("cluster", &hash_password("cpw"));
+    credentials.set_node("a", &hash_password("secret-a"));
+    credentials.set_node("b", &hash_password("secret-b"));
+    let port = free_port();
+    let broker = embedded(port, true, credentials).await;
+    // Reference workers: no credentials, client ids `<id>` and `<id>-ne`.
+    let mut net_b = connect(port, "b", None).await.unwrap();
+    let ne_a = connect(port, "a-ne", None).await.unwrap();
+    net_b.subscribe("nodes/b/net/subnetwork/result").await;
+    // Unknown client ids, and the cluster's own user, are refused without a login.
+    assert_refused(port, "someone", None).await;
+    assert_refused(port, "cluster", None).await;
+    // A wrong password is still refused.
+    assert_refused(port, "a", Some(("a", "wrong"))).await;
+    // The ACLs apply: anonymous A cannot write B's topics.
+    ne_a.publish("nodes/b/net/subnetwork/result", "forged").await;
+    ne_a.publish("nodes/a/information", "{}").await;
+    let mut cluster = connect_ok(port, "cluster", "cpw").await;
+    cluster.subscribe("nodes/+/information").await;
+    ne_a.publish("nodes/a/information", "{}").await;
+    assert_eq!(cluster.next_publish().await.topic, "nodes/a/information");
+    net_b.assert_quiet().await;
+    assert_eq!(broker.embedded().unwrap().router().counters().denied_publishes, 1);
+}
+
+#[tokio::test]
+async fn embedded_persistent_sessions_and_wills() {
+    let credentials = Credentials::new("cluster", &hash_password("cpw"));
+    credentials.set_node("a", &hash_password("sa"));
+    let port = free_port();
+    let _broker = embedded(port, false, credentials).await;
+    let mut cluster = connect_ok(port, "cluster", "cpw").await;
+    cluster.subscribe("nodes/+/lost").await;
+
+    // A NodeEngine-like client: persistent session and a last will.
+    let connect_ne = || async {
+        let mut options = MqttOptions::new("a-ne", "127.0.0.1", port);
+        options
+            .set_credentials("a-ne", "sa")
+            .set_keep_alive(Duration::from_secs(5))
+            .set_clean_session(false)
+            .set_last_will(rumqttc::LastWill::new(
+                "nodes/a/lost",
+                "{\"lost\":true}",
+                QoS::AtLeastOnce,
+                false,
+            ));
+        let (client, mut eventloop) = AsyncClient::new(options, 16);
+        let Ok(Event::Incoming(Packet::ConnAck(ack))) = eventloop.poll().await else {
+            panic!("no CONNACK")
+        };
+        (client, eventloop, ack.session_present)
+    };
+    let (client, mut eventloop, present) = connect_ne().await;
+    assert!(!present);
+    client
+        .subscribe("nodes/a/control/deploy", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    loop {
+        if let Event::Incoming(Packet::SubAck(_)) = eventloop.poll().await.unwrap() {
+            break;
+        }
+    }
+    // Killed without DISCONNECT: the will reaches the cluster.
+    drop(eventloop);
+    drop(client);
+    let p = cluster.next_publish().await;
+    assert_eq!(
+        (p.topic.as_str(), &p.payload[..]),
+        ("nodes/a/lost", &b"{\"lost\":true}"[..])
+    );
+
+    // A command sent while it is away is kept and delivered when it comes back.
+    cluster.publish("nodes/a/control/deploy", "while-away").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (client, mut eventloop, present) = connect_ne().await;
+    assert!(present, "the session was kept");
+    let p = timeout(DEADLINE, async {
+        loop {
+            if let Event::Incoming(Packet::Publish(p)) = eventloop.poll().await.unwrap() {
+                return p;
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        (p.topic.as_str(), &p.payload[..]),
+        ("nodes/a/control/deploy", &b"while-away"[..])
+    );
+    // A goodbye publishes no will.
+    client.disconnect().await.unwrap();
+    while eventloop.poll().await.is_ok() {}
+    cluster.assert_quiet().await;
+}
+
+#[tokio::test]
+async fn embedded_closes_garbage_and_keeps_serving() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let credentials = Credentials::new("cluster", &hash_password("cpw"));
+    let port = free_port();
+    let broker = embedded(port, false, credentials).await;
+    // Not MQTT, an oversized length prefix, a CONNECT for MQTT 5: each ends the connection, never the broker.
+    let cases: [&[u8]; 3] = [
+        b"GET / HTTP/1.1\r\n\r\n",
+        &[0x10, 0xff, 0xff, 0xff, 0x7f],
+        &[0x10, 0x0b, 0, 4, b'M', b'Q', b'T', b'T', 5, 2, 0, 0, 0],
+    ];
+    for bytes in cases {
+        let mut raw = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        raw.write_all(bytes).await.unwrap();
+        let mut answer = Vec::new();
+        timeout(DEADLINE, raw.read_to_end(&mut answer))
+            .await
+            .expect("the broker kept a garbage connection open")
+            .unwrap();
+        // MQTT 5 gets CONNACK "unacceptable protocol version"; the rest nothing.
+        if bytes.get(8) == Some(&5) {
+            assert_eq!(answer, [0x20, 0x02, 0x00, 0x01]);
+        } else {
+            assert!(answer.is_empty(), "{answer:?}");
+        }
+    }
+    connect_ok(port, "cluster", "cpw").await;
+    assert_eq!(broker.embedded().unwrap().connections(), 1);
 }
 
 #[tokio::test]
@@ -225,6 +434,7 @@ async fn embedded_port_in_use_is_an_error() {
         BrokerConfig::Embedded {
             listen,
             allow_anonymous: true,
+            max_connections: 10,
         },
         Credentials::default(),
     )
@@ -237,21 +447,28 @@ async fn embedded_port_in_use_is_an_error() {
 }
 
 #[tokio::test]
-async fn embedded_port_zero_is_resolved() {
+async fn embedded_port_zero_is_resolved_and_stop_closes_everything() {
     let listen: SocketAddr = ([127, 0, 0, 1], 0).into();
     let broker = Broker::start(
         BrokerConfig::Embedded {
             listen,
-            allow_anonymous: true,
+            allow_anonymous: false,
+            max_connections: 10,
         },
-        Credentials::default(),
+        Credentials::new("cluster", &hash_password("cpw")),
     )
     .await
     .unwrap();
     let (_, port) = broker.client_endpoint();
     assert_ne!(port, 0);
     assert_eq!(broker.worker_port(), port);
-    connect(port, "c", None).await.unwrap();
+    let mut conn = connect_ok(port, "cluster", "cpw").await;
+    broker.stop();
+    closed(&mut conn).await;
+    assert!(
+        tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err(),
+        "still listening"
+    );
 }
 
 #[tokio::test]
@@ -340,7 +557,7 @@ async fn mosquitto_external() {
     node_a.assert_quiet().await;
     node_b_ne.assert_quiet().await;
 
-    // Nodes read jobs/#, only the cluster writes there.
+    // Nodes read the job update notices, only the cluster writes there.
     node_b_ne.subscribe("jobs/+/updates_available").await;
     node_a.publish("jobs/x/updates_available", "forged").await;
     cluster.publish("jobs/x/updates_available", "real").await;

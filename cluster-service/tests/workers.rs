@@ -6,32 +6,65 @@
 
 mod support;
 
-use std::time::Duration;
+use std::{os::unix::fs::PermissionsExt as _, time::Duration};
 
 use axum::http::Method;
 use oakestra_cluster_service::Running;
 use serde_json::{Value, json};
 use support::*;
 
-/// Registration: stable ids, 409 for a live duplicate hostname, 422 for a body without a host, secrets per node.
+/// Registration: the worker join token, stable ids, 409 for a live duplicate hostname unless its NodeEngine is
+/// gone, 422 for a body without a host, secrets per node.
 async fn registration(broker: BrokerKind) {
     let root = FakeRoot::start().await;
     let dir = TempDir::new();
     let cluster = start_cluster(fast_args(&root.url, &dir.0), &broker).await;
+    let token = cluster.engine.admission.join_token.clone();
+    // The token is in the data directory, readable by root only.
+    let file = dir.0.join("worker-join.token");
+    assert_eq!(std::fs::read_to_string(&file).unwrap().trim(), token);
+    assert_eq!(
+        std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert_eq!(
+        std::fs::metadata(&dir.0).unwrap().permissions().mode() & 0o777,
+        0o700
+    );
+    // Without the token, or with a wrong one: 401 naming what is missing, and nothing registered.
+    for bearer in [None, Some("wrong-token")] {
+        let r = call(
+            cluster.addr,
+            Method::POST,
+            "/api/node/register",
+            bearer,
+            Some(&node_body("intruder", 4, 4000)),
+        )
+        .await;
+        assert_eq!(r.status, 401, "{}", r.body);
+        assert!(
+            r.body["message"].as_str().unwrap().contains("join token"),
+            "{}",
+            r.body
+        );
+    }
+    assert!(cluster.engine.state().node_by_name("intruder").is_none());
+
     let a = FakeWorker::join(&cluster, "edge-a", 4, 4000).await;
     assert_eq!(a.id.len(), 24, "ObjectId-shaped id: {}", a.id);
     let dup = call(
         cluster.addr,
         Method::POST,
         "/api/node/register",
-        None,
+        Some(&token),
         Some(&node_body("edge-a", 4, 4000)),
     )
     .await;
     assert_eq!(dup.status, 409, "{}", dup.body);
     let msg = dup.body["message"].as_str().unwrap();
     assert!(msg.contains("edge-a") && msg.contains(&a.id), "{msg}");
-    // The same worker proving its identity (its id and current secret) gets the same id back.
+    // The same worker proving its identity (its id and current secret) gets the same id back, even without the
+    // join token.
     let mut again = node_body("edge-a", 4, 4000);
     again["id"] = json!(a.id);
     again["token"] = json!(a.password);
@@ -52,11 +85,35 @@ async fn registration(broker: BrokerKind) {
         json!(a.password),
         "a fresh secret per registration"
     );
+    // A restarted reference worker (no id, no secret) whose NodeEngine connection is gone gets the same id at
+    // once, well within the worker timeout (embedded broker: it sees the connection close; with an external broker
+    // only the last will tells, so that case is covered by `connection_loss`).
+    if matches!(broker, BrokerKind::Embedded) {
+        let id = a.id.clone();
+        a.kill().await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        let r = loop {
+            let r = call(
+                cluster.addr,
+                Method::POST,
+                "/api/node/register",
+                Some(&token),
+                Some(&node_body("edge-a", 4, 4000)),
+            )
+            .await;
+            if r.status != 409 || tokio::time::Instant::now() > deadline {
+                break r;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(r.body["id"], json!(id));
+    }
     let bad = call(
         cluster.addr,
         Method::POST,
         "/api/node/register",
-        None,
+        Some(&token),
         Some(&json!({"ip": "1.2.3.4"})),
     )
     .await;

@@ -341,6 +341,8 @@ pub fn overlay_node_engine(
         "0.5",
         "--node-name",
         name,
+        "--join-token",
+        crate::stack::WORKER_JOIN_TOKEN,
     ]);
     ne_args.extend(extra.iter().cloned());
     Proc::start_in(

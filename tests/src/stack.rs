@@ -40,8 +40,13 @@ pub fn root_args(dir: &Path, port: u16, token: &str) -> Vec<String> {
     ]
 }
 
+/// The worker join token every test cluster is started with (`--worker-join-token`) and every test NodeEngine
+/// presents (`--join-token`).
+pub const WORKER_JOIN_TOKEN: &str = "test-worker-join-token-5f1c0e9a";
+
 /// `cluster-service` flags: cluster `name` joining the root at `root_url` with `token`, HTTP on 127.0.0.1:`port`,
-/// the embedded broker on 127.0.0.1:`mqtt_port`, data in `dir/cluster`, reports to root every 0.5 s.
+/// the embedded broker on 127.0.0.1:`mqtt_port`, data in `dir/cluster`, reports to root every 0.5 s, workers
+/// joining with [`WORKER_JOIN_TOKEN`].
 pub fn cluster_args(
     dir: &Path,
     name: &str,
@@ -82,6 +87,8 @@ pub fn cluster_args_at(
         &dir.join("cluster").display().to_string(),
         "--report-interval",
         "0.5",
+        "--worker-join-token",
+        WORKER_JOIN_TOKEN,
     ]
     .iter()
     .map(|a| (*a).to_owned())
@@ -204,6 +211,8 @@ impl Stack {
             s("0.5"),
             s("--node-name"),
             s("worker-under-test"),
+            s("--join-token"),
+            s(WORKER_JOIN_TOKEN),
         ]
     }
 

@@ -166,6 +166,7 @@ fn help_names_every_option() {
         "Usage:",
         "--cluster ",
         "--cluster-port",
+        "--join-token",
         "--bin-dir",
         "--no-apt",
         "--start",
@@ -191,9 +192,18 @@ fn install_twice_then_uninstall_then_purge() {
         bin_s,
         "--cluster",
         "10.0.0.9",
+        "--join-token",
+        "worker-join-token-for-the-test",
     ];
 
     let first = run_ok(&args, &[]);
+    // The join token is a secret: root-only, where the NodeEngine looks by default.
+    let token = root.join("etc/oakestra/join.token");
+    assert_eq!(
+        fs::read_to_string(&token).unwrap(),
+        "worker-join-token-for-the-test\n"
+    );
+    assert_eq!(mode(&token), 0o600);
     assert!(
         !first.contains("unchanged"),
         "a fresh install changed everything:\n{first}"

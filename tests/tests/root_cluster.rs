@@ -77,7 +77,7 @@ async fn an_instance_goes_from_root_through_the_cluster_to_a_worker_and_back() {
     let r = call(
         "POST",
         &format!("{cluster_url}/api/node/register"),
-        None,
+        Some(oakestra_tests::stack::WORKER_JOIN_TOKEN),
         Some(&body),
     )
     .await;

@@ -292,6 +292,7 @@ impl Agent {
                 settings.cluster_port,
                 body.clone(),
                 previous.as_ref(),
+                settings.join_token.as_ref().map(|t| t.0.as_str()),
             )
             .await
             {

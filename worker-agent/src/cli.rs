@@ -173,6 +173,26 @@ pub struct RunFlags {
     /// The node name the cluster knows this worker by (default: the hostname).
     #[arg(long, env = "OAKESTRA_NODE_NAME", global = true)]
     pub node_name: Option<String>,
+    /// The cluster's worker join token (the cluster writes it to <its data-dir>/worker-join.token). Overrides
+    /// `join_token` of conf.json. Needed for the first registration; later ones prove the node's identity with its
+    /// saved id and secret.
+    #[arg(
+        long,
+        env = "OAKESTRA_WORKER_JOIN_TOKEN",
+        hide_env_values = true,
+        global = true
+    )]
+    pub join_token: Option<String>,
+}
+
+/// A secret that never shows in logs or `Debug` output.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
 }
 
 /// Why the settings are unusable.
@@ -230,6 +250,8 @@ pub struct Settings {
     pub registry_credentials: HashMap<String, Credentials>,
     /// The node's name (hostname).
     pub node_name: String,
+    /// The cluster's worker join token, if configured.
+    pub join_token: Option<Secret>,
     /// The whole conf.json (sent along in the registration's `virtualization`, kept for unknown keys).
     pub conf: ConfFile,
 }
@@ -338,6 +360,26 @@ impl Settings {
             _ => hostname(),
         };
         let log_file = (flags.log_file.as_os_str() != "none").then(|| flags.log_file.clone());
+        let join_token = flags
+            .join_token
+            .clone()
+            .or_else(|| {
+                conf.extra
+                    .get("join_token")
+                    .and_then(|v| v.as_str())
+                    .map(str::to_owned)
+            })
+            .map(|t| t.trim().to_owned())
+            .filter(|t| !t.is_empty());
+        if let Some(token) = &join_token
+            && (token.len() > 256 || !token.bytes().all(|b| b.is_ascii_graphic()))
+        {
+            return Err(invalid(
+                "join-token",
+                "<redacted>",
+                "1 to 256 printable ASCII characters without spaces",
+            ));
+        }
         Ok(Self {
             cluster_address,
             cluster_port,
@@ -356,6 +398,7 @@ impl Settings {
             on_stop: flags.on_stop,
             registry_credentials,
             node_name,
+            join_token: join_token.map(Secret),
             conf,
         })
     }

@@ -108,14 +108,16 @@ impl Identity {
     }
 }
 
-/// Registers the node: `POST /api/node/register` with the reference's body. With a previous identity for the same
-/// cluster the body carries its id and secret (`id`, `token`), which lets the cluster hand the same id back even
-/// while the old session still counts as alive.
+/// Registers the node: `POST /api/node/register` with the reference's body, and the cluster's worker join token as
+/// `Authorization: Bearer`. With a previous identity for the same cluster the body carries its id and secret (`id`,
+/// `token`), which lets the cluster hand the same id back even while the old session still counts as alive (and
+/// admits the worker without the join token).
 pub async fn register(
     cluster_host: &str,
     cluster_port: u16,
     mut body: NodeRegistration,
     previous: Option<&Identity>,
+    join_token: Option<&str>,
 ) -> Result<NodeRegistered, ClusterError> {
     let url = format!("{}{REGISTER_PATH}", client::base_url(cluster_host, cluster_port));
     if let Some(me) = previous {
@@ -125,12 +127,18 @@ pub async fn register(
             serde_json::Value::String(me.mqtt_password.clone()),
         );
     }
-    let answer = client::call(Method::POST, &url, None, Some(&body), Duration::from_secs(10))
-        .await
-        .map_err(|e| ClusterError::Register {
-            url: url.clone(),
-            reason: e.to_string(),
-        })?;
+    let answer = client::call(
+        Method::POST,
+        &url,
+        join_token,
+        Some(&body),
+        Duration::from_secs(10),
+    )
+    .await
+    .map_err(|e| ClusterError::Register {
+        url: url.clone(),
+        reason: e.to_string(),
+    })?;
     if !answer.is_success() {
         return Err(ClusterError::Refused {
             url,

@@ -520,7 +520,7 @@ impl FakeWorker {
             cluster.addr,
             Method::POST,
             "/api/node/register",
-            None,
+            Some(&cluster.engine.admission.join_token),
             Some(&node_body(host, vcpus, memory)),
         )
         .await;
@@ -574,8 +574,11 @@ impl FakeWorker {
             .subscribe(format!("nodes/{id}/net/#"), QoS::AtLeastOnce)
             .await
             .unwrap();
+        // Job update notices are read by name (the broker's ACLs refuse wildcards there), for the test jobs.
         client
-            .subscribe("jobs/+/updates_available", QoS::AtLeastOnce)
+            .subscribe_many(["app.ns.svc.ns", "net.ns.svc.ns"].map(|job| {
+                rumqttc::SubscribeFilter::new(format!("jobs/{job}/updates_available"), QoS::AtLeastOnce)
+            }))
             .await
             .unwrap();
         for _ in 0..3 {

@@ -1,18 +1,28 @@
-//! The MQTT broker workers talk to: an embedded rumqttd, or an external broker (Mosquitto) whose password and ACL
-//! files this module writes; and the per-node MQTT credentials.
+//! The MQTT broker workers talk to: the embedded one ([`server`], [`router`], [`codec`], with topic ACLs from
+//! [`acl`]), or an external broker (Mosquitto) whose password and ACL files this module writes; and the per-node
+//! MQTT credentials.
 //!
 //! Every node has one secret; its NetManager connects as `<node id>` and its NodeEngine as `<node id>-ne`, each
 //! with the client id equal to the user name. [`Credentials`] maps those users (and the cluster's own user) to
-//! Mosquitto `$6$` hashes, so the same table serves rumqttd's auth handler and Mosquitto's `password_file`.
+//! Mosquitto `$6$` hashes, so the same table serves the embedded broker's logins and Mosquitto's `password_file`.
 //!
 //! What each mode enforces:
-//! - embedded, with auth: user known, password verifies, client id equals the user. A CONNECT without user name
-//!   and password never reaches the handler: rumqttd itself refuses it whenever a handler is installed (its
-//!   `handle_auth`), by closing the connection without a CONNACK, as it does for every refused login. rumqttd has
-//!   no topic ACLs, so a node authenticated here can publish and subscribe anywhere;
-//! - embedded, anonymous: no auth handler, anyone connects (what the reference workers expect);
+//! - embedded (default): user known, password verifies, client id equals the user; then the topic ACLs of
+//!   [`acl`]: a worker publishes only below its own `nodes/<id>/` and reads only that and the job update notices.
+//!   The cluster-service's own client is in-process (no socket, nothing to drop under load);
+//! - embedded with `allow_anonymous` (compatibility with reference Go workers, which send no credentials): a
+//!   registered node's programs may also connect without a login, identified by client id; the ACLs still apply;
 //! - external: Mosquitto enforces the password file and the per-user ACL file written here
 //!   ([`Credentials::acl_file`]); run it with `use_username_as_clientid true`.
+//!
+//! Why an own broker rather than rumqttd: rumqttd 0.20 has no topic ACLs, cannot close a client whose credentials
+//! were revoked, needs ~150 KB per connection (10,000 workers would take 3 GB) and sets no `TCP_NODELAY`; MQTT 3.1.1
+//! is small enough to implement in ~1,500 lines with every bound explicit.
+
+pub mod acl;
+pub mod codec;
+pub mod router;
+pub mod server;
 
 use std::{
     collections::BTreeMap,
@@ -21,12 +31,11 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, PoisonError, RwLock},
+    sync::{Arc, PoisonError, RwLock},
     time::Duration,
 };
 
 use base64::{Engine as _, engine::general_purpose::STANDARD};
-use rumqttc::{AsyncClient, ConnectReturnCode, Event, MqttOptions, Outgoing, Packet};
 use sha2::{Digest as _, Sha512};
 
 /// Bytes of salt in a `$6$` hash (what `mosquitto_passwd` uses, and what Mosquitto insists on).
@@ -35,8 +44,6 @@ pub const SALT_LEN: usize = 12;
 const DIGEST_LEN: usize = 64;
 /// Suffix of the NodeEngine's user name.
 pub const NODE_ENGINE_SUFFIX: &str = "-ne";
-/// How long [`Broker::start`] waits for the embedded broker to accept an MQTT connection.
-pub const START_TIMEOUT: Duration = Duration::from_secs(5);
 /// Deadline of the external broker's reload command.
 pub const RELOAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest MQTT packet the embedded broker takes.
@@ -217,8 +224,8 @@ impl Credentials {
         tracing::debug!(node = %node_id, "node MQTT credentials set");
     }
 
-    /// Removes both users of the node (nothing if it has none). Connections already open stay open on the
-    /// embedded broker (rumqttd cannot drop a client); the next login fails.
+    /// Removes both users of the node (nothing if it has none). [`Broker::revoke_node`] also closes the node's
+    /// open connections on the embedded broker.
     pub fn remove_node(&self, node_id: &str) {
         let mut users = self.write();
         let before = users.len();
@@ -228,16 +235,27 @@ impl Credentials {
         }
     }
 
-    /// Embedded auth rule: user known, password verifies, and client_id == user.
-    pub fn allows(&self, client_id: &str, user: &str, password: &str) -> bool {
+    /// Who logs in with (`client_id`, `user`, `password`) on the embedded broker, if anyone: the user is known, the
+    /// password verifies and the client id equals the user.
+    pub fn login(&self, client_id: &str, user: &str, password: &str) -> Option<acl::Identity> {
         if client_id != user {
-            return false;
+            return None;
         }
-        let hash = match self.read().get(user) {
-            Some(account) => account.hash.clone(),
-            None => return false,
+        let account = self.read().get(user)?.clone();
+        let identity = match account.node {
+            Some(node) => acl::Identity::Node(node),
+            None => acl::Identity::Cluster,
         };
-        verify_password(&hash, password)
+        verify_password(&account.hash, password).then_some(identity)
+    }
+
+    /// Who an anonymous client is (only with `allow_anonymous`): the node whose NetManager (`<id>`) or NodeEngine
+    /// (`<id>-ne`) user equals the client id. Never the cluster.
+    pub fn anonymous(&self, client_id: &str) -> Option<acl::Identity> {
+        self.read()
+            .get(client_id)
+            .and_then(|account| account.node.clone())
+            .map(acl::Identity::Node)
     }
 
     /// The Mosquitto password file text (`user:hash` lines, sorted).
@@ -251,7 +269,8 @@ impl Credentials {
     }
 
     /// The Mosquitto ACL file text: the cluster user gets `topic readwrite nodes/#` and `topic readwrite jobs/#`;
-    /// each node user gets `topic readwrite nodes/<node id>/#` and `topic read jobs/#` (explicit `user` blocks, not
+    /// each node user gets `topic readwrite nodes/<node id>/#` and `topic read jobs/+/updates_available` (the same
+    /// rules as the embedded broker's [`acl`]; explicit `user` blocks, not
     /// `pattern`s, because NodeEngine's user is `<id>-ne`). Cluster user first, then the node users sorted.
     pub fn acl_file(&self) -> String {
         let users = self.read();
@@ -269,7 +288,7 @@ impl Credentials {
         {
             let _ = write!(
                 text,
-                "\nuser {user}\ntopic readwrite nodes/{node}/#\ntopic read jobs/#\n"
+                "\nuser {user}\ntopic readwrite nodes/{node}/#\ntopic read jobs/+/updates_available\n"
             );
         }
         text
@@ -279,14 +298,14 @@ impl Credentials {
 /// Which broker the cluster runs or uses.
 #[derive(Debug, Clone)]
 pub enum BrokerConfig {
-    /// rumqttd inside this process, listening on `listen` (port 0: a free port picked at start). `allow_anonymous`:
-    /// no auth handler at all (compatibility with reference workers, which connect anonymously); otherwise the
-    /// auth handler calls [`Credentials::allows`].
+    /// The embedded broker, listening on `listen` (port 0: a free port picked at start).
     Embedded {
-        /// The address the v4 (MQTT 3.1.1) server listens on.
+        /// The address the MQTT 3.1.1 listener binds.
         listen: SocketAddr,
-        /// Accept every client, with or without login.
+        /// Let registered nodes' programs connect without credentials (reference workers); ACLs still apply.
         allow_anonymous: bool,
+        /// Connections held at once (two per worker, plus slack).
+        max_connections: usize,
     },
     /// An external broker at host:port (from `--mqtt-url mqtt://host:port`). If `password_file`/`acl_file` are
     /// set, they are rewritten atomically on every credential change and then `reload_command` runs via `sh -c`
@@ -316,27 +335,6 @@ pub enum BrokerError {
         /// The OS error.
         source: io::Error,
     },
-    /// The embedded broker's thread could not be started.
-    #[error("starting the embedded MQTT broker thread: {0}")]
-    Thread(io::Error),
-    /// The embedded broker stopped right after starting.
-    #[error("embedded MQTT broker on {addr} stopped: {reason}")]
-    Stopped {
-        /// The listen address.
-        addr: SocketAddr,
-        /// What rumqttd said.
-        reason: String,
-    },
-    /// The embedded broker did not accept an MQTT connection in time.
-    #[error("embedded MQTT broker on {addr} not ready within {waited:?}: {last_error}")]
-    NotReady {
-        /// The listen address.
-        addr: SocketAddr,
-        /// How long start waited.
-        waited: Duration,
-        /// The last connection attempt's failure.
-        last_error: String,
-    },
     /// A password or ACL file could not be written.
     #[error("{}: {source}", path.display())]
     Io {
@@ -358,6 +356,9 @@ pub enum BrokerError {
     Task(#[from] tokio::task::JoinError),
 }
 
+/// Time a new connection has to send its CONNECT.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The running (embedded) or configured (external) broker.
 #[derive(Debug)]
 pub struct Broker {
@@ -365,6 +366,8 @@ pub struct Broker {
     credentials: Credentials,
     client_endpoint: (String, u16),
     worker_port: u16,
+    embedded: Option<Arc<server::Embedded>>,
+    stop: tokio::sync::watch::Sender<bool>,
     /// Serialises file rewrites + reloads, so the last change's files are the ones the broker reads last.
     rewrite: tokio::sync::Mutex<()>,
 }
@@ -372,27 +375,50 @@ pub struct Broker {
 impl Broker {
     /// Starts the broker.
     ///
-    /// Embedded: spawns a thread running rumqttd (one v4 server on `listen`), then waits until it completes an MQTT
-    /// handshake (≤ [`START_TIMEOUT`]) before returning. rumqttd has no shutdown API: the thread (and rumqttd's own
-    /// router and server threads) live as long as the process. External: writes the files once and runs the reload
-    /// command; a failing reload is only logged here, since the broker may well be started after the cluster (it
-    /// then reads the files at its own start).
+    /// Embedded: binds `listen` and serves it on this runtime until [`Broker::stop`]. External: writes the files
+    /// once and runs the reload command; a failing reload is only logged here, since the broker may well be started
+    /// after the cluster (it then reads the files at its own start).
     pub async fn start(config: BrokerConfig, credentials: Credentials) -> Result<Broker, BrokerError> {
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
         match config {
             BrokerConfig::Embedded {
                 listen,
                 allow_anonymous,
+                max_connections,
             } => {
-                let listen = start_embedded(listen, allow_anonymous, &credentials).await?;
-                tracing::info!(%listen, allow_anonymous, "embedded MQTT broker ready");
-                Ok(Broker {
-                    config: BrokerConfig::Embedded {
-                        listen,
+                let listener = tokio::net::TcpListener::bind(listen)
+                    .await
+                    .map_err(|source| BrokerError::Bind { addr: listen, source })?;
+                let bound = listener
+                    .local_addr()
+                    .map_err(|source| BrokerError::Bind { addr: listen, source })?;
+                let embedded = Arc::new(server::Embedded::new(
+                    credentials.clone(),
+                    server::Settings {
+                        max_packet: MAX_PAYLOAD_SIZE,
+                        max_connections,
+                        connect_timeout: CONNECT_TIMEOUT,
                         allow_anonymous,
                     },
-                    client_endpoint: (client_host(listen.ip()), listen.port()),
-                    worker_port: listen.port(),
+                ));
+                tokio::spawn(server::serve(listener, Arc::clone(&embedded), stop_rx));
+                if allow_anonymous {
+                    tracing::warn!(%bound, "MQTT: registered workers may connect WITHOUT credentials \
+                        (--mqtt-allow-anonymous, for reference Go workers); anyone who learns a node id can act as \
+                        that node on its own topics");
+                }
+                tracing::info!(listen = %bound, allow_anonymous, max_connections, "embedded MQTT broker ready");
+                Ok(Broker {
+                    config: BrokerConfig::Embedded {
+                        listen: bound,
+                        allow_anonymous,
+                        max_connections,
+                    },
+                    client_endpoint: (client_host(bound.ip()), bound.port()),
+                    worker_port: bound.port(),
                     credentials,
+                    embedded: Some(embedded),
+                    stop,
                     rewrite: tokio::sync::Mutex::new(()),
                 })
             }
@@ -402,6 +428,8 @@ impl Broker {
                     worker_port: port,
                     config,
                     credentials,
+                    embedded: None,
+                    stop,
                     rewrite: tokio::sync::Mutex::new(()),
                 };
                 match broker.rewrite_and_reload().await {
@@ -416,8 +444,18 @@ impl Broker {
         }
     }
 
-    /// host, port where cluster-service's own client connects (embedded: 127.0.0.1 when listening on 0.0.0.0, ::1
-    /// when on ::, else the listen ip; IPv6 in brackets, since rumqttc joins `host:port` as text).
+    /// Stops the embedded broker: the listener closes and every connection ends (their wills are published).
+    pub fn stop(&self) {
+        self.stop.send_replace(true);
+    }
+
+    /// The embedded broker, for the cluster's in-process client and for statistics; `None` for an external one.
+    pub fn embedded(&self) -> Option<&Arc<server::Embedded>> {
+        self.embedded.as_ref()
+    }
+
+    /// host, port where an MQTT client on this machine reaches the broker (embedded: 127.0.0.1 when listening on
+    /// 0.0.0.0, ::1 when on ::, else the listen ip; IPv6 in brackets, since rumqttc joins `host:port` as text).
     pub fn client_endpoint(&self) -> (String, u16) {
         self.client_endpoint.clone()
     }
@@ -432,9 +470,19 @@ impl Broker {
         &self.credentials
     }
 
+    /// Removes a node's MQTT users, closes its connections on the embedded broker and forgets its sessions, then
+    /// updates an external broker's files.
+    pub async fn revoke_node(&self, node_id: &str) -> Result<(), BrokerError> {
+        self.credentials.remove_node(node_id);
+        if let Some(embedded) = &self.embedded {
+            embedded.router().drop_node(node_id);
+        }
+        self.credentials_changed().await
+    }
+
     /// After [`Credentials::set_node`]/[`Credentials::remove_node`]: for an external broker, rewrites the files
     /// and runs the reload command (Mosquitto applies a SIGHUP asynchronously, shortly after the command
-    /// returns). No-op for the embedded broker, whose handler reads the shared table at every login.
+    /// returns). No-op for the embedded broker, which reads the shared table at every login.
     pub async fn credentials_changed(&self) -> Result<(), BrokerError> {
         match self.rewrite_and_reload().await {
             Ok(()) => Ok(()),
@@ -489,151 +537,6 @@ fn client_host(ip: IpAddr) -> String {
         IpAddr::V4(ip) => ip.to_string(),
         IpAddr::V6(ip) if ip.is_unspecified() => format!("[{}]", Ipv6Addr::LOCALHOST),
         IpAddr::V6(ip) => format!("[{ip}]"),
-    }
-}
-
-/// A login accepted only while [`start_embedded`] checks that the broker answers, then disabled.
-type ProbeLogin = Arc<Mutex<Option<(String, String)>>>;
-
-/// Starts rumqttd on `listen` and waits for a handshake; the address it listens on (port 0 resolved).
-async fn start_embedded(
-    listen: SocketAddr,
-    allow_anonymous: bool,
-    credentials: &Credentials,
-) -> Result<SocketAddr, BrokerError> {
-    // rumqttd only logs a failed bind on its own thread; binding here first turns "address in use" into an error
-    // and resolves port 0. The socket is closed before rumqttd binds (SO_REUSEADDR, no connections: no TIME_WAIT).
-    let listen = tokio::net::TcpListener::bind(listen)
-        .await
-        .and_then(|l| l.local_addr())
-        .map_err(|source| BrokerError::Bind { addr: listen, source })?;
-
-    let probe_user = format!("cluster-service-probe-{}", &new_secret()[..16]);
-    let probe: ProbeLogin = Arc::new(Mutex::new(Some((probe_user.clone(), new_secret()))));
-    let config = rumqttd_config(
-        listen,
-        (!allow_anonymous).then(|| (credentials.clone(), Arc::clone(&probe))),
-    );
-
-    let (stopped_tx, mut stopped_rx) = tokio::sync::oneshot::channel::<String>();
-    std::thread::Builder::new()
-        .name("mqtt-broker".into())
-        .spawn(move || {
-            let mut broker = rumqttd::Broker::new(config);
-            let reason = match broker.start() {
-                Ok(()) => "its server threads ended".to_owned(),
-                Err(e) => e.to_string(),
-            };
-            tracing::error!(%listen, %reason, "embedded MQTT broker stopped");
-            let _ = stopped_tx.send(reason);
-        })
-        .map_err(BrokerError::Thread)?;
-
-    let secret = probe
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .as_ref()
-        .map(|(_, secret)| secret.clone())
-        .unwrap_or_default();
-    let host = client_host(listen.ip());
-    let deadline = tokio::time::Instant::now() + START_TIMEOUT;
-    let result = loop {
-        match stopped_rx.try_recv() {
-            Ok(reason) => break Err(BrokerError::Stopped { addr: listen, reason }),
-            Err(tokio::sync::oneshot::error::TryRecvError::Closed) => {
-                break Err(BrokerError::Stopped {
-                    addr: listen,
-                    reason: "its thread panicked".into(),
-                });
-            }
-            Err(tokio::sync::oneshot::error::TryRecvError::Empty) => {}
-        }
-        let attempt =
-            tokio::time::timeout_at(deadline, handshake(&host, listen.port(), &probe_user, &secret)).await;
-        let last_error = match attempt {
-            Ok(Ok(())) => break Ok(listen),
-            Ok(Err(e)) => e,
-            Err(_) => "timed out".to_owned(),
-        };
-        if tokio::time::Instant::now() + Duration::from_millis(50) >= deadline {
-            break Err(BrokerError::NotReady {
-                addr: listen,
-                waited: START_TIMEOUT,
-                last_error,
-            });
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    // The probe login must not outlive start-up.
-    *probe.lock().unwrap_or_else(PoisonError::into_inner) = None;
-    result
-}
-
-/// One MQTT connect + disconnect as `user`.
-async fn handshake(host: &str, port: u16, user: &str, secret: &str) -> Result<(), String> {
-    let mut options = MqttOptions::new(user, host, port);
-    options.set_credentials(user, secret);
-    options.set_keep_alive(Duration::from_secs(5));
-    let (client, mut eventloop) = AsyncClient::new(options, 4);
-    match eventloop.poll().await {
-        Ok(Event::Incoming(Packet::ConnAck(ack))) if ack.code == ConnectReturnCode::Success => {}
-        Ok(other) => return Err(format!("unexpected first event {other:?}")),
-        Err(e) => return Err(e.to_string()),
-    }
-    client.disconnect().await.map_err(|e| e.to_string())?;
-    loop {
-        match eventloop.poll().await {
-            Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => return Ok(()),
-            Ok(_) => {}
-        }
-    }
-}
-
-/// rumqttd's configuration: one v4 (MQTT 3.1.1) server on `listen`; with `auth`, its handler.
-fn rumqttd_config(listen: SocketAddr, auth: Option<(Credentials, ProbeLogin)>) -> rumqttd::Config {
-    let mut server = rumqttd::ServerSettings {
-        name: "mqtt-v4".into(),
-        listen,
-        tls: None,
-        next_connection_delay_ms: 1,
-        connections: rumqttd::ConnectionSettings {
-            // A client that does not send CONNECT within 5 s is dropped.
-            connection_timeout_ms: 5000,
-            max_payload_size: MAX_PAYLOAD_SIZE,
-            // Packets read from one connection in one batch.
-            max_inflight_count: 200,
-            auth: None,
-            external_auth: None,
-            // Subscriptions to any filter, not only to pre-declared ones.
-            dynamic_filters: true,
-        },
-    };
-    if let Some((credentials, probe)) = auth {
-        server.set_auth_handler(move |client_id: String, user: String, password: String| {
-            let allowed = credentials.allows(&client_id, &user, &password)
-                || probe
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .as_ref()
-                    .is_some_and(|(u, s)| *u == user && client_id == user && *s == password);
-            if !allowed {
-                tracing::warn!(%client_id, %user, "MQTT login refused");
-            }
-            std::future::ready(allowed)
-        });
-    }
-    rumqttd::Config {
-        id: 0,
-        router: rumqttd::RouterConfig {
-            max_connections: 10_000,
-            max_outgoing_packet_count: 200,
-            // Each subscribed filter keeps at most 4 segments of 4 MiB in memory.
-            max_segment_size: 4 << 20,
-            max_segment_count: 4,
-            ..Default::default()
-        },
-        v4: Some([("1".to_owned(), server)].into_iter().collect()),
-        ..Default::default()
     }
 }
 
@@ -836,9 +739,28 @@ mod tests {
         credentials
     }
 
+    impl Credentials {
+        fn allows(&self, client_id: &str, user: &str, password: &str) -> bool {
+            self.login(client_id, user, password).is_some()
+        }
+    }
+
     #[test]
-    fn allows_rules() {
+    fn login_rules() {
         let c = sample();
+        assert_eq!(c.login("cluster", "cluster", "cpw"), Some(acl::Identity::Cluster));
+        assert_eq!(
+            c.login("n1-ne", "n1-ne", "s1"),
+            Some(acl::Identity::Node("n1".into()))
+        );
+        assert_eq!(c.anonymous("n1-ne"), Some(acl::Identity::Node("n1".into())));
+        assert_eq!(c.anonymous("n1"), Some(acl::Identity::Node("n1".into())));
+        assert_eq!(
+            c.anonymous("cluster"),
+            None,
+            "the cluster never connects anonymously"
+        );
+        assert_eq!(c.anonymous("n7"), None);
         assert!(c.allows("cluster", "cluster", "cpw"));
         assert!(c.allows("n1", "n1", "s1"));
         assert!(c.allows("n1-ne", "n1-ne", "s1"));
@@ -909,19 +831,19 @@ mod tests {
                 "",
                 "user n1",
                 "topic readwrite nodes/n1/#",
-                "topic read jobs/#",
+                "topic read jobs/+/updates_available",
                 "",
                 "user n1-ne",
                 "topic readwrite nodes/n1/#",
-                "topic read jobs/#",
+                "topic read jobs/+/updates_available",
                 "",
                 "user n2",
                 "topic readwrite nodes/n2/#",
-                "topic read jobs/#",
+                "topic read jobs/+/updates_available",
                 "",
                 "user n2-ne",
                 "topic readwrite nodes/n2/#",
-                "topic read jobs/#",
+                "topic read jobs/+/updates_available",
             ]
         );
         assert!(!text.contains("pattern"));
