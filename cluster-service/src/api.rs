@@ -25,6 +25,8 @@ use crate::{
 
 /// Largest request body accepted (a job document with inline files stays well below).
 const MAX_BODY: usize = 1024 * 1024;
+/// Largest worker registration accepted.
+const MAX_REGISTRATION: usize = 64 * 1024;
 
 /// An error answer: a status and `{"message": …}` naming what was wrong.
 #[derive(Debug)]
@@ -79,9 +81,13 @@ fn root_only(engine: &Engine, headers: &HeaderMap) -> Result<(), ApiError> {
 
 /// The routes, over the shared engine.
 pub fn router(engine: Arc<Engine>) -> Router {
-    Router::new()
+    // A registration is a few KiB; its limit is far below the job documents' one.
+    let registration = Router::new()
         .route(REGISTER_PATH, post(register))
         .route("/api/node/register/", post(register))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_REGISTRATION));
+    Router::new()
+        .merge(registration)
         .route("/api/service/{job}/{number}", post(deploy).delete(undeploy))
         .route("/api/net/job/update", post(job_update))
         .route("/api/net/job/update/", post(job_update))

@@ -173,6 +173,15 @@ pub struct Cli {
     #[arg(long, value_name = "SECONDS", default_value_t = 300.0)]
     pub crash_backoff_cap: f64,
 
+    /// A worker dead (silent) for this many seconds is forgotten: its record, MQTT credentials and sessions. It
+    /// registers anew (with the join token) if it ever comes back.
+    #[arg(long, value_name = "SECONDS", default_value_t = 3600.0)]
+    pub purge_dead_after: f64,
+
+    /// A worker that registered but never published anything over MQTT for this many seconds is forgotten.
+    #[arg(long, value_name = "SECONDS", default_value_t = 120.0)]
+    pub purge_unconnected_after: f64,
+
     /// How workers are ranked: `best-fit` (least memory left over), `spread` (most left over) or `first-fit`.
     #[arg(long, value_name = "POLICY", default_value = "best-fit")]
     pub scheduler_policy: String,
@@ -325,6 +334,8 @@ impl Config {
             stale_after_ms: seconds("--stale-after", cli.stale_after)?,
             backoff_base_ms: seconds("--crash-backoff", cli.crash_backoff)?,
             backoff_cap_ms: seconds("--crash-backoff-cap", cli.crash_backoff_cap)?,
+            purge_dead_after_ms: seconds("--purge-dead-after", cli.purge_dead_after)?,
+            purge_unconnected_after_ms: seconds("--purge-unconnected-after", cli.purge_unconnected_after)?,
             ..Timing::default()
         };
         if timing.backoff_cap_ms < timing.backoff_base_ms {

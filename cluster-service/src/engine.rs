@@ -191,6 +191,11 @@ impl Engine {
                     tokio::spawn(async move { engine.prefetch(&job_name).await });
                 }
                 Effect::ReportSoon => self.report_soon.notify_one(),
+                Effect::DropNode { node } => {
+                    if let Err(e) = self.broker.revoke_node(&node).await {
+                        tracing::error!(node = %node, error = %e, "cannot revoke the forgotten worker's MQTT users");
+                    }
+                }
                 // Written above.
                 Effect::SaveNode(_)
                 | Effect::SaveJob { .. }
@@ -319,10 +324,12 @@ impl Engine {
         let Value::Object(map) = body else {
             return Err(NodeError::Body(format!("expected a JSON object, got {body}")));
         };
-        let registration: NodeRegistration =
-            serde_json::from_value(Value::Object(map.clone())).map_err(|e| NodeError::Body(e.to_string()))?;
-        let claimed_id = registration.id.clone();
-        let token = registration
+        let raw: NodeRegistration =
+            serde_json::from_value(Value::Object(map)).map_err(|e| NodeError::Body(e.to_string()))?;
+        // Unknown keys are dropped and every field bounded before anything is stored or logged.
+        let registration = raw.bounded().map_err(|e| NodeError::Body(e.to_string()))?;
+        let claimed_id = raw.id.clone();
+        let token = raw
             .extra
             .get("token")
             .and_then(Value::as_str)
@@ -342,9 +349,13 @@ impl Engine {
         }
         let secret = broker::new_secret();
         let hash = broker::hash_password(&secret);
+        let stored = match serde_json::to_value(&registration) {
+            Ok(Value::Object(stored)) => stored,
+            _ => Map::new(),
+        };
         let (id, effects) = self.state().register(
             &registration,
-            map,
+            stored,
             hash.clone(),
             |record| proves(record) || self.node_engine_offline(&record.id),
             new_node_id,

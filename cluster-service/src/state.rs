@@ -42,6 +42,10 @@ pub struct Timing {
     pub stable_after_ms: u64,
     /// Pause before placing again an instance no worker could take.
     pub no_capacity_retry_ms: u64,
+    /// A worker dead for this long is forgotten: its record, its MQTT credentials and sessions.
+    pub purge_dead_after_ms: u64,
+    /// A worker that registered but never published anything for this long is forgotten.
+    pub purge_unconnected_after_ms: u64,
 }
 
 impl Default for Timing {
@@ -56,6 +60,8 @@ impl Default for Timing {
             backoff_cap_ms: 300_000,
             stable_after_ms: 60_000,
             no_capacity_retry_ms: 15_000,
+            purge_dead_after_ms: 3_600_000,
+            purge_unconnected_after_ms: 120_000,
         }
     }
 }
@@ -106,6 +112,10 @@ pub struct Node {
     pub alive: bool,
     /// Its last will arrived and it has not reported since (see [`State::connection_lost`]).
     pub connection_lost: bool,
+    /// When it registered (or was restored).
+    pub registered_ms: u64,
+    /// Whether it published anything since it registered (restored workers count as heard).
+    pub heard: bool,
 }
 
 impl Node {
@@ -334,6 +344,11 @@ pub enum Effect {
     },
     /// Persist a worker.
     SaveNode(NodeRecord),
+    /// Forget a worker: its database row, its MQTT credentials and broker sessions.
+    DropNode {
+        /// The node id.
+        node: String,
+    },
     /// Persist a job document.
     SaveJob {
         /// Job id.
@@ -389,6 +404,7 @@ impl Effect {
         matches!(
             self,
             Effect::SaveNode(_)
+                | Effect::DropNode { .. }
                 | Effect::SaveJob { .. }
                 | Effect::DropJob { .. }
                 | Effect::SaveInstance { .. }
@@ -441,6 +457,46 @@ pub enum CallError {
 
 // === State =====================================================================================================
 
+/// The fields of a worker's `information` snapshot the cluster keeps (the reference's dynamic fields).
+const INFO_KEYS: [&str; 11] = [
+    "ip",
+    "cpu_percent",
+    "vcpus",
+    "memory_percent",
+    "memory",
+    "gpu_driver",
+    "gpu_temp",
+    "gpu_usage",
+    "vram",
+    "vram_percent",
+    "vgpus",
+];
+/// Longest encoded value of one snapshot field.
+const MAX_INFO_VALUE: usize = 256;
+/// The fields of a worker document that go into the report to root: what root schedules and shows with. The rest
+/// (host names, addresses, paths, system details) stays in the cluster, so the report's size does not grow with the
+/// number of workers.
+const REPORTED_KEYS: [&str; 14] = [
+    "cpu_percent",
+    "memory_percent",
+    "vcpus",
+    "memory",
+    "vgpus",
+    "vram",
+    "vram_percent",
+    "gpu_temp",
+    "gpu_usage",
+    "gpu_driver",
+    "virtualization",
+    "supported_addons",
+    "csi_drivers",
+    "architecture",
+];
+/// The tail of an instance's log the cluster keeps (the reference sends 1 KiB).
+const MAX_LOGS: usize = 4096;
+/// Instances read from one resource report (more than a worker can run).
+const MAX_REPORTED_SERVICES: usize = 1024;
+
 /// How long a reconciliation delete for the same (node, job, instance) waits before it is sent again.
 const RECONCILE_REPEAT_MS: u64 = 10_000;
 
@@ -455,6 +511,8 @@ pub struct State {
     jobs: BTreeMap<String, Job>,
     /// Job name → job id.
     names: HashMap<String, String>,
+    /// Worker host name → node id.
+    hosts: HashMap<String, String>,
     /// (node, job name, instance) → when a reconciliation delete was last sent.
     reconciled: HashMap<(String, String, i64), u64>,
     /// Worker reports about instances placed elsewhere, ignored.
@@ -481,6 +539,7 @@ impl State {
     ) {
         for record in nodes {
             let info = record.registration.clone();
+            self.hosts.insert(record.name.clone(), record.id.clone());
             self.nodes.insert(
                 record.id.clone(),
                 Node {
@@ -489,6 +548,8 @@ impl State {
                     last_seen_ms: now_ms,
                     alive: true,
                     connection_lost: false,
+                    registered_ms: now_ms,
+                    heard: true,
                 },
             );
         }
@@ -526,7 +587,7 @@ impl State {
 
     /// The worker registered under hostname `name`.
     pub fn node_by_name(&self, name: &str) -> Option<&Node> {
-        self.nodes.values().find(|n| n.record.name == name)
+        self.hosts.get(name).and_then(|id| self.nodes.get(id))
     }
 
     /// Every job.
@@ -584,6 +645,12 @@ impl State {
             password_hash,
             subnet,
         };
+        if let Some(old) = self.nodes.get(&id)
+            && old.record.name != host
+        {
+            self.hosts.remove(&old.record.name);
+        }
+        self.hosts.insert(host.to_owned(), id.clone());
         self.nodes.insert(
             id.clone(),
             Node {
@@ -592,6 +659,8 @@ impl State {
                 last_seen_ms: now_ms,
                 alive: true,
                 connection_lost: false,
+                registered_ms: now_ms,
+                heard: false,
             },
         );
         Ok((id, vec![Effect::SaveNode(record), Effect::ReportSoon]))
@@ -630,6 +699,7 @@ impl State {
             Some(n) => {
                 n.last_seen_ms = now_ms;
                 n.connection_lost = false;
+                n.heard = true;
                 if !n.alive {
                     n.alive = true;
                     tracing::info!(node = %node, name = %n.record.name, "worker is back");
@@ -671,7 +741,15 @@ impl State {
         }
         if let (Ok(patch), Some(n)) = (info.cluster_patch(), self.nodes.get_mut(node)) {
             for (k, v) in patch {
-                n.info.insert(k, v);
+                // Only the snapshot's own fields, each small: unknown keys never grow the worker's document.
+                let fits = INFO_KEYS.contains(&k.as_str())
+                    && v.to_string().len() <= MAX_INFO_VALUE
+                    && (k != "ip"
+                        || v.as_str()
+                            .is_some_and(|ip| ip.parse::<std::net::IpAddr>().is_ok()));
+                if fits {
+                    n.info.insert(k, v);
+                }
             }
         }
         effects
@@ -684,7 +762,7 @@ impl State {
         if !self.seen(node, now_ms, &mut effects) {
             return effects;
         }
-        for service in &report.services {
+        for service in report.services.iter().take(MAX_REPORTED_SERVICES) {
             let number = service.instance;
             let instance = self
                 .names
@@ -709,7 +787,7 @@ impl State {
                         i.cpu_percent = service.cpu_percent_f64();
                         i.memory_percent = service.memory_percent_f64();
                         i.disk = service.disk_f64();
-                        i.logs = Some(service.logs.clone());
+                        i.logs = Some(log_tail(&service.logs).to_owned());
                         i.last_update_ms = now_ms;
                     }
                 }
@@ -1109,6 +1187,7 @@ impl State {
         }
         self.reconciled
             .retain(|_, at| now_ms.saturating_sub(*at) < RECONCILE_REPEAT_MS);
+        self.purge(now_ms, &mut effects);
 
         let mut redo = Vec::new();
         for job in self.jobs.values_mut() {
@@ -1173,6 +1252,31 @@ impl State {
         effects
     }
 
+    /// Forgets workers dead for [`Timing::purge_dead_after_ms`] and workers that never published anything within
+    /// [`Timing::purge_unconnected_after_ms`] of registering.
+    fn purge(&mut self, now_ms: u64, effects: &mut Vec<Effect>) {
+        let t = self.timing;
+        let gone: Vec<String> = self
+            .nodes
+            .values()
+            .filter(|n| {
+                let dead_long = !n.alive && now_ms.saturating_sub(n.last_seen_ms) > t.purge_dead_after_ms;
+                let never = !n.heard && now_ms.saturating_sub(n.registered_ms) > t.purge_unconnected_after_ms;
+                dead_long || never
+            })
+            .map(|n| n.record.id.clone())
+            .collect();
+        for id in gone {
+            if let Some(n) = self.nodes.remove(&id) {
+                if self.hosts.get(&n.record.name) == Some(&id) {
+                    self.hosts.remove(&n.record.name);
+                }
+                tracing::info!(node = %id, name = ?n.record.name, heard = n.heard, "worker forgotten (dead or never connected for too long)");
+                effects.push(Effect::DropNode { node: id });
+            }
+        }
+    }
+
     // --- reporting ---------------------------------------------------------------------------------------------
 
     /// The body of the periodic report to root: the aggregate over live workers plus every job.
@@ -1182,9 +1286,11 @@ impl State {
             .values()
             .filter(|n| n.alive)
             .map(|n| {
-                let mut m = n.info.clone();
-                m.insert("candidate_name".to_owned(), Value::from(n.record.name.clone()));
-                m
+                n.info
+                    .iter()
+                    .filter(|(k, _)| REPORTED_KEYS.contains(&k.as_str()))
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect()
             })
             .collect();
         let mut body = aggregate_workers(&live);
@@ -1246,6 +1352,15 @@ impl State {
     }
 }
 
+/// The last [`MAX_LOGS`] bytes of `logs` (cut at a character boundary).
+fn log_tail(logs: &str) -> &str {
+    let mut start = logs.len().saturating_sub(MAX_LOGS);
+    while !logs.is_char_boundary(start) {
+        start += 1;
+    }
+    &logs[start..]
+}
+
 /// A reported amount as a whole number (negative and garbage are 0; fractions round down).
 #[allow(
     clippy::cast_possible_truncation,
@@ -1286,9 +1401,105 @@ mod tests {
                 backoff_cap_ms: 8_000,
                 stable_after_ms: 10_000,
                 no_capacity_retry_ms: 2_000,
+                purge_dead_after_ms: 20_000,
+                purge_unconnected_after_ms: 5_000,
             },
             Policy::BestFit,
         )
+    }
+
+    #[test]
+    fn workers_dead_or_never_heard_from_are_forgotten() {
+        let mut s = state();
+        let quiet = join(&mut s, "quiet", 1, 100, T0);
+        let talks = join(&mut s, "talks", 1, 100, T0);
+        let dies = join(&mut s, "dies", 1, 100, T0);
+        for t in [T0 + 100, T0 + 900] {
+            alive(&mut s, &talks, t);
+            alive(&mut s, &dies, t);
+        }
+        // Dead after 1 s of silence, but kept: dead workers are forgotten only after 20 s.
+        let effects = s.tick(T0 + 2_000);
+        assert!(!effects.iter().any(|e| matches!(e, Effect::DropNode { .. })));
+        // The one that never published is forgotten after 5 s.
+        let mut now = T0 + 2_000;
+        while now < T0 + 30_000 {
+            now += 500;
+            alive(&mut s, &talks, now);
+            let dropped: Vec<String> = s
+                .tick(now)
+                .into_iter()
+                .filter_map(|e| match e {
+                    Effect::DropNode { node } => Some(node),
+                    _ => None,
+                })
+                .collect();
+            if now <= T0 + 5_000 {
+                assert!(dropped.is_empty(), "at {now}: {dropped:?}");
+            }
+            if now == T0 + 5_500 {
+                assert_eq!(dropped, vec![quiet.clone()]);
+            }
+            if now == T0 + 21_000 {
+                assert_eq!(dropped, vec![dies.clone()]);
+            }
+        }
+        let left: Vec<&str> = s.nodes().map(|n| n.record.id.as_str()).collect();
+        assert_eq!(left, vec![talks.as_str()]);
+        assert!(Effect::DropNode { node: quiet }.is_write());
+    }
+
+    #[test]
+    fn the_report_stays_small_with_ten_thousand_workers() {
+        let mut s = state();
+        for i in 0..10_000 {
+            let host = format!("edge-{i:05}");
+            let body = json!({"host": host, "ip": "192.0.2.1", "vcpus": 4, "memory": 4000, "architecture":
+                              if i % 3 == 0 { "arm64" } else { "amd64" }, "virtualization": ["docker", "unikernel"],
+                              "supported_addons": [format!("addon-{}", i % 100)], "gpu_driver": format!("drv-{i}"),
+                              "LogDirectory": format!("/var/log/{i}"), "system_info": {"full_stats": "x".repeat(1000)}});
+            let reg: NodeRegistration = serde_json::from_value(body).unwrap();
+            let reg = reg.bounded().unwrap();
+            let Ok(Value::Object(map)) = serde_json::to_value(&reg) else {
+                unreachable!()
+            };
+            s.register(&reg, map, "hash".into(), |_| false, || format!("id-{i}"), T0)
+                .unwrap();
+        }
+        let report = Value::Object(s.report()).to_string();
+        assert!(
+            report.len() < 8 * 1024,
+            "{} bytes: {}",
+            report.len(),
+            &report[..500]
+        );
+        let report: Value = serde_json::from_str(&report).unwrap();
+        assert_eq!(report["active_nodes"], json!(10_000));
+        assert_eq!(report["vcpus"], json!(40_000));
+        assert_eq!(report["virtualization"], json!(["docker", "unikernel"]));
+        assert_eq!(
+            report["aggregation_per_architecture"]["arm64"]["active_nodes"],
+            json!(3334)
+        );
+        assert!(report.get("LogDirectory").is_none() && report.get("system_info").is_none());
+    }
+
+    #[test]
+    fn snapshots_only_update_their_own_small_fields() {
+        let mut s = state();
+        let a = join(&mut s, "a", 1, 100, T0);
+        let info: NodeInformation = serde_json::from_value(json!({
+            "cpu_percent": 12.5, "memory": 50, "ip": "not-an-ip", "gpu_driver": "d".repeat(300),
+            "padding": "x".repeat(10_000), "host": "renamed"
+        }))
+        .unwrap();
+        s.information(&a, &info, T0 + 1);
+        let n = s.node(&a).unwrap();
+        assert_eq!(n.info["cpu_percent"], json!(12.5));
+        assert_eq!(n.info["memory"], json!(50));
+        assert_eq!(n.info["ip"], json!("192.0.2.1"));
+        assert!(!n.info.contains_key("padding") && !n.info.contains_key("gpu_driver"));
+        assert_eq!(n.info["host"], json!("a"));
     }
 
     fn join(s: &mut State, host: &str, vcpus: i64, memory: i64, now: u64) -> String {

@@ -296,6 +296,9 @@ impl Store {
                             params![job_id, number],
                         )?;
                     }
+                    Effect::DropNode { node } => {
+                        tx.execute("DELETE FROM nodes WHERE id = ?1", [&node])?;
+                    }
                     _ => {}
                 }
             }

@@ -123,6 +123,69 @@ async fn registration(broker: BrokerKind) {
         "{}",
         bad.body
     );
+    // Worker data is bounded: a 600 KiB registration is refused (413, JSON), a bad host name is named (422), and
+    // neither reaches the report, which root keeps taking.
+    let mut huge = node_body("edge-huge", 4, 4000);
+    huge["padding"] = json!("x".repeat(600 * 1024));
+    let r = call(
+        cluster.addr,
+        Method::POST,
+        "/api/node/register",
+        Some(&token),
+        Some(&huge),
+    )
+    .await;
+    assert_eq!(r.status, 413, "{}", r.body);
+    let mut evil = node_body("edge\n\u{1b}[2Jevil", 4, 4000);
+    evil["virtualization"] = json!(["docker"]);
+    let r = call(
+        cluster.addr,
+        Method::POST,
+        "/api/node/register",
+        Some(&token),
+        Some(&evil),
+    )
+    .await;
+    assert_eq!(r.status, 422, "{}", r.body);
+    assert!(
+        r.body["message"].as_str().unwrap().starts_with("host = "),
+        "{}",
+        r.body
+    );
+    let mut extra = node_body("edge-extra", 4, 4000);
+    extra["padding"] = json!("x".repeat(30 * 1024));
+    let r = call(
+        cluster.addr,
+        Method::POST,
+        "/api/node/register",
+        Some(&token),
+        Some(&extra),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let extra_id = r.body["id"].as_str().unwrap().to_owned();
+    let stored = cluster
+        .engine
+        .state()
+        .node(&extra_id)
+        .unwrap()
+        .record
+        .registration
+        .clone();
+    assert!(!stored.contains_key("padding"), "unknown keys are dropped");
+    // It never connects over MQTT: forgotten after --purge-unconnected-after (2 s), credentials too.
+    eventually(
+        6,
+        "the unconnected worker and its MQTT users to be forgotten",
+        || async {
+            let gone = cluster.engine.state().node(&extra_id).is_none()
+                && cluster.engine.broker.credentials().anonymous(&extra_id).is_none();
+            gone.then_some(())
+        },
+    )
+    .await;
+    let report = root.last_report().unwrap();
+    assert!(report.to_string().len() < 4096, "{report}");
     let garbage = client_raw(cluster.addr, "/api/node/register", b"{not json").await;
     assert_eq!(garbage, 400);
     // Root-only routes need the cluster secret.
@@ -174,7 +237,15 @@ async fn registration(broker: BrokerKind) {
     );
     let status = call(cluster.addr, Method::GET, "/api/cluster/status", None, None).await;
     assert_eq!(status.body["cluster_id"], json!(CLUSTER_ID));
-    assert_eq!(status.body["active_workers"], json!(1));
+    let known = cluster.engine.state().nodes().count();
+    assert_eq!(status.body["workers"], json!(known), "{}", status.body);
+    assert!(known <= 1, "only edge-a may be left: {}", status.body);
+    assert_eq!(status.body["ignored_foreign_reports"], json!(0));
+    assert_eq!(
+        status.body["connected_to_root"],
+        json!(true),
+        "root keeps taking the reports"
+    );
     cluster.stop().await.unwrap();
 }
 

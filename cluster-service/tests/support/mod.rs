@@ -356,6 +356,8 @@ pub fn fast_args(root_url: &str, data_dir: &Path) -> Vec<String> {
         "0.2",
         "--crash-backoff-cap",
         "1",
+        "--purge-unconnected-after",
+        "2",
     ]
     .iter()
     .map(|s| (*s).to_owned())

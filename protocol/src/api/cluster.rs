@@ -201,6 +201,195 @@ impl NodeRegistered {
     }
 }
 
+// === Limits =====================================================================================================
+
+/// Longest host name (DNS's limit).
+pub const MAX_HOST_LEN: usize = 253;
+/// Longest short text field (architecture, runtime and addon names, GPU driver).
+pub const MAX_NAME_LEN: usize = 64;
+/// Longest free-text field (paths, versions, `full_stats`).
+pub const MAX_TEXT_LEN: usize = 4096;
+/// Most entries in a list field (`virtualization`, `supported_addons`, `csi_drivers`).
+pub const MAX_LIST_LEN: usize = 32;
+/// Most entries in a map field (`disk_info`, `network_info`), and the longest encoded value of one entry.
+pub const MAX_MAP_LEN: usize = 64;
+/// Longest encoded value in a map field.
+pub const MAX_MAP_VALUE_LEN: usize = 256;
+
+/// A registration field outside its limits.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field} = {value}: {rule}")]
+pub struct LimitError {
+    /// The field (a JSON path).
+    pub field: String,
+    /// The offending value, cut to 80 characters and escaped.
+    pub value: String,
+    /// The rule it breaks.
+    pub rule: &'static str,
+}
+
+fn shown(value: &str) -> String {
+    let cut: String = value.chars().take(80).collect();
+    let mut text = format!("{cut:?}");
+    if cut.len() < value.len() {
+        text.push('…');
+    }
+    text
+}
+
+fn limit(field: impl Into<String>, value: &str, rule: &'static str) -> LimitError {
+    LimitError {
+        field: field.into(),
+        value: shown(value),
+        rule,
+    }
+}
+
+/// A host name: letters, digits, `.`, `-`, `_`.
+fn is_host_name(text: &str) -> bool {
+    (1..=MAX_HOST_LEN).contains(&text.len())
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
+}
+
+/// A short name: printable ASCII without spaces.
+fn is_name(text: &str) -> bool {
+    text.len() <= MAX_NAME_LEN && text.bytes().all(|b| b.is_ascii_graphic())
+}
+
+fn check_text(field: &str, text: &str) -> Result<(), LimitError> {
+    if text.len() > MAX_TEXT_LEN {
+        return Err(limit(field, text, "longer than 4096 bytes"));
+    }
+    if text.chars().any(|c| c.is_control() && c != '\n' && c != '\t') {
+        return Err(limit(field, text, "control characters are not allowed"));
+    }
+    Ok(())
+}
+
+fn check_map(field: &str, map: &Map<String, Value>) -> Result<(), LimitError> {
+    if map.len() > MAX_MAP_LEN {
+        return Err(limit(
+            field,
+            &format!("{} entries", map.len()),
+            "at most 64 entries",
+        ));
+    }
+    for (key, value) in map {
+        let path = format!("{field}.{key}");
+        if !is_name(key) {
+            return Err(limit(path, key, "keys are at most 64 printable ASCII characters"));
+        }
+        let encoded = value.to_string();
+        if encoded.len() > MAX_MAP_VALUE_LEN {
+            return Err(limit(path, &encoded, "a value is at most 256 bytes of JSON"));
+        }
+    }
+    Ok(())
+}
+
+impl NodeRegistration {
+    /// The registration as a cluster stores it: every field within its limits, the unknown keys (`extra`, also
+    /// those of `system_info` and `csi_drivers`, and the `token` a restarting worker proves itself with) dropped.
+    /// The first field out of bounds is named in the error.
+    pub fn bounded(&self) -> Result<Self, LimitError> {
+        let host = self.host.trim();
+        if !is_host_name(host) {
+            return Err(limit(
+                "host",
+                &self.host,
+                "a host name of 1 to 253 letters, digits, '.', '-' or '_'",
+            ));
+        }
+        let ip = self.ip.trim();
+        if !ip.is_empty() && ip.parse::<std::net::IpAddr>().is_err() {
+            return Err(limit("ip", &self.ip, "an IPv4 or IPv6 address"));
+        }
+        let port = self.port.trim();
+        if !port.is_empty() && port.parse::<u16>().map_or(true, |p| p == 0) {
+            return Err(limit("port", &self.port, "a port number 1 to 65535"));
+        }
+        if !is_name(&self.architecture) {
+            return Err(limit(
+                "architecture",
+                &self.architecture,
+                "at most 64 printable ASCII characters",
+            ));
+        }
+        if !is_name(&self.gpu_driver) {
+            return Err(limit(
+                "gpu_driver",
+                &self.gpu_driver,
+                "at most 64 printable ASCII characters",
+            ));
+        }
+        for (field, list) in [
+            ("virtualization", &self.virtualization),
+            ("supported_addons", &self.supported_addons),
+        ] {
+            if list.len() > MAX_LIST_LEN {
+                return Err(limit(
+                    field,
+                    &format!("{} entries", list.len()),
+                    "at most 32 entries",
+                ));
+            }
+            if let Some((i, bad)) = list.iter().enumerate().find(|(_, n)| n.is_empty() || !is_name(n)) {
+                return Err(limit(
+                    format!("{field}[{i}]"),
+                    bad,
+                    "1 to 64 printable ASCII characters",
+                ));
+            }
+        }
+        if self.csi_drivers.len() > MAX_LIST_LEN {
+            return Err(limit(
+                "csi_drivers",
+                &format!("{} entries", self.csi_drivers.len()),
+                "at most 32 entries",
+            ));
+        }
+        for (i, csi) in self.csi_drivers.iter().enumerate() {
+            if !is_name(&csi.csi_driver_name) {
+                return Err(limit(
+                    format!("csi_drivers[{i}].csi_driver_name"),
+                    &csi.csi_driver_name,
+                    "at most 64 printable ASCII characters",
+                ));
+            }
+            check_text(
+                &format!("csi_drivers[{i}].csi_driver_endpoint"),
+                &csi.csi_driver_endpoint,
+            )?;
+        }
+        for (field, text) in [
+            ("system_info.kernel_version", &self.system_info.kernel_version),
+            ("system_info.architecture", &self.system_info.architecture),
+            ("system_info.os_version", &self.system_info.os_version),
+            ("system_info.uptime", &self.system_info.uptime),
+            ("system_info.full_stats", &self.system_info.full_stats),
+            ("OverlaySocket", &self.overlay_socket),
+            ("LogDirectory", &self.log_directory),
+            ("ClusterAddress", &self.cluster_address),
+        ] {
+            check_text(field, text)?;
+        }
+        check_map("disk_info", &self.disk_info)?;
+        check_map("network_info", &self.network_info)?;
+        let mut kept = self.clone();
+        kept.host = host.to_owned();
+        kept.ip = ip.to_owned();
+        kept.port = port.to_owned();
+        kept.extra = Map::new();
+        kept.system_info.extra = Map::new();
+        for csi in &mut kept.csi_drivers {
+            csi.extra = Map::new();
+        }
+        Ok(kept)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
@@ -208,6 +397,48 @@ mod tests {
 
     use super::*;
     use crate::test_util::round_trip;
+
+    #[test]
+    fn bounded_drops_unknown_keys_and_names_the_first_bad_field() {
+        let r: NodeRegistration = serde_json::from_str(REGISTRATION).unwrap();
+        let mut with_extra = r.clone();
+        with_extra.extra.insert("token".into(), json!("secret"));
+        with_extra
+            .extra
+            .insert("padding".into(), json!("x".repeat(600 * 1024)));
+        let kept = with_extra.bounded().unwrap();
+        assert!(kept.extra.is_empty());
+        assert_eq!(kept.host, "edge-node-1");
+        let bad = |f: &dyn Fn(&mut NodeRegistration)| {
+            let mut r = r.clone();
+            f(&mut r);
+            r.bounded().unwrap_err()
+        };
+        let e = bad(&|r| r.host = "edge\n\x1b[31mevil".into());
+        assert_eq!(e.field, "host");
+        assert!(e.value.contains("\\n") && !e.value.contains('\n'), "{e}");
+        assert_eq!(bad(&|r| r.host = "h".repeat(254)).field, "host");
+        assert_eq!(bad(&|r| r.host = String::new()).field, "host");
+        assert_eq!(bad(&|r| r.ip = "1.2.3".into()).field, "ip");
+        assert_eq!(bad(&|r| r.port = "70000".into()).field, "port");
+        assert_eq!(
+            bad(&|r| r.virtualization = vec!["docker".into(); 33]).field,
+            "virtualization"
+        );
+        assert_eq!(
+            bad(&|r| r.supported_addons = vec![" ".into()]).field,
+            "supported_addons[0]"
+        );
+        assert_eq!(
+            bad(&|r| r.system_info.full_stats = "x".repeat(5000)).field,
+            "system_info.full_stats"
+        );
+        let e = bad(&|r| {
+            r.disk_info.insert("/".into(), json!("y".repeat(300)));
+        });
+        assert_eq!(e.field, "disk_info./");
+        assert!(e.to_string().len() < 300, "the error stays short: {e}");
+    }
 
     /// A NodeEngine registration body (with `carbon_intensity`, which newer NodeEngines add).
     const REGISTRATION: &str = r#"{"id":"","host":"edge-node-1","ip":"192.168.1.5","port":"3000",

@@ -9,7 +9,7 @@
 //! |---|---|
 //! | `cpu_percent`, `memory_percent`, `vram_percent`, `gpu_temp`, `gpu_percent`, any key ending `_percent`/`_average` | mean over the workers, zero and non-numeric values skipped (0 when every value is skipped) |
 //! | `vcpus`, `vgpus`, `vram`, `memory`, any other numeric key | sum; integers stay integers when every input is one |
-//! | `virtualization`, `supported_addons`, `gpu_drivers`, any other list or string key | one list, duplicates kept: a string contributes itself, a list its elements |
+//! | `virtualization`, `supported_addons`, `gpu_drivers`, any other list or string key | one list of distinct values in first-seen order, at most 64: a string contributes itself, a list its strings and numbers |
 //! | `csi_drivers` | deduplicated list of driver names (from `{csi_driver_name, …}` objects or plain strings) |
 //! | `active_nodes` | the number of workers |
 //! | `aggregation_per_architecture` | `{arch: the same aggregation over the workers of that arch}` |
@@ -25,7 +25,11 @@
 //! For a key that is in none of the named rules, the values decide: if every non-skipped value is numeric the key is
 //! summed, otherwise the values are concatenated (numbers then contribute themselves).
 //!
-//! # Our extension
+//! # Our extensions
+//!
+//! The reference keeps duplicates when it concatenates, so its report grows with every worker (10,000 workers that
+//! each offer `docker` put 10,000 `"docker"`s in it, twice); root only ever asks whether a value is present, so we
+//! keep distinct values, at most 64 per key.
 //!
 //! `max_node_vcpus` and `max_node_memory` carry the largest single worker's `vcpus` and `memory` (at the top level and
 //! in every per-architecture aggregate), so root can tell whether *one* node of the cluster can hold a service, which
@@ -69,6 +73,9 @@ const MEMORY: &str = "memory";
 const MAX_NODE_VCPUS: &str = "max_node_vcpus";
 const MAX_NODE_MEMORY: &str = "max_node_memory";
 const JOBS: &str = "jobs";
+/// Most distinct values a concatenated key keeps: what root needs is membership ("does a worker offer `docker`?"),
+/// and the report must stay small however many workers there are.
+const MAX_DISTINCT: usize = 64;
 /// The per-architecture bucket of workers without an `architecture`.
 const UNKNOWN_ARCHITECTURE: &str = "unknown";
 
@@ -280,12 +287,20 @@ fn sum(values: &[&Value]) -> Value {
 
 /// Strings and list elements in order, duplicates kept; numbers contribute themselves when `with_numbers`.
 fn concat(values: &[&Value], with_numbers: bool) -> Value {
-    let mut out = Vec::new();
+    let mut out: Vec<Value> = Vec::new();
+    let mut push = |item: &Value| {
+        if out.len() < MAX_DISTINCT && !out.contains(item) {
+            out.push(item.clone());
+        }
+    };
     for value in values {
         match value {
-            Value::Array(items) => out.extend(items.iter().cloned()),
-            Value::String(_) => out.push((*value).clone()),
-            Value::Number(_) if with_numbers => out.push((*value).clone()),
+            Value::Array(items) => items
+                .iter()
+                .filter(|i| matches!(i, Value::String(_) | Value::Number(_)))
+                .for_each(&mut push),
+            Value::String(_) => push(value),
+            Value::Number(_) if with_numbers => push(value),
             _ => {}
         }
     }
@@ -730,7 +745,7 @@ mod tests {
     }
 
     #[test]
-    fn lists_and_strings_concatenate_with_duplicates() {
+    fn lists_and_strings_concatenate_distinct_values() {
         let a = agg(json!([
             {"virtualization": ["docker"], "supported_addons": null, "gpu_driver": "", "gpu_drivers": ["nvidia"],
              "host": "a", "mixed": 1},
@@ -738,15 +753,20 @@ mod tests {
              "gpu_driver": "nvidia", "gpu_drivers": 3, "host": "b", "mixed": "x"},
             {"virtualization": "crosvm", "gpu_drivers": "amdgpu", "host": "a"},
         ]));
-        assert_eq!(
-            a["virtualization"],
-            json!(["docker", "docker", "unikernel", "crosvm"])
-        );
+        assert_eq!(a["virtualization"], json!(["docker", "unikernel", "crosvm"]));
         assert_eq!(a["supported_addons"], json!(["imageBuilder"]));
         assert_eq!(a["gpu_driver"], json!(["", "nvidia"]));
         assert_eq!(a["gpu_drivers"], json!(["nvidia", "amdgpu"]));
-        assert_eq!(a["host"], json!(["a", "b", "a"]));
+        assert_eq!(a["host"], json!(["a", "b"]));
         assert_eq!(a["mixed"], json!([1, "x"]));
+        // However many workers, at most 64 distinct values per key.
+        let many: Vec<Value> = (0..1000)
+            .map(|i| json!({"gpu_driver": format!("d{i}")}))
+            .collect();
+        assert_eq!(
+            agg(Value::Array(many))["gpu_driver"].as_array().unwrap().len(),
+            64
+        );
     }
 
     #[test]
@@ -783,7 +803,7 @@ mod tests {
         assert_eq!(amd["vcpus"], json!(12));
         assert_eq!(amd["memory"], json!(4000));
         assert_eq!(amd["cpu_percent"], json!(15.0));
-        assert_eq!(amd["virtualization"], json!(["docker", "docker"]));
+        assert_eq!(amd["virtualization"], json!(["docker"]));
         assert_eq!(amd["max_node_vcpus"], json!(8));
         assert!(!amd.contains_key("aggregation_per_architecture"));
         assert!(!amd.contains_key("architecture"));
@@ -868,7 +888,7 @@ mod tests {
         ])));
         assert_eq!((c.active_nodes, c.vcpus, c.memory, c.vgpus), (2, 6, 1536, 1));
         assert_eq!((c.cpu_percent, c.memory_percent), (20.0, 40.0));
-        assert_eq!(c.virtualization, ["docker", "docker", "unikernel"]);
+        assert_eq!(c.virtualization, ["docker", "unikernel"]);
         assert_eq!(c.supported_addons, ["FLOps"]);
         assert_eq!(c.csi_drivers, ["nfs.csi.k8s.io"]);
         assert_eq!((c.max_node_vcpus, c.max_node_memory), (Some(4), Some(1024)));
