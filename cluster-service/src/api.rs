@@ -176,6 +176,13 @@ async fn job_update(
 ) -> Result<Json<Value>, ApiError> {
     root_only(&engine, &headers)?;
     let update: JobUpdate = body(&bytes)?;
+    // The name becomes a topic level (`jobs/<job>/updates_available`): only app.appns.svc.svcns.
+    if let Err(e) = update.job_name.parse::<oakestra_protocol::naming::JobName>() {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("job_name: {e}"),
+        ));
+    }
     // Answered at once, like the reference: the refresh from root runs in the background.
     tokio::spawn(Arc::clone(&engine).job_update(update));
     Ok(Json(json!({"message": "ok"})))

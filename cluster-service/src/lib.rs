@@ -7,6 +7,7 @@
 //! - [`broker`]: the embedded MQTT broker or an external one, and per-worker MQTT credentials;
 //! - [`mqtt`]: the cluster's own MQTT client;
 //! - [`state`]: workers, jobs, instances, the instance state machine, scheduling and self-healing (pure);
+//! - [`placement`]: the per-node free-capacity index placement walks (pure);
 //! - [`engine`]: the driver that feeds [`state`] and carries out its effects;
 //! - [`net`]: the cluster network service (subnets, table queries, interests, job updates);
 //! - [`api`]: the HTTP API on the manager port.
@@ -17,6 +18,7 @@ pub mod config;
 pub mod engine;
 pub mod mqtt;
 pub mod net;
+pub mod placement;
 pub mod root_link;
 pub mod state;
 pub mod store;

@@ -13,11 +13,14 @@ use oakestra_protocol::{
         root::{InstanceReport, JobReport, aggregate_workers},
     },
     mqtt::worker::{DeleteCommand, DeployCommand, JobStatusReport, NodeInformation, ResourcesReport},
-    sched::{self, Candidate, Capacity, Policy, Refusal, Reservations},
+    naming::{JobName, NameError},
+    sched::{self, Candidate, Capacity, Policy, Refusal},
     status::Status,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+
+use crate::placement::{self, FreeIndex};
 
 /// The clocks of self-healing, in milliseconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -443,6 +446,12 @@ pub enum CallError {
     /// The instance number is negative.
     #[error("instance number = {0}: must be 0 or more (only DELETE accepts -1, meaning every instance)")]
     BadNumber(i64),
+    /// The job name breaks the naming rules.
+    #[error("job_name: {0}")]
+    BadJobName(NameError),
+    /// The job id in the path is not an id.
+    #[error("job id = {0:?}: must be 1 to 64 letters, digits, '-' or '_'")]
+    BadJobId(String),
     /// The job id in the path and the job's name clash with another job.
     #[error("job_name = {name:?} already belongs to job {other}, not {id}")]
     NameTaken {
@@ -517,6 +526,10 @@ pub struct State {
     reconciled: HashMap<(String, String, i64), u64>,
     /// Worker reports about instances placed elsewhere, ignored.
     foreign_reports: u64,
+    /// Node → capacity its instances hold (recomputed every tick, raised at each placement).
+    held: HashMap<String, Capacity>,
+    /// Live workers by free capacity.
+    free: FreeIndex,
 }
 
 impl State {
@@ -573,6 +586,7 @@ impl State {
                 job.instances.insert(instance.instance_number, instance);
             }
         }
+        self.recompute_held();
     }
 
     /// Every worker.
@@ -663,6 +677,7 @@ impl State {
                 heard: false,
             },
         );
+        self.reindex(&id);
         Ok((id, vec![Effect::SaveNode(record), Effect::ReportSoon]))
     }
 
@@ -704,6 +719,7 @@ impl State {
                     n.alive = true;
                     tracing::info!(node = %node, name = %n.record.name, "worker is back");
                     effects.push(Effect::ReportSoon);
+                    self.reindex(node);
                 }
                 true
             }
@@ -751,6 +767,7 @@ impl State {
                     n.info.insert(k, v);
                 }
             }
+            self.reindex(node);
         }
         effects
     }
@@ -923,6 +940,11 @@ impl State {
                 doc.get("job_name").map(Value::to_string).unwrap_or_default(),
             ));
         }
+        // The name becomes container, log file and topic names on workers: only app.appns.svc.svcns.
+        job_name.parse::<JobName>().map_err(CallError::BadJobName)?;
+        if !is_valid_job_id(job_id) {
+            return Err(CallError::BadJobId(job_id.to_owned()));
+        }
         if let Some(other) = self.names.get(&job_name)
             && other != job_id
         {
@@ -1003,8 +1025,69 @@ impl State {
     /// The live workers as scheduling candidates, with the capacity already promised to instances counted out:
     /// every placed instance holds its vCPUs and GPUs; one not yet running also holds its memory (a running one's
     /// memory already shows in the worker's reported free memory).
+    /// Every worker as a placement candidate (the full scan: constraints by name, first-fit, refusals).
     fn candidates(&self) -> Vec<Candidate> {
-        let mut held: HashMap<&str, Capacity> = HashMap::new();
+        self.nodes.values().map(|n| self.candidate(n)).collect()
+    }
+
+    /// What a worker offers: its reported capacity minus what its instances hold.
+    fn candidate(&self, n: &Node) -> Candidate {
+        let free = self.free_of(n);
+        let arch = n
+            .info
+            .get("architecture")
+            .and_then(Value::as_str)
+            .filter(|a| !a.is_empty())
+            .unwrap_or("unknown")
+            .to_owned();
+        Candidate {
+            id: n.record.id.clone(),
+            name: n.record.name.clone(),
+            active: n.alive,
+            virtualization: n.strings("virtualization"),
+            cpu_percent: n.number("cpu_percent"),
+            total: free,
+            per_arch: BTreeMap::from([(arch, free)]),
+            max_node: None,
+            csi_drivers: n
+                .info
+                .get("csi_drivers")
+                .and_then(Value::as_array)
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|d| {
+                            d.get("csi_driver_name")
+                                .and_then(Value::as_str)
+                                .or_else(|| d.as_str())
+                                .map(str::to_owned)
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+            addons: n.strings("supported_addons"),
+        }
+    }
+
+    /// A worker's free capacity: what it reports minus what its instances hold.
+    fn free_of(&self, n: &Node) -> Capacity {
+        let whole = Capacity::new(
+            whole_units(n.number("vcpus")),
+            whole_units(n.number("memory")),
+            whole_units(n.number("vgpus")),
+        );
+        whole.saturating_sub(self.held.get(&n.record.id).copied().unwrap_or_default())
+    }
+
+    /// Puts `node` where its free capacity says in the placement index (out of it while dead or gone).
+    fn reindex(&mut self, node: &str) {
+        let free = self.nodes.get(node).filter(|n| n.alive).map(|n| self.free_of(n));
+        self.free.set(node, free);
+    }
+
+    /// Recomputes what every worker's instances hold (an instance being deployed holds its vCPUs and memory; a
+    /// running one only its vCPUs, since the worker's reported free memory already counts it), then the index.
+    fn recompute_held(&mut self) {
+        let mut held: HashMap<String, Capacity> = HashMap::new();
         for job in self.jobs.values() {
             let need = job.demand(0).need;
             for i in job.instances.values() {
@@ -1016,65 +1099,39 @@ impl State {
                     } else {
                         need.memory_mib
                     };
-                    let h = held.entry(w).or_default();
+                    let h = held.entry(w.to_owned()).or_default();
                     *h = h.saturating_add(Capacity::new(need.vcpus, memory, need.gpus));
                 }
             }
         }
-        self.nodes
-            .values()
-            .map(|n| {
-                let whole = Capacity::new(
-                    whole_units(n.number("vcpus")),
-                    whole_units(n.number("memory")),
-                    whole_units(n.number("vgpus")),
-                );
-                let free = whole.saturating_sub(held.get(n.record.id.as_str()).copied().unwrap_or_default());
-                let arch = n
-                    .info
-                    .get("architecture")
-                    .and_then(Value::as_str)
-                    .filter(|a| !a.is_empty())
-                    .unwrap_or("unknown")
-                    .to_owned();
-                Candidate {
-                    id: n.record.id.clone(),
-                    name: n.record.name.clone(),
-                    active: n.alive,
-                    virtualization: n.strings("virtualization"),
-                    cpu_percent: n.number("cpu_percent"),
-                    total: free,
-                    per_arch: BTreeMap::from([(arch, free)]),
-                    max_node: None,
-                    csi_drivers: n
-                        .info
-                        .get("csi_drivers")
-                        .and_then(Value::as_array)
-                        .map(|a| {
-                            a.iter()
-                                .filter_map(|d| {
-                                    d.get("csi_driver_name")
-                                        .and_then(Value::as_str)
-                                        .or_else(|| d.as_str())
-                                        .map(str::to_owned)
-                                })
-                                .collect()
-                        })
-                        .unwrap_or_default(),
-                    addons: n.strings("supported_addons"),
-                }
-            })
-            .collect()
+        self.held = held;
+        let ids: Vec<String> = self.nodes.keys().cloned().collect();
+        for id in ids {
+            self.reindex(&id);
+        }
     }
 
     /// Picks a worker for instance `number` and sends it the deploy command, or records why none fits and tells
     /// root.
     fn place(&mut self, job_id: &str, number: i64, now_ms: u64, effects: &mut Vec<Effect>) {
-        let candidates = self.candidates();
         let Some(job) = self.jobs.get(job_id) else { return };
         let demand = job.demand(number);
-        let choice = sched::place(&candidates, &demand, &Reservations::new(), self.policy)
-            .map(|c| (c.id.clone(), c.name.clone()));
+        // The index visits the few workers around the demand's size; only constraints by name, first-fit and
+        // refusals (which name the rule that left nothing) scan every worker.
+        let indexed = self.free.choose(&demand, self.policy, |id| {
+            self.nodes.get(id).map(|n| self.candidate(n))
+        });
+        let choice = match indexed {
+            Some(c) => Ok((c.id, c.name)),
+            None => placement::full_scan(&self.candidates(), &demand, self.policy).map(|c| (c.id, c.name)),
+        };
+        if let Ok((worker, _)) = &choice {
+            let need = demand.need;
+            let h = self.held.entry(worker.clone()).or_default();
+            *h = h.saturating_add(need);
+            let worker = worker.clone();
+            self.reindex(&worker);
+        }
         let no_capacity_retry = self.timing.no_capacity_retry_ms;
         let ip = choice
             .as_ref()
@@ -1188,6 +1245,7 @@ impl State {
         self.reconciled
             .retain(|_, at| now_ms.saturating_sub(*at) < RECONCILE_REPEAT_MS);
         self.purge(now_ms, &mut effects);
+        self.recompute_held();
 
         let mut redo = Vec::new();
         for job in self.jobs.values_mut() {
@@ -1268,6 +1326,8 @@ impl State {
             .collect();
         for id in gone {
             if let Some(n) = self.nodes.remove(&id) {
+                self.free.set(&id, None);
+                self.held.remove(&id);
                 if self.hosts.get(&n.record.name) == Some(&id) {
                     self.hosts.remove(&n.record.name);
                 }
@@ -1359,6 +1419,14 @@ fn log_tail(logs: &str) -> &str {
         start += 1;
     }
     &logs[start..]
+}
+
+/// Whether `id` can be a job id (root's are 24 hex digits).
+pub fn is_valid_job_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_'))
 }
 
 /// A reported amount as a whole number (negative and garbage are 0; fractions round down).
@@ -1736,6 +1804,15 @@ mod tests {
         assert!(matches!(
             s.deploy("j4", 0, job_doc("", json!({})), T0),
             Err(CallError::NoJobName(_))
+        ));
+        for bad in ["../../etc", "a.b.c", "a.b.c.d/e", "a.b.c.+", "a.b.c.#"] {
+            let e = s.deploy("j4", 0, job_doc(bad, json!({})), T0).unwrap_err();
+            assert!(matches!(e, CallError::BadJobName(_)), "{bad}: {e}");
+            assert!(e.to_string().starts_with("job_name: "), "{e}");
+        }
+        assert!(matches!(
+            s.deploy("../j4", 0, job_doc("x.y.z.w", json!({})), T0),
+            Err(CallError::BadJobId(_))
         ));
         assert!(matches!(
             s.deploy("j4", 0, doc(), T0),
