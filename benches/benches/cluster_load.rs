@@ -1,5 +1,7 @@
-//! Load and failover of the real `cluster-service` binary (release build, started as a child process with its
-//! embedded MQTT broker), driven by simulated workers and a minimal fake root, all on 127.0.0.1.
+//! Load and failover of the real `cluster-service` binary (release build, started as a child process), driven by
+//! simulated workers and a minimal fake root, all on 127.0.0.1, once with the embedded MQTT broker and once with an
+//! external Mosquitto child whose password and ACL files the cluster writes (`OAKESTRA_BENCH_BROKERS`, default
+//! `embedded,mosquitto`).
 //!
 //! 1. Report rate: N workers register over HTTP, connect over MQTT with their own credentials and publish
 //!    `information` and `jobs/resources` every 2 s (random phase). Each worker runs one instance: root deploys one
@@ -9,7 +11,10 @@
 //!    comes back: the end-to-end lag through the cluster's MQTT queue. N steps up (`OAKESTRA_BENCH_WORKERS`, a
 //!    fresh cluster per step) until p99 ≥ 1 s, a connection fails, or the cluster falls behind while the workers
 //!    join or their instances are deployed (its log says it took live workers for dead or lost its own MQTT
-//!    connection). Each simulated worker is one MQTT connection (a real one has two: NodeEngine and NetManager).
+//!    connection). Each simulated worker holds two MQTT connections with its own credentials, like a real one: the
+//!    NodeEngine's (`<id>-ne`, reporting) and the NetManager's (`<id>`, subscribed to `nodes/<id>/net/#`, idle).
+//!    The cluster's RSS is read once started (idle) and during the probe: the difference per worker is the cost of
+//!    a worker (its records, its two sessions); with Mosquitto the broker's RSS is shown on its own.
 //! 2. Failover: two workers, one instance; the worker running it dies; time until the other receives
 //!    `control/deploy`, with the default `--worker-timeout` (10 s) and with 2 s (`OAKESTRA_BENCH_FAILOVER_RUNS`
 //!    runs each, default 5, a fresh cluster per run).
@@ -52,7 +57,7 @@ const CLUSTER_ID: &str = "c0ffee0000000000000000b1";
 /// The cluster secret the fake root hands out (root's calls to the cluster carry it).
 const CLUSTER_SECRET: &str = "bench-fake-root-cluster-secret";
 /// Default worker counts of the report-rate steps.
-const DEFAULT_STEPS: &[usize] = &[100, 1000, 2000, 3000, 4000, 5000];
+const DEFAULT_STEPS: &[usize] = &[1000, 5000, 10_000, 12_500, 15_000];
 /// How often a worker publishes `information` and `jobs/resources` (the NodeEngine's cadence).
 const REPORT_PERIOD: Duration = Duration::from_secs(2);
 /// Resolution of the workers' random phases within [`REPORT_PERIOD`].
@@ -287,6 +292,45 @@ fn cluster_binary() -> PathBuf {
     path
 }
 
+/// Which broker the workers use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BrokerMode {
+    /// cluster-service's embedded broker.
+    Embedded,
+    /// A Mosquitto child with the password and ACL files the cluster writes.
+    Mosquitto,
+}
+
+impl BrokerMode {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Embedded => "embedded broker",
+            Self::Mosquitto => "external Mosquitto",
+        }
+    }
+}
+
+fn broker_modes() -> Vec<BrokerMode> {
+    let list = std::env::var("OAKESTRA_BENCH_BROKERS").unwrap_or_else(|_| "embedded,mosquitto".into());
+    list.split(',')
+        .filter(|m| !m.trim().is_empty())
+        .map(|m| match m.trim() {
+            "embedded" => BrokerMode::Embedded,
+            "mosquitto" => BrokerMode::Mosquitto,
+            other => panic!("OAKESTRA_BENCH_BROKERS: {other:?} is not embedded or mosquitto"),
+        })
+        .collect()
+}
+
+/// The Mosquitto binary (Debian's `mosquitto` package).
+fn mosquitto_binary() -> PathBuf {
+    ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
+        .expect("mosquitto is not installed (apt-get install mosquitto)")
+}
+
 /// A running cluster-service child, killed on drop.
 struct Cluster {
     child: Child,
@@ -295,6 +339,8 @@ struct Cluster {
     log: PathBuf,
     /// How far [`Cluster::trouble_counts`] has read the log, and what it counted.
     scanned: Mutex<LogScan>,
+    /// The Mosquitto child in [`BrokerMode::Mosquitto`].
+    mosquitto: Option<Child>,
     _dir: TempDir,
 }
 
@@ -314,11 +360,25 @@ const WORKER_JOIN_TOKEN: &str = "bench-worker-join-token-7d2e";
 impl Cluster {
     /// Starts the cluster on free ports with `extra` flags and waits until it has registered with root, reported
     /// once and subscribed to its broker.
-    async fn start(root_url: &str, extra: &[&str]) -> Self {
+    async fn start(root_url: &str, extra: &[&str], mode: BrokerMode) -> Self {
         let binary = cluster_binary();
         let dir = TempDir::new("cluster");
         let ports = free_ports(2);
         let log = dir.0.join("cluster.log");
+        let d = |name: &str| dir.0.join(name).display().to_string();
+        let broker_args: Vec<String> = match mode {
+            BrokerMode::Embedded => vec!["--mqtt-listen".into(), format!("127.0.0.1:{}", ports[1])],
+            BrokerMode::Mosquitto => vec![
+                "--mqtt-url".into(),
+                format!("mqtt://127.0.0.1:{}", ports[1]),
+                "--mqtt-password-file".into(),
+                d("passwd"),
+                "--mqtt-acl-file".into(),
+                d("acl"),
+                "--mqtt-reload-command".into(),
+                format!("kill -HUP \"$(cat '{}')\"", d("run/mosquitto.pid")),
+            ],
+        };
         let child = Command::new(&binary)
             .args([
                 "--cluster-name",
@@ -329,25 +389,29 @@ impl Cluster {
                 root_url,
                 "--listen",
                 &format!("127.0.0.1:{}", ports[0]),
-                "--mqtt-listen",
-                &format!("127.0.0.1:{}", ports[1]),
                 "--data-dir",
-                dir.0.to_str().expect("a UTF-8 temp dir"),
+                &d("data"),
                 "--worker-join-token",
                 WORKER_JOIN_TOKEN,
             ])
+            .args(&broker_args)
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(File::create(&log).expect("creating the cluster log"))
             .spawn()
             .unwrap_or_else(|e| panic!("cannot run {}: {e}", binary.display()));
+        let mosquitto = match mode {
+            BrokerMode::Embedded => None,
+            BrokerMode::Mosquitto => Some(start_mosquitto(&dir.0, ports[1]).await),
+        };
         let mut cluster = Self {
             pid: child.id().to_string(),
             child,
             url: format!("http://127.0.0.1:{}", ports[0]),
             log,
             scanned: Mutex::new(LogScan::default()),
+            mosquitto,
             _dir: dir,
         };
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -367,6 +431,13 @@ impl Cluster {
                 && r.body["mqtt_connected"] == json!(true)
                 && r.body["connected_to_root"] == json!(true)
             {
+                // Trouble counts from here on: an external broker started after the cluster makes its first
+                // connection attempts fail, which is not the load's doing.
+                let baseline = cluster.trouble_counts();
+                *cluster.scanned.lock().unwrap_or_else(PoisonError::into_inner) = LogScan {
+                    offset: baseline.offset,
+                    ..LogScan::default()
+                };
                 return cluster;
             }
             assert!(
@@ -422,10 +493,74 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    /// The Mosquitto child's pid, in [`BrokerMode::Mosquitto`].
+    fn broker_pid(&self) -> Option<String> {
+        self.mosquitto.as_ref().map(|m| m.id().to_string())
+    }
+}
+
+/// Starts Mosquitto on 127.0.0.1:`port` over the files the cluster writes into `dir` (waits until they exist and
+/// it listens). It drops to user `mosquitto` like the packaged broker; the files are group-readable for it.
+async fn start_mosquitto(dir: &Path, port: u16) -> Child {
+    let run = dir.join("run");
+    std::fs::create_dir_all(&run).expect("creating mosquitto's run dir");
+    let _ = std::fs::set_permissions(&run, std::os::unix::fs::PermissionsExt::from_mode(0o777));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !(dir.join("passwd").is_file() && dir.join("acl").is_file()) {
+        assert!(
+            Instant::now() < deadline,
+            "the cluster did not write Mosquitto's files within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let config = dir.join("mosquitto.conf");
+    std::fs::write(
+        &config,
+        format!(
+            "listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {d}/passwd\nacl_file {d}/acl\n\
+             use_username_as_clientid true\npid_file {d}/run/mosquitto.pid\npersistence false\nlog_dest stderr\n\
+             log_type error\nlog_type warning\n",
+            d = dir.display()
+        ),
+    )
+    .expect("writing mosquitto.conf");
+    let mut child = Command::new(mosquitto_binary())
+        .arg("-c")
+        .arg(&config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(File::create(dir.join("mosquitto.log")).expect("creating mosquitto.log"))
+        .spawn()
+        .expect("starting mosquitto");
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!(
+                "mosquitto exited with {status}: {}",
+                std::fs::read_to_string(dir.join("mosquitto.log")).unwrap_or_default()
+            );
+        }
+        if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok()
+            && run.join("mosquitto.pid").is_file()
+        {
+            return child;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "mosquitto not listening on {port} within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 impl Drop for Cluster {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if let Some(m) = &mut self.mosquitto {
+            let _ = m.kill();
+            let _ = m.wait();
+        }
     }
 }
 
@@ -473,6 +608,203 @@ impl Drop for Worker {
     }
 }
 
+/// Connection attempts before a worker gives up joining (an external broker applies new credentials shortly after
+/// its reload, not at once), and the pause between them.
+const CONNECT_ATTEMPTS: usize = 100;
+const CONNECT_PAUSE: Duration = Duration::from_millis(100);
+
+/// MQTT options for one of a worker's programs.
+fn mqtt_options(user: &str, password: &str, port: u16) -> MqttOptions {
+    let mut options = MqttOptions::new(user, "127.0.0.1", port);
+    options
+        .set_credentials(user, password)
+        .set_keep_alive(Duration::from_secs(30))
+        .set_max_packet_size(1 << 20, 1 << 20);
+    options
+}
+
+/// The workers' NetManager connections, held by a child process (this bench binary again, with
+/// `OAKESTRA_BENCH_ROLE=net-swarm`): each process may hold at most `RLIMIT_NOFILE` sockets, and without
+/// CAP_SYS_RESOURCE that limit cannot be raised, so the two connections of 10,000 workers need two processes.
+/// Lines `<id> <password> <port>` go to its stdin; it answers `ok` or `err <why>` per line.
+struct NetSwarm {
+    child: Mutex<Child>,
+    stdin: Mutex<std::process::ChildStdin>,
+    acked: Arc<AtomicUsize>,
+    failed: Arc<AtomicUsize>,
+    first_error: Arc<Mutex<Option<String>>>,
+}
+
+impl NetSwarm {
+    fn start() -> Self {
+        let exe = std::env::current_exe().expect("the bench's own path");
+        let mut child = Command::new(exe)
+            .env("OAKESTRA_BENCH_ROLE", "net-swarm")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("starting the net-swarm child");
+        let stdin = child.stdin.take().expect("its stdin");
+        let stdout = child.stdout.take().expect("its stdout");
+        let (acked, failed, first_error) = (
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(Mutex::new(None)),
+        );
+        let (a, f, e) = (Arc::clone(&acked), Arc::clone(&failed), Arc::clone(&first_error));
+        std::thread::spawn(move || {
+            use std::io::BufRead as _;
+            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+                if line == "ok" {
+                    a.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    f.fetch_add(1, Ordering::Relaxed);
+                    e.lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .get_or_insert(line);
+                }
+            }
+        });
+        Self {
+            child: Mutex::new(child),
+            stdin: Mutex::new(stdin),
+            acked,
+            failed,
+            first_error,
+        }
+    }
+
+    fn add(&self, id: &str, password: &str, port: u16) {
+        use std::io::Write as _;
+        let _ = writeln!(
+            self.stdin.lock().unwrap_or_else(PoisonError::into_inner),
+            "{id} {password} {port}"
+        );
+    }
+
+    /// Waits until `n` connections are up; the first failure otherwise.
+    async fn wait(&self, n: usize, within: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + within;
+        loop {
+            if self.failed.load(Ordering::Relaxed) > 0 {
+                let first = self
+                    .first_error
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .clone();
+                return Err(format!(
+                    "{} NetManager connections failed; first: {}",
+                    self.failed.load(Ordering::Relaxed),
+                    first.unwrap_or_default()
+                ));
+            }
+            let up = self.acked.load(Ordering::Relaxed);
+            if up >= n {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "only {up} of {n} NetManager connections up within {within:?}"
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for NetSwarm {
+    fn drop(&mut self) {
+        let mut child = self.child.lock().unwrap_or_else(PoisonError::into_inner);
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+/// The child side of [`NetSwarm`]: connects each announced NetManager, answers per line, holds the connections
+/// until stdin closes.
+fn net_swarm() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("the swarm's runtime");
+    runtime.block_on(async {
+        let (tx, mut rx) = mpsc::unbounded_channel::<String>();
+        std::thread::spawn(move || {
+            use std::io::BufRead as _;
+            for line in std::io::stdin().lock().lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        let out = Arc::new(Mutex::new(std::io::stdout()));
+        let mut held = Vec::new();
+        while let Some(line) = rx.recv().await {
+            let out = Arc::clone(&out);
+            held.push(tokio::spawn(async move {
+                use std::io::Write as _;
+                let parts: Vec<&str> = line.split_whitespace().collect();
+                let result = match parts.as_slice() {
+                    [id, password, port] => match port.parse::<u16>() {
+                        Ok(port) => connect_net(id, password, port).await.map(Some),
+                        Err(e) => Err(format!("bad port {port}: {e}")),
+                    },
+                    _ => Err(format!("bad line {line:?}")),
+                };
+                let text = match &result {
+                    Ok(_) => "ok".to_owned(),
+                    Err(e) => format!("err {e}"),
+                };
+                {
+                    let mut out = out.lock().unwrap_or_else(PoisonError::into_inner);
+                    let _ = writeln!(out, "{text}");
+                    let _ = out.flush();
+                }
+                // Keep the connection (its pump runs on its own) until the swarm ends.
+                if let Ok(Some(connection)) = result {
+                    std::future::pending::<()>().await;
+                    drop(connection);
+                }
+            }));
+        }
+        for task in held {
+            task.abort();
+        }
+    });
+}
+
+/// The NetManager-like connection: connects as `<id>`, subscribes to `nodes/<id>/net/#`, then only answers pings.
+async fn connect_net(id: &str, password: &str, port: u16) -> Result<(AsyncClient, JoinHandle<()>), String> {
+    let (client, mut eventloop) = AsyncClient::new(mqtt_options(id, password, port), 4);
+    client
+        .try_subscribe(format!("nodes/{id}/net/#"), QoS::AtLeastOnce)
+        .map_err(|e| format!("subscribing {id}: {e}"))?;
+    let mut failures = 0;
+    loop {
+        match eventloop.poll().await {
+            Ok(Event::Incoming(Packet::SubAck(_))) => break,
+            Ok(_) => {}
+            Err(e) => {
+                failures += 1;
+                if failures >= CONNECT_ATTEMPTS {
+                    return Err(format!("connecting {id}: {e}"));
+                }
+                tokio::time::sleep(CONNECT_PAUSE).await;
+            }
+        }
+    }
+    let pump = tokio::spawn(async move {
+        loop {
+            if eventloop.poll().await.is_err() {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    });
+    Ok((client, pump))
+}
+
 /// A registration body like a NodeEngine sends.
 fn node_body(host: &str, vcpus: i64, memory: i64) -> Value {
     json!({
@@ -516,6 +848,7 @@ impl Worker {
     /// Registers `host` with the cluster, connects to its broker as `<id>-ne` and subscribes to the node's control
     /// topics. Received control messages go to `inbox` (if any); a `control/deploy` also becomes the instance the
     /// worker reports.
+    #[allow(clippy::too_many_arguments, reason = "one worker's settings and sinks, each named at the call")]
     async fn join(
         cluster_url: &str,
         host: &str,
@@ -524,6 +857,7 @@ impl Worker {
         phase: usize,
         counters: &Arc<Counters>,
         inbox: Option<mpsc::UnboundedSender<Received>>,
+        net: Option<&NetSwarm>,
     ) -> Result<Arc<Self>, String> {
         let url = format!("{cluster_url}/api/node/register");
         let r = http(
@@ -545,12 +879,7 @@ impl Worker {
             .mqtt_password
             .ok_or_else(|| format!("registering {host}: no MQTT password"))?;
         let user = format!("{}-ne", answer.id);
-        let mut options = MqttOptions::new(user.clone(), "127.0.0.1", port);
-        options
-            .set_credentials(user, password)
-            .set_keep_alive(Duration::from_secs(30))
-            .set_max_packet_size(1 << 20, 1 << 20);
-        let (client, mut eventloop) = AsyncClient::new(options, 16);
+        let (client, mut eventloop) = AsyncClient::new(mqtt_options(&user, &password, port), 16);
         // Go (the reference NodeEngine) sets TCP_NODELAY on every connection; rumqttc does not by default.
         let mut network = NetworkOptions::new();
         network.set_tcp_nodelay(true);
@@ -580,11 +909,15 @@ impl Worker {
         ));
         *worker.pump.lock().unwrap_or_else(PoisonError::into_inner) = Some(pump);
         match tokio::time::timeout(Duration::from_secs(30), ready).await {
-            Ok(Ok(Ok(()))) => Ok(worker),
-            Ok(Ok(Err(e))) => Err(format!("connecting {host}: {e}")),
-            Ok(Err(_)) => Err(format!("connecting {host}: the pump stopped")),
-            Err(_) => Err(format!("connecting {host}: no SUBACK within 30 s")),
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => return Err(format!("connecting {host}: {e}")),
+            Ok(Err(_)) => return Err(format!("connecting {host}: the pump stopped")),
+            Err(_) => return Err(format!("connecting {host}: no SUBACK within 30 s")),
         }
+        if let Some(swarm) = net {
+            swarm.add(&worker.id, &password, port);
+        }
+        Ok(worker)
     }
 
     /// Queues the worker's two reports (a full request channel counts as dropped).
@@ -627,6 +960,7 @@ async fn pump(
     ready: oneshot::Sender<Result<(), String>>,
 ) {
     let mut ready = Some(ready);
+    let mut failures = 0;
     loop {
         match eventloop.poll().await {
             Ok(Event::Incoming(Packet::SubAck(_))) => {
@@ -657,8 +991,15 @@ async fn pump(
             Ok(Event::Outgoing(Outgoing::Disconnect)) => return,
             Ok(_) => {}
             Err(e) => {
-                if let Some(ready) = ready.take() {
-                    let _ = ready.send(Err(e.to_string()));
+                if ready.is_some() {
+                    failures += 1;
+                    if failures < CONNECT_ATTEMPTS {
+                        tokio::time::sleep(CONNECT_PAUSE).await;
+                        continue;
+                    }
+                    if let Some(ready) = ready.take() {
+                        let _ = ready.send(Err(e.to_string()));
+                    }
                     return;
                 }
                 if worker.upgrade().is_none_or(|w| !w.alive.load(Ordering::SeqCst)) {
@@ -708,6 +1049,7 @@ async fn join_many(
     size: (i64, i64),
     counters: &Arc<Counters>,
     slots: &Slots,
+    swarm: &Arc<NetSwarm>,
 ) -> (Vec<Arc<Worker>>, usize, Option<String>) {
     let next = Arc::new(AtomicUsize::new(0));
     let mut rng = Lcg::seeded();
@@ -718,12 +1060,13 @@ async fn join_many(
     );
     let mut lanes = JoinSet::new();
     for _ in 0..CONCURRENCY.min(n) {
-        let (next, phases, counters, slots, url) = (
+        let (next, phases, counters, slots, url, swarm) = (
             Arc::clone(&next),
             Arc::clone(&phases),
             Arc::clone(counters),
             Arc::clone(slots),
             cluster_url.to_owned(),
+            Arc::clone(swarm),
         );
         lanes.spawn(async move {
             let mut joined = Vec::new();
@@ -733,7 +1076,8 @@ async fn join_many(
                     return joined;
                 }
                 let host = format!("bench-worker-{i:05}");
-                let worker = Worker::join(&url, &host, i, size, phases[i], &counters, None).await;
+                let worker =
+                    Worker::join(&url, &host, i, size, phases[i], &counters, None, Some(&swarm)).await;
                 if let Ok(w) = &worker {
                     add_to(&slots, w);
                 }
@@ -824,7 +1168,18 @@ fn spawn_probe(cluster_url: String) -> oneshot::Receiver<Probe> {
 async fn probe(cluster_url: &str) -> Probe {
     let counters = Arc::new(Counters::default());
     let (tx, mut inbox) = mpsc::unbounded_channel();
-    let worker = match Worker::join(cluster_url, "bench-probe", 0, (1, 4000), 0, &counters, Some(tx)).await {
+    let worker = match Worker::join(
+        cluster_url,
+        "bench-probe",
+        0,
+        (1, 4000),
+        0,
+        &counters,
+        Some(tx),
+        None,
+    )
+    .await
+    {
         Ok(w) => w,
         Err(e) => {
             return Probe {
@@ -887,6 +1242,12 @@ struct Step {
     lost: usize,
     cluster_cpu: f64,
     rss_mib: f64,
+    /// The cluster's RSS right after it started.
+    idle_mib: f64,
+    /// (RSS during the probe − idle RSS) / workers.
+    kib_per_worker: f64,
+    /// Mosquitto's RSS, with an external broker.
+    broker_rss_mib: Option<f64>,
     bench_cpu: f64,
     join_s: f64,
     deploy_s: f64,
@@ -907,6 +1268,9 @@ impl Step {
             lost: 0,
             cluster_cpu: 0.0,
             rss_mib: 0.0,
+            idle_mib: 0.0,
+            kib_per_worker: 0.0,
+            broker_rss_mib: None,
             bench_cpu: 0.0,
             join_s: 0.0,
             deploy_s: 0.0,
@@ -948,8 +1312,9 @@ async fn watch_trouble(cluster: &Cluster, phase: &str) -> String {
 }
 
 #[allow(clippy::cast_precision_loss, reason = "counts far below 2^52")]
-async fn load_step(root_url: &str, n: usize, ticks_per_s: f64) -> Step {
-    let cluster = Arc::new(Cluster::start(root_url, &[]).await);
+async fn load_step(root_url: &str, n: usize, ticks_per_s: f64, mode: BrokerMode) -> Step {
+    let cluster = Arc::new(Cluster::start(root_url, &[], mode).await);
+    let idle_kib = status_kib(&cluster.pid, "VmRSS");
     let counters = Arc::new(Counters::default());
     let (slots, ticker) = start_ticker(&counters);
     let fail = |why: String, ticker: &JoinHandle<()>, join_s: f64, deploy_s: f64| {
@@ -960,10 +1325,11 @@ async fn load_step(root_url: &str, n: usize, ticks_per_s: f64) -> Step {
         step
     };
 
+    let swarm = Arc::new(NetSwarm::start());
     let t = Instant::now();
     const JOINING: &str = "while the workers joined";
     let (workers, failed, error) = tokio::select! {
-        joined = join_many(&cluster.url, n, (1, 4000), &counters, &slots) => joined,
+        joined = join_many(&cluster.url, n, (1, 4000), &counters, &slots, &swarm) => joined,
         why = watch_trouble(&cluster, JOINING) => return fail(why, &ticker, t.elapsed().as_secs_f64(), 0.0),
     };
     let join_s = t.elapsed().as_secs_f64();
@@ -974,6 +1340,10 @@ async fn load_step(root_url: &str, n: usize, ticks_per_s: f64) -> Step {
         );
         return fail(why, &ticker, join_s, 0.0);
     }
+    if let Err(why) = swarm.wait(n, Duration::from_secs(120)).await {
+        return fail(why, &ticker, join_s, 0.0);
+    }
+    let join_s = t.elapsed().as_secs_f64();
     if let Some(why) = cluster_trouble(&cluster, JOINING) {
         return fail(why, &ticker, join_s, 0.0);
     }
@@ -1019,7 +1389,12 @@ async fn load_step(root_url: &str, n: usize, ticks_per_s: f64) -> Step {
     let window = cluster_cpu.at.elapsed().as_secs_f64();
     let offered = (counters.published.load(Ordering::Relaxed) - published) as f64 / window;
     let (cluster_cpu, bench_cpu) = (cluster_cpu.percent(ticks_per_s), bench_cpu.percent(ticks_per_s));
-    let rss_mib = status_kib(&cluster.pid, "VmRSS") as f64 / 1024.0;
+    let rss_kib = status_kib(&cluster.pid, "VmRSS");
+    let rss_mib = rss_kib as f64 / 1024.0;
+    let kib_per_worker = rss_kib.saturating_sub(idle_kib) as f64 / n as f64;
+    let broker_rss_mib = cluster
+        .broker_pid()
+        .map(|pid| status_kib(&pid, "VmRSS") as f64 / 1024.0);
     let errors = counters.connection_errors.load(Ordering::Relaxed) - errors_before;
     let dropped = counters.dropped.load(Ordering::Relaxed);
     ticker.abort();
@@ -1050,6 +1425,9 @@ async fn load_step(root_url: &str, n: usize, ticks_per_s: f64) -> Step {
         lost: probe.lost,
         cluster_cpu,
         rss_mib,
+        idle_mib: idle_kib as f64 / 1024.0,
+        kib_per_worker,
+        broker_rss_mib,
         bench_cpu,
         join_s,
         deploy_s,
@@ -1074,25 +1452,34 @@ fn steps() -> Vec<usize> {
     }
 }
 
-async fn report_rate(root_url: &str, ticks_per_s: f64) {
+async fn report_rate(root_url: &str, ticks_per_s: f64, mode: BrokerMode) {
     let limit = open_file_limit();
     println!(
-        "cluster_load: report rate: workers publish information + jobs/resources every {} s; probe every {} ms \
-         for {} s (open-file limit {limit})",
+        "cluster_load [{}]: report rate: workers (2 MQTT connections each) publish information + jobs/resources \
+         every {} s; probe every {} ms for {} s (open-file limit {limit})",
+        mode.label(),
         REPORT_PERIOD.as_secs(),
         PROBE_EVERY.as_millis(),
         PROBE_FOR.as_secs()
     );
     let mut results: Vec<Step> = Vec::new();
     for n in steps() {
-        if u64::try_from(n).unwrap_or(u64::MAX).saturating_add(256) > limit {
+        // The cluster holds both connections of every worker (embedded broker); each bench process one of them.
+        let cluster_fds = if mode == BrokerMode::Embedded { 2 * n } else { 8 };
+        if u64::try_from(cluster_fds.max(n))
+            .unwrap_or(u64::MAX)
+            .saturating_add(128)
+            > limit
+        {
             println!(
-                "cluster_load: {n} workers need more than the open-file limit of {limit}: raise `ulimit -n` \
-                 (benches/cluster-load.sh does); stopping"
+                "cluster_load: {n} workers ({} MQTT connections) need more than the open-file limit of {limit} \
+                 per process: raise `ulimit -n` (benches/cluster-load.sh does, as far as the hard limit and \
+                 CAP_SYS_RESOURCE allow); stopping",
+                2 * n
             );
             break;
         }
-        let step = load_step(root_url, n, ticks_per_s).await;
+        let step = load_step(root_url, n, ticks_per_s, mode).await;
         println!(
             "cluster_load: {n:>5} workers: joined in {:.1} s, {n} instances deployed in {:.1} s (slowest call {} ms); \
              p99 {} ms, {:.0} % CPU{}",
@@ -1117,7 +1504,7 @@ async fn report_rate(root_url: &str, ticks_per_s: f64) {
 
     println!();
     println!(
-        "{:>7} {:>10} {:>10} {:>6} {:>9} {:>9} {:>9} {:>5} {:>9} {:>8} {:>9}",
+        "{:>7} {:>10} {:>10} {:>6} {:>9} {:>9} {:>9} {:>5} {:>9} {:>8} {:>9} {:>10} {:>9} {:>9}",
         "workers",
         "nominal/s",
         "offered/s",
@@ -1128,11 +1515,14 @@ async fn report_rate(root_url: &str, ticks_per_s: f64) {
         "lost",
         "cluster%",
         "RSS MiB",
+        "KiB/wkr",
+        "broker MiB",
+        "deploy s",
         "bench%"
     );
     for s in &results {
         let mut line = format!(
-            "{:>7} {:>10.0} {:>10.0} {:>6} {:>9} {:>9} {:>9} {:>5} {:>9.1} {:>8.1} {:>9.1}",
+            "{:>7} {:>10.0} {:>10.0} {:>6} {:>9} {:>9} {:>9} {:>5} {:>9.1} {:>8.1} {:>9.1} {:>10} {:>9.1} {:>9.1}",
             s.workers,
             s.nominal_rate,
             s.offered_rate,
@@ -1143,6 +1533,10 @@ async fn report_rate(root_url: &str, ticks_per_s: f64) {
             s.lost,
             s.cluster_cpu,
             s.rss_mib,
+            s.kib_per_worker,
+            s.broker_rss_mib
+                .map_or_else(|| "-".to_owned(), |m| format!("{m:.1}")),
+            s.deploy_s,
             s.bench_cpu
         );
         if let Some(f) = &s.failure {
@@ -1154,16 +1548,25 @@ async fn report_rate(root_url: &str, ticks_per_s: f64) {
     }
     match results.iter().filter(|s| s.ok()).max_by_key(|s| s.workers) {
         Some(best) => println!(
-            "largest N with p99 < {} ms: {} workers ({:.0} msgs/s offered; p99 {} ms; cluster-service {:.1} % of \
-             one core, RSS {:.1} MiB)",
+            "[{}] largest N with p99 < {} ms: {} workers ({:.0} msgs/s offered; p99 {} ms; cluster-service {:.1} % of \
+             one core, RSS {:.1} MiB = idle {:.1} + {:.1} KiB per worker; {} instances deployed in {:.1} s)",
+            mode.label(),
             LAG_LIMIT.as_millis(),
             best.workers,
             best.offered_rate,
             ms(best.p99),
             best.cluster_cpu,
-            best.rss_mib
+            best.rss_mib,
+            best.idle_mib,
+            best.kib_per_worker,
+            best.workers,
+            best.deploy_s
         ),
-        None => println!("largest N with p99 < {} ms: none", LAG_LIMIT.as_millis()),
+        None => println!(
+            "[{}] largest N with p99 < {} ms: none",
+            mode.label(),
+            LAG_LIMIT.as_millis()
+        ),
     }
     if results.last().is_some_and(Step::ok) {
         println!(
@@ -1202,20 +1605,26 @@ async fn next_deploy(
     }
 }
 
-async fn failover_once(root_url: &str, timeout: Option<f64>, run: usize, rng: &mut Lcg) -> Failover {
+async fn failover_once(
+    root_url: &str,
+    timeout: Option<f64>,
+    run: usize,
+    rng: &mut Lcg,
+    mode: BrokerMode,
+) -> Failover {
     let timeout_arg = timeout.map(|t| t.to_string());
     let extra: Vec<&str> = match &timeout_arg {
         Some(t) => vec!["--worker-timeout", t],
         None => Vec::new(),
     };
-    let cluster = Arc::new(Cluster::start(root_url, &extra).await);
+    let cluster = Arc::new(Cluster::start(root_url, &extra, mode).await);
     let counters = Arc::new(Counters::default());
     let mut workers = Vec::new();
     let mut inboxes = Vec::new();
     for (i, host) in ["bench-failover-a", "bench-failover-b"].into_iter().enumerate() {
         let (tx, rx) = mpsc::unbounded_channel();
         let phase = usize::try_from(rng.next(SLOTS as u64)).unwrap_or(0);
-        let w = Worker::join(&cluster.url, host, i, (4, 4000), phase, &counters, Some(tx))
+        let w = Worker::join(&cluster.url, host, i, (4, 4000), phase, &counters, Some(tx), None)
             .await
             .unwrap_or_else(|e| panic!("failover worker: {e}"));
         workers.push(w);
@@ -1281,7 +1690,7 @@ fn spread(mut v: Vec<Duration>) -> String {
     )
 }
 
-async fn failover(root_url: &str) {
+async fn failover(root_url: &str, mode: BrokerMode) {
     let runs: usize = std::env::var("OAKESTRA_BENCH_FAILOVER_RUNS")
         .ok()
         .and_then(|v| v.trim().parse().ok())
@@ -1292,8 +1701,9 @@ async fn failover(root_url: &str) {
     let mut rng = Lcg::seeded();
     println!();
     println!(
-        "cluster_load: failover: 2 workers reporting every {} s, one instance; its worker dies at a random point of \
-         its cycle; {runs} runs per timeout, a fresh cluster each",
+        "cluster_load [{}]: failover: 2 workers reporting every {} s, one instance; its worker dies at a random \
+         point of its cycle; {runs} runs per timeout, a fresh cluster each",
+        mode.label(),
         REPORT_PERIOD.as_secs()
     );
     for (label, timeout) in [
@@ -1303,7 +1713,7 @@ async fn failover(root_url: &str) {
         let (mut from_kill, mut from_last, mut premature) = (Vec::new(), Vec::new(), 0);
         let mut run = 0;
         while from_kill.len() < runs && run < runs * 4 {
-            match failover_once(root_url, timeout, run, &mut rng).await {
+            match failover_once(root_url, timeout, run, &mut rng, mode).await {
                 Failover::Measured {
                     from_kill: k,
                     from_last_report: l,
@@ -1330,6 +1740,10 @@ async fn failover(root_url: &str) {
 }
 
 fn main() {
+    if std::env::var("OAKESTRA_BENCH_ROLE").as_deref() == Ok("net-swarm") {
+        net_swarm();
+        return;
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -1338,8 +1752,11 @@ fn main() {
     runtime.block_on(async {
         let ticks_per_s = clock_ticks();
         let (root_url, root) = start_fake_root().await;
-        report_rate(&root_url, ticks_per_s).await;
-        failover(&root_url).await;
+        for mode in broker_modes() {
+            report_rate(&root_url, ticks_per_s, mode).await;
+            failover(&root_url, mode).await;
+            println!();
+        }
         root.abort();
     });
 }

@@ -31,6 +31,9 @@ use crate::{
     store::{Identity, Store},
 };
 
+/// How often freed heap memory is handed back to the system.
+const TRIM_EVERY: Duration = Duration::from_secs(10);
+
 /// Milliseconds since 1970 (the clock every state decision uses).
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -426,6 +429,7 @@ impl Engine {
     pub async fn maintain(self: Arc<Self>, period: Duration, mut stop: watch::Receiver<bool>) {
         let mut ticker = tokio::time::interval(period);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_trim = tokio::time::Instant::now();
         loop {
             tokio::select! {
                 _ = ticker.tick() => {}
@@ -433,6 +437,10 @@ impl Engine {
             }
             let effects = self.state().tick(now_ms());
             self.apply(effects).await;
+            if last_trim.elapsed() >= TRIM_EVERY {
+                last_trim = tokio::time::Instant::now();
+                tokio::task::spawn_blocking(crate::memory::trim);
+            }
         }
     }
 
@@ -446,6 +454,7 @@ impl Engine {
         self.set_identity(identity.clone());
         let mut connected = None;
         loop {
+            let started = tokio::time::Instant::now();
             let body = self.state().report();
             let delivery = self.root.report(&mut identity, &body).await;
             if delivery == Delivery::Reregistered {
@@ -461,11 +470,13 @@ impl Engine {
             }
             self.connected_to_root
                 .store(ok, std::sync::atomic::Ordering::Relaxed);
+            let took = started.elapsed();
             tokio::select! {
                 () = tokio::time::sleep(period) => {}
                 () = self.report_soon.notified() => {
-                    // Coalesce a burst of changes into one report.
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    // Coalesce a burst of changes into one report; a big report (thousands of instances) waits
+                    // longer, so a deploy burst is not slowed by reports of itself.
+                    tokio::time::sleep(Duration::from_millis(100).max(took * 4)).await;
                 }
                 () = stopped(&mut stop) => return,
             }

@@ -10,12 +10,14 @@
 //! - [`placement`]: the per-node free-capacity index placement walks (pure);
 //! - [`engine`]: the driver that feeds [`state`] and carries out its effects;
 //! - [`net`]: the cluster network service (subnets, table queries, interests, job updates);
-//! - [`api`]: the HTTP API on the manager port.
+//! - [`api`]: the HTTP API on the manager port;
+//! - [`memory`]: allocator settings (few arenas, trimming after bursts).
 
 pub mod api;
 pub mod broker;
 pub mod config;
 pub mod engine;
+pub mod memory;
 pub mod mqtt;
 pub mod net;
 pub mod placement;

@@ -1,107 +1,160 @@
-//! The per-node free-capacity index placement reads: live workers ordered by (free memory, free vCPUs, id), so a
-//! best-fit placement starts at the smallest node that can hold the demand and a spread placement at the largest,
-//! instead of building a candidate for every worker under the state lock. Pure.
+//! The per-node free-capacity index placement reads: live workers kept in the placement policy's own rank order, so
+//! a placement visits the workers from the best-ranked one that could hold the demand and stops at the first that
+//! fits and qualifies, instead of building a candidate for every worker under the state lock. Pure.
 //!
-//! The index only orders; the decision stays [`sched::place`]'s: the first node in policy order that qualifies and
-//! fits, together with the nodes that tie with it on the ranked keys, go through `sched::place`, which breaks the tie
-//! exactly as it would over all workers. Constraints the order cannot help with (`direct`, `clusters`, first-fit)
-//! and refusals (to name the rule that left nothing) use the full scan.
+//! The order is [`sched::place`]'s ranking, made a key: best-fit ranks by (free memory, free vCPUs, CPU load, name,
+//! id) ascending (the leftover is the free capacity minus the same demand, so it orders alike), spread by (free
+//! memory descending, CPU load, name, id). Workers without a free core are left out (a demand for cores skips them
+//! anyway). `sched::place` still decides whether the visited worker fits and qualifies. Constraints by name,
+//! first-fit, demands for no cores and refusals (to name the rule that left nothing) use the full scan.
 
-use std::{
-    collections::{BTreeSet, HashMap},
-    ops::Bound,
-};
+use std::collections::{BTreeSet, HashMap};
 
 use oakestra_protocol::sched::{self, Candidate, Capacity, Demand, Policy, Refusal, Reservations};
 
-/// Live workers by free capacity.
-#[derive(Debug, Default)]
+/// A CPU load that orders like `f64::total_cmp`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Load(i64);
+
+impl Load {
+    fn new(x: f64) -> Self {
+        let bits = i64::from_ne_bytes(x.to_bits().to_ne_bytes());
+        // The usual total-order trick: flip the magnitude bits of negative numbers.
+        Self(bits ^ ((((bits >> 63) as u64) >> 1) as i64))
+    }
+}
+
+/// A worker's place in the order: the policy's ranking as a key.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct Rank {
+    /// Best-fit: free memory; spread: `u64::MAX` − free memory.
+    memory: u64,
+    /// Best-fit: free vCPUs; spread: 0.
+    vcpus: u64,
+    load: Load,
+    name: String,
+    id: String,
+}
+
+/// What the index needs to know of a worker.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Slot {
+    /// Its free capacity.
+    pub free: Capacity,
+    /// Its CPU load in percent (a tie-breaker).
+    pub cpu_percent: f64,
+    /// Its host name (a tie-breaker).
+    pub name: String,
+}
+
+/// Live workers in rank order.
+#[derive(Debug)]
 pub struct FreeIndex {
-    /// Node → its key in `ordered`.
-    keys: HashMap<String, (u64, u64)>,
-    /// (free memory MiB, free vCPUs, node id).
-    ordered: BTreeSet<(u64, u64, String)>,
+    policy: Policy,
+    keys: HashMap<String, Rank>,
+    ordered: BTreeSet<Rank>,
+}
+
+impl Default for FreeIndex {
+    fn default() -> Self {
+        Self::new(Policy::BestFit)
+    }
 }
 
 impl FreeIndex {
-    /// Sets `node`'s free capacity; `None` takes it out (dead, forgotten).
-    pub fn set(&mut self, node: &str, free: Option<Capacity>) {
-        let key = free.map(|f| (f.memory_mib, f.vcpus));
-        if self.keys.get(node).copied() == key {
-            return;
-        }
-        if let Some((m, v)) = self.keys.remove(node) {
-            self.ordered.remove(&(m, v, node.to_owned()));
-        }
-        if let Some((m, v)) = key {
-            self.keys.insert(node.to_owned(), (m, v));
-            self.ordered.insert((m, v, node.to_owned()));
+    /// An empty index ordered for `policy`.
+    pub fn new(policy: Policy) -> Self {
+        Self {
+            policy,
+            keys: HashMap::new(),
+            ordered: BTreeSet::new(),
         }
     }
 
-    /// Nodes indexed.
+    fn rank(&self, id: &str, slot: &Slot) -> Rank {
+        let (memory, vcpus) = match self.policy {
+            Policy::Spread => (u64::MAX - slot.free.memory_mib, 0),
+            _ => (slot.free.memory_mib, slot.free.vcpus),
+        };
+        Rank {
+            memory,
+            vcpus,
+            load: Load::new(slot.cpu_percent),
+            name: slot.name.clone(),
+            id: id.to_owned(),
+        }
+    }
+
+    /// Sets `node`'s place; `None` takes it out (dead, forgotten). Workers without a free core are left out.
+    pub fn set(&mut self, node: &str, slot: Option<Slot>) {
+        let rank = slot.filter(|s| s.free.vcpus > 0).map(|s| self.rank(node, &s));
+        if self.keys.get(node) == rank.as_ref() {
+            return;
+        }
+        if let Some(old) = self.keys.remove(node) {
+            self.ordered.remove(&old);
+        }
+        if let Some(rank) = rank {
+            self.keys.insert(node.to_owned(), rank.clone());
+            self.ordered.insert(rank);
+        }
+    }
+
+    /// Workers indexed.
     pub fn len(&self) -> usize {
         self.ordered.len()
     }
 
-    /// Whether no node is indexed.
+    /// Whether no worker is indexed.
     pub fn is_empty(&self) -> bool {
         self.ordered.is_empty()
     }
 
-    /// Chooses a node for `demand` under `policy`, building candidates only for the nodes it visits
-    /// (`candidate(id)`); `None` when the ordered walk cannot decide (then the caller scans everything).
+    /// The best-ranked worker that fits and qualifies for `demand`, building candidates only for the workers it
+    /// visits (`candidate(id)`); `None` when the order cannot decide (then the caller scans everything).
     pub fn choose(
         &self,
         demand: &Demand,
-        policy: Policy,
         candidate: impl Fn(&str) -> Option<Candidate>,
     ) -> Option<Candidate> {
-        if demand.direct.is_some() || demand.allowed.is_some() || policy == Policy::FirstFit {
+        if demand.direct.is_some()
+            || demand.allowed.is_some()
+            || self.policy == Policy::FirstFit
+            || demand.need.vcpus == 0
+        {
             return None;
         }
         let need = demand.need.memory_mib;
-        let walk: Box<dyn Iterator<Item = &(u64, u64, String)>> = match policy {
-            Policy::BestFit => Box::new(
-                self.ordered
-                    .range((Bound::Included((need, 0, String::new())), Bound::Unbounded)),
-            ),
-            _ => Box::new(self.ordered.iter().rev()),
+        let walk: Box<dyn Iterator<Item = &Rank>> = match self.policy {
+            Policy::BestFit => Box::new(self.ordered.range(
+                Rank {
+                    memory: need,
+                    vcpus: 0,
+                    load: Load(i64::MIN),
+                    name: String::new(),
+                    id: String::new(),
+                }..,
+            )),
+            _ => Box::new(self.ordered.iter()),
         };
         let none = Reservations::new();
-        let mut tied: Vec<Candidate> = Vec::new();
-        let mut rank_key: Option<(u64, u64)> = None;
-        for (memory, vcpus, id) in walk {
-            if policy == Policy::Spread && *memory < need {
-                break; // Descending: nothing further can hold the demand's memory.
+        for rank in walk {
+            if self.policy == Policy::Spread && u64::MAX - rank.memory < need {
+                break; // Largest first: nothing further holds the demand's memory.
             }
-            if let Some((m, v)) = rank_key {
-                // Best-fit ranks by leftover memory then vCPUs; spread by leftover memory only.
-                let same = match policy {
-                    Policy::BestFit => (*memory, *vcpus) == (m, v),
-                    _ => *memory == m,
-                };
-                if !same {
-                    break;
-                }
-            }
-            if demand.exclude.contains(id) {
+            if demand.exclude.contains(&rank.id) {
                 continue;
             }
-            let Some(c) = candidate(id) else { continue };
-            if sched::place(std::slice::from_ref(&c), demand, &none, policy).is_ok() {
-                rank_key.get_or_insert((*memory, *vcpus));
-                tied.push(c);
+            let Some(c) = candidate(&rank.id) else { continue };
+            if sched::place(std::slice::from_ref(&c), demand, &none, self.policy).is_ok() {
+                return Some(c);
             }
         }
-        match sched::place(&tied, demand, &none, policy) {
-            Ok(c) => Some(c.clone()),
-            Err(_) => None,
-        }
+        None
     }
 }
 
-/// Why the full scan found no node, or the node it found (for callers that fall back to it).
+/// The full scan: every worker through [`sched::place`].
 pub fn full_scan(candidates: &[Candidate], demand: &Demand, policy: Policy) -> Result<Candidate, Refusal> {
     sched::place(candidates, demand, &Reservations::new(), policy).cloned()
 }
@@ -136,6 +189,14 @@ mod tests {
         }
     }
 
+    fn slot(c: &Candidate) -> Slot {
+        Slot {
+            free: c.total,
+            cpu_percent: c.cpu_percent,
+            name: c.name.clone(),
+        }
+    }
+
     fn demand(memory: u64, vcpus: u64, unikernel: bool) -> Demand {
         Demand {
             key: "j/0".into(),
@@ -162,20 +223,20 @@ mod tests {
                 .enumerate()
                 .map(|(i, (m, v, cpu, docker))| candidate(i, m * 512, *v, f64::from(*cpu), *docker))
                 .collect();
-            let mut index = FreeIndex::default();
+            let policy = if spread { Policy::Spread } else { Policy::BestFit };
+            let mut index = FreeIndex::new(policy);
             for c in &candidates {
-                index.set(&c.id, Some(c.total));
+                index.set(&c.id, Some(slot(c)));
             }
             let by_id: HashMap<&str, &Candidate> = candidates.iter().map(|c| (c.id.as_str(), c)).collect();
-            let policy = if spread { Policy::Spread } else { Policy::BestFit };
             let d = demand(need.0 * 512, need.1, need.2);
             let scanned = full_scan(&candidates, &d, policy).ok().map(|c| c.id);
-            let indexed = index.choose(&d, policy, |id| by_id.get(id).map(|c| (*c).clone())).map(|c| c.id);
+            let indexed = index.choose(&d, |id| by_id.get(id).map(|c| (*c).clone())).map(|c| c.id);
             // The index may decline (then the caller scans), but never disagrees.
             if let Some(id) = &indexed {
                 prop_assert_eq!(Some(id), scanned.as_ref());
             }
-            if scanned.is_some() {
+            if scanned.is_some() && d.need.vcpus > 0 {
                 prop_assert!(indexed.is_some(), "a fitting node exists but the index found none");
             }
         }
@@ -183,11 +244,17 @@ mod tests {
 
     #[test]
     fn updates_move_and_remove_nodes() {
-        let mut index = FreeIndex::default();
-        index.set("a", Some(Capacity::new(2, 1000, 0)));
-        index.set("b", Some(Capacity::new(2, 3000, 0)));
-        index.set("a", Some(Capacity::new(2, 4000, 0)));
-        assert_eq!(index.len(), 2);
+        let mut index = FreeIndex::new(Policy::BestFit);
+        let at = |memory: u64, vcpus: u64| Slot {
+            free: Capacity::new(vcpus, memory, 0),
+            cpu_percent: 0.0,
+            name: "h".into(),
+        };
+        index.set("a", Some(at(1000, 2)));
+        index.set("b", Some(at(3000, 2)));
+        index.set("a", Some(at(4000, 2)));
+        index.set("c", Some(at(3500, 0)));
+        assert_eq!(index.len(), 2, "a worker without a free core is left out");
         let c = |id: &str| {
             let mem = if id == "a" { 4000 } else { 3000 };
             Some(candidate(usize::from(id == "b"), mem, 2, 0.0, true)).map(|mut c| {
@@ -196,11 +263,20 @@ mod tests {
             })
         };
         let d = demand(2500, 1, false);
-        assert_eq!(index.choose(&d, Policy::BestFit, c).unwrap().id, "b");
+        assert_eq!(index.choose(&d, c).unwrap().id, "b");
         index.set("b", None);
-        assert_eq!(index.choose(&d, Policy::BestFit, c).unwrap().id, "a");
+        assert_eq!(index.choose(&d, c).unwrap().id, "a");
         index.set("a", None);
+        index.set("c", None);
         assert!(index.is_empty());
-        assert!(index.choose(&d, Policy::BestFit, c).is_none());
+        assert!(index.choose(&d, c).is_none());
+    }
+
+    #[test]
+    fn loads_order_like_total_cmp() {
+        let xs = [-5.0, -0.0, 0.0, 0.5, 12.25, 100.0, f64::INFINITY];
+        for w in xs.windows(2) {
+            assert!(Load::new(w[0]) < Load::new(w[1]), "{} < {}", w[0], w[1]);
+        }
     }
 }

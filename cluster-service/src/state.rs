@@ -93,8 +93,10 @@ pub struct NodeRecord {
     pub id: String,
     /// Its hostname: unique among live workers.
     pub name: String,
-    /// The registration body, verbatim.
-    pub registration: Map<String, Value>,
+    /// The registration (bounded, unknown keys dropped), as compact JSON text: a few hundred bytes per worker in
+    /// memory instead of a tree of maps. Stored as a JSON object.
+    #[serde(with = "compact_json")]
+    pub registration: String,
     /// The `$6$` hash of its MQTT secret.
     pub password_hash: String,
     /// Its overlay subnets (IPv4, IPv6) once root handed them out.
@@ -538,6 +540,7 @@ impl State {
         Self {
             timing,
             policy,
+            free: FreeIndex::new(policy),
             ..Self::default()
         }
     }
@@ -551,7 +554,10 @@ impl State {
         now_ms: u64,
     ) {
         for record in nodes {
-            let info = record.registration.clone();
+            let info = match serde_json::from_str(&record.registration) {
+                Ok(Value::Object(map)) => working_set(map),
+                _ => Map::new(),
+            };
             self.hosts.insert(record.name.clone(), record.id.clone());
             self.nodes.insert(
                 record.id.clone(),
@@ -655,7 +661,7 @@ impl State {
         let record = NodeRecord {
             id: id.clone(),
             name: host.to_owned(),
-            registration: registration_map.clone(),
+            registration: Value::Object(registration_map.clone()).to_string(),
             password_hash,
             subnet,
         };
@@ -669,7 +675,7 @@ impl State {
             id.clone(),
             Node {
                 record: record.clone(),
-                info: registration_map,
+                info: working_set(registration_map),
                 last_seen_ms: now_ms,
                 alive: true,
                 connection_lost: false,
@@ -1080,8 +1086,12 @@ impl State {
 
     /// Puts `node` where its free capacity says in the placement index (out of it while dead or gone).
     fn reindex(&mut self, node: &str) {
-        let free = self.nodes.get(node).filter(|n| n.alive).map(|n| self.free_of(n));
-        self.free.set(node, free);
+        let slot = self.nodes.get(node).filter(|n| n.alive).map(|n| placement::Slot {
+            free: self.free_of(n),
+            cpu_percent: n.number("cpu_percent"),
+            name: n.record.name.clone(),
+        });
+        self.free.set(node, slot);
     }
 
     /// Recomputes what every worker's instances hold (an instance being deployed holds its vCPUs and memory; a
@@ -1118,9 +1128,9 @@ impl State {
         let demand = job.demand(number);
         // The index visits the few workers around the demand's size; only constraints by name, first-fit and
         // refusals (which name the rule that left nothing) scan every worker.
-        let indexed = self.free.choose(&demand, self.policy, |id| {
-            self.nodes.get(id).map(|n| self.candidate(n))
-        });
+        let indexed = self
+            .free
+            .choose(&demand, |id| self.nodes.get(id).map(|n| self.candidate(n)));
         let choice = match indexed {
             Some(c) => Ok((c.id, c.name)),
             None => placement::full_scan(&self.candidates(), &demand, self.policy).map(|c| (c.id, c.name)),
@@ -1412,6 +1422,29 @@ impl State {
     }
 }
 
+/// The part of a worker document the cluster works with (placement, liveness, the report): the snapshot's fields
+/// and the reported ones. The rest of the registration stays in the record only.
+fn working_set(mut doc: Map<String, Value>) -> Map<String, Value> {
+    doc.retain(|k, _| INFO_KEYS.contains(&k.as_str()) || REPORTED_KEYS.contains(&k.as_str()));
+    doc
+}
+
+/// A JSON object kept as compact text in memory (see [`NodeRecord::registration`]).
+mod compact_json {
+    use serde::{Deserialize as _, Deserializer, Serialize as _, Serializer};
+    use serde_json::Value;
+
+    pub fn serialize<S: Serializer>(text: &str, s: S) -> Result<S::Ok, S::Error> {
+        serde_json::from_str::<Value>(text)
+            .unwrap_or(Value::Null)
+            .serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+        Ok(Value::deserialize(d)?.to_string())
+    }
+}
+
 /// The last [`MAX_LOGS`] bytes of `logs` (cut at a character boundary).
 fn log_tail(logs: &str) -> &str {
     let mut start = logs.len().saturating_sub(MAX_LOGS);
@@ -1567,7 +1600,8 @@ mod tests {
         assert_eq!(n.info["memory"], json!(50));
         assert_eq!(n.info["ip"], json!("192.0.2.1"));
         assert!(!n.info.contains_key("padding") && !n.info.contains_key("gpu_driver"));
-        assert_eq!(n.info["host"], json!("a"));
+        assert!(!n.info.contains_key("host"));
+        assert_eq!(n.record.name, "a");
     }
 
     fn join(s: &mut State, host: &str, vcpus: i64, memory: i64, now: u64) -> String {

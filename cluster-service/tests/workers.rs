@@ -172,7 +172,10 @@ async fn registration(broker: BrokerKind) {
         .record
         .registration
         .clone();
-    assert!(!stored.contains_key("padding"), "unknown keys are dropped");
+    assert!(
+        !stored.contains("padding") && stored.contains("edge-extra"),
+        "unknown keys are dropped: {stored}"
+    );
     // It never connects over MQTT: forgotten after --purge-unconnected-after (2 s), credentials too.
     eventually(
         6,

@@ -150,6 +150,8 @@ struct Account {
 #[derive(Clone, Default)]
 pub struct Credentials {
     users: Arc<RwLock<BTreeMap<String, Account>>>,
+    /// Bumped by every change, so a burst of registrations rewrites an external broker's files once, not once each.
+    version: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl fmt::Debug for Credentials {
@@ -188,7 +190,13 @@ impl Credentials {
     }
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, Account>> {
+        self.version.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.users.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// How many changes the table has seen.
+    fn version(&self) -> u64 {
+        self.version.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Adds (or re-keys) both users of [`node_users`]`(node_id)` with `password_hash`. Logged and ignored: an id
@@ -368,8 +376,9 @@ pub struct Broker {
     worker_port: u16,
     embedded: Option<Arc<server::Embedded>>,
     stop: tokio::sync::watch::Sender<bool>,
-    /// Serialises file rewrites + reloads, so the last change's files are the ones the broker reads last.
-    rewrite: tokio::sync::Mutex<()>,
+    /// Serialises file rewrites + reloads, so the last change's files are the ones the broker reads last; holds the
+    /// credentials version the files on disk reflect.
+    rewrite: tokio::sync::Mutex<Option<u64>>,
 }
 
 impl Broker {
@@ -419,7 +428,7 @@ impl Broker {
                     credentials,
                     embedded: Some(embedded),
                     stop,
-                    rewrite: tokio::sync::Mutex::new(()),
+                    rewrite: tokio::sync::Mutex::new(None),
                 })
             }
             BrokerConfig::External { ref host, port, .. } => {
@@ -430,7 +439,7 @@ impl Broker {
                     credentials,
                     embedded: None,
                     stop,
-                    rewrite: tokio::sync::Mutex::new(()),
+                    rewrite: tokio::sync::Mutex::new(None),
                 };
                 match broker.rewrite_and_reload().await {
                     Err(e @ BrokerError::Reload { .. }) => {
@@ -506,7 +515,13 @@ impl Broker {
         if password_file.is_none() && acl_file.is_none() {
             return Ok(());
         }
-        let _serial = self.rewrite.lock().await;
+        let wanted = self.credentials.version();
+        let mut written = self.rewrite.lock().await;
+        if written.is_some_and(|w| w >= wanted) {
+            // Another caller wrote (and reloaded) files that already hold this change while we waited.
+            return Ok(());
+        }
+        let version = self.credentials.version();
         let files: Vec<(PathBuf, String)> = [
             password_file
                 .clone()
@@ -526,6 +541,7 @@ impl Broker {
         if let Some(command) = reload_command {
             run_reload(command).await?;
         }
+        *written = Some(version);
         Ok(())
     }
 }

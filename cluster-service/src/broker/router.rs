@@ -8,14 +8,11 @@
 
 use std::{
     collections::{HashMap, VecDeque},
-    sync::{
-        Arc,
-        atomic::{AtomicUsize, Ordering},
-    },
+    sync::{Arc, Mutex, PoisonError},
 };
 
 use bytes::Bytes;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 
 use super::{
     acl::{self, Identity, Scope},
@@ -56,49 +53,77 @@ pub enum Out {
     Close(&'static str),
 }
 
+/// A connection's queue of messages to write: a deque that takes no memory while empty (an idle connection costs
+/// no buffer) and a wake-up for the connection task.
+#[derive(Debug, Default)]
+pub struct Mailbox {
+    queue: Mutex<VecDeque<Out>>,
+    notify: Notify,
+}
+
+impl Mailbox {
+    fn queue(&self) -> std::sync::MutexGuard<'_, VecDeque<Out>> {
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Queues `out` unless `limit` messages wait already; wakes the connection.
+    fn push(&self, out: Out, limit: usize) -> bool {
+        let mut queue = self.queue();
+        if queue.len() >= limit {
+            return false;
+        }
+        queue.push_back(out);
+        drop(queue);
+        self.notify.notify_one();
+        true
+    }
+
+    /// The next message, if any. The deque's memory goes back once a burst has drained.
+    pub fn pop(&self) -> Option<Out> {
+        let mut queue = self.queue();
+        let out = queue.pop_front();
+        if queue.is_empty() && queue.capacity() > 16 {
+            queue.shrink_to_fit();
+        }
+        out
+    }
+
+    /// Messages waiting.
+    pub fn len(&self) -> usize {
+        self.queue().len()
+    }
+
+    /// Whether nothing waits.
+    pub fn is_empty(&self) -> bool {
+        self.queue().is_empty()
+    }
+
+    /// Completes after the next push (at once if one happened since the last wait).
+    pub async fn wait(&self) {
+        self.notify.notified().await;
+    }
+}
+
 /// Where a session's messages go.
 #[derive(Debug, Clone)]
 pub enum Sink {
-    /// A network connection, with the count of messages it has not taken yet.
-    Conn {
-        /// Its queue.
-        tx: mpsc::UnboundedSender<Out>,
-        /// Messages in the queue.
-        queued: Arc<AtomicUsize>,
-    },
+    /// A network connection's mailbox.
+    Conn(Arc<Mailbox>),
     /// The cluster-service's own in-process client.
     Local(mpsc::UnboundedSender<Message>),
 }
 
 impl Sink {
-    /// A connection sink and its receiving end.
-    pub fn conn() -> (Self, mpsc::UnboundedReceiver<Out>, Arc<AtomicUsize>) {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let queued = Arc::new(AtomicUsize::new(0));
-        (
-            Self::Conn {
-                tx,
-                queued: Arc::clone(&queued),
-            },
-            rx,
-            queued,
-        )
+    /// A connection sink and its mailbox.
+    pub fn conn() -> (Self, Arc<Mailbox>) {
+        let mailbox = Arc::new(Mailbox::default());
+        (Self::Conn(Arc::clone(&mailbox)), mailbox)
     }
 
     /// Hands over a message; `false` if it was dropped (queue full or receiver gone).
     fn send(&self, message: Outgoing) -> bool {
         match self {
-            Self::Conn { tx, queued } => {
-                if queued.load(Ordering::Relaxed) >= MAX_QUEUED {
-                    return false;
-                }
-                queued.fetch_add(1, Ordering::Relaxed);
-                if tx.send(Out::Publish(message)).is_err() {
-                    queued.fetch_sub(1, Ordering::Relaxed);
-                    return false;
-                }
-                true
-            }
+            Self::Conn(mailbox) => mailbox.push(Out::Publish(message), MAX_QUEUED),
             Self::Local(tx) => tx
                 .send(Message {
                     topic: message.topic.to_string(),
@@ -109,8 +134,8 @@ impl Sink {
     }
 
     fn close(&self, why: &'static str) {
-        if let Self::Conn { tx, .. } = self {
-            let _ = tx.send(Out::Close(why));
+        if let Self::Conn(mailbox) = self {
+            mailbox.push(Out::Close(why), usize::MAX);
         }
     }
 }
@@ -490,14 +515,11 @@ mod tests {
         Identity::Node(id.to_owned())
     }
 
-    fn drain(rx: &mut mpsc::UnboundedReceiver<Out>, queued: &AtomicUsize) -> Vec<String> {
+    fn drain(mailbox: &Mailbox) -> Vec<String> {
         let mut topics = Vec::new();
-        while let Ok(out) = rx.try_recv() {
+        while let Some(out) = mailbox.pop() {
             match out {
-                Out::Publish(m) => {
-                    queued.fetch_sub(1, Ordering::Relaxed);
-                    topics.push(m.topic.to_string());
-                }
+                Out::Publish(m) => topics.push(m.topic.to_string()),
                 Out::Close(why) => topics.push(format!("close: {why}")),
             }
         }
@@ -507,7 +529,7 @@ mod tests {
     #[test]
     fn a_worker_only_receives_its_own_topics_even_with_hash() {
         let mut r = Router::default();
-        let (sink, mut rx, queued) = Sink::conn();
+        let (sink, mailbox) = Sink::conn();
         r.connect("a-ne", node("a"), true, sink);
         assert_eq!(r.subscribe("a-ne", &[("#".into(), QoS::AtLeastOnce)]), vec![1]);
         assert_eq!(
@@ -528,14 +550,14 @@ mod tests {
                 false
             ));
         }
-        assert_eq!(drain(&mut rx, &queued), vec!["nodes/a/control/deploy"]);
+        assert_eq!(drain(&mailbox), vec!["nodes/a/control/deploy"]);
         assert_eq!(r.counters().denied_subscriptions, 1);
     }
 
     #[test]
     fn a_worker_cannot_publish_on_another_node() {
         let mut r = Router::default();
-        let (sink, mut rx, queued) = Sink::conn();
+        let (sink, mailbox) = Sink::conn();
         r.connect("b-ne", node("b"), true, sink);
         r.subscribe("b-ne", &[("nodes/b/control/deploy".into(), QoS::AtLeastOnce)]);
         assert!(!r.publish(
@@ -545,7 +567,7 @@ mod tests {
             QoS::AtLeastOnce,
             false
         ));
-        assert!(drain(&mut rx, &queued).is_empty());
+        assert!(drain(&mailbox).is_empty());
         assert_eq!(r.counters().denied_publishes, 1);
     }
 
@@ -575,7 +597,7 @@ mod tests {
     #[test]
     fn persistent_sessions_keep_subscriptions_and_queue_while_offline() {
         let mut r = Router::default();
-        let (sink, _rx, _) = Sink::conn();
+        let (sink, _mailbox) = Sink::conn();
         let first = r.connect("a-ne", node("a"), false, sink);
         assert!(!first.session_present);
         r.subscribe("a-ne", &[("nodes/a/control/deploy".into(), QoS::AtLeastOnce)]);
@@ -601,11 +623,11 @@ mod tests {
             QoS::AtMostOnce,
             false,
         );
-        let (sink, mut rx, _) = Sink::conn();
+        let (sink, mailbox) = Sink::conn();
         let second = r.connect("a-ne", node("a"), false, sink);
         assert!(second.session_present);
-        let payloads: Vec<Bytes> = std::iter::from_fn(|| match rx.try_recv() {
-            Ok(Out::Publish(m)) => Some(m.payload),
+        let payloads: Vec<Bytes> = std::iter::from_fn(|| match mailbox.pop() {
+            Some(Out::Publish(m)) => Some(m.payload),
             _ => None,
         })
         .collect();
@@ -614,20 +636,20 @@ mod tests {
             vec![Bytes::from_static(b"unacked"), Bytes::from_static(b"later")]
         );
         // A clean connect drops the session.
-        let (sink, _rx3, _) = Sink::conn();
+        let (sink, _mailbox3) = Sink::conn();
         assert!(!r.connect("a-ne", node("a"), true, sink).session_present);
     }
 
     #[test]
     fn a_takeover_closes_the_old_connection_and_its_goodbye_is_ignored() {
         let mut r = Router::default();
-        let (sink, mut old_rx, old_q) = Sink::conn();
+        let (sink, old_mailbox) = Sink::conn();
         let old = r.connect("a", node("a"), true, sink);
-        let (sink, mut rx, q) = Sink::conn();
+        let (sink, mailbox) = Sink::conn();
         let new = r.connect("a", node("a"), true, sink);
         r.subscribe("a", &[("nodes/a/net/subnetwork/result".into(), QoS::AtLeastOnce)]);
         assert_eq!(
-            drain(&mut old_rx, &old_q),
+            drain(&old_mailbox),
             vec!["close: another connection took over the session"]
         );
         r.disconnect("a", old.generation, Vec::new());
@@ -638,7 +660,7 @@ mod tests {
             QoS::AtLeastOnce,
             false,
         );
-        assert_eq!(drain(&mut rx, &q), vec!["nodes/a/net/subnetwork/result"]);
+        assert_eq!(drain(&mailbox), vec!["nodes/a/net/subnetwork/result"]);
         r.disconnect("a", new.generation, Vec::new());
         assert_eq!(r.sessions(), 0);
     }
@@ -646,7 +668,7 @@ mod tests {
     #[test]
     fn a_full_queue_drops_and_counts() {
         let mut r = Router::default();
-        let (sink, _rx, queued) = Sink::conn();
+        let (sink, mailbox) = Sink::conn();
         r.connect("a", node("a"), true, sink);
         r.subscribe("a", &[("nodes/a/x".into(), QoS::AtMostOnce)]);
         for _ in 0..MAX_QUEUED + 5 {
@@ -658,7 +680,7 @@ mod tests {
                 false,
             );
         }
-        assert_eq!(queued.load(Ordering::Relaxed), MAX_QUEUED);
+        assert_eq!(mailbox.len(), MAX_QUEUED);
         assert_eq!(r.counters().dropped_queue_full, 5);
     }
 
@@ -679,10 +701,10 @@ mod tests {
             QoS::AtLeastOnce,
             true,
         );
-        let (sink, mut rx, q) = Sink::conn();
+        let (sink, mailbox) = Sink::conn();
         r.connect("a", node("a"), true, sink);
         r.subscribe("a", &[("#".into(), QoS::AtLeastOnce)]);
-        assert_eq!(drain(&mut rx, &q), vec!["nodes/a/info"]);
+        assert_eq!(drain(&mailbox), vec!["nodes/a/info"]);
         // An empty retained payload deletes.
         r.publish(&node("a"), "nodes/a/info", Bytes::new(), QoS::AtLeastOnce, true);
         assert_eq!(r.retained.len(), 1);
@@ -692,14 +714,14 @@ mod tests {
     #[test]
     fn dropping_a_node_closes_its_sessions() {
         let mut r = Router::default();
-        let (sink, mut rx, q) = Sink::conn();
+        let (sink, mailbox) = Sink::conn();
         r.connect("a-ne", node("a"), false, sink);
         r.subscribe("a-ne", &[("nodes/a/control/deploy".into(), QoS::AtLeastOnce)]);
         r.drop_node("a");
         assert_eq!(r.sessions(), 0);
         assert!(r.exact.is_empty());
         assert_eq!(
-            drain(&mut rx, &q),
+            drain(&mailbox),
             vec!["close: the node's credentials were revoked"]
         );
     }

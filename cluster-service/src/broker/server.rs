@@ -1,10 +1,11 @@
 //! The embedded broker's network side: accepts TCP connections, authenticates each CONNECT, and runs one small task
 //! per connection that moves packets between the socket and the [`Router`].
 //!
-//! Per connection the broker holds a read buffer (1 KiB while idle), a queue of messages not yet written, the
-//! QoS 1 messages awaiting PUBACK (at most [`WINDOW`]) and the session in the router: a few KiB, so tens of
-//! thousands of workers fit in a small cluster-service. Every socket has `TCP_NODELAY` (commands are small and
-//! latency-bound).
+//! An idle connection holds no buffers: the read buffer is allocated when the socket is readable and given back once
+//! its packets are handled, the write buffer once written, the queue of messages to write once drained. What stays
+//! is the task, the socket, the QoS 1 messages awaiting PUBACK (at most [`WINDOW`]) and the session in the router:
+//! a few KiB, so tens of thousands of workers fit in a small cluster-service. Every socket has `TCP_NODELAY`
+//! (commands are small and latency-bound).
 
 use std::{
     net::SocketAddr,
@@ -27,7 +28,7 @@ use super::{
     Credentials,
     acl::Identity,
     codec::{self, CodecError, Connect, Packet, QoS},
-    router::{Out, Outgoing, Router, Sink},
+    router::{Mailbox, Out, Outgoing, Router, Sink},
 };
 
 /// QoS 1 messages sent to one client and not yet acknowledged; more wait in its queue.
@@ -200,6 +201,29 @@ impl Socket {
         }
     }
 
+    /// Reads what the socket has now (it was reported readable); `Ok(false)` at end of stream.
+    fn read_ready(&mut self) -> Result<bool, String> {
+        loop {
+            self.rbuf.reserve(READ_CHUNK);
+            match self.stream.try_read_buf(&mut self.rbuf) {
+                Ok(0) => return Ok(false),
+                Ok(n) if n < READ_CHUNK => return Ok(true),
+                // The chunk was filled: more may wait, but hand over what we have before it grows without bound.
+                Ok(_) if self.rbuf.len() >= 64 * READ_CHUNK => return Ok(true),
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(true),
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    }
+
+    /// Gives the read buffer's memory back when nothing is left in it (an idle connection holds none).
+    fn release_read_buffer(&mut self) {
+        if self.rbuf.is_empty() && self.rbuf.capacity() > 0 {
+            self.rbuf = BytesMut::new();
+        }
+    }
+
     async fn flush(&mut self) -> Result<(), String> {
         if self.wbuf.is_empty() {
             return Ok(());
@@ -209,11 +233,8 @@ impl Socket {
             Ok(Err(e)) => return Err(e.to_string()),
             Err(_) => return Err(format!("the client took no data for {WRITE_TIMEOUT:?}")),
         }
-        if self.wbuf.capacity() > KEEP_WRITE_CAPACITY {
-            self.wbuf = BytesMut::new();
-        } else {
-            self.wbuf.clear();
-        }
+        // Written: an idle connection keeps no write buffer either.
+        self.wbuf = BytesMut::new();
         Ok(())
     }
 }
@@ -257,7 +278,7 @@ async fn connection(stream: TcpStream, peer: SocketAddr, broker: &Embedded, stop
             return;
         }
     };
-    let (sink, rx, queued) = Sink::conn();
+    let (sink, mailbox) = Sink::conn();
     let connected =
         broker
             .router()
@@ -269,8 +290,7 @@ async fn connection(stream: TcpStream, peer: SocketAddr, broker: &Embedded, stop
         broker,
         identity,
         client_id: connect.client_id.clone(),
-        rx,
-        queued,
+        mailbox,
         inflight: Vec::new(),
         next_pkid: 0,
         awaiting_rel: Vec::new(),
@@ -301,8 +321,7 @@ struct Session<'a> {
     broker: &'a Embedded,
     identity: Identity,
     client_id: String,
-    rx: tokio::sync::mpsc::UnboundedReceiver<Out>,
-    queued: Arc<AtomicUsize>,
+    mailbox: Arc<Mailbox>,
     /// Sent QoS 1 messages awaiting PUBACK.
     inflight: Vec<(u16, Outgoing)>,
     next_pkid: u16,
@@ -339,34 +358,35 @@ impl Session<'_> {
                     Err(why) => return End::Abnormal(format!("malformed packet: {why}")),
                 }
             }
+            socket.release_read_buffer();
+            // Queued messages go out before waiting (up to the window and a write buffer's worth at a time).
+            while self.inflight.len() < WINDOW && socket.wbuf.len() < KEEP_WRITE_CAPACITY {
+                let Some(out) = self.mailbox.pop() else { break };
+                if let Err(why) = self.send(out, &mut socket.wbuf) {
+                    let _ = socket.flush().await;
+                    return End::Abnormal(why.into());
+                }
+            }
             if let Err(why) = socket.flush().await {
                 return End::Abnormal(why);
             }
-            if socket.rbuf.capacity() - socket.rbuf.len() < READ_CHUNK / 4 {
-                socket.rbuf.reserve(READ_CHUNK);
+            let more_to_send = self.inflight.len() < WINDOW && !self.mailbox.is_empty();
+            if more_to_send {
+                continue;
             }
             let window_open = self.inflight.len() < WINDOW;
             tokio::select! {
-                read = socket.stream.read_buf(&mut socket.rbuf) => match read {
-                    Ok(0) => return End::Abnormal("the client closed the connection".into()),
-                    Ok(_) => idle.as_mut().reset(Instant::now() + patience),
-                    Err(e) => return End::Abnormal(e.to_string()),
-                },
-                out = self.rx.recv(), if window_open => match out {
-                    Some(out) => {
-                        if let Err(why) = self.send(out, &mut socket.wbuf) {
-                            return End::Abnormal(why.into());
-                        }
-                        // Batch what else is queued into the same write.
-                        while self.inflight.len() < WINDOW && socket.wbuf.len() < KEEP_WRITE_CAPACITY {
-                            let Ok(out) = self.rx.try_recv() else { break };
-                            if let Err(why) = self.send(out, &mut socket.wbuf) {
-                                return End::Abnormal(why.into());
-                            }
-                        }
+                ready = socket.stream.readable() => {
+                    if let Err(e) = ready {
+                        return End::Abnormal(e.to_string());
                     }
-                    None => return End::Abnormal("the broker dropped the session".into()),
+                    match socket.read_ready() {
+                        Ok(true) => idle.as_mut().reset(Instant::now() + patience),
+                        Ok(false) => return End::Abnormal("the client closed the connection".into()),
+                        Err(e) => return End::Abnormal(e),
+                    }
                 },
+                () = self.mailbox.wait(), if window_open => {}
                 () = &mut idle => return End::Abnormal(format!("no packet within 1.5 × the keep-alive ({patience:?})")),
                 _ = stop.wait_for(|s| *s) => return End::Abnormal("the broker is stopping".into()),
             }
@@ -378,7 +398,6 @@ impl Session<'_> {
         match out {
             Out::Close(why) => Err(why),
             Out::Publish(message) => {
-                self.queued.fetch_sub(1, Ordering::Relaxed);
                 if message.qos == QoS::AtMostOnce {
                     codec::publish_packet(
                         wbuf,
