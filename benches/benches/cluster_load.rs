@@ -64,8 +64,12 @@ const REPORT_PERIOD: Duration = Duration::from_secs(2);
 const SLOT: Duration = Duration::from_millis(10);
 /// Number of phase slots in one period.
 const SLOTS: usize = 200;
-/// Registrations and connections in flight at once.
+/// Registrations and connections in flight at once with the embedded broker (a login works as soon as the
+/// registration is answered).
 const CONCURRENCY: usize = 32;
+/// The same with Mosquitto, where a new worker's login works only after the cluster's next reload of the broker
+/// (at most one per second), so many joins wait at once.
+const CONCURRENCY_EXTERNAL: usize = 512;
 /// Deploy calls in flight at once, as root sends them one after the other: each holds the cluster's state lock for
 /// a placement over every worker, so parallel calls only starve the worker messages.
 const DEPLOY_CONCURRENCY: usize = 1;
@@ -848,7 +852,10 @@ impl Worker {
     /// Registers `host` with the cluster, connects to its broker as `<id>-ne` and subscribes to the node's control
     /// topics. Received control messages go to `inbox` (if any); a `control/deploy` also becomes the instance the
     /// worker reports.
-    #[allow(clippy::too_many_arguments, reason = "one worker's settings and sinks, each named at the call")]
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "one worker's settings and sinks, each named at the call"
+    )]
     async fn join(
         cluster_url: &str,
         host: &str,
@@ -1040,7 +1047,7 @@ fn add_to(slots: &Slots, worker: &Arc<Worker>) {
     slots.lock().unwrap_or_else(PoisonError::into_inner)[worker.phase % SLOTS].push(Arc::clone(worker));
 }
 
-/// Registers and connects `n` workers (`vcpus`, `memory` each), [`CONCURRENCY`] at a time, with random phases;
+/// Registers and connects `n` workers (`vcpus`, `memory` each), `lanes_wanted` at a time, with random phases;
 /// each starts reporting (joins `slots`) once connected. The workers that joined, and the first error of those that
 /// did not (with their count).
 async fn join_many(
@@ -1050,6 +1057,7 @@ async fn join_many(
     counters: &Arc<Counters>,
     slots: &Slots,
     swarm: &Arc<NetSwarm>,
+    lanes_wanted: usize,
 ) -> (Vec<Arc<Worker>>, usize, Option<String>) {
     let next = Arc::new(AtomicUsize::new(0));
     let mut rng = Lcg::seeded();
@@ -1059,7 +1067,7 @@ async fn join_many(
             .collect(),
     );
     let mut lanes = JoinSet::new();
-    for _ in 0..CONCURRENCY.min(n) {
+    for _ in 0..lanes_wanted.min(n) {
         let (next, phases, counters, slots, url, swarm) = (
             Arc::clone(&next),
             Arc::clone(&phases),
@@ -1329,7 +1337,10 @@ async fn load_step(root_url: &str, n: usize, ticks_per_s: f64, mode: BrokerMode)
     let t = Instant::now();
     const JOINING: &str = "while the workers joined";
     let (workers, failed, error) = tokio::select! {
-        joined = join_many(&cluster.url, n, (1, 4000), &counters, &slots, &swarm) => joined,
+        joined = join_many(&cluster.url, n, (1, 4000), &counters, &slots, &swarm, match mode {
+            BrokerMode::Embedded => CONCURRENCY,
+            BrokerMode::Mosquitto => CONCURRENCY_EXTERNAL,
+        }) => joined,
         why = watch_trouble(&cluster, JOINING) => return fail(why, &ticker, t.elapsed().as_secs_f64(), 0.0),
     };
     let join_s = t.elapsed().as_secs_f64();

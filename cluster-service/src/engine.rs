@@ -194,11 +194,7 @@ impl Engine {
                     tokio::spawn(async move { engine.prefetch(&job_name).await });
                 }
                 Effect::ReportSoon => self.report_soon.notify_one(),
-                Effect::DropNode { node } => {
-                    if let Err(e) = self.broker.revoke_node(&node).await {
-                        tracing::error!(node = %node, error = %e, "cannot revoke the forgotten worker's MQTT users");
-                    }
-                }
+                Effect::DropNode { node } => self.broker.revoke_node(&node),
                 // Written above.
                 Effect::SaveNode(_)
                 | Effect::SaveJob { .. }
@@ -365,9 +361,8 @@ impl Engine {
             now_ms(),
         )?;
         self.broker.credentials().set_node(&id, &hash);
-        if let Err(e) = self.broker.credentials_changed().await {
-            tracing::error!(node = %id, error = %e, "the broker did not take the new credentials");
-        }
+        // An external broker takes them with its next reload, within about a second; the worker retries its login.
+        self.broker.credentials_changed_soon();
         self.apply(effects).await;
         tracing::info!(node = %id, name = ?registration.host, ip = ?registration.ip, "worker registered");
         let mut answer = NodeRegistered::new(id, self.mqtt_port);

@@ -378,8 +378,14 @@ pub struct Broker {
     stop: tokio::sync::watch::Sender<bool>,
     /// Serialises file rewrites + reloads, so the last change's files are the ones the broker reads last; holds the
     /// credentials version the files on disk reflect.
-    rewrite: tokio::sync::Mutex<Option<u64>>,
+    rewrite: Arc<tokio::sync::Mutex<Option<u64>>>,
+    /// Wakes the external broker's background reloader ([`Broker::credentials_changed_soon`]).
+    reload_soon: Arc<tokio::sync::Notify>,
 }
+
+/// Shortest pause between two reloads of an external broker by the background reloader: Mosquitto re-reads the
+/// whole password and ACL files, single-threaded, so reloading per registration would stall it under a burst.
+pub const RELOAD_MIN_INTERVAL: Duration = Duration::from_secs(1);
 
 impl Broker {
     /// Starts the broker.
@@ -428,7 +434,8 @@ impl Broker {
                     credentials,
                     embedded: Some(embedded),
                     stop,
-                    rewrite: tokio::sync::Mutex::new(None),
+                    rewrite: Arc::default(),
+                    reload_soon: Arc::default(),
                 })
             }
             BrokerConfig::External { ref host, port, .. } => {
@@ -439,8 +446,16 @@ impl Broker {
                     credentials,
                     embedded: None,
                     stop,
-                    rewrite: tokio::sync::Mutex::new(None),
+                    rewrite: Arc::default(),
+                    reload_soon: Arc::default(),
                 };
+                tokio::spawn(reloader(
+                    broker.config.clone(),
+                    broker.credentials.clone(),
+                    Arc::clone(&broker.rewrite),
+                    Arc::clone(&broker.reload_soon),
+                    stop_rx,
+                ));
                 match broker.rewrite_and_reload().await {
                     Err(e @ BrokerError::Reload { .. }) => {
                         tracing::warn!(error = %e, "external MQTT broker not reloaded (not running yet?)");
@@ -479,14 +494,23 @@ impl Broker {
         &self.credentials
     }
 
-    /// Removes a node's MQTT users, closes its connections on the embedded broker and forgets its sessions, then
-    /// updates an external broker's files.
-    pub async fn revoke_node(&self, node_id: &str) -> Result<(), BrokerError> {
+    /// Removes a node's MQTT users, closes its connections on the embedded broker and forgets its sessions; an
+    /// external broker's files follow with its next reload ([`Broker::credentials_changed_soon`]).
+    pub fn revoke_node(&self, node_id: &str) {
         self.credentials.remove_node(node_id);
         if let Some(embedded) = &self.embedded {
             embedded.router().drop_node(node_id);
         }
-        self.credentials_changed().await
+        self.credentials_changed_soon();
+    }
+
+    /// After [`Credentials::set_node`]/[`Credentials::remove_node`]: has an external broker's files rewritten and
+    /// reloaded in the background, at most once per [`RELOAD_MIN_INTERVAL`] (a burst of changes is one reload), and
+    /// returns at once. The embedded broker reads the shared table at every login, so it needs nothing.
+    pub fn credentials_changed_soon(&self) {
+        if self.embedded.is_none() {
+            self.reload_soon.notify_one();
+        }
     }
 
     /// After [`Credentials::set_node`]/[`Credentials::remove_node`]: for an external broker, rewrites the files
@@ -503,47 +527,78 @@ impl Broker {
     }
 
     async fn rewrite_and_reload(&self) -> Result<(), BrokerError> {
-        let BrokerConfig::External {
-            password_file,
-            acl_file,
-            reload_command,
-            ..
-        } = &self.config
-        else {
-            return Ok(());
-        };
-        if password_file.is_none() && acl_file.is_none() {
-            return Ok(());
-        }
-        let wanted = self.credentials.version();
-        let mut written = self.rewrite.lock().await;
-        if written.is_some_and(|w| w >= wanted) {
-            // Another caller wrote (and reloaded) files that already hold this change while we waited.
-            return Ok(());
-        }
-        let version = self.credentials.version();
-        let files: Vec<(PathBuf, String)> = [
-            password_file
-                .clone()
-                .map(|p| (p, self.credentials.password_file())),
-            acl_file.clone().map(|p| (p, self.credentials.acl_file())),
-        ]
-        .into_iter()
-        .flatten()
-        .collect();
-        tokio::task::spawn_blocking(move || {
-            let group = mosquitto_gid();
-            files
-                .iter()
-                .try_for_each(|(path, text)| write_atomically(path, text, group))
-        })
-        .await??;
-        if let Some(command) = reload_command {
-            run_reload(command).await?;
-        }
-        *written = Some(version);
-        Ok(())
+        sync_files(&self.config, &self.credentials, &self.rewrite).await
     }
+}
+
+/// The external broker's background reloader: after each wake-up, waits out [`RELOAD_MIN_INTERVAL`] since the last
+/// reload (changes arriving meanwhile join this one), then writes the files and reloads.
+async fn reloader(
+    config: BrokerConfig,
+    credentials: Credentials,
+    written: Arc<tokio::sync::Mutex<Option<u64>>>,
+    wake: Arc<tokio::sync::Notify>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut last = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            () = wake.notified() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        tokio::time::sleep_until(last + RELOAD_MIN_INTERVAL).await;
+        if let Err(e) = sync_files(&config, &credentials, &written).await {
+            tracing::error!(error = %e, "external MQTT broker credentials not updated");
+        }
+        last = tokio::time::Instant::now();
+    }
+}
+
+/// Writes the external broker's password and ACL files and runs its reload command, unless the files already hold
+/// the credentials' current version.
+async fn sync_files(
+    config: &BrokerConfig,
+    credentials: &Credentials,
+    written: &tokio::sync::Mutex<Option<u64>>,
+) -> Result<(), BrokerError> {
+    let BrokerConfig::External {
+        password_file,
+        acl_file,
+        reload_command,
+        ..
+    } = config
+    else {
+        return Ok(());
+    };
+    if password_file.is_none() && acl_file.is_none() {
+        return Ok(());
+    }
+    let wanted = credentials.version();
+    let mut written = written.lock().await;
+    if written.is_some_and(|w| w >= wanted) {
+        // Another caller wrote (and reloaded) files that already hold this change while we waited.
+        return Ok(());
+    }
+    let version = credentials.version();
+    let files: Vec<(PathBuf, String)> = [
+        password_file.clone().map(|p| (p, credentials.password_file())),
+        acl_file.clone().map(|p| (p, credentials.acl_file())),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    tokio::task::spawn_blocking(move || {
+        let group = mosquitto_gid();
+        files
+            .iter()
+            .try_for_each(|(path, text)| write_atomically(path, text, group))
+    })
+    .await??;
+    if let Some(command) = reload_command {
+        run_reload(command).await?;
+    }
+    *written = Some(version);
+    Ok(())
 }
 
 /// The host a local client uses for a listen address.
