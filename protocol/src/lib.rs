@@ -17,6 +17,7 @@
 //! - [`bearer`]: the `Authorization: Bearer` token and constant-time secret comparison.
 //! - [`sched`]: the placement policy both tiers share (root picks a cluster, a cluster picks a worker), with
 //!   capacity reservations and the reading of a job's demand.
+//! - [`text`]: client-supplied text made safe to log (control and bidi characters escaped, long strings cut).
 //!
 //! Field names on the wire are spelled exactly as the reference implementation spells them (including its
 //! inconsistencies, e.g. `MQTT_BROKER_PORT`, `nsAddressv6`), so that Oakestra peers interoperate with ours.
@@ -38,3 +39,4 @@ pub mod sqlite;
 pub mod status;
 #[cfg(test)]
 mod test_util;
+pub mod text;

@@ -8,6 +8,7 @@ use axum::{
     http::StatusCode,
     routing::{MethodRouter, get, post},
 };
+use oakestra_protocol::text::Escaped;
 use serde::{Deserialize, Serialize};
 
 use super::{ApiError, AppState, JsonBody};
@@ -88,7 +89,7 @@ async fn login(
     let user = match user {
         Some(user) if matches => user,
         _ => {
-            tracing::info!(username = %body.username, "login refused: invalid username or password");
+            tracing::info!(username = %Escaped(&body.username), "login refused: invalid username or password");
             return Err(ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 "invalid username or password",
@@ -117,7 +118,7 @@ async fn login(
         state
             .keys
             .issue(TokenType::Refresh, &user.name, &roles, &org.id, state.refresh_ttl)?;
-    tracing::info!(username = %user.name, organization = %org.name, "login");
+    tracing::info!(username = %Escaped(&user.name), organization = %Escaped(&org.name), "login");
     Ok(Json(LoginResponse { token, refresh_token }))
 }
 

@@ -13,6 +13,7 @@ use axum::{
 use oakestra_protocol::api::federation::{
     CLUSTER_REGISTER_PATH, ClusterRegistered, ClusterRegistration, DEPLOY_RESULT_PATH, DeployResult,
 };
+use oakestra_protocol::text::Escaped;
 use serde_json::{Map, Value, json};
 
 use super::{ApiError, AppState, ClusterAuth, JsonBody};
@@ -63,7 +64,7 @@ async fn register(
 ) -> Result<Json<ClusterRegistered>, ApiError> {
     let presented = crate::auth::bearer_in(&headers);
     if !presented.is_some_and(|t| oakestra_protocol::bearer::same_secret(t, &state.join_token)) {
-        tracing::warn!(%peer, cluster = %body.cluster_name, "cluster registration refused: wrong or missing join token");
+        tracing::warn!(%peer, cluster = %Escaped(&body.cluster_name), "cluster registration refused: wrong or missing join token");
         return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             "missing or wrong join token (Authorization: Bearer <join token>)",
@@ -117,7 +118,7 @@ async fn register(
             )
         })
         .await?;
-    tracing::info!(cluster = %row.name, id = %row.id, address = %row.address, "cluster registered");
+    tracing::info!(cluster = %Escaped(&row.name), id = %row.id, address = %Escaped(&row.address), "cluster registered");
     Ok(Json(ClusterRegistered { id: row.id, token }))
 }
 

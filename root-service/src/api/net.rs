@@ -16,6 +16,7 @@ use oakestra_protocol::{
         NET_DEPLOY_STATUS_PATH, NetDeployStatus, NetJob, SUBNET_PATH, SubnetAllocation, unescape_path_segment,
     },
     mqtt::net::{InstanceEntry, IpType, ServiceIp},
+    text::Escaped,
 };
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
@@ -66,7 +67,7 @@ async fn subnet(
         .store
         .with(move |inner| net::subnet_for(&mut inner.conn, &mut inner.pools, &id, worker.as_deref()))
         .await?;
-    tracing::info!(cluster = %cluster.name, subnet = %v4, subnet_v6 = %v6, "worker subnet handed out");
+    tracing::info!(cluster = %Escaped(&cluster.name), subnet = %v4, subnet_v6 = %v6, "worker subnet handed out");
     Ok(Json(SubnetAllocation {
         subnet_addr: v4,
         subnet_addr_v6: v6,
@@ -227,7 +228,7 @@ async fn net_deploy_status(
             (i.instance_number, fields)
         })
         .collect();
-    tracing::debug!(cluster = %cluster.name, job = %body.job_id, "net deploy status");
+    tracing::debug!(cluster = %Escaped(&cluster.name), job = %Escaped(&body.job_id), "net deploy status");
     Arc::clone(&state.engine)
         .net_deploy_status(&body.job_id, instances)
         .await?;

@@ -14,6 +14,7 @@ use axum::{
     http::StatusCode,
     routing::{MethodRouter, get, post},
 };
+use oakestra_protocol::text::Escaped;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -290,7 +291,7 @@ async fn register(
         })
         .await??;
     let (user, roles) = created;
-    tracing::info!(by = %claims.0.sub, user = %user.name, roles = ?roles, "user registered");
+    tracing::info!(by = %Escaped(&claims.0.sub), user = %Escaped(&user.name), roles = ?roles, "user registered");
     Ok(Json(json!({
         "_id": user.id,
         "name": user.name,
@@ -406,7 +407,7 @@ async fn update_user(
             Ok(Ok(()))
         })
         .await??;
-    tracing::info!(by = %claims.0.sub, user = %username, "user updated");
+    tracing::info!(by = %Escaped(&claims.0.sub), user = %Escaped(&username), "user updated");
     Ok(Json(json!({ "message": "ok" })))
 }
 
@@ -431,7 +432,7 @@ async fn delete_user(
             user_docs(&inner.conn, None)
         })
         .await?;
-    tracing::info!(by = %claims.0.sub, user = %username, "user deleted");
+    tracing::info!(by = %Escaped(&claims.0.sub), user = %Escaped(&username), "user deleted");
     Ok(Json(remaining))
 }
 
@@ -472,7 +473,7 @@ async fn change_password(
         })?;
     // No stored password is longer than the limit, so a longer old password is wrong without hashing it.
     if body.old_password.len() > MAX_PASSWORD_LEN || !verify(body.old_password, old_hash.clone()).await? {
-        tracing::info!(user = %username, "password change refused: wrong old password");
+        tracing::info!(user = %Escaped(&username), "password change refused: wrong old password");
         return Err(bad("the old password is wrong"));
     }
     let new_hash = hash(body.new_password).await?;
@@ -488,7 +489,7 @@ async fn change_password(
         .await?;
     match outcome {
         Some(true) => {
-            tracing::info!(user = %username, "password changed");
+            tracing::info!(user = %Escaped(&username), "password changed");
             Ok(Json(json!({})))
         }
         Some(false) => Err(conflict(
@@ -649,7 +650,7 @@ async fn create_organization(
             Ok(Ok(users::create_organization(&mut inner.conn, &name, &members)?))
         })
         .await??;
-    tracing::info!(by = %claims.0.sub, organization = %org.name, id = %org.id, "organization created");
+    tracing::info!(by = %Escaped(&claims.0.sub), organization = %Escaped(&org.name), id = %org.id, "organization created");
     Ok(Json(org_doc(&org)))
 }
 
@@ -706,7 +707,7 @@ async fn update_organization(
             )?))
         })
         .await??;
-    tracing::info!(by = %claims.0.sub, organization = %org.name, id = %org.id, "organization updated");
+    tracing::info!(by = %Escaped(&claims.0.sub), organization = %Escaped(&org.name), id = %org.id, "organization updated");
     Ok(Json(org_doc(&org)))
 }
 
@@ -736,6 +737,6 @@ async fn delete_organization(
             Ok(Ok(()))
         })
         .await??;
-    tracing::info!(by = %claims.0.sub, organization = %id, "organization deleted");
+    tracing::info!(by = %Escaped(&claims.0.sub), organization = %Escaped(&id), "organization deleted");
     Ok(Json(json!({ "message": "ok" })))
 }
