@@ -11,7 +11,8 @@
 //!   ([`api::netmanager`]) and the cluster → root report with its worker aggregation ([`api::root`]).
 //! - `client` (feature `client`): the small HTTP/1.1 JSON client tiers use to call each other; `sqlite` (feature
 //!   `sqlite`): how the root and cluster stores open SQLite and migrate; `signal` (feature `signal`): waiting for
-//!   SIGTERM/SIGINT, shared by every daemon. The only I/O here, all opt-in.
+//!   SIGTERM/SIGINT, shared by every daemon; `server` (feature `server`): the HTTP/1.1 server of every API listener
+//!   (header-read and idle timeouts, a connection cap, JSON error bodies). The only I/O here, all opt-in.
 //! - [`addr`]: the overlay address plan, the balancing-policy encoding of IPv6 service addresses and the address
 //!   allocators.
 //! - [`bearer`]: the `Authorization: Bearer` token and constant-time secret comparison.
@@ -31,6 +32,8 @@ pub mod mqtt;
 pub mod naming;
 pub mod sched;
 pub mod serde_util;
+#[cfg(feature = "server")]
+pub mod server;
 #[cfg(feature = "signal")]
 pub mod signal;
 pub mod sla;

@@ -3,7 +3,7 @@
 use std::{fmt, net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::Parser;
-use oakestra_protocol::sched::Policy;
+use oakestra_protocol::{sched::Policy, server::ServerLimits};
 
 use crate::Error;
 
@@ -86,7 +86,25 @@ pub struct Cli {
     /// Seconds between retries of instances no cluster could take (and checks for lost clusters).
     #[arg(long, value_name = "SECONDS", default_value_t = DEFAULT_RETRY_SECS)]
     pub retry_interval: u64,
+
+    /// Seconds a client may take to send a request line and headers, counted from their first byte (the first
+    /// request of a connection: from the accept). Slower clients are disconnected.
+    #[arg(long, value_name = "SECONDS", default_value_t = DEFAULT_HEADER_READ_SECS)]
+    pub header_read_timeout: u64,
+
+    /// Seconds a keep-alive connection may stay open with no request in flight before it is closed.
+    #[arg(long, value_name = "SECONDS", default_value_t = DEFAULT_IDLE_SECS)]
+    pub idle_timeout: u64,
+
+    /// Connections served at once; beyond that new connections wait to be accepted.
+    #[arg(long, value_name = "N", default_value_t = oakestra_protocol::server::DEFAULT_MAX_CONNECTIONS)]
+    pub max_connections: usize,
 }
+
+/// Default `--header-read-timeout`.
+pub const DEFAULT_HEADER_READ_SECS: u64 = 10;
+/// Default `--idle-timeout`.
+pub const DEFAULT_IDLE_SECS: u64 = 60;
 
 /// Default liveness window: 30 s, the reference's (two cluster report intervals).
 pub const DEFAULT_LIVENESS_SECS: u64 = 30;
@@ -114,6 +132,8 @@ pub struct Config {
     pub scheduler_policy: Policy,
     /// Retry interval for unplaced instances.
     pub retry_interval: Duration,
+    /// Header-read and idle timeouts and the connection cap of the HTTP listener.
+    pub http: ServerLimits,
 }
 
 impl fmt::Debug for Config {
@@ -131,6 +151,7 @@ impl fmt::Debug for Config {
             .field("liveness_window", &self.liveness_window)
             .field("scheduler_policy", &self.scheduler_policy)
             .field("retry_interval", &self.retry_interval)
+            .field("http", &self.http)
             .finish()
     }
 }
@@ -151,6 +172,11 @@ impl Config {
             liveness_window: Duration::from_secs(DEFAULT_LIVENESS_SECS),
             scheduler_policy: Policy::BestFit,
             retry_interval: Duration::from_secs(DEFAULT_RETRY_SECS),
+            http: ServerLimits {
+                header_read_timeout: Duration::from_secs(DEFAULT_HEADER_READ_SECS),
+                idle_timeout: Duration::from_secs(DEFAULT_IDLE_SECS),
+                ..ServerLimits::default()
+            },
         }
     }
 
@@ -209,6 +235,25 @@ impl Config {
                 ));
             }
         }
+        for (flag, value) in [
+            ("--header-read-timeout", cli.header_read_timeout),
+            ("--idle-timeout", cli.idle_timeout),
+        ] {
+            if value == 0 || value > 3600 {
+                return Err(invalid(
+                    flag,
+                    value.to_string(),
+                    "must be between 1 and 3600 seconds",
+                ));
+            }
+        }
+        if cli.max_connections == 0 || cli.max_connections > 65_536 {
+            return Err(invalid(
+                "--max-connections",
+                cli.max_connections.to_string(),
+                "must be between 1 and 65536",
+            ));
+        }
         let scheduler_policy = cli.scheduler_policy.parse::<Policy>().map_err(|_| {
             invalid(
                 "--scheduler-policy",
@@ -226,6 +271,11 @@ impl Config {
             liveness_window: Duration::from_secs(cli.liveness_window),
             scheduler_policy,
             retry_interval: Duration::from_secs(cli.retry_interval),
+            http: ServerLimits {
+                header_read_timeout: Duration::from_secs(cli.header_read_timeout),
+                idle_timeout: Duration::from_secs(cli.idle_timeout),
+                max_connections: cli.max_connections,
+            },
         })
     }
 }
@@ -247,6 +297,26 @@ mod tests {
         assert_eq!(c.data_dir, PathBuf::from("/var/lib/oakestra/root"));
         assert_eq!(c.access_ttl, Duration::from_secs(600));
         assert_eq!(c.refresh_ttl, Duration::from_secs(2_592_000));
+        assert_eq!(c.http.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(c.http.idle_timeout, Duration::from_secs(60));
+        assert_eq!(c.http.max_connections, 1024);
+        let c = parse(&[
+            "--header-read-timeout",
+            "3",
+            "--idle-timeout",
+            "7",
+            "--max-connections",
+            "9",
+        ])
+        .unwrap();
+        assert_eq!(
+            (
+                c.http.header_read_timeout,
+                c.http.idle_timeout,
+                c.http.max_connections
+            ),
+            (Duration::from_secs(3), Duration::from_secs(7), 9)
+        );
     }
 
     #[test]
@@ -263,6 +333,12 @@ mod tests {
         assert!(e.contains("--join-token") && !e.contains("short"), "{e}");
         let e = parse(&["--liveness-window", "0"]).unwrap_err();
         assert!(e.contains("--liveness-window"), "{e}");
+        let e = parse(&["--header-read-timeout", "0"]).unwrap_err();
+        assert!(e.contains("--header-read-timeout") && e.contains('0'), "{e}");
+        let e = parse(&["--idle-timeout", "100000"]).unwrap_err();
+        assert!(e.contains("--idle-timeout") && e.contains("100000"), "{e}");
+        let e = parse(&["--max-connections", "0"]).unwrap_err();
+        assert!(e.contains("--max-connections"), "{e}");
     }
 
     #[test]

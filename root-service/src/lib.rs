@@ -148,6 +148,7 @@ pub async fn build_state(config: &Config) -> Result<AppState, Error> {
         dummy_hash: dummy_hash.into(),
         engine,
         join_token: join_token.into(),
+        http: config.http,
     })
 }
 
@@ -202,9 +203,8 @@ pub async fn serve(
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let maintenance =
         tokio::spawn(Arc::clone(&state.engine).run_maintenance(state.engine.retry_interval(), stop_rx));
-    let app = api::router(state).into_make_service_with_connect_info::<SocketAddr>();
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
+    let limits = state.http;
+    let served = oakestra_protocol::server::serve(listener, api::router(state), limits, shutdown)
         .await
         .map_err(Error::Serve);
     let _ = stop_tx.send(true);

@@ -1,5 +1,5 @@
 //! The attacks of issue 18 part 4 ("Tokens and sessions") against a real root-service on 127.0.0.1, each test
-//! with its own temporary data directory: forged log lines.
+//! with its own temporary data directory: forged log lines, slow and idle connections.
 
 #![allow(clippy::unwrap_used, reason = "tests")]
 
@@ -8,10 +8,17 @@ mod support;
 use std::{
     io::Write,
     sync::{Arc, Mutex},
+    time::Duration,
 };
 
+use oakestra_protocol::server::ServerLimits;
 use serde_json::{Value, json};
-use support::Server;
+use support::{Server, TempDir};
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+    time::Instant,
+};
 
 impl Server {
     /// `POST /api/auth/login` as `user`; the status and the body.
@@ -80,4 +87,279 @@ async fn user_supplied_names_are_logged_escaped() {
         !text.lines().any(|l| l.starts_with("2030-01-01")),
         "a forged line: {text}"
     );
+}
+
+// === HTTP listener: header-read and idle timeouts, the connection cap ===
+
+/// A server with test-sized listener limits; the data directory lives as long as the returned guard.
+async fn server_with(limits: ServerLimits) -> (Server, TempDir) {
+    let dir = TempDir::new();
+    let mut config = support::config(&dir.0, false);
+    config.http = limits;
+    (Server::start(config).await, dir)
+}
+
+fn limits(header_ms: u64, idle_ms: u64, max_connections: usize) -> ServerLimits {
+    ServerLimits {
+        header_read_timeout: Duration::from_millis(header_ms),
+        idle_timeout: Duration::from_millis(idle_ms),
+        max_connections,
+    }
+}
+
+/// Reads until the server closes the connection (EOF or reset); how long that took from `since`. Fails the test
+/// after 10 s.
+async fn closed_after(reader: &mut (impl AsyncRead + Unpin), since: Instant) -> Duration {
+    let mut buf = [0_u8; 4096];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), reader.read(&mut buf)).await {
+            Err(_) => panic!("the server kept the connection open for 10 s"),
+            Ok(Ok(0) | Err(_)) => return since.elapsed(),
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+/// Reads one HTTP/1.1 response with a `content-length` from a kept-alive connection: the status and the body.
+async fn read_response(stream: &mut TcpStream) -> (u16, String) {
+    let mut raw = Vec::new();
+    let mut buf = [0_u8; 4096];
+    loop {
+        if let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8(raw[..end].to_vec())
+                .unwrap()
+                .to_ascii_lowercase();
+            let len: usize = support::header(&head, "content-length").unwrap().parse().unwrap();
+            if raw.len() >= end + 4 + len {
+                let body = String::from_utf8(raw[end + 4..end + 4 + len].to_vec()).unwrap();
+                return (head.split(' ').nth(1).unwrap().parse().unwrap(), body);
+            }
+        }
+        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "closed mid-response: {}", String::from_utf8_lossy(&raw));
+        raw.extend_from_slice(&buf[..n]);
+    }
+}
+
+const HEALTH: &[u8] = b"GET /api/health HTTP/1.1\r\nHost: root\r\n\r\n";
+
+/// A partial request line, a head without its blank line, a head dripped in a byte every 50 ms (1.9 s in all)
+/// and a silent connection are all cut at the 400 ms header timeout, long before the 5 s idle timeout.
+#[tokio::test]
+async fn slow_or_partial_heads_are_cut_at_the_header_timeout() {
+    let (server, _dir) = server_with(limits(400, 5_000, 64)).await;
+    let partial_line = b"GET /api/hea".as_slice();
+    let no_blank_line = b"GET /api/health HTTP/1.1\r\nHost: root\r\n".as_slice();
+    let mut clients = Vec::new();
+    for (what, first) in [
+        ("partial request line", partial_line),
+        ("head without its end", no_blank_line),
+        ("silent connection", b"".as_slice()),
+    ] {
+        let addr = server.addr;
+        clients.push(tokio::spawn(async move {
+            let mut stream = TcpStream::connect(addr).await.unwrap();
+            let start = Instant::now();
+            stream.write_all(first).await.unwrap();
+            (what, closed_after(&mut stream, start).await)
+        }));
+    }
+    let addr = server.addr;
+    clients.push(tokio::spawn(async move {
+        let (mut reader, mut writer) = TcpStream::connect(addr).await.unwrap().into_split();
+        let start = Instant::now();
+        let drip = tokio::spawn(async move {
+            for byte in b"GET /api/health HTTP/1.1\r\nHost: root\r\nX-Slow: 1\r\n\r\n" {
+                if writer.write_all(&[*byte]).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+        let took = closed_after(&mut reader, start).await;
+        drip.abort();
+        ("dripped head", took)
+    }));
+    for client in clients {
+        let (what, took) = client.await.unwrap();
+        assert!(
+            took >= Duration::from_millis(350) && took < Duration::from_millis(2_500),
+            "{what}: closed after {took:?}"
+        );
+    }
+    // The listener still serves.
+    assert_eq!(server.raw("GET", "/api/health", None, None).await.status, 200);
+    server.stop().await;
+}
+
+/// A keep-alive connection outlives the header timeout while idle, serves the next request, and is closed once
+/// it has been idle for the idle timeout.
+#[tokio::test]
+async fn idle_keep_alive_connections_are_closed_at_the_idle_timeout() {
+    let (server, _dir) = server_with(limits(300, 1_200, 64)).await;
+    let mut stream = TcpStream::connect(server.addr).await.unwrap();
+    for _ in 0..3 {
+        stream.write_all(HEALTH).await.unwrap();
+        let (status, body) = read_response(&mut stream).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    // Idle for longer than the header timeout but shorter than the idle timeout: still open.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    stream.write_all(HEALTH).await.unwrap();
+    let (status, _) = read_response(&mut stream).await;
+    assert_eq!(status, 200);
+    let took = closed_after(&mut stream, Instant::now()).await;
+    assert!(
+        took >= Duration::from_millis(1_100) && took < Duration::from_millis(3_000),
+        "closed after {took:?}"
+    );
+    server.stop().await;
+}
+
+/// With a cap of two connections, a third waits (unanswered) until one of the two closes.
+#[tokio::test]
+async fn connections_beyond_the_cap_wait_for_a_free_slot() {
+    let (server, _dir) = server_with(limits(5_000, 5_000, 2)).await;
+    let first = TcpStream::connect(server.addr).await.unwrap();
+    let _second = TcpStream::connect(server.addr).await.unwrap();
+    let mut third = TcpStream::connect(server.addr).await.unwrap();
+    third.write_all(HEALTH).await.unwrap();
+    let mut buf = [0_u8; 64];
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), third.read(&mut buf))
+            .await
+            .is_err(),
+        "the third connection was served while two were open"
+    );
+    drop(first);
+    let (status, _) = read_response(&mut third).await;
+    assert_eq!(status, 200);
+    server.stop().await;
+}
+
+// === Every error answer is JSON ===
+
+/// Sends `request` as it is on a fresh connection; the status, the lower-cased head and the body.
+async fn exchange(server: &Server, request: &[u8]) -> (u16, String, String) {
+    let mut stream = TcpStream::connect(server.addr).await.unwrap();
+    // The server may answer (and close) before it has read everything: a failed write is not the test's concern.
+    let _ = stream.write_all(request).await;
+    let mut raw = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut raw)).await;
+    let raw = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let head = head.to_ascii_lowercase();
+    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    (status, head, body.to_owned())
+}
+
+/// The message of a JSON error answer; fails the test if the answer is not one.
+fn json_message(what: &str, head: &str, body: &str) -> String {
+    assert_eq!(
+        support::header(head, "content-type"),
+        Some("application/json"),
+        "{what}: {head}\n{body}"
+    );
+    let parsed: Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{what}: {e}: {body:?}"));
+    let message = parsed["message"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{what}: {body}"));
+    assert!(!message.is_empty(), "{what}: {body}");
+    message.to_owned()
+}
+
+#[tokio::test]
+async fn every_error_answer_is_json_with_a_message() {
+    let (server, _dir) = server_with(ServerLimits::default()).await;
+    let (_, tokens) = server.login("Admin", "Admin").await;
+    let admin = tokens["token"].as_str().unwrap().to_owned();
+    let cluster = support::FakeCluster::start(&server, "c1").await;
+    let big = format!(
+        "POST /api/auth/login HTTP/1.1\r\nHost: root\r\nContent-Type: application/json\r\n\
+         Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n{:x}\r\n{}\r\n0\r\n\r\n",
+        1_200_000,
+        "a".repeat(1_200_000)
+    );
+    let request = |method: &str, path: &str, headers: &str, body: &str| {
+        format!(
+            "{method} {path} HTTP/1.1\r\nHost: root\r\nConnection: close\r\n{headers}Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .into_bytes()
+    };
+    let bearer = |token: &str| format!("Authorization: Bearer {token}\r\n");
+    let json = "Content-Type: application/json\r\n";
+    let cases: Vec<(&str, Vec<u8>, u16, &str)> = vec![
+        (
+            "percent-encoded invalid UTF-8 in a path segment",
+            request("GET", "/api/user/%FF%FE", &bearer(&admin), ""),
+            400,
+            "utf-8",
+        ),
+        ("unknown path", request("GET", "/api/%FF", "", ""), 404, "not found"),
+        (
+            "method not allowed",
+            request("DELETE", "/api/health", "", ""),
+            405,
+            "Method Not Allowed",
+        ),
+        (
+            "announced body too large",
+            b"POST /api/auth/login HTTP/1.1\r\nHost: root\r\nConnection: close\r\nContent-Type: application/json\r\n\
+              Content-Length: 2000000\r\n\r\n"
+                .to_vec(),
+            413,
+            "larger than the limit",
+        ),
+        ("chunked body too large", big.into_bytes(), 413, "length limit"),
+        (
+            "bad query string",
+            request("GET", "/api/net/subnet?worker_id=a&worker_id=b", &bearer(&cluster.token), ""),
+            400,
+            "query string",
+        ),
+        (
+            "wrong content type",
+            request(
+                "POST",
+                "/api/auth/login",
+                "Content-Type: text/plain\r\n",
+                r#"{"username":"Admin","password":"Admin"}"#,
+            ),
+            415,
+            "Content-Type",
+        ),
+        (
+            "JSON syntax error",
+            request("POST", "/api/auth/login", json, r#"{"username": "#),
+            400,
+            "EOF",
+        ),
+        (
+            "JSON of the wrong shape",
+            request("POST", "/api/auth/login", json, r#"{"username": 1, "password": "x"}"#),
+            422,
+            "username",
+        ),
+    ];
+    for (what, raw, status, needle) in cases {
+        let (got, head, body) = exchange(&server, &raw).await;
+        assert_eq!(got, status, "{what}: {head}\n{body}");
+        let message = json_message(what, &head, &body);
+        assert!(
+            message.to_lowercase().contains(&needle.to_lowercase()),
+            "{what}: {message:?} does not mention {needle:?}"
+        );
+        if status == 405 {
+            assert!(support::header(&head, "allow").is_some(), "{what}: {head}");
+        }
+    }
+    // A request line hyper cannot parse (a raw non-ASCII byte) is refused before any handler: 400, no body.
+    let (got, head, body) = exchange(&server, b"GET /api/\xff HTTP/1.1\r\nHost: root\r\n\r\n").await;
+    assert_eq!(got, 400, "{head}");
+    assert!(body.is_empty(), "{body}");
+    server.stop().await;
 }

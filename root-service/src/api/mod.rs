@@ -1,7 +1,9 @@
 //! The HTTP API (axum): the router, shared state, the error type and the JSON body extractor.
 //!
 //! Every route answers with and without a trailing slash. Errors are JSON `{"message": …}` (plus details such as
-//! the SLA problems); a malformed body is a 4xx naming the problem, never a 500.
+//! the SLA problems), also axum's own rejections (a bad path segment or query string, 405, 413): the router's
+//! outermost layer is [`oakestra_protocol::server::json_errors`]. A malformed body is a 4xx naming the problem,
+//! never a 500.
 //!
 //! - [`auth`]: login, refresh, whoami.
 //! - [`apps`]: applications, services, instances, logs.
@@ -56,6 +58,8 @@ pub struct AppState {
     pub engine: Arc<Engine>,
     /// The token clusters register with.
     pub join_token: Arc<str>,
+    /// Timeouts and the connection cap of the listener.
+    pub http: oakestra_protocol::server::ServerLimits,
 }
 
 impl FromRef<AppState> for Arc<Keys> {
@@ -202,6 +206,9 @@ pub fn router(state: AppState) -> Router {
     router
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not found") })
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        // Outermost: whatever answers an error (a handler, an extractor's rejection, the 405 of a known path)
+        // answers JSON.
+        .layer(axum::middleware::map_response(oakestra_protocol::server::json_errors))
         .with_state(state)
 }
 
