@@ -18,6 +18,7 @@
 //! - [`bearer`]: the `Authorization: Bearer` token and constant-time secret comparison.
 //! - [`sched`]: the placement policy both tiers share (root picks a cluster, a cluster picks a worker), with
 //!   capacity reservations and the reading of a job's demand.
+//! - [`owner_only`]: owner-only files and directories (0600/0700), created so or tightened to it.
 //! - [`text`]: client-supplied text made safe to log (control and bidi characters escaped, long strings cut).
 //!
 //! Field names on the wire are spelled exactly as the reference implementation spells them (including its
@@ -30,6 +31,7 @@ pub mod bearer;
 pub mod client;
 pub mod mqtt;
 pub mod naming;
+pub mod owner_only;
 pub mod sched;
 pub mod serde_util;
 #[cfg(feature = "server")]

@@ -206,7 +206,8 @@ impl Keys {
         }
     }
 
-    /// Reads `<data_dir>/jwt.key`, or creates it (32 random bytes, mode 0600) when absent. Blocking.
+    /// Reads `<data_dir>/jwt.key` (tightening it to 0600 if others may read it), or creates it (32 random bytes,
+    /// mode 0600) when absent. Blocking.
     pub fn load_or_create(data_dir: &Path) -> Result<Self, Error> {
         let path = data_dir.join(KEY_FILE);
         let io = |source| Error::Io {
@@ -214,7 +215,10 @@ impl Keys {
             source,
         };
         match std::fs::read(&path) {
-            Ok(bytes) if bytes.len() == KEY_LEN => return Ok(Self::from_secret(&bytes)),
+            Ok(bytes) if bytes.len() == KEY_LEN => {
+                crate::keep_private(&path, oakestra_protocol::owner_only::FILE_MODE)?;
+                return Ok(Self::from_secret(&bytes));
+            }
             Ok(bytes) => {
                 return Err(Error::Corrupt {
                     path,

@@ -37,7 +37,8 @@ pub struct Cli {
     pub listen: SocketAddr,
 
     /// Directory holding the database (`root.db`), the token-signing key (`jwt.key`) and the generated join token
-    /// (`join.token`); created if missing.
+    /// (`join.token`); created if missing. The directory is kept at mode 0700 and the files at 0600 (looser modes
+    /// are tightened at start, with a warning).
     #[arg(
         long,
         env = "OAKESTRA_ROOT_DATA_DIR",

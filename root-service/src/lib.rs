@@ -152,6 +152,24 @@ pub async fn build_state(config: &Config) -> Result<AppState, Error> {
     })
 }
 
+/// Tightens the file or directory `path` to `mode` (0600 secrets, 0700 the data directory) if others may read it,
+/// logging the mode it had.
+pub(crate) fn keep_private(path: &std::path::Path, mode: u32) -> Result<(), Error> {
+    let tightened = oakestra_protocol::owner_only::restrict(path, mode).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if let Some(was) = tightened {
+        tracing::warn!(
+            path = %path.display(),
+            was = format_args!("{was:04o}"),
+            now = format_args!("{:04o}", was & mode),
+            "others could read this: tightened its mode"
+        );
+    }
+    Ok(())
+}
+
 /// File of the generated join token inside the data directory.
 pub const JOIN_TOKEN_FILE: &str = "join.token";
 
@@ -164,6 +182,7 @@ fn load_or_create_join_token(data_dir: &std::path::Path) -> Result<String, Error
     };
     match std::fs::read_to_string(&path) {
         Ok(text) if text.trim().len() >= 16 => {
+            keep_private(&path, oakestra_protocol::owner_only::FILE_MODE)?;
             tracing::info!(file = %path.display(), "clusters join with the token in this file");
             return Ok(text.trim().to_owned());
         }

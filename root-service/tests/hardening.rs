@@ -363,3 +363,50 @@ async fn every_error_answer_is_json_with_a_message() {
     assert!(body.is_empty(), "{body}");
     server.stop().await;
 }
+
+// === File modes ===
+
+#[cfg(unix)]
+fn mode(path: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+/// The data directory is 0700 and the database (with its WAL files), the signing key and the generated join token
+/// are 0600: when created, and again after a restart that found them readable by everyone.
+#[cfg(unix)]
+#[tokio::test]
+async fn data_directory_and_secrets_are_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let base = TempDir::new();
+    let dir = base.0.join("root");
+    let files = ["root.db", "jwt.key", "join.token"];
+    let check = |when: &str| {
+        assert_eq!(mode(&dir), 0o700, "{when}: data directory");
+        for name in files.iter().chain(&["root.db-wal", "root.db-shm"]) {
+            let path = dir.join(name);
+            if path.exists() || files.contains(name) {
+                assert_eq!(mode(&path), 0o600, "{when}: {name}");
+            }
+        }
+    };
+    // Without --join-token, so that the token file is generated.
+    let server = Server::start(support::plain_config(&dir)).await;
+    assert!(dir.join("root.db-wal").exists(), "the database runs in WAL mode");
+    check("fresh");
+    // Loosen everything while the server runs (the WAL files exist only while the database is open), then
+    // restart on the same directory.
+    for name in files.iter().chain(&["root.db-wal", "root.db-shm"]) {
+        let path = dir.join(name);
+        if path.exists() {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        }
+    }
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    server.stop().await;
+    let server = Server::start(support::plain_config(&dir)).await;
+    check("after a restart");
+    let (status, body) = server.login("Admin", "Admin").await;
+    assert_eq!(status, 200, "{body}");
+    server.stop().await;
+}

@@ -168,12 +168,21 @@ pub struct Store {
 }
 
 impl Store {
-    /// Opens (creating if needed) `<data_dir>/root.db` and migrates it. Blocking: call it from a blocking context.
+    /// Opens (creating if needed) `<data_dir>/root.db` and migrates it. The data directory is created as (or
+    /// tightened to) 0700, the database files 0600. Blocking: call it from a blocking context.
     pub fn open_blocking(data_dir: &Path) -> Result<Self, Error> {
-        std::fs::create_dir_all(data_dir).map_err(|source| Error::Io {
-            path: data_dir.to_path_buf(),
-            source,
-        })?;
+        let tightened =
+            oakestra_protocol::owner_only::create_private_dir(data_dir).map_err(|source| Error::Io {
+                path: data_dir.to_path_buf(),
+                source,
+            })?;
+        if let Some(was) = tightened {
+            tracing::warn!(
+                path = %data_dir.display(),
+                was = format_args!("{was:04o}"),
+                "others could read the data directory: tightened its mode to 0700"
+            );
+        }
         let path = data_dir.join("root.db");
         let db = |source| Error::Db {
             path: path.clone(),
