@@ -4,15 +4,20 @@
 use std::{
     io::Write,
     path::{Path, PathBuf},
+    sync::Arc,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use argon2::Argon2;
-use axum::{extract::FromRequestParts, http::request::Parts};
+use axum::{
+    extract::{FromRef, FromRequestParts},
+    http::request::Parts,
+};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use oakestra_protocol::text::Escaped;
 use serde::{Deserialize, Serialize};
 
-use crate::{Error, api::ApiError};
+use crate::{Error, api::ApiError, store::Generations};
 
 /// Length of the HS256 key in bytes.
 pub const KEY_LEN: usize = 32;
@@ -175,6 +180,10 @@ pub struct Claims {
     pub exp: u64,
     /// Unique token id (24 hex digits).
     pub jti: String,
+    /// The user's token generation when the token was issued (see [`crate::store::tokens`]); a token whose
+    /// generation is not the user's current one is revoked. Tokens from before revocation existed have none.
+    #[serde(rename = "gen", default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<i64>,
 }
 
 /// The HS256 key, loaded from or created at `<data-dir>/jwt.key`.
@@ -239,11 +248,12 @@ impl Keys {
         Ok(Self::from_secret(&secret))
     }
 
-    /// Signs a token of `kind` for `sub` valid for `ttl` from now.
+    /// Signs a token of `kind` for `sub` (whose token generation is `generation`) valid for `ttl` from now.
     pub fn issue(
         &self,
         kind: TokenType,
         sub: &str,
+        generation: i64,
         roles: &[String],
         organization: &str,
         ttl: Duration,
@@ -258,6 +268,7 @@ impl Keys {
             nbf: now,
             exp: now.saturating_add(ttl.as_secs()),
             jti: crate::store::new_id()?,
+            generation: Some(generation),
         };
         self.sign(&claims)
     }
@@ -315,27 +326,37 @@ pub fn bearer_in(headers: &axum::http::HeaderMap) -> Option<&str> {
     oakestra_protocol::bearer::token(value)
 }
 
-/// A request authenticated with a valid **access** token; anything else is refused with 401
-/// `{"message":"Missing authentication token"}`.
+/// Whether `claims` still hold: the user exists and its token generation is the one the token was issued with.
+pub fn is_current(claims: &Claims, generations: &Generations) -> bool {
+    claims.generation.is_some() && generations.get(&claims.sub) == claims.generation
+}
+
+/// A request authenticated with a valid **access** token of the user's current token generation. A missing,
+/// invalid or expired token is refused with 401 `{"message":"Missing authentication token"}`, a revoked one (the
+/// user's password or roles changed, or the user is gone) with 401 and a message saying so.
 #[derive(Debug, Clone)]
 pub struct AccessClaims(pub Claims);
 
 impl<S> FromRequestParts<S> for AccessClaims
 where
     S: Send + Sync,
-    std::sync::Arc<Keys>: axum::extract::FromRef<S>,
+    Arc<Keys>: FromRef<S>,
+    Arc<Generations>: FromRef<S>,
 {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        let keys = <std::sync::Arc<Keys> as axum::extract::FromRef<S>>::from_ref(state);
+        let keys = Arc::<Keys>::from_ref(state);
         let token = bearer(parts).ok_or_else(ApiError::missing_token)?;
-        keys.verify(token, TokenType::Access)
-            .map(AccessClaims)
-            .map_err(|why| {
-                tracing::debug!(%why, "access token refused");
-                ApiError::missing_token()
-            })
+        let claims = keys.verify(token, TokenType::Access).map_err(|why| {
+            tracing::debug!(%why, "access token refused");
+            ApiError::missing_token()
+        })?;
+        if !is_current(&claims, &Arc::<Generations>::from_ref(state)) {
+            tracing::debug!(user = %Escaped(&claims.sub), "revoked access token refused");
+            return Err(ApiError::token_revoked());
+        }
+        Ok(AccessClaims(claims))
     }
 }
 
@@ -365,11 +386,12 @@ mod tests {
     fn kinds_are_not_interchangeable() {
         let keys = Keys::from_secret(&[7; KEY_LEN]);
         let t = keys
-            .issue(TokenType::Refresh, "u", &[], "o", Duration::from_secs(60))
+            .issue(TokenType::Refresh, "u", 7, &[], "o", Duration::from_secs(60))
             .unwrap();
         assert!(keys.verify(&t, TokenType::Access).is_err());
         let c = keys.verify(&t, TokenType::Refresh).unwrap();
         assert_eq!(c.sub, "u");
+        assert_eq!(c.generation, Some(7));
         let other = Keys::from_secret(&[8; KEY_LEN]);
         assert!(other.verify(&t, TokenType::Refresh).is_err());
     }

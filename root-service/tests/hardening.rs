@@ -1,5 +1,6 @@
 //! The attacks of issue 18 part 4 ("Tokens and sessions") against a real root-service on 127.0.0.1, each test
-//! with its own temporary data directory: forged log lines, slow and idle connections.
+//! with its own temporary data directory: tokens that outlive a demotion, forged log lines, slow and idle
+//! connections, error answers that are not JSON, files readable by others.
 
 #![allow(clippy::unwrap_used, reason = "tests")]
 
@@ -27,6 +28,44 @@ impl Server {
         let answer = self.raw("POST", "/api/auth/login", None, Some(&body)).await;
         (answer.status, answer.json())
     }
+
+    /// Logs in; the access and the refresh token.
+    async fn tokens(&self, user: &str, password: &str) -> (String, String) {
+        let (status, body) = self.login(user, password).await;
+        assert_eq!(status, 200, "login {user}: {body}");
+        (
+            body["token"].as_str().unwrap().to_owned(),
+            body["refresh_token"].as_str().unwrap().to_owned(),
+        )
+    }
+
+    /// One request with an optional token and JSON body; the status and the body.
+    async fn json(&self, method: &str, path: &str, token: Option<&str>, body: Option<Value>) -> (u16, Value) {
+        let body = body.map(|b| b.to_string());
+        let answer = self.raw(method, path, token, body.as_deref()).await;
+        (answer.status, answer.json())
+    }
+
+    /// `POST /api/auth/refresh` with `refresh`; the status and the body.
+    async fn refresh(&self, refresh: &str) -> (u16, Value) {
+        self.json("POST", "/api/auth/refresh", Some(refresh), None).await
+    }
+
+    /// Registers `name` (password `<name>-pw`) with `roles`, as `admin`.
+    async fn register(&self, admin: &str, name: &str, roles: &[&str]) {
+        let body = json!({ "name": name, "password": format!("{name}-pw"), "roles": roles });
+        let (status, res) = self
+            .json("POST", "/api/auth/register", Some(admin), Some(body))
+            .await;
+        assert_eq!(status, 200, "register {name}: {res}");
+    }
+}
+
+/// Fails the test unless the answer is the 401 of a revoked token.
+fn assert_revoked(what: &str, (status, body): (u16, Value)) {
+    assert_eq!(status, 401, "{what}: {body}");
+    let message = body["message"].as_str().unwrap_or_default();
+    assert!(message.contains("revoked"), "{what}: {body}");
 }
 
 /// Everything the `tracing` subscriber of the test's thread writes.
@@ -408,5 +447,262 @@ async fn data_directory_and_secrets_are_owner_only() {
     check("after a restart");
     let (status, body) = server.login("Admin", "Admin").await;
     assert_eq!(status, 200, "{body}");
+    server.stop().await;
+}
+
+// === Token revocation ===
+
+/// A demoted user's refresh token no longer gives access tokens (with the old roles or any), nor does its access
+/// token open anything; a fresh login carries the new roles.
+#[tokio::test]
+async fn a_demotion_revokes_refresh_and_access_tokens() {
+    let server = Server::fresh().await;
+    let (admin, _) = server.tokens("Admin", "Admin").await;
+    server.register(&admin, "carol", &["Admin"]).await;
+    let (access, refresh) = server.tokens("carol", "carol-pw").await;
+    let (status, _) = server.refresh(&refresh).await;
+    assert_eq!(status, 200, "before the demotion");
+    let (status, res) = server
+        .json(
+            "PUT",
+            "/api/user/carol",
+            Some(&admin),
+            Some(json!({ "roles": ["Application_Provider"] })),
+        )
+        .await;
+    assert_eq!(status, 200, "{res}");
+    assert_revoked("refresh after the demotion", server.refresh(&refresh).await);
+    assert_revoked(
+        "access token after the demotion",
+        server.json("GET", "/api/users/", Some(&access), None).await,
+    );
+    let (access, refresh) = server.tokens("carol", "carol-pw").await;
+    let (status, body) = server.refresh(&refresh).await;
+    assert_eq!(status, 200, "{body}");
+    let (_, me) = server
+        .json(
+            "GET",
+            "/api/auth/whoami",
+            Some(body["token"].as_str().unwrap()),
+            None,
+        )
+        .await;
+    assert_eq!(me["roles"], json!(["Application_Provider"]));
+    let (status, _) = server.json("GET", "/api/users/", Some(&access), None).await;
+    assert_eq!(status, 403, "the new token has the new roles");
+    server.stop().await;
+}
+
+/// Changing one's own password revokes the tokens issued before; an e-mail change does not.
+#[tokio::test]
+async fn a_password_change_revokes_but_an_email_change_does_not() {
+    let server = Server::fresh().await;
+    let (admin, _) = server.tokens("Admin", "Admin").await;
+    server.register(&admin, "bob", &["Application_Provider"]).await;
+    let (access, refresh) = server.tokens("bob", "bob-pw").await;
+    let (status, res) = server
+        .json(
+            "PUT",
+            "/api/user/bob",
+            Some(&admin),
+            Some(json!({ "email": "bob@example.org" })),
+        )
+        .await;
+    assert_eq!(status, 200, "{res}");
+    assert_eq!(
+        server.refresh(&refresh).await.0,
+        200,
+        "an e-mail change keeps the tokens"
+    );
+    let (status, res) = server
+        .json(
+            "POST",
+            "/api/user/bob",
+            Some(&access),
+            Some(json!({ "oldPassword": "bob-pw", "newPassword": "bob-pw-2" })),
+        )
+        .await;
+    assert_eq!(status, 200, "{res}");
+    assert_revoked(
+        "refresh after the password change",
+        server.refresh(&refresh).await,
+    );
+    assert_revoked(
+        "access after the password change",
+        server.json("GET", "/api/auth/whoami", Some(&access), None).await,
+    );
+    let (_, refresh) = server.tokens("bob", "bob-pw-2").await;
+    assert_eq!(server.refresh(&refresh).await.0, 200);
+    server.stop().await;
+}
+
+/// An Admin setting a user's password (the reset this server offers) revokes the user's tokens.
+#[tokio::test]
+async fn a_password_reset_by_an_admin_revokes() {
+    let server = Server::fresh().await;
+    let (admin, _) = server.tokens("Admin", "Admin").await;
+    server.register(&admin, "bob", &["Application_Provider"]).await;
+    let (_, refresh) = server.tokens("bob", "bob-pw").await;
+    let (status, res) = server
+        .json(
+            "PUT",
+            "/api/user/bob",
+            Some(&admin),
+            Some(json!({ "password": "reset-pw" })),
+        )
+        .await;
+    assert_eq!(status, 200, "{res}");
+    assert_revoked("refresh after the reset", server.refresh(&refresh).await);
+    server.stop().await;
+}
+
+/// A user deleted and registered again under the same name (and password) is a new user: the old tokens do not
+/// match it.
+#[tokio::test]
+async fn a_recreated_user_does_not_inherit_old_tokens() {
+    let server = Server::fresh().await;
+    let (admin, _) = server.tokens("Admin", "Admin").await;
+    server.register(&admin, "bob", &["Admin"]).await;
+    let (access, refresh) = server.tokens("bob", "bob-pw").await;
+    let (status, res) = server.json("DELETE", "/api/user/bob", Some(&admin), None).await;
+    assert_eq!(status, 200, "{res}");
+    let (status, res) = server.refresh(&refresh).await;
+    assert_eq!(
+        status, 404,
+        "a deleted user's refresh is 404, as in the reference: {res}"
+    );
+    server.register(&admin, "bob", &["Application_Provider"]).await;
+    assert_revoked("refresh of the old bob", server.refresh(&refresh).await);
+    assert_revoked(
+        "access of the old bob",
+        server.json("GET", "/api/users/", Some(&access), None).await,
+    );
+    let (_, refresh) = server.tokens("bob", "bob-pw").await;
+    assert_eq!(server.refresh(&refresh).await.0, 200);
+    server.stop().await;
+}
+
+/// Replacing an organization's members revokes the tokens of the members whose roles there changed, and only
+/// theirs; deleting the organization revokes its members' tokens.
+#[tokio::test]
+async fn organization_membership_changes_revoke() {
+    let server = Server::fresh().await;
+    let (admin, admin_refresh) = server.tokens("Admin", "Admin").await;
+    server.register(&admin, "bob", &["Application_Provider"]).await;
+    server.register(&admin, "carol", &["Application_Provider"]).await;
+    let (_, users) = server.json("GET", "/api/users/", Some(&admin), None).await;
+    let id_of = |name: &str| {
+        users
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|u| u["name"] == name)
+            .unwrap()["_id"]
+            .clone()
+    };
+    let (bob, carol) = (id_of("bob"), id_of("carol"));
+    let (status, org) = server
+        .json(
+            "POST",
+            "/api/organization/",
+            Some(&admin),
+            Some(json!({ "name": "edge", "member": [
+                { "user_id": bob, "roles": ["Admin"] },
+                { "user_id": carol, "roles": ["Application_Provider"] },
+            ]})),
+        )
+        .await;
+    assert_eq!(status, 200, "{org}");
+    let org_id = org["_id"].as_str().unwrap().to_owned();
+    let login = |user: &'static str| json!({ "username": user, "password": format!("{user}-pw"), "organization_name": "edge" });
+    let (_, bob_tokens) = server
+        .json("POST", "/api/auth/login", None, Some(login("bob")))
+        .await;
+    let (_, carol_tokens) = server
+        .json("POST", "/api/auth/login", None, Some(login("carol")))
+        .await;
+    let bob_refresh = bob_tokens["refresh_token"].as_str().unwrap().to_owned();
+    let carol_refresh = carol_tokens["refresh_token"].as_str().unwrap().to_owned();
+    // Bob is demoted there, carol keeps her roles.
+    let (status, res) = server
+        .json(
+            "PUT",
+            &format!("/api/organization/{org_id}"),
+            Some(&admin),
+            Some(json!({ "member": [
+                { "user_id": bob, "roles": ["Application_Provider"] },
+                { "user_id": carol, "roles": ["Application_Provider"] },
+            ]})),
+        )
+        .await;
+    assert_eq!(status, 200, "{res}");
+    assert_revoked("bob after his demotion", server.refresh(&bob_refresh).await);
+    assert_eq!(
+        server.refresh(&carol_refresh).await.0,
+        200,
+        "carol's roles did not change"
+    );
+    assert_eq!(server.refresh(&admin_refresh).await.0, 200, "Admin is no member");
+    let (status, res) = server
+        .json(
+            "DELETE",
+            &format!("/api/organization/{org_id}"),
+            Some(&admin),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{res}");
+    assert_revoked(
+        "carol after the organization's deletion",
+        server.refresh(&carol_refresh).await,
+    );
+    server.stop().await;
+}
+
+/// Restarting with the same --admin-password keeps Admin's tokens; a different one revokes them.
+#[tokio::test]
+async fn admin_password_flag_revokes_only_when_it_changes_the_password() {
+    let dir = TempDir::new();
+    let start = |password: &str| {
+        let mut config = support::plain_config(&dir.0);
+        config.admin_password = Some(password.to_owned());
+        Server::start(config)
+    };
+    let server = start("first-pw").await;
+    let (_, refresh) = server.tokens("Admin", "first-pw").await;
+    server.stop().await;
+    let server = start("first-pw").await;
+    assert_eq!(
+        server.refresh(&refresh).await.0,
+        200,
+        "the same password keeps the tokens"
+    );
+    server.stop().await;
+    let server = start("second-pw").await;
+    assert_revoked(
+        "refresh after a new --admin-password",
+        server.refresh(&refresh).await,
+    );
+    server.stop().await;
+}
+
+/// A token signed with the right key but without a generation (issued before revocation existed) is refused.
+#[tokio::test]
+async fn tokens_without_a_generation_are_refused() {
+    use oakestra_root_service::auth::{Keys, TokenType};
+    let dir = TempDir::new();
+    let server = Server::on(&dir.0).await;
+    let keys = Keys::load_or_create(&dir.0).unwrap();
+    let (access, refresh) = server.tokens("Admin", "Admin").await;
+    for (token, kind) in [(access, TokenType::Access), (refresh, TokenType::Refresh)] {
+        let mut claims = keys.verify(&token, kind).unwrap();
+        claims.generation = None;
+        let old = keys.sign(&claims).unwrap();
+        let answer = match kind {
+            TokenType::Access => server.json("GET", "/api/auth/whoami", Some(&old), None).await,
+            TokenType::Refresh => server.refresh(&old).await,
+        };
+        assert_revoked(&format!("{kind:?} token without gen"), answer);
+    }
     server.stop().await;
 }

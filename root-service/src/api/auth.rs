@@ -111,13 +111,13 @@ async fn login(
             ),
         ));
     };
-    let token = state
-        .keys
-        .issue(TokenType::Access, &user.name, &roles, &org.id, state.access_ttl)?;
-    let refresh_token =
+    let issue = |kind, ttl| {
         state
             .keys
-            .issue(TokenType::Refresh, &user.name, &roles, &org.id, state.refresh_ttl)?;
+            .issue(kind, &user.name, user.token_gen, &roles, &org.id, ttl)
+    };
+    let token = issue(TokenType::Access, state.access_ttl)?;
+    let refresh_token = issue(TokenType::Refresh, state.refresh_ttl)?;
     tracing::info!(username = %Escaped(&user.name), organization = %Escaped(&org.name), "login");
     Ok(Json(LoginResponse { token, refresh_token }))
 }
@@ -129,15 +129,21 @@ async fn refresh(State(state): State<AppState>, req: Request) -> Result<Json<Ref
         tracing::debug!(%why, "refresh token refused");
         ApiError::missing_token()
     })?;
-    if state.store.user_by_name(claims.sub.clone()).await?.is_none() {
+    let Some(user) = state.store.user_by_name(claims.sub.clone()).await? else {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             format!("user {:?} not found", claims.sub),
         ));
+    };
+    // The database, not the in-memory copy: a refresh token lives for weeks and is checked rarely.
+    if claims.generation != Some(user.token_gen) {
+        tracing::info!(user = %Escaped(&claims.sub), "revoked refresh token refused");
+        return Err(ApiError::token_revoked());
     }
     let token = state.keys.issue(
         TokenType::Access,
         &claims.sub,
+        user.token_gen,
         &claims.roles,
         &claims.organization,
         state.access_ttl,

@@ -68,6 +68,12 @@ impl FromRef<AppState> for Arc<Keys> {
     }
 }
 
+impl FromRef<AppState> for Arc<crate::store::Generations> {
+    fn from_ref(state: &AppState) -> Self {
+        Arc::clone(state.store.generations())
+    }
+}
+
 /// An error answer: a status and a JSON `{"message": …}` body, optionally with more fields.
 #[derive(Debug, Clone)]
 pub struct ApiError {
@@ -103,6 +109,14 @@ impl ApiError {
     /// 401 for a missing, invalid, expired or wrong-kind token (Oakestra's exact text).
     pub fn missing_token() -> Self {
         Self::new(StatusCode::UNAUTHORIZED, "Missing authentication token")
+    }
+
+    /// 401 for a token issued before the user's password or roles changed (or before the user was deleted).
+    pub fn token_revoked() -> Self {
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "the token was revoked (the user's password or roles changed, or the user was deleted): log in again",
+        )
     }
 }
 

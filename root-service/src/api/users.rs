@@ -286,7 +286,7 @@ async fn register(
                     format!("organization {shown:?} not found"),
                 )));
             };
-            let row = users::create_user(&mut inner.conn, &user, &org_id, &roles)?;
+            let row = users::create_user(&mut inner.conn, &inner.generations, &user, &org_id, &roles)?;
             Ok(Ok((row, roles)))
         })
         .await??;
@@ -403,7 +403,7 @@ async fn update_user(
                     ))));
                 }
             }
-            users::update_user(&mut inner.conn, &name, &update)?;
+            users::update_user(&mut inner.conn, &inner.generations, &name, &update)?;
             Ok(Ok(()))
         })
         .await??;
@@ -428,7 +428,7 @@ async fn delete_user(
     let remaining = state
         .store
         .with(move |inner| {
-            users::delete_user(&inner.conn, &name)?;
+            users::delete_user(&inner.conn, &inner.generations, &name)?;
             user_docs(&inner.conn, None)
         })
         .await?;
@@ -481,7 +481,8 @@ async fn change_password(
     let outcome = state
         .store
         .with(move |inner| -> Result<Option<bool>, Error> {
-            if users::replace_password_hash(&inner.conn, &name, &old_hash, &new_hash)? {
+            if users::replace_password_hash(&mut inner.conn, &inner.generations, &name, &old_hash, &new_hash)?
+            {
                 return Ok(Some(true));
             }
             Ok(users::user_id(&inner.conn, &name)?.map(|_| false))
@@ -701,6 +702,7 @@ async fn update_organization(
             }
             Ok(Ok(users::update_organization(
                 &mut inner.conn,
+                &inner.generations,
                 &id,
                 name.as_deref(),
                 members.as_deref(),
@@ -733,7 +735,7 @@ async fn delete_organization(
                     "organization {ROOT_ORG} cannot be deleted"
                 ))));
             }
-            users::delete_organization(&inner.conn, &org_id)?;
+            users::delete_organization(&mut inner.conn, &inner.generations, &org_id)?;
             Ok(Ok(()))
         })
         .await??;
