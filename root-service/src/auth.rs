@@ -1,5 +1,5 @@
-//! Password hashing (argon2id), the persisted HS256 signing key, token issuing/verification, and the
-//! [`AccessClaims`] extractor guarding protected routes.
+//! The persisted HS256 signing key, token issuing/verification, and the [`AccessClaims`] extractor guarding
+//! protected routes. (Password hashing is [`crate::hashing`].)
 
 use std::{
     io::Write,
@@ -8,7 +8,6 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use argon2::Argon2;
 use axum::{
     extract::{FromRef, FromRequestParts},
     http::request::Parts,
@@ -23,132 +22,6 @@ use crate::{Error, api::ApiError, store::Generations};
 pub const KEY_LEN: usize = 32;
 /// File name of the key inside the data directory.
 pub const KEY_FILE: &str = "jwt.key";
-
-/// Argon2id memory cost in KiB: 7 MiB with 5 passes, one of OWASP's equivalent argon2id settings (the crate's
-/// default is 19 MiB × 2). The lower memory keeps the service's resident size small on edge hardware.
-pub const ARGON2_MEMORY_KIB: u32 = 7 * 1024;
-/// Argon2id passes.
-pub const ARGON2_PASSES: u32 = 5;
-
-fn argon2() -> Argon2<'static> {
-    let params = argon2::Params::new(ARGON2_MEMORY_KIB, ARGON2_PASSES, 1, None).unwrap_or_default();
-    Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params)
-}
-
-/// One job for the hashing thread: it gets the thread's reusable argon2 memory.
-type HashJob = Box<dyn FnOnce(&mut [argon2::Block]) + Send>;
-
-/// Runs `f` on the one thread that does all password hashing, with that thread's argon2 memory, and waits.
-///
-/// Why: argon2 needs a multi-MiB block per hash. Allocated per call (as the crate does), glibc keeps the freed
-/// blocks in per-thread arenas and the service's resident size grows with every login. One thread owning one
-/// block, allocated once, keeps it at exactly that block.
-fn on_hashing_thread<T: Send + 'static>(
-    f: impl FnOnce(&mut [argon2::Block]) -> T + Send + 'static,
-) -> Result<T, Error> {
-    static SENDER: std::sync::OnceLock<Option<std::sync::Mutex<std::sync::mpsc::Sender<HashJob>>>> =
-        std::sync::OnceLock::new();
-    let sender = SENDER.get_or_init(|| {
-        let (tx, rx) = std::sync::mpsc::channel::<HashJob>();
-        std::thread::Builder::new()
-            .name("password-hashing".into())
-            .spawn(move || {
-                let blocks = usize::try_from(ARGON2_MEMORY_KIB).unwrap_or(0);
-                let mut memory = vec![argon2::Block::new(); blocks];
-                for job in rx {
-                    job(&mut memory);
-                }
-            })
-            .ok()
-            .map(|_| std::sync::Mutex::new(tx))
-    });
-    let (reply_tx, reply_rx) = std::sync::mpsc::sync_channel(1);
-    let job: HashJob = Box::new(move |memory| {
-        let _ = reply_tx.send(f(memory));
-    });
-    let sent = sender.as_ref().is_some_and(|s| {
-        s.lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .send(job)
-            .is_ok()
-    });
-    if !sent {
-        return Err(Error::Hash("the password-hashing thread is not running".into()));
-    }
-    reply_rx
-        .recv()
-        .map_err(|_| Error::Hash("the password-hashing thread stopped".into()))
-}
-
-/// Hashes a password into a PHC string (argon2id, random 16-byte salt, 32-byte output). Blocks: call it from a
-/// blocking context.
-pub fn hash_password(password: &str) -> Result<String, Error> {
-    use argon2::password_hash::phc::{Output, ParamsString, PasswordHash, Salt};
-    let password = password.to_owned();
-    let mut salt = [0_u8; 16];
-    getrandom::fill(&mut salt).map_err(|e| Error::Random(e.to_string()))?;
-    on_hashing_thread(move |memory| {
-        let hasher = argon2();
-        let fail = |e: &dyn std::fmt::Display| Error::Hash(e.to_string());
-        let mut out = [0_u8; 32];
-        let blocks = hasher.params().block_count();
-        let memory = memory
-            .get_mut(..blocks)
-            .ok_or_else(|| fail(&"argon2 memory too small"))?;
-        hasher
-            .hash_password_into_with_memory(password.as_bytes(), &salt, &mut out, memory)
-            .map_err(|e| fail(&e))?;
-        let phc = PasswordHash {
-            algorithm: argon2::Algorithm::Argon2id.ident(),
-            version: Some(argon2::Version::V0x13.into()),
-            params: ParamsString::try_from(hasher.params()).map_err(|e| fail(&e))?,
-            salt: Some(Salt::new(&salt).map_err(|e| fail(&e))?),
-            hash: Some(Output::new(&out).map_err(|e| fail(&e))?),
-        };
-        Ok(phc.to_string())
-    })?
-}
-
-/// Whether `password` matches the PHC string `hash` (whatever argon2 parameters it was made with). A malformed
-/// hash never matches. Blocks: call it from a blocking context.
-pub fn verify_password(password: &str, hash: &str) -> bool {
-    use argon2::password_hash::phc::PasswordHash;
-    let (password, hash) = (password.to_owned(), hash.to_owned());
-    on_hashing_thread(move |memory| {
-        let Ok(phc) = PasswordHash::new(&hash) else {
-            return false;
-        };
-        let (Ok(params), Ok(algorithm), Some(salt), Some(expected)) = (
-            argon2::Params::try_from(&phc),
-            argon2::Algorithm::try_from(phc.algorithm.as_str()),
-            phc.salt,
-            phc.hash,
-        ) else {
-            return false;
-        };
-        let version = phc
-            .version
-            .map_or(Ok(argon2::Version::V0x13), argon2::Version::try_from)
-            .unwrap_or(argon2::Version::V0x13);
-        let blocks = params.block_count();
-        let hasher = Argon2::new(algorithm, version, params);
-        let mut out = vec![0_u8; expected.len()];
-        let computed = match memory.get_mut(..blocks) {
-            Some(memory) => {
-                hasher.hash_password_into_with_memory(password.as_bytes(), &salt, &mut out, memory)
-            }
-            // A hash made with more memory than ours (e.g. an older default): let the crate allocate.
-            None => hasher.hash_password_into(password.as_bytes(), &salt, &mut out),
-        };
-        computed.is_ok()
-            && out
-                .iter()
-                .zip(expected.as_bytes())
-                .fold(0_u8, |acc, (a, b)| acc | (a ^ b))
-                == 0
-    })
-    .unwrap_or(false)
-}
 
 /// Which kind of token a JWT is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -363,24 +236,6 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn hash_and_verify() {
-        let h = hash_password("pw").unwrap();
-        assert!(h.starts_with("$argon2id$v=19$m=7168,t=5,p=1$"), "{h}");
-        // Hashes made with other parameters (e.g. the crate default of earlier versions) still verify.
-        use argon2::{PasswordHasher, PasswordVerifier};
-        let old = Argon2::default().hash_password(b"pw").unwrap().to_string();
-        assert!(verify_password("pw", &old));
-        assert!(!verify_password("px", &old));
-        // Ours is a standard PHC string the crate's own verifier accepts.
-        assert!(Argon2::default().verify_password(b"pw", h.as_str()).is_ok());
-        assert!(Argon2::default().verify_password(b"px", h.as_str()).is_err());
-        assert_ne!(hash_password("pw").unwrap(), h, "random salt");
-        assert!(verify_password("pw", &h));
-        assert!(!verify_password("other", &h));
-        assert!(!verify_password("pw", "not a hash"));
-    }
 
     #[test]
     fn kinds_are_not_interchangeable() {

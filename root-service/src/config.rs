@@ -5,7 +5,7 @@ use std::{fmt, net::SocketAddr, path::PathBuf, time::Duration};
 use clap::Parser;
 use oakestra_protocol::{sched::Policy, server::ServerLimits};
 
-use crate::Error;
+use crate::{Error, hashing::PoolSize};
 
 /// Default access-token lifetime: 10 minutes, as Oakestra's token generator uses.
 pub const DEFAULT_ACCESS_TTL_SECS: u64 = 600;
@@ -100,6 +100,20 @@ pub struct Cli {
     /// Connections served at once; beyond that new connections wait to be accepted.
     #[arg(long, value_name = "N", default_value_t = oakestra_protocol::server::DEFAULT_MAX_CONNECTIONS)]
     pub max_connections: usize,
+
+    /// Threads hashing passwords (argon2id, 7 MiB of memory each). Default: the number of cores (at most 8).
+    #[arg(long, value_name = "N")]
+    pub hash_threads: Option<usize>,
+
+    /// Password checks that may wait for a hashing thread; when they are all taken, logins are answered 503 with
+    /// Retry-After instead of queueing.
+    #[arg(long, value_name = "N", default_value_t = crate::hashing::DEFAULT_QUEUE)]
+    pub hash_queue: usize,
+
+    /// Password checks one client address (IPv6: its /64) may have waiting or running; more are answered 429 with
+    /// Retry-After, so one flooding address cannot make other clients wait.
+    #[arg(long, value_name = "N", default_value_t = crate::hashing::DEFAULT_PER_ADDRESS)]
+    pub hash_per_address: usize,
 }
 
 /// Default `--header-read-timeout`.
@@ -135,6 +149,8 @@ pub struct Config {
     pub retry_interval: Duration,
     /// Header-read and idle timeouts and the connection cap of the HTTP listener.
     pub http: ServerLimits,
+    /// The password-hashing pool.
+    pub hashing: PoolSize,
 }
 
 impl fmt::Debug for Config {
@@ -153,6 +169,7 @@ impl fmt::Debug for Config {
             .field("scheduler_policy", &self.scheduler_policy)
             .field("retry_interval", &self.retry_interval)
             .field("http", &self.http)
+            .field("hashing", &self.hashing)
             .finish()
     }
 }
@@ -178,6 +195,7 @@ impl Config {
                 idle_timeout: Duration::from_secs(DEFAULT_IDLE_SECS),
                 ..ServerLimits::default()
             },
+            hashing: PoolSize::default(),
         }
     }
 
@@ -255,6 +273,36 @@ impl Config {
                 "must be between 1 and 65536",
             ));
         }
+        let mut hashing = PoolSize::default();
+        for (flag, value, max, rule, slot) in [
+            (
+                "--hash-threads",
+                cli.hash_threads,
+                64,
+                "must be between 1 and 64",
+                &mut hashing.threads,
+            ),
+            (
+                "--hash-queue",
+                Some(cli.hash_queue),
+                4096,
+                "must be between 1 and 4096",
+                &mut hashing.queue,
+            ),
+            (
+                "--hash-per-address",
+                Some(cli.hash_per_address),
+                4096,
+                "must be between 1 and 4096",
+                &mut hashing.per_address,
+            ),
+        ] {
+            match value {
+                Some(n) if n == 0 || n > max => return Err(invalid(flag, n.to_string(), rule)),
+                Some(n) => *slot = n,
+                None => {}
+            }
+        }
         let scheduler_policy = cli.scheduler_policy.parse::<Policy>().map_err(|_| {
             invalid(
                 "--scheduler-policy",
@@ -277,6 +325,7 @@ impl Config {
                 idle_timeout: Duration::from_secs(cli.idle_timeout),
                 max_connections: cli.max_connections,
             },
+            hashing,
         })
     }
 }
@@ -301,6 +350,25 @@ mod tests {
         assert_eq!(c.http.header_read_timeout, Duration::from_secs(10));
         assert_eq!(c.http.idle_timeout, Duration::from_secs(60));
         assert_eq!(c.http.max_connections, 1024);
+        assert_eq!((c.hashing.queue, c.hashing.per_address), (32, 4));
+        assert!((1..=8).contains(&c.hashing.threads));
+        let c = parse(&[
+            "--hash-threads",
+            "3",
+            "--hash-queue",
+            "5",
+            "--hash-per-address",
+            "2",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.hashing,
+            PoolSize {
+                threads: 3,
+                queue: 5,
+                per_address: 2
+            }
+        );
         let c = parse(&[
             "--header-read-timeout",
             "3",
@@ -340,6 +408,10 @@ mod tests {
         assert!(e.contains("--idle-timeout") && e.contains("100000"), "{e}");
         let e = parse(&["--max-connections", "0"]).unwrap_err();
         assert!(e.contains("--max-connections"), "{e}");
+        let e = parse(&["--hash-threads", "65"]).unwrap_err();
+        assert!(e.contains("--hash-threads") && e.contains("65"), "{e}");
+        let e = parse(&["--hash-queue", "0"]).unwrap_err();
+        assert!(e.contains("--hash-queue"), "{e}");
     }
 
     #[test]

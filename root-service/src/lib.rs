@@ -4,8 +4,8 @@
 //! - [`config`]: the command-line flags (with environment fallbacks) and the validated [`Config`].
 //! - [`store`]: the embedded SQLite database (`<data-dir>/root.db`, WAL), migrations, users/organizations and the
 //!   default data (`Admin` in `root`), applications/services/instances, clusters, addresses.
-//! - [`auth`]: argon2 password hashing, the persisted HS256 key (`<data-dir>/jwt.key`), token issuing and the
-//!   access-token extractor.
+//! - [`auth`]: the persisted HS256 key (`<data-dir>/jwt.key`), token issuing and the access-token extractor.
+//! - [`hashing`]: argon2 password hashing on a small bounded pool (threads, queue, a share per client address).
 //! - [`engine`]: placement on clusters, calls to clusters, fallback and rescheduling, reports.
 //! - [`api`]: the axum router and handlers, user-facing and cluster-facing on one listener.
 //!
@@ -15,6 +15,7 @@ pub mod api;
 pub mod auth;
 pub mod config;
 pub mod engine;
+pub mod hashing;
 pub mod store;
 
 use std::{future::Future, net::SocketAddr, path::PathBuf, sync::Arc};
@@ -113,7 +114,10 @@ pub enum Error {
 /// Opens the store, creates the default data, loads (or creates) the signing key: everything a server needs.
 pub async fn build_state(config: &Config) -> Result<AppState, Error> {
     let store = store::Store::open(config.data_dir.clone()).await?;
-    let admin_default = store.ensure_defaults(config.admin_password.clone()).await?;
+    let hasher = Arc::new(hashing::HashPool::start(config.hashing)?);
+    let admin_default = store
+        .ensure_defaults(config.admin_password.clone(), Arc::clone(&hasher))
+        .await?;
     if admin_default {
         tracing::warn!(
             "user Admin still has the default password `Admin`: set one with --admin-password (env OAKESTRA_ADMIN_PASSWORD)"
@@ -121,10 +125,11 @@ pub async fn build_state(config: &Config) -> Result<AppState, Error> {
     }
     let data_dir = config.data_dir.clone();
     let keys = tokio::task::spawn_blocking(move || auth::Keys::load_or_create(&data_dir)).await??;
-    let dummy_hash = tokio::task::spawn_blocking(|| {
+    let pool = Arc::clone(&hasher);
+    let dummy_hash = tokio::task::spawn_blocking(move || {
         let mut pw = [0_u8; 16];
         getrandom::fill(&mut pw).map_err(|e| Error::Random(e.to_string()))?;
-        auth::hash_password(&pw.iter().map(|b| format!("{b:02x}")).collect::<String>())
+        pool.hash_blocking(&pw.iter().map(|b| format!("{b:02x}")).collect::<String>())
     })
     .await??;
     let join_token = match &config.join_token {
@@ -149,6 +154,7 @@ pub async fn build_state(config: &Config) -> Result<AppState, Error> {
         engine,
         join_token: join_token.into(),
         http: config.http,
+        hasher,
     })
 }
 

@@ -13,6 +13,7 @@ use std::{
 };
 
 use oakestra_protocol::server::ServerLimits;
+use oakestra_root_service::hashing::PoolSize;
 use serde_json::{Value, json};
 use support::{Server, TempDir};
 use tokio::{
@@ -705,4 +706,144 @@ async fn tokens_without_a_generation_are_refused() {
         assert_revoked(&format!("{kind:?} token without gen"), answer);
     }
     server.stop().await;
+}
+
+// === Password hashing on a bounded pool ===
+
+/// One HTTP/1.1 request from the local address `source` (any 127.0.0.0/8 address works on Linux loopback): the
+/// status, the lower-cased head and the body.
+async fn request_from(
+    server: &Server,
+    source: &str,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> (u16, String, String) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
+    let mut stream = socket.connect(server.addr).await.unwrap();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: root\r\nConnection: close\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut raw))
+        .await
+        .unwrap()
+        .unwrap();
+    let raw = String::from_utf8(raw).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+    let head = head.to_ascii_lowercase();
+    (
+        head.split(' ').nth(1).unwrap().parse().unwrap(),
+        head,
+        body.to_owned(),
+    )
+}
+
+/// A login from `source`: the status, the head and the body.
+async fn login_from(server: &Server, source: &str, user: &str, password: &str) -> (u16, String, String) {
+    let body = json!({ "username": user, "password": password }).to_string();
+    request_from(server, source, "POST", "/api/auth/login", &body).await
+}
+
+/// A server whose password hashing runs on `hashing`.
+async fn server_hashing(hashing: PoolSize) -> (Server, TempDir) {
+    let dir = TempDir::new();
+    let mut config = support::config(&dir.0, false);
+    config.hashing = hashing;
+    (Server::start(config).await, dir)
+}
+
+/// Fails the test unless the answer is a JSON refusal with a `Retry-After`, naming `limit`.
+fn assert_refused(what: &str, (status, head, body): &(u16, String, String), expected: u16, limit: &str) {
+    assert_eq!(*status, expected, "{what}: {head}\n{body}");
+    let retry: u64 = support::header(head, "retry-after")
+        .unwrap_or_else(|| panic!("{what}: no Retry-After: {head}"))
+        .parse()
+        .unwrap();
+    assert!(retry >= 1, "{what}: {head}");
+    let message = json_message(what, head, body);
+    assert!(
+        message.contains(limit),
+        "{what}: {message:?} does not name {limit:?}"
+    );
+}
+
+/// Forty concurrent wrong passwords from one address hold at most its share of the pool (the rest are 429 at
+/// once), and a correct login from another address meanwhile is answered without waiting for the flood.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_address_holds_only_its_share_of_the_hashing_pool() {
+    let (server, _dir) = server_hashing(PoolSize {
+        threads: 1,
+        queue: 4,
+        per_address: 2,
+    })
+    .await;
+    let server = Arc::new(server);
+    let flood: Vec<_> = (0..40)
+        .map(|_| {
+            let server = Arc::clone(&server);
+            tokio::spawn(async move { login_from(&server, "127.0.0.1", "Admin", "wrong").await })
+        })
+        .collect();
+    let started = Instant::now();
+    let (status, _, body) = login_from(&server, "127.0.0.2", "Admin", "Admin").await;
+    let legit = started.elapsed();
+    assert_eq!(status, 200, "{body}");
+    let mut refused = 0;
+    for answer in flood {
+        let answer = answer.await.unwrap();
+        match answer.0 {
+            401 => {}
+            429 => {
+                assert_refused("flood", &answer, 429, "password checks in progress");
+                refused += 1;
+            }
+            other => panic!("flood: {other}: {}", answer.2),
+        }
+    }
+    assert!(refused >= 30, "only {refused} of 40 were refused");
+    // One hash is ~30 ms; the flood holds two slots, so the legitimate login waits for two hashes at most.
+    assert!(
+        legit < Duration::from_secs(1),
+        "the legitimate login took {legit:?}"
+    );
+    Arc::into_inner(server).unwrap().stop().await;
+}
+
+/// When every thread is busy and the queue is full, a password check is refused with 503 and Retry-After instead
+/// of waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_hashing_queue_answers_503() {
+    let (server, _dir) = server_hashing(PoolSize {
+        threads: 1,
+        queue: 1,
+        per_address: 100,
+    })
+    .await;
+    let server = Arc::new(server);
+    let logins: Vec<_> = (0..12)
+        .map(|_| {
+            let server = Arc::clone(&server);
+            tokio::spawn(async move { login_from(&server, "127.0.0.1", "Admin", "wrong").await })
+        })
+        .collect();
+    let mut saturated = 0;
+    for answer in logins {
+        let answer = answer.await.unwrap();
+        if answer.0 == 503 {
+            assert_refused("saturated", &answer, 503, "saturated");
+            saturated += 1;
+        } else {
+            assert_eq!(answer.0, 401, "{}", answer.2);
+        }
+    }
+    assert!(
+        saturated >= 1,
+        "twelve checks fit into one thread and a queue of one"
+    );
+    Arc::into_inner(server).unwrap().stop().await;
 }

@@ -34,6 +34,7 @@ use crate::{
     Error,
     auth::{Claims, Keys, bearer},
     engine::Engine,
+    hashing::{self, HashError, HashPool},
     store::{Store, clusters::ClusterRow},
 };
 
@@ -60,6 +61,8 @@ pub struct AppState {
     pub join_token: Arc<str>,
     /// Timeouts and the connection cap of the listener.
     pub http: oakestra_protocol::server::ServerLimits,
+    /// The password-hashing pool.
+    pub hasher: Arc<HashPool>,
 }
 
 impl FromRef<AppState> for Arc<Keys> {
@@ -83,6 +86,8 @@ pub struct ApiError {
     pub message: String,
     /// More fields for the body (e.g. `problems`).
     pub details: Map<String, Value>,
+    /// A `Retry-After` header (whole seconds, at least 1) for 429 and 503 answers.
+    pub retry_after: Option<Duration>,
 }
 
 impl ApiError {
@@ -92,7 +97,14 @@ impl ApiError {
             status,
             message: message.into(),
             details: Map::new(),
+            retry_after: None,
         }
+    }
+
+    /// Adds a `Retry-After` header.
+    pub fn retry_after(mut self, after: Duration) -> Self {
+        self.retry_after = Some(after);
+        self
     }
 
     /// Adds a field to the body.
@@ -124,7 +136,14 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut body = self.details;
         body.insert("message".into(), json!(self.message));
-        (self.status, Json(Value::Object(body))).into_response()
+        let mut response = (self.status, Json(Value::Object(body))).into_response();
+        if let Some(after) = self.retry_after {
+            let secs = (after.as_secs() + u64::from(after.subsec_nanos() > 0)).max(1);
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, secs.into());
+        }
+        response
     }
 }
 
@@ -144,6 +163,22 @@ impl From<Error> for ApiError {
                 tracing::error!(error = %e, "request failed");
                 Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
             }
+        }
+    }
+}
+
+impl From<HashError> for ApiError {
+    fn from(e: HashError) -> Self {
+        match e {
+            HashError::Saturated { .. } => {
+                tracing::warn!(error = %e, "password check refused");
+                Self::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()).retry_after(hashing::RETRY_AFTER)
+            }
+            HashError::AddressBusy { .. } => {
+                tracing::info!(error = %e, "password check refused");
+                Self::new(StatusCode::TOO_MANY_REQUESTS, e.to_string()).retry_after(hashing::RETRY_AFTER)
+            }
+            HashError::Failed(e) => e.into(),
         }
     }
 }

@@ -6,11 +6,14 @@
 //! The default data stays usable: user `Admin` cannot be deleted nor lose the `Admin` role in `root`, and `root`
 //! cannot be deleted or renamed.
 
-use std::collections::{HashMap, HashSet};
+use std::{
+    collections::{HashMap, HashSet},
+    net::SocketAddr,
+};
 
 use axum::{
     Json,
-    extract::{Path, State},
+    extract::{ConnectInfo, Path, State},
     http::StatusCode,
     routing::{MethodRouter, get, post},
 };
@@ -151,22 +154,22 @@ pub fn check_roles(roles: Vec<String>) -> Result<Vec<String>, ApiError> {
     Ok(out)
 }
 
-/// Hashes on the blocking pool (argon2 is CPU-bound).
-async fn hash(password: String) -> Result<String, ApiError> {
-    Ok(
-        tokio::task::spawn_blocking(move || auth::hash_password(&password))
-            .await
-            .map_err(Error::from)??,
-    )
+/// Hashes on the password-hashing pool, counted against the caller's address.
+async fn hash(state: &AppState, peer: SocketAddr, password: String) -> Result<String, ApiError> {
+    Ok(state.hasher.hash(Some(peer.ip()), password).await?)
 }
 
-/// Verifies on the blocking pool.
-async fn verify(password: String, hash: String) -> Result<bool, ApiError> {
-    Ok(
-        tokio::task::spawn_blocking(move || auth::verify_password(&password, &hash))
-            .await
-            .map_err(Error::from)?,
-    )
+/// Verifies on the password-hashing pool, counted against the caller's address.
+async fn verify(
+    state: &AppState,
+    peer: SocketAddr,
+    password: String,
+    hash: String,
+) -> Result<bool, ApiError> {
+    Ok(state
+        .hasher
+        .verify(Some(peer.ip()), password, hash.into())
+        .await?)
 }
 
 fn memberships_json(memberships: &[Membership]) -> Value {
@@ -245,6 +248,7 @@ pub struct RegisterRequest {
 /// `POST /api/auth/register` (Admin): creates a user with a membership; answers the user with its roles there.
 async fn register(
     State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     claims: AccessClaims,
     JsonBody(body): JsonBody<RegisterRequest>,
 ) -> Result<Json<Value>, ApiError> {
@@ -264,7 +268,7 @@ async fn register(
         }
     };
     let roles = check_roles(body.roles.unwrap_or_else(|| vec![DEFAULT_ROLE.to_owned()]))?;
-    let password_hash = hash(body.password).await?;
+    let password_hash = hash(&state, peer, body.password).await?;
     let user = NewUser {
         name: body.name,
         password_hash,
@@ -364,6 +368,7 @@ pub struct UpdateUserRequest {
 /// `PUT /api/user/{username}` (Admin): sets the e-mail, the password and/or the roles in the caller's organization.
 async fn update_user(
     State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     claims: AccessClaims,
     Path(username): Path<String>,
     JsonBody(body): JsonBody<UpdateUserRequest>,
@@ -376,7 +381,7 @@ async fn update_user(
     let password_hash = match body.password {
         Some(pw) => {
             check_password("password", &pw)?;
-            Some(hash(pw).await?)
+            Some(hash(&state, peer, pw).await?)
         }
         None => None,
     };
@@ -450,6 +455,7 @@ pub struct ChangePasswordRequest {
 /// `POST /api/user/{username}` (self only): changes the caller's password.
 async fn change_password(
     State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     claims: AccessClaims,
     Path(username): Path<String>,
     JsonBody(body): JsonBody<ChangePasswordRequest>,
@@ -472,11 +478,13 @@ async fn change_password(
             id: username.clone(),
         })?;
     // No stored password is longer than the limit, so a longer old password is wrong without hashing it.
-    if body.old_password.len() > MAX_PASSWORD_LEN || !verify(body.old_password, old_hash.clone()).await? {
+    if body.old_password.len() > MAX_PASSWORD_LEN
+        || !verify(&state, peer, body.old_password, old_hash.clone()).await?
+    {
         tracing::info!(user = %Escaped(&username), "password change refused: wrong old password");
         return Err(bad("the old password is wrong"));
     }
-    let new_hash = hash(body.new_password).await?;
+    let new_hash = hash(&state, peer, body.new_password).await?;
     let name = username.clone();
     let outcome = state
         .store

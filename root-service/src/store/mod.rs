@@ -26,7 +26,7 @@ use std::{
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-use crate::{Error, auth};
+use crate::{Error, hashing::HashPool};
 
 pub use self::{net::Pools, tokens::Generations};
 
@@ -257,7 +257,11 @@ impl Store {
     /// roles. With `admin_password` the Admin password is set to it (also when Admin exists; a different password
     /// revokes Admin's tokens, the same one leaves them valid). Returns whether Admin's password is still the
     /// default `Admin`.
-    pub async fn ensure_defaults(&self, admin_password: Option<String>) -> Result<bool, Error> {
+    pub async fn ensure_defaults(
+        &self,
+        admin_password: Option<String>,
+        hasher: Arc<HashPool>,
+    ) -> Result<bool, Error> {
         let path = self.path.clone();
         self.with(move |inner| {
             let db = |source| Error::Db {
@@ -294,9 +298,9 @@ impl Store {
                 .map_err(db)?;
             let mut generation = None;
             let (user_id, hash) = match (existing, admin_password) {
-                (Some((id, hash)), Some(pw)) if auth::verify_password(&pw, &hash) => (id, hash),
+                (Some((id, hash)), Some(pw)) if hasher.verify_blocking(&pw, &hash)? => (id, hash),
                 (Some((id, _)), Some(pw)) => {
-                    let hash = auth::hash_password(&pw)?;
+                    let hash = hasher.hash_blocking(&pw)?;
                     tx.execute(
                         "UPDATE users SET password_hash = ?1 WHERE id = ?2",
                         params![hash, id],
@@ -312,7 +316,7 @@ impl Store {
                 (Some(existing), None) => existing,
                 (None, pw) => {
                     let id = new_id()?;
-                    let hash = auth::hash_password(pw.as_deref().unwrap_or(DEFAULT_ADMIN_PASSWORD))?;
+                    let hash = hasher.hash_blocking(pw.as_deref().unwrap_or(DEFAULT_ADMIN_PASSWORD))?;
                     let g = tokens::next_generation(&tx)?;
                     tx.execute(
                         "INSERT INTO users (id, name, password_hash, email, created_at, token_gen)
@@ -335,7 +339,7 @@ impl Store {
             if let Some(g) = generation {
                 inner.generations.set(ADMIN_USER, g);
             }
-            Ok(auth::verify_password(DEFAULT_ADMIN_PASSWORD, &hash))
+            hasher.verify_blocking(DEFAULT_ADMIN_PASSWORD, &hash)
         })
         .await
     }
