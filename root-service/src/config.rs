@@ -5,7 +5,7 @@ use std::{fmt, net::SocketAddr, path::PathBuf, time::Duration};
 use clap::Parser;
 use oakestra_protocol::{sched::Policy, server::ServerLimits};
 
-use crate::{Error, hashing::PoolSize};
+use crate::{Error, hashing::PoolSize, throttle::LoginLimits};
 
 /// Default access-token lifetime: 10 minutes, as Oakestra's token generator uses.
 pub const DEFAULT_ACCESS_TTL_SECS: u64 = 600;
@@ -114,6 +114,20 @@ pub struct Cli {
     /// Retry-After, so one flooding address cannot make other clients wait.
     #[arg(long, value_name = "N", default_value_t = crate::hashing::DEFAULT_PER_ADDRESS)]
     pub hash_per_address: usize,
+
+    /// Failed logins a minute one client address (IPv6: its /64) may have, for any user names; then its logins
+    /// are answered 429 with Retry-After. Successful logins are never counted.
+    #[arg(long, value_name = "N", default_value_t = LoginLimits::default().per_address)]
+    pub login_failures_per_address: u32,
+
+    /// Failed logins a minute for one user name from one client address.
+    #[arg(long, value_name = "N", default_value_t = LoginLimits::default().per_user_address)]
+    pub login_failures_per_user_address: u32,
+
+    /// Failed logins a minute for one user name from all addresses; beyond it, only addresses that failed for
+    /// that user recently are refused (the user's own address is not locked out).
+    #[arg(long, value_name = "N", default_value_t = LoginLimits::default().per_user)]
+    pub login_failures_per_user: u32,
 }
 
 /// Default `--header-read-timeout`.
@@ -151,6 +165,8 @@ pub struct Config {
     pub http: ServerLimits,
     /// The password-hashing pool.
     pub hashing: PoolSize,
+    /// Failed-login limits.
+    pub login: LoginLimits,
 }
 
 impl fmt::Debug for Config {
@@ -170,6 +186,7 @@ impl fmt::Debug for Config {
             .field("retry_interval", &self.retry_interval)
             .field("http", &self.http)
             .field("hashing", &self.hashing)
+            .field("login", &self.login)
             .finish()
     }
 }
@@ -196,6 +213,7 @@ impl Config {
                 ..ServerLimits::default()
             },
             hashing: PoolSize::default(),
+            login: LoginLimits::default(),
         }
     }
 
@@ -303,6 +321,18 @@ impl Config {
                 None => {}
             }
         }
+        for (flag, value) in [
+            ("--login-failures-per-address", cli.login_failures_per_address),
+            (
+                "--login-failures-per-user-address",
+                cli.login_failures_per_user_address,
+            ),
+            ("--login-failures-per-user", cli.login_failures_per_user),
+        ] {
+            if value == 0 || value > 1_000_000 {
+                return Err(invalid(flag, value.to_string(), "must be between 1 and 1000000"));
+            }
+        }
         let scheduler_policy = cli.scheduler_policy.parse::<Policy>().map_err(|_| {
             invalid(
                 "--scheduler-policy",
@@ -326,6 +356,11 @@ impl Config {
                 max_connections: cli.max_connections,
             },
             hashing,
+            login: LoginLimits {
+                per_address: cli.login_failures_per_address,
+                per_user_address: cli.login_failures_per_user_address,
+                per_user: cli.login_failures_per_user,
+            },
         })
     }
 }
@@ -351,6 +386,9 @@ mod tests {
         assert_eq!(c.http.idle_timeout, Duration::from_secs(60));
         assert_eq!(c.http.max_connections, 1024);
         assert_eq!((c.hashing.queue, c.hashing.per_address), (32, 4));
+        assert_eq!(c.login, LoginLimits::default());
+        let c = parse(&["--login-failures-per-address", "7"]).unwrap();
+        assert_eq!(c.login.per_address, 7);
         assert!((1..=8).contains(&c.hashing.threads));
         let c = parse(&[
             "--hash-threads",
@@ -412,6 +450,8 @@ mod tests {
         assert!(e.contains("--hash-threads") && e.contains("65"), "{e}");
         let e = parse(&["--hash-queue", "0"]).unwrap_err();
         assert!(e.contains("--hash-queue"), "{e}");
+        let e = parse(&["--login-failures-per-user", "0"]).unwrap_err();
+        assert!(e.contains("--login-failures-per-user"), "{e}");
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //!   default data (`Admin` in `root`), applications/services/instances, clusters, addresses.
 //! - [`auth`]: the persisted HS256 key (`<data-dir>/jwt.key`), token issuing and the access-token extractor.
 //! - [`hashing`]: argon2 password hashing on a small bounded pool (threads, queue, a share per client address).
+//! - [`throttle`]: failed-login limits per client address, per user name from an address, and per user name.
 //! - [`engine`]: placement on clusters, calls to clusters, fallback and rescheduling, reports.
 //! - [`api`]: the axum router and handlers, user-facing and cluster-facing on one listener.
 //!
@@ -17,6 +18,7 @@ pub mod config;
 pub mod engine;
 pub mod hashing;
 pub mod store;
+pub mod throttle;
 
 use std::{future::Future, net::SocketAddr, path::PathBuf, sync::Arc};
 
@@ -155,6 +157,7 @@ pub async fn build_state(config: &Config) -> Result<AppState, Error> {
         join_token: join_token.into(),
         http: config.http,
         hasher,
+        throttle: Arc::new(throttle::LoginThrottle::new(config.login)),
     })
 }
 

@@ -1,6 +1,7 @@
 //! The attacks of issue 18 part 4 ("Tokens and sessions") against a real root-service on 127.0.0.1, each test
-//! with its own temporary data directory: tokens that outlive a demotion, forged log lines, slow and idle
-//! connections, error answers that are not JSON, files readable by others.
+//! with its own temporary data directory: tokens that outlive a demotion, password guessing, a login flood that
+//! starves everyone else, forged log lines, slow and idle connections, error answers that are not JSON, files
+//! readable by others.
 
 #![allow(clippy::unwrap_used, reason = "tests")]
 
@@ -13,7 +14,7 @@ use std::{
 };
 
 use oakestra_protocol::server::ServerLimits;
-use oakestra_root_service::hashing::PoolSize;
+use oakestra_root_service::{hashing::PoolSize, throttle::LoginLimits};
 use serde_json::{Value, json};
 use support::{Server, TempDir};
 use tokio::{
@@ -749,11 +750,16 @@ async fn login_from(server: &Server, source: &str, user: &str, password: &str) -
     request_from(server, source, "POST", "/api/auth/login", &body).await
 }
 
-/// A server whose password hashing runs on `hashing`.
+/// A server whose password hashing runs on `hashing`, with failed-login limits too high to interfere.
 async fn server_hashing(hashing: PoolSize) -> (Server, TempDir) {
     let dir = TempDir::new();
     let mut config = support::config(&dir.0, false);
     config.hashing = hashing;
+    config.login = LoginLimits {
+        per_address: 100_000,
+        per_user_address: 100_000,
+        per_user: 100_000,
+    };
     (Server::start(config).await, dir)
 }
 
@@ -846,4 +852,113 @@ async fn a_full_hashing_queue_answers_503() {
         "twelve checks fit into one thread and a queue of one"
     );
     Arc::into_inner(server).unwrap().stop().await;
+}
+
+// === Failed-login limits ===
+
+/// A server with failed-login `limits`.
+async fn server_limiting(limits: LoginLimits) -> (Server, TempDir) {
+    let dir = TempDir::new();
+    let mut config = support::config(&dir.0, false);
+    config.login = limits;
+    (Server::start(config).await, dir)
+}
+
+/// Wrong passwords for Admin from 127.0.0.1 run into the per-user-and-address limit, a spray over many user names
+/// from there into the per-address limit (429, Retry-After, a message naming the limit), while Admin logs in from
+/// 127.0.0.2 as usual; successful logins are never counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_failed_logins_is_limited_per_address_and_spares_others() {
+    let (server, _dir) = server_limiting(LoginLimits::default()).await;
+    let server = Arc::new(server);
+    for n in 0..5 {
+        let (status, _, body) = login_from(&server, "127.0.0.1", "Admin", &format!("guess-{n}")).await;
+        assert_eq!(status, 401, "{body}");
+    }
+    let refused = login_from(&server, "127.0.0.1", "Admin", "guess-5").await;
+    assert_refused(
+        "the sixth guess",
+        &refused,
+        429,
+        "failed logins for user \"Admin\" from this address (limit: 5 per minute)",
+    );
+    let spray = {
+        let server = Arc::clone(&server);
+        tokio::spawn(async move {
+            let mut answers = Vec::new();
+            for round in 0..5 {
+                let batch: Vec<_> = (0..16)
+                    .map(|n| {
+                        let server = Arc::clone(&server);
+                        tokio::spawn(async move {
+                            login_from(&server, "127.0.0.1", &format!("user-{round}-{n}"), "guess").await
+                        })
+                    })
+                    .collect();
+                for task in batch {
+                    answers.push(task.await.unwrap());
+                }
+            }
+            answers
+        })
+    };
+    // Meanwhile, the real Admin from another address.
+    for _ in 0..5 {
+        let (status, _, body) = login_from(&server, "127.0.0.2", "Admin", "Admin").await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let answers = spray.await.unwrap();
+    let wrong = answers.iter().filter(|a| a.0 == 401).count();
+    let limited = answers.iter().filter(|a| a.0 == 429).count();
+    assert_eq!(wrong + limited, answers.len(), "only 401 and 429");
+    assert!(
+        wrong <= 15 + 4,
+        "{wrong} more wrong passwords were checked (limit 20 a minute)"
+    );
+    let after = login_from(&server, "127.0.0.1", "someone", "x").await;
+    assert_refused(
+        "after the spray",
+        &after,
+        429,
+        "failed logins from this address (limit: 20 per minute)",
+    );
+    let (status, _, body) = login_from(&server, "127.0.0.2", "Admin", "Admin").await;
+    assert_eq!(status, 200, "{body}");
+    // Successes do not count: 30 more from 127.0.0.2 all pass.
+    for _ in 0..30 {
+        assert_eq!(login_from(&server, "127.0.0.2", "Admin", "Admin").await.0, 200);
+    }
+    Arc::into_inner(server).unwrap().stop().await;
+}
+
+/// Once a user name's failures from all addresses pass its limit, the addresses that failed for it are refused,
+/// but an address without failures still logs in (and may even mistype once).
+#[tokio::test]
+async fn the_per_user_limit_does_not_lock_the_user_out() {
+    let (server, _dir) = server_limiting(LoginLimits {
+        per_address: 1000,
+        per_user_address: 1000,
+        per_user: 10,
+    })
+    .await;
+    for n in 0..10 {
+        let (status, _, body) = login_from(&server, "127.0.0.1", "Admin", &format!("guess-{n}")).await;
+        assert_eq!(status, 401, "{body}");
+    }
+    let refused = login_from(&server, "127.0.0.1", "Admin", "Admin").await;
+    assert_refused(
+        "the attacking address",
+        &refused,
+        429,
+        "limit: 10 per minute from all addresses",
+    );
+    let (status, _, body) = login_from(&server, "127.0.0.2", "Admin", "Admin").await;
+    assert_eq!(status, 200, "the user's own address: {body}");
+    assert_eq!(login_from(&server, "127.0.0.3", "Admin", "typo").await.0, 401);
+    let refused = login_from(&server, "127.0.0.3", "Admin", "Admin").await;
+    assert_refused("right after a typo", &refused, 429, "from all addresses");
+    // Other user names are not affected.
+    let (status, _, _) = login_from(&server, "127.0.0.1", "nobody", "x").await;
+    assert_eq!(status, 401);
+    server.stop().await;
 }

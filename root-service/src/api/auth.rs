@@ -1,4 +1,7 @@
 //! Login, token refresh and whoami.
+//!
+//! A login passes the failed-login limits ([`crate::throttle`], keyed by the TCP peer address, never a header)
+//! before its password is checked on the hashing pool ([`crate::hashing`]); only failures are counted.
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -78,6 +81,11 @@ async fn login(
         .organization_name
         .or(body.organization)
         .unwrap_or_else(|| ROOT_ORG.to_owned());
+    if let Err(refusal) = state.throttle.check(&body.username, peer.ip()) {
+        tracing::debug!(username = %Escaped(&body.username), %peer, %refusal, "login refused by a failed-login limit");
+        return Err(ApiError::new(StatusCode::TOO_MANY_REQUESTS, refusal.to_string())
+            .retry_after(refusal.retry_after));
+    }
     let user = state.store.user_by_name(body.username.clone()).await?;
     let hash: Arc<str> = user.as_ref().map_or_else(
         || Arc::clone(&state.dummy_hash),
@@ -87,8 +95,12 @@ async fn login(
     let matches = body.password.len() <= MAX_PASSWORD_LEN
         && state.hasher.verify(Some(peer.ip()), body.password, hash).await?;
     let user = match user {
-        Some(user) if matches => user,
+        Some(user) if matches => {
+            state.throttle.succeeded(&user.name, peer.ip());
+            user
+        }
         _ => {
+            state.throttle.failed(&body.username, peer.ip());
             tracing::info!(username = %Escaped(&body.username), "login refused: invalid username or password");
             return Err(ApiError::new(
                 StatusCode::UNAUTHORIZED,

@@ -36,6 +36,7 @@ use crate::{
     engine::Engine,
     hashing::{self, HashError, HashPool},
     store::{Store, clusters::ClusterRow},
+    throttle::LoginThrottle,
 };
 
 /// Largest request body accepted.
@@ -63,6 +64,8 @@ pub struct AppState {
     pub http: oakestra_protocol::server::ServerLimits,
     /// The password-hashing pool.
     pub hasher: Arc<HashPool>,
+    /// Failed-login limits.
+    pub throttle: Arc<LoginThrottle>,
 }
 
 impl FromRef<AppState> for Arc<Keys> {
