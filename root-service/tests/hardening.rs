@@ -962,3 +962,127 @@ async fn the_per_user_limit_does_not_lock_the_user_out() {
     assert_eq!(status, 401);
     server.stop().await;
 }
+
+// === Types of the cluster-facing bodies ===
+
+/// Fails the test unless the answer is the 422 of a wrong type at `field`.
+fn assert_wrong_type(what: &str, (status, body): &(u16, Value), field: &str, expected: &str) {
+    assert_eq!(*status, 422, "{what}: {body}");
+    assert_eq!(body["field"], json!(field), "{what}: {body}");
+    assert!(
+        body["expected"].as_str().unwrap().contains(expected),
+        "{what}: {body}"
+    );
+    let message = body["message"].as_str().unwrap();
+    assert!(
+        message.starts_with(field) && message.contains(expected),
+        "{what}: {message}"
+    );
+}
+
+/// Every cluster-facing body refuses a wrong JSON type with 422 naming the field, the value and the expected type,
+/// and still accepts the shapes reference peers send (numbers as strings where they do).
+#[tokio::test]
+async fn cluster_bodies_refuse_wrong_types() {
+    let (server, _dir) = server_with(ServerLimits::default()).await;
+    let join = Some(support::JOIN_TOKEN);
+    let register = |body: Value| server.json("POST", "/api/cluster/register", join, Some(body));
+    let answer = register(json!({"cluster_name": 1})).await;
+    assert_wrong_type("numeric cluster name", &answer, "cluster_name", "a string");
+    assert_eq!(answer.1["value"], json!(1));
+    assert!(
+        answer.1["message"].as_str().unwrap().contains("cluster_name = 1"),
+        "{}",
+        answer.1
+    );
+    let answer = register(json!({"cluster_name": "c1", "manager_port": "10100"})).await;
+    assert_wrong_type("port as a string", &answer, "manager_port", "an integer");
+    let answer = register(json!({"cluster_name": "c1", "cluster_address": ["127.0.0.1"]})).await;
+    assert_wrong_type("address as a list", &answer, "cluster_address", "a string");
+    let (_, clusters) = server.json("GET", "/api/clusters/", None, None).await;
+    assert_eq!(clusters, json!([]), "nothing was registered");
+    // Without the join token the body's types are not looked at.
+    let (status, _) = server
+        .json(
+            "POST",
+            "/api/cluster/register",
+            None,
+            Some(json!({"cluster_name": 1})),
+        )
+        .await;
+    assert_eq!(status, 401);
+
+    let cluster = support::FakeCluster::start(&server, "c1").await;
+    let token = Some(cluster.token.as_str());
+    let information = format!("/api/information/{}", cluster.id);
+    let report = |body: Value| server.json("POST", &information, token, Some(body));
+    // The reference's shapes: percentages and ports as strings, integral floats, nulls.
+    let (status, body) = report(json!({
+        "cpu_percent": "12.5", "memory_percent": 20, "vcpus": 4, "memory": 2048.0, "active_nodes": 1,
+        "virtualization": ["docker"], "csi_drivers": [], "gpu_driver": null,
+        "aggregation_per_architecture": {"amd64": {"vcpus": "4", "memory": 2048}},
+        "jobs": [{"_id": "0123456789abcdef01234567", "job_name": "a.b.c.d", "status": "RUNNING",
+                  "instance_list": [{"instance_number": "0", "status": "RUNNING", "host_port": "50103",
+                                     "cpu_percent": 1.5, "logs": "hello"}]}],
+    }))
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_wrong_type(
+        "vcpus",
+        &report(json!({"vcpus": "lots"})).await,
+        "vcpus",
+        "a number",
+    );
+    assert_wrong_type(
+        "job id",
+        &report(json!({"jobs": [{"_id": 5}]})).await,
+        "jobs[0]._id",
+        "a string",
+    );
+    assert_wrong_type(
+        "instance number",
+        &report(json!({"jobs": [{"_id": "j", "instance_list": [{"instance_number": [0]}]}]})).await,
+        "jobs[0].instance_list[0].instance_number",
+        "an integer",
+    );
+    assert_wrong_type(
+        "jobs",
+        &report(json!({"jobs": {"_id": "j"}})).await,
+        "jobs",
+        "a list",
+    );
+
+    let result = |body: Value| server.json("POST", "/api/result/deploy", token, Some(body));
+    assert_wrong_type(
+        "job_id",
+        &result(json!({"job_id": 7})).await,
+        "job_id",
+        "a string",
+    );
+    assert_wrong_type(
+        "status",
+        &result(json!({"job_id": "j/0", "status": {"code": 1}})).await,
+        "status",
+        "a string",
+    );
+    let (status, body) = result(json!({"job_id": "0123456789abcdef01234567", "instance_number": "0"})).await;
+    assert_eq!(status, 404, "well typed, about an unknown instance: {body}");
+
+    let net = |body: Value| server.json("POST", "/api/net/service/net_deploy_status", token, Some(body));
+    assert_wrong_type(
+        "host_ip",
+        &net(json!({"job_id": "j", "instances": [{"instance_number": 0, "host_ip": 5}]})).await,
+        "instances[0].host_ip",
+        "a string",
+    );
+    assert_wrong_type(
+        "job_id",
+        &net(json!({"job_id": null})).await,
+        "job_id",
+        "a string",
+    );
+    let (status, body) =
+        net(json!({"job_id": "j", "instances": [{"instance_number": "0", "host_port": "50103"}]})).await;
+    assert_ne!(status, 422, "the reference's string port is accepted: {body}");
+    server.stop().await;
+}

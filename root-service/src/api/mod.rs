@@ -28,6 +28,8 @@ use axum::{
     response::{IntoResponse, Response},
     routing::get,
 };
+use oakestra_protocol::api::shape::TypeError;
+use serde::de::DeserializeOwned;
 use serde_json::{Map, Value, json};
 
 use crate::{
@@ -207,6 +209,26 @@ impl FromRequestParts<AppState> for ClusterAuth {
             .await?;
         found.map(ClusterAuth).ok_or_else(refuse)
     }
+}
+
+impl From<TypeError> for ApiError {
+    /// 422 naming the field, the value and the expected type, also as `field`, `value` and `expected`.
+    fn from(e: TypeError) -> Self {
+        Self::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string())
+            .with("field", json!(e.field))
+            .with("value", e.value.unwrap_or(Value::Null))
+            .with("expected", json!(e.expected))
+    }
+}
+
+/// A cluster's JSON body: type-checked by `check` (see [`oakestra_protocol::api::shape`]), then read by the
+/// lenient parser of `T`. A wrong type is a 422 naming the field, the value and the expected type.
+pub fn checked<T: DeserializeOwned>(
+    body: Value,
+    check: fn(&Value) -> Result<(), TypeError>,
+) -> Result<T, ApiError> {
+    check(&body)?;
+    serde_json::from_value(body).map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))
 }
 
 /// A JSON body whose rejections (bad syntax, wrong types, wrong content type, too large) become [`ApiError`]s.

@@ -12,8 +12,12 @@ use axum::{
     routing::{MethodRouter, delete, get, post},
 };
 use oakestra_protocol::{
-    api::federation::{
-        NET_DEPLOY_STATUS_PATH, NetDeployStatus, NetJob, SUBNET_PATH, SubnetAllocation, unescape_path_segment,
+    api::{
+        federation::{
+            NET_DEPLOY_STATUS_PATH, NetDeployStatus, NetJob, SUBNET_PATH, SubnetAllocation,
+            unescape_path_segment,
+        },
+        shape,
     },
     mqtt::net::{InstanceEntry, IpType, ServiceIp},
     text::Escaped,
@@ -21,7 +25,7 @@ use oakestra_protocol::{
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use super::{ApiError, AppState, ClusterAuth, JsonBody};
+use super::{ApiError, AppState, ClusterAuth, JsonBody, checked};
 use crate::{
     Error,
     store::{
@@ -208,8 +212,9 @@ async fn drop_interest(
 async fn net_deploy_status(
     State(state): State<AppState>,
     ClusterAuth(cluster): ClusterAuth,
-    JsonBody(body): JsonBody<NetDeployStatus>,
+    JsonBody(body): JsonBody<Value>,
 ) -> Result<Json<Value>, ApiError> {
+    let body: NetDeployStatus = checked(body, shape::net_deploy_status)?;
     let instances = body
         .instances
         .iter()
