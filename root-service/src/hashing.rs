@@ -5,8 +5,16 @@
 //!   memory block, allocated at its first job and reused. Allocated per call (as the argon2 crate does), glibc
 //!   keeps the freed multi-MiB blocks in per-thread arenas and the resident size grows with every login; one block
 //!   per hashing thread keeps it at `threads × 7 MiB`.
-//! - **Queue**: at most [`PoolSize::queue`] jobs wait for a thread. A job that finds the queue full is refused at
-//!   once ([`HashError::Saturated`], answered 503 with `Retry-After`) instead of waiting behind it.
+//! - **Queue**: at most [`PoolSize::queue`] jobs wait for a thread, one FIFO per client address, served
+//!   round-robin across addresses (not in order of arrival), so each address waits for one job of each other
+//!   address, however many the others sent. A job that finds the queue full pushes out the newest job of the
+//!   "worst" address waiting, ranked by its recent failed checks (a score that halves every 30 s), then by how
+//!   many jobs it has waiting, if that address is worse than the job's own; otherwise the job is refused at once
+//!   ([`HashError::Saturated`], answered 503 with `Retry-After`). So a login from an address whose checks do not
+//!   fail gets a place even while many guessing addresses keep the queue full: a distributed flood mostly competes
+//!   with itself. (When every address waiting is as clean as the newcomer, e.g. a flood of fresh addresses each
+//!   guessing once, the newcomer can still be refused; the failed-login limits of [`crate::throttle`] and
+//!   `Retry-After` are what remains then.)
 //! - **Per address**: at most [`PoolSize::per_address`] jobs of one client address (IPv6: its /64) are queued or
 //!   running at a time; more are refused at once ([`HashError::AddressBusy`], 429 with `Retry-After`). So a flood
 //!   from one address holds a few slots at most and a login from elsewhere waits for a few hashes, not for the
@@ -17,13 +25,10 @@
 //! they wait; the blocking ones (startup, the store's default data) block their thread.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     net::IpAddr,
-    sync::{
-        Arc, Mutex, PoisonError,
-        mpsc::{self, SyncSender, TrySendError},
-    },
-    time::Duration,
+    sync::{Arc, Condvar, Mutex, PoisonError},
+    time::{Duration, Instant},
 };
 
 use argon2::{Argon2, Block};
@@ -93,18 +98,195 @@ pub enum HashError {
     Failed(#[from] Error),
 }
 
-/// One job for a hashing thread: it gets that thread's argon2 memory.
-type Job = Box<dyn FnOnce(&mut Vec<Block>) + Send>;
+/// One job for a hashing thread: run with that thread's argon2 memory, or (`None`) refused: pushed out of the
+/// queue by a fairer claim, it answers [`HashError::Saturated`] without running.
+type Job = Box<dyn FnOnce(Option<&mut Vec<Block>>) + Send>;
 
 /// Jobs queued or running, by client address.
 type Counts = Arc<Mutex<HashMap<IpAddr, usize>>>;
 
-/// The pool. Dropping the last handle stops its threads once the queued jobs are done.
-#[derive(Debug)]
+/// Whose a queued job is: a client address key, or the server's own (startup work).
+type Owner = Option<IpAddr>;
+
+/// A queued job with its place in the order of arrival and its owner's failure score when it was queued.
+struct Queued {
+    seq: u64,
+    /// [`Failures::tenths`] of the owner.
+    suspicion: u64,
+    job: Job,
+}
+
+/// The jobs waiting for a thread: one FIFO per owner, served round-robin across owners.
+///
+/// A full queue (more than [`PoolSize::queue`] jobs) makes room for a new job by refusing the newest job of the
+/// "worst" owner waiting (most recent failed checks, then most jobs waiting, then the newest job) if that owner is
+/// worse than the new job's: at least one more recent failed check, or about as many and more jobs waiting.
+/// Otherwise the new job is refused. So each address gets its turn whatever the others send, and an address whose
+/// checks do not fail is not pushed out by ones whose checks do.
+#[derive(Default)]
+struct FairQueue {
+    queues: HashMap<Owner, VecDeque<Queued>>,
+    /// Owners with jobs waiting, in serving order.
+    rotation: VecDeque<Owner>,
+    len: usize,
+    next_seq: u64,
+    closed: bool,
+}
+
+impl FairQueue {
+    /// Queues `job` for `owner`; with `cap`, makes room or refuses. Returns a refused job (ours or the one pushed
+    /// out) for the caller to answer outside the lock.
+    fn push(&mut self, owner: Owner, suspicion: u64, job: Job, cap: Option<usize>) -> Option<Job> {
+        let mut refused = None;
+        if let Some(cap) = cap
+            && self.len >= cap
+        {
+            let ours = (suspicion, self.queues.get(&owner).map_or(0, VecDeque::len));
+            let worst = self
+                .queues
+                .iter()
+                .filter(|(o, _)| o.is_some())
+                .filter_map(|(o, q)| q.back().map(|j| (j.suspicion, q.len(), j.seq, *o)))
+                .max();
+            let victim = worst
+                .filter(|&(s, len, _, _)| s >= ours.0 + 10 || (s + 10 > ours.0 && len > ours.1))
+                .map(|(_, _, _, o)| o);
+            let Some(victim) = victim else {
+                return Some(job);
+            };
+            refused = self.pop_back(victim);
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let queue = self.queues.entry(owner).or_default();
+        if queue.is_empty() {
+            self.rotation.push_back(owner);
+        }
+        queue.push_back(Queued { seq, suspicion, job });
+        self.len += 1;
+        refused
+    }
+
+    /// Takes `owner`'s newest job out of the queue.
+    fn pop_back(&mut self, owner: Owner) -> Option<Job> {
+        let queue = self.queues.get_mut(&owner)?;
+        let job = queue.pop_back()?.job;
+        if queue.is_empty() {
+            self.queues.remove(&owner);
+            self.rotation.retain(|o| *o != owner);
+        }
+        self.len -= 1;
+        Some(job)
+    }
+
+    /// The next job in round-robin order across owners.
+    fn pop(&mut self) -> Option<Job> {
+        let owner = self.rotation.pop_front()?;
+        let queue = self.queues.get_mut(&owner)?;
+        let job = queue.pop_front()?.job;
+        if queue.is_empty() {
+            self.queues.remove(&owner);
+        } else {
+            self.rotation.push_back(owner);
+        }
+        self.len -= 1;
+        Some(job)
+    }
+}
+
+/// The queue and the signal the hashing threads wait on.
+#[derive(Default)]
+struct Shared {
+    queue: Mutex<FairQueue>,
+    ready: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, FairQueue> {
+        // The queue's invariants hold between statements that cannot panic: a poisoned lock is still consistent.
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// How fast an address's failed checks are forgotten: the score halves every this long.
+const FAILURE_HALF_LIFE: Duration = Duration::from_secs(30);
+/// Most addresses whose failed checks are remembered.
+const MAX_REMEMBERED: usize = 10_000;
+
+/// Recent failed password checks by client address: a score that grows by one per failure and halves every
+/// [`FAILURE_HALF_LIFE`]. It orders addresses in a full queue only; the failed-login limits are
+/// [`crate::throttle`]'s.
+#[derive(Debug, Default)]
+struct Failures(HashMap<IpAddr, (f64, Instant)>);
+
+impl Failures {
+    fn decayed(score: f64, since: Instant, now: Instant) -> f64 {
+        let halvings = now.saturating_duration_since(since).as_secs_f64() / FAILURE_HALF_LIFE.as_secs_f64();
+        score * 0.5_f64.powf(halvings)
+    }
+
+    /// `key`'s score in tenths.
+    fn tenths(&self, key: &IpAddr, now: Instant) -> u64 {
+        let score = self.0.get(key).map_or(0.0, |&(s, at)| Self::decayed(s, at, now));
+        #[allow(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            reason = "a small non-negative score"
+        )]
+        let tenths = (score * 10.0).round().min(1e9) as u64;
+        tenths
+    }
+
+    fn add(&mut self, key: IpAddr, now: Instant) {
+        if !self.0.contains_key(&key) && self.0.len() >= MAX_REMEMBERED {
+            // Forget what has faded, then the tenth with the lowest scores.
+            self.0.retain(|_, &mut (s, at)| Self::decayed(s, at, now) >= 0.5);
+            if self.0.len() >= MAX_REMEMBERED {
+                let mut scores: Vec<f64> = self
+                    .0
+                    .values()
+                    .map(|&(s, at)| Self::decayed(s, at, now))
+                    .collect();
+                let cut = MAX_REMEMBERED / 10;
+                let (_, threshold, _) = scores.select_nth_unstable_by(cut, f64::total_cmp);
+                let threshold = *threshold;
+                self.0
+                    .retain(|_, &mut (s, at)| Self::decayed(s, at, now) > threshold);
+            }
+        }
+        let score = self.0.get(&key).map_or(0.0, |&(s, at)| Self::decayed(s, at, now));
+        self.0.insert(key, (score + 1.0, now));
+    }
+}
+
+/// The pool. Dropping it stops its threads once they finish their current job; queued jobs answer that the pool
+/// stopped.
 pub struct HashPool {
-    jobs: SyncSender<Job>,
+    shared: Arc<Shared>,
     size: PoolSize,
     per_address: Counts,
+    failures: Mutex<Failures>,
+}
+
+impl std::fmt::Debug for HashPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HashPool")
+            .field("size", &self.size)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for HashPool {
+    fn drop(&mut self) {
+        let waiting = {
+            let mut queue = self.shared.lock();
+            queue.closed = true;
+            std::mem::take(&mut queue.queues)
+        };
+        self.shared.ready.notify_all();
+        // Dropping the jobs drops their reply channels: their callers learn that the pool stopped.
+        drop(waiting);
+    }
 }
 
 /// The address a client's jobs are counted under: IPv4 as it is (an IPv4-mapped IPv6 address unwrapped), IPv6 by
@@ -119,7 +301,7 @@ pub fn address_key(ip: IpAddr) -> IpAddr {
     }
 }
 
-/// One client address's share of the pool, held by its job until the job has run.
+/// One client address's share of the pool, held by its job until the job has run (or was refused).
 struct Slot {
     counts: Counts,
     key: IpAddr,
@@ -137,33 +319,48 @@ impl Drop for Slot {
     }
 }
 
+/// A hashing thread: takes jobs in the queue's order until the pool is dropped.
+fn hashing_thread(shared: &Shared) {
+    let mut memory = Vec::new();
+    loop {
+        let job = {
+            let mut queue = shared.lock();
+            loop {
+                if queue.closed {
+                    return;
+                }
+                if let Some(job) = queue.pop() {
+                    break job;
+                }
+                queue = shared.ready.wait(queue).unwrap_or_else(PoisonError::into_inner);
+            }
+        };
+        job(Some(&mut memory));
+    }
+}
+
 impl HashPool {
     /// Starts `size.threads` hashing threads (at least one).
     pub fn start(size: PoolSize) -> Result<Self, Error> {
-        let (jobs, receiver) = mpsc::sync_channel::<Job>(size.queue.max(1));
-        let receiver = Arc::new(Mutex::new(receiver));
+        let shared = Arc::new(Shared::default());
         for n in 0..size.threads.max(1) {
-            let receiver = Arc::clone(&receiver);
+            let shared = Arc::clone(&shared);
             std::thread::Builder::new()
                 .name(format!("password-hash-{n}"))
-                .spawn(move || {
-                    let mut memory = Vec::new();
-                    loop {
-                        // Only the waiting thread holds the lock; a job runs after it is released.
-                        let job = receiver.lock().unwrap_or_else(PoisonError::into_inner).recv();
-                        match job {
-                            Ok(job) => job(&mut memory),
-                            Err(_) => return, // every sender is gone: the pool was dropped
-                        }
-                    }
-                })
+                .spawn(move || hashing_thread(&shared))
                 .map_err(|e| Error::Hash(format!("cannot start a password-hashing thread: {e}")))?;
         }
         Ok(Self {
-            jobs,
+            shared,
             size,
             per_address: Arc::default(),
+            failures: Mutex::default(),
         })
+    }
+
+    fn failures(&self) -> std::sync::MutexGuard<'_, Failures> {
+        // Each update is one insert or retain: a poisoned lock still holds a consistent map.
+        self.failures.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The pool's size.
@@ -189,42 +386,57 @@ impl HashPool {
         })
     }
 
-    /// Queues `work` for `peer` (or for nobody's account) without waiting for room, and waits for its result.
+    /// Queues `job` for `owner` (bounded by the queue's size unless `bounded` is false) and wakes a thread; a
+    /// refused job (ours, or the one ours pushed out) is answered here.
+    fn submit(&self, owner: Owner, job: Job, bounded: bool) {
+        let suspicion = owner.map_or(0, |key| self.failures().tenths(&key, Instant::now()));
+        let refused = {
+            let mut queue = self.shared.lock();
+            if queue.closed {
+                Some(job)
+            } else {
+                queue.push(owner, suspicion, job, bounded.then_some(self.size.queue.max(1)))
+            }
+        };
+        self.shared.ready.notify_one();
+        if let Some(job) = refused {
+            job(None);
+        }
+    }
+
+    /// Queues `work` for `peer` (or for nobody's account) and waits for its result without holding a thread.
     async fn run<T: Send + 'static>(
         &self,
         peer: Option<IpAddr>,
         work: impl FnOnce(&mut Vec<Block>) -> T + Send + 'static,
     ) -> Result<T, HashError> {
         let slot = peer.map(|p| self.slot(p)).transpose()?;
+        let owner = slot.as_ref().map(|s| s.key);
+        let queue = self.size.queue;
         let (reply, answer) = tokio::sync::oneshot::channel();
         let job: Job = Box::new(move |memory| {
-            let result = work(memory);
+            let result = memory.map(work).ok_or(HashError::Saturated { queue });
             // Free the slot before answering, so that the client may start its next check at once.
             drop(slot);
             let _ = reply.send(result);
         });
-        match self.jobs.try_send(job) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => {
-                return Err(HashError::Saturated {
-                    queue: self.size.queue,
-                });
-            }
-            Err(TrySendError::Disconnected(_)) => return Err(stopped().into()),
-        }
-        answer.await.map_err(|_| stopped().into())
+        self.submit(owner, job, true);
+        answer.await.map_err(|_| HashError::from(stopped()))?
     }
 
-    /// Queues `work`, waiting for room in the queue if it is full, and blocks until it ran. Not for async code.
+    /// Queues `work` without a bound (startup work: the default data, the dummy hash) and blocks until it ran. Not
+    /// for async code.
     fn run_blocking<T: Send + 'static>(
         &self,
         work: impl FnOnce(&mut Vec<Block>) -> T + Send + 'static,
     ) -> Result<T, Error> {
         let (reply, answer) = tokio::sync::oneshot::channel();
         let job: Job = Box::new(move |memory| {
-            let _ = reply.send(work(memory));
+            if let Some(memory) = memory {
+                let _ = reply.send(work(memory));
+            }
         });
-        self.jobs.send(job).map_err(|_| stopped())?;
+        self.submit(None, job, false);
         answer.blocking_recv().map_err(|_| stopped())
     }
 
@@ -237,15 +449,21 @@ impl HashPool {
             .map_err(HashError::from)
     }
 
-    /// Whether `password` matches the PHC string `hash`, counting the job against `peer`'s share.
+    /// Whether `password` matches the PHC string `hash`, counting the job against `peer`'s share. A mismatch adds
+    /// to `peer`'s failure score, which ranks its later jobs behind others' in a full queue.
     pub async fn verify(
         &self,
         peer: Option<IpAddr>,
         password: String,
         hash: Arc<str>,
     ) -> Result<bool, HashError> {
-        self.run(peer, move |memory| verify_with(memory, &password, &hash))
-            .await
+        let matched = self
+            .run(peer, move |memory| verify_with(memory, &password, &hash))
+            .await?;
+        if let (false, Some(peer)) = (matched, peer) {
+            self.failures().add(address_key(peer), Instant::now());
+        }
+        Ok(matched)
     }
 
     /// [`Self::hash`] for blocking code (startup, the store's default data).
@@ -380,6 +598,114 @@ mod tests {
         assert_ne!(address_key(a), address_key(c));
         let mapped: IpAddr = "::ffff:10.0.0.1".parse().unwrap();
         assert_eq!(address_key(mapped), "10.0.0.1".parse::<IpAddr>().unwrap());
+    }
+
+    /// A job that only says whether it ran (`Some`) or was refused (`None`), as its owner's name.
+    fn probe(name: &'static str, log: &Arc<Mutex<Vec<String>>>) -> Job {
+        let log = Arc::clone(log);
+        Box::new(move |memory| {
+            let what = if memory.is_some() { "ran" } else { "refused" };
+            log.lock().unwrap().push(format!("{name} {what}"));
+        })
+    }
+
+    fn owner(n: u8) -> Owner {
+        Some(IpAddr::from([10, 0, 0, n]))
+    }
+
+    #[test]
+    fn owners_are_served_round_robin() {
+        let log = Arc::default();
+        let mut queue = FairQueue::default();
+        for name in ["a1", "a2", "a3"] {
+            assert!(queue.push(owner(1), 0, probe(name, &log), Some(8)).is_none());
+        }
+        assert!(queue.push(owner(2), 0, probe("b1", &log), Some(8)).is_none());
+        assert!(queue.push(owner(3), 0, probe("c1", &log), Some(8)).is_none());
+        let mut memory = Vec::new();
+        while let Some(job) = queue.pop() {
+            job(Some(&mut memory));
+        }
+        assert_eq!(
+            *log.lock().unwrap(),
+            ["a1 ran", "b1 ran", "c1 ran", "a2 ran", "a3 ran"]
+        );
+        assert_eq!(queue.len, 0);
+        assert!(queue.rotation.is_empty() && queue.queues.is_empty());
+    }
+
+    /// A full queue makes room for an owner with fewer jobs waiting by refusing the newest job of the owner with
+    /// the most; an owner that already has as many waiting as anyone is refused.
+    #[test]
+    fn a_full_queue_pushes_out_the_heaviest_owner() {
+        let log = Arc::default();
+        let mut queue = FairQueue::default();
+        for name in ["a1", "a2", "a3"] {
+            assert!(queue.push(owner(1), 0, probe(name, &log), Some(3)).is_none());
+        }
+        let refused = queue.push(owner(2), 0, probe("b1", &log), Some(3)).unwrap();
+        refused(None);
+        let refused = queue.push(owner(3), 0, probe("c1", &log), Some(3)).unwrap();
+        refused(None);
+        // a1, b1, c1 wait, one each: a fourth owner pushes out the newest of them (c1), b1 is kept.
+        let refused = queue.push(owner(4), 0, probe("d1", &log), Some(3)).unwrap();
+        refused(None);
+        // Owner 4 sending again has as many waiting as anyone: refused itself.
+        let refused = queue.push(owner(4), 0, probe("d2", &log), Some(3)).unwrap();
+        refused(None);
+        let mut memory = Vec::new();
+        while let Some(job) = queue.pop() {
+            job(Some(&mut memory));
+        }
+        assert_eq!(
+            *log.lock().unwrap(),
+            [
+                "a3 refused",
+                "a2 refused",
+                "c1 refused",
+                "d2 refused",
+                "a1 ran",
+                "b1 ran",
+                "d1 ran"
+            ]
+        );
+    }
+
+    /// Owners whose checks failed lately are pushed out first, and cannot push out an owner whose checks did not.
+    #[test]
+    fn a_full_queue_keeps_owners_without_failures() {
+        let log = Arc::default();
+        let mut queue = FairQueue::default();
+        assert!(queue.push(owner(1), 0, probe("clean", &log), Some(2)).is_none());
+        assert!(
+            queue
+                .push(owner(2), 50, probe("guesser", &log), Some(2))
+                .is_none()
+        );
+        // Another guesser pushes out the first (as suspicious, and with a job waiting where it has none)...
+        queue
+            .push(owner(3), 50, probe("guesser-2", &log), Some(2))
+            .unwrap()(None);
+        // ... and a fresh address pushes out that one, never the clean owner.
+        queue.push(owner(4), 0, probe("fresh", &log), Some(2)).unwrap()(None);
+        let mut memory = Vec::new();
+        while let Some(job) = queue.pop() {
+            job(Some(&mut memory));
+        }
+        assert_eq!(
+            *log.lock().unwrap(),
+            ["guesser refused", "guesser-2 refused", "clean ran", "fresh ran"]
+        );
+        let mut failures = Failures::default();
+        let (key, now) = (IpAddr::from([10, 0, 0, 9]), Instant::now());
+        failures.add(key, now);
+        failures.add(key, now);
+        assert_eq!(failures.tenths(&key, now), 20);
+        assert_eq!(
+            failures.tenths(&key, now + FAILURE_HALF_LIFE),
+            10,
+            "halves every half-life"
+        );
     }
 
     /// One address gets `per_address` jobs at once and no more; the pool refuses rather than queue beyond its

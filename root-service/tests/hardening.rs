@@ -820,6 +820,51 @@ async fn a_flooding_address_holds_only_its_share_of_the_hashing_pool() {
     Arc::into_inner(server).unwrap().stop().await;
 }
 
+/// Sixteen attacking addresses keep the hashing queue full; a login from an address whose checks do not fail still
+/// gets a place (pushing out the newest job of an address whose checks do) instead of a 503, every time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_distributed_flood_does_not_keep_other_addresses_out_of_the_queue() {
+    let (server, _dir) = server_hashing(PoolSize {
+        threads: 1,
+        queue: 4,
+        per_address: 2,
+    })
+    .await;
+    let server = Arc::new(server);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut flood = Vec::new();
+    for a in 1..=16 {
+        for _ in 0..3 {
+            let (server, stop) = (Arc::clone(&server), Arc::clone(&stop));
+            flood.push(tokio::spawn(async move {
+                let mut statuses = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    statuses.push(
+                        login_from(&server, &format!("127.0.1.{a}"), "Admin", "wrong")
+                            .await
+                            .0,
+                    );
+                }
+                statuses
+            }));
+        }
+    }
+    // Long enough for every attacking address to have failed a few times.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for _ in 0..5 {
+        let (status, _, body) = login_from(&server, "127.0.0.2", "Admin", "Admin").await;
+        assert_eq!(status, 200, "{body}");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut seen = std::collections::BTreeSet::new();
+    for task in flood {
+        seen.extend(task.await.unwrap());
+    }
+    assert!(seen.contains(&503), "the flood did fill the queue: {seen:?}");
+    assert!(seen.iter().all(|s| [401, 429, 503].contains(s)), "{seen:?}");
+    Arc::into_inner(server).unwrap().stop().await;
+}
+
 /// When every thread is busy and the queue is full, a password check is refused with 503 and Retry-After instead
 /// of waiting.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
