@@ -105,8 +105,9 @@ pub struct Cli {
     #[arg(long, value_name = "N")]
     pub hash_threads: Option<usize>,
 
-    /// Password checks that may wait for a hashing thread; when they are all taken, logins are answered 503 with
-    /// Retry-After instead of queueing.
+    /// Password checks that may wait for a hashing thread (served round-robin across client addresses). When all
+    /// are taken, a new check pushes out one of an address with more recent failed checks, or is answered 503 with
+    /// Retry-After; it never waits for a place.
     #[arg(long, value_name = "N", default_value_t = crate::hashing::DEFAULT_QUEUE)]
     pub hash_queue: usize,
 

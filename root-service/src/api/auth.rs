@@ -82,7 +82,12 @@ async fn login(
         .or(body.organization)
         .unwrap_or_else(|| ROOT_ORG.to_owned());
     if let Err(refusal) = state.throttle.check(&body.username, peer.ip()) {
-        tracing::debug!(username = %Escaped(&body.username), %peer, %refusal, "login refused by a failed-login limit");
+        tracing::debug!(
+            username = %Escaped(&body.username),
+            %peer,
+            reason = %Escaped(&refusal.to_string()),
+            "login refused by a failed-login limit"
+        );
         return Err(ApiError::new(StatusCode::TOO_MANY_REQUESTS, refusal.to_string())
             .retry_after(refusal.retry_after));
     }
