@@ -738,7 +738,10 @@ mod tests {
                 Err(e) => panic!("{e}"),
             }
         }
-        assert!(saturated >= 1, "seven jobs fit in one thread and a queue of two");
+        assert!(
+            saturated >= 1,
+            "seven jobs do not all fit into one thread and a queue of two"
+        );
         assert!(
             pool.per_address.lock().unwrap().is_empty(),
             "every slot was returned"
