@@ -3,9 +3,9 @@
 use std::{fmt, net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::Parser;
-use oakestra_protocol::sched::Policy;
+use oakestra_protocol::{sched::Policy, server::ServerLimits};
 
-use crate::Error;
+use crate::{Error, hashing::PoolSize, throttle::LoginLimits};
 
 /// Default access-token lifetime: 10 minutes, as Oakestra's token generator uses.
 pub const DEFAULT_ACCESS_TTL_SECS: u64 = 600;
@@ -37,7 +37,8 @@ pub struct Cli {
     pub listen: SocketAddr,
 
     /// Directory holding the database (`root.db`), the token-signing key (`jwt.key`) and the generated join token
-    /// (`join.token`); created if missing.
+    /// (`join.token`); created if missing. The directory is kept at mode 0700 and the files at 0600 (looser modes
+    /// are tightened at start, with a warning).
     #[arg(
         long,
         env = "OAKESTRA_ROOT_DATA_DIR",
@@ -86,7 +87,54 @@ pub struct Cli {
     /// Seconds between retries of instances no cluster could take (and checks for lost clusters).
     #[arg(long, value_name = "SECONDS", default_value_t = DEFAULT_RETRY_SECS)]
     pub retry_interval: u64,
+
+    /// Seconds a client may take to send a request line and headers, counted from their first byte (the first
+    /// request of a connection: from the accept). Slower clients are disconnected.
+    #[arg(long, value_name = "SECONDS", default_value_t = DEFAULT_HEADER_READ_SECS)]
+    pub header_read_timeout: u64,
+
+    /// Seconds a keep-alive connection may stay open with no request in flight before it is closed.
+    #[arg(long, value_name = "SECONDS", default_value_t = DEFAULT_IDLE_SECS)]
+    pub idle_timeout: u64,
+
+    /// Connections served at once; beyond that new connections wait to be accepted.
+    #[arg(long, value_name = "N", default_value_t = oakestra_protocol::server::DEFAULT_MAX_CONNECTIONS)]
+    pub max_connections: usize,
+
+    /// Threads hashing passwords (argon2id, 7 MiB of memory each). Default: the number of cores (at most 8).
+    #[arg(long, value_name = "N")]
+    pub hash_threads: Option<usize>,
+
+    /// Password checks that may wait for a hashing thread (served round-robin across client addresses). When all
+    /// are taken, a new check pushes out one of an address with more recent failed checks, or is answered 503 with
+    /// Retry-After; it never waits for a place.
+    #[arg(long, value_name = "N", default_value_t = crate::hashing::DEFAULT_QUEUE)]
+    pub hash_queue: usize,
+
+    /// Password checks one client address (IPv6: its /64) may have waiting or running; more are answered 429 with
+    /// Retry-After, so one flooding address cannot make other clients wait.
+    #[arg(long, value_name = "N", default_value_t = crate::hashing::DEFAULT_PER_ADDRESS)]
+    pub hash_per_address: usize,
+
+    /// Failed logins a minute one client address (IPv6: its /64) may have, for any user names; then its logins
+    /// are answered 429 with Retry-After. Successful logins are never counted.
+    #[arg(long, value_name = "N", default_value_t = LoginLimits::default().per_address)]
+    pub login_failures_per_address: u32,
+
+    /// Failed logins a minute for one user name from one client address.
+    #[arg(long, value_name = "N", default_value_t = LoginLimits::default().per_user_address)]
+    pub login_failures_per_user_address: u32,
+
+    /// Failed logins a minute for one user name from all addresses; beyond it, only addresses that failed for
+    /// that user recently are refused (the user's own address is not locked out).
+    #[arg(long, value_name = "N", default_value_t = LoginLimits::default().per_user)]
+    pub login_failures_per_user: u32,
 }
+
+/// Default `--header-read-timeout`.
+pub const DEFAULT_HEADER_READ_SECS: u64 = 10;
+/// Default `--idle-timeout`.
+pub const DEFAULT_IDLE_SECS: u64 = 60;
 
 /// Default liveness window: 30 s, the reference's (two cluster report intervals).
 pub const DEFAULT_LIVENESS_SECS: u64 = 30;
@@ -114,6 +162,12 @@ pub struct Config {
     pub scheduler_policy: Policy,
     /// Retry interval for unplaced instances.
     pub retry_interval: Duration,
+    /// Header-read and idle timeouts and the connection cap of the HTTP listener.
+    pub http: ServerLimits,
+    /// The password-hashing pool.
+    pub hashing: PoolSize,
+    /// Failed-login limits.
+    pub login: LoginLimits,
 }
 
 impl fmt::Debug for Config {
@@ -131,6 +185,9 @@ impl fmt::Debug for Config {
             .field("liveness_window", &self.liveness_window)
             .field("scheduler_policy", &self.scheduler_policy)
             .field("retry_interval", &self.retry_interval)
+            .field("http", &self.http)
+            .field("hashing", &self.hashing)
+            .field("login", &self.login)
             .finish()
     }
 }
@@ -151,6 +208,13 @@ impl Config {
             liveness_window: Duration::from_secs(DEFAULT_LIVENESS_SECS),
             scheduler_policy: Policy::BestFit,
             retry_interval: Duration::from_secs(DEFAULT_RETRY_SECS),
+            http: ServerLimits {
+                header_read_timeout: Duration::from_secs(DEFAULT_HEADER_READ_SECS),
+                idle_timeout: Duration::from_secs(DEFAULT_IDLE_SECS),
+                ..ServerLimits::default()
+            },
+            hashing: PoolSize::default(),
+            login: LoginLimits::default(),
         }
     }
 
@@ -209,6 +273,67 @@ impl Config {
                 ));
             }
         }
+        for (flag, value) in [
+            ("--header-read-timeout", cli.header_read_timeout),
+            ("--idle-timeout", cli.idle_timeout),
+        ] {
+            if value == 0 || value > 3600 {
+                return Err(invalid(
+                    flag,
+                    value.to_string(),
+                    "must be between 1 and 3600 seconds",
+                ));
+            }
+        }
+        if cli.max_connections == 0 || cli.max_connections > 65_536 {
+            return Err(invalid(
+                "--max-connections",
+                cli.max_connections.to_string(),
+                "must be between 1 and 65536",
+            ));
+        }
+        let mut hashing = PoolSize::default();
+        for (flag, value, max, rule, slot) in [
+            (
+                "--hash-threads",
+                cli.hash_threads,
+                64,
+                "must be between 1 and 64",
+                &mut hashing.threads,
+            ),
+            (
+                "--hash-queue",
+                Some(cli.hash_queue),
+                4096,
+                "must be between 1 and 4096",
+                &mut hashing.queue,
+            ),
+            (
+                "--hash-per-address",
+                Some(cli.hash_per_address),
+                4096,
+                "must be between 1 and 4096",
+                &mut hashing.per_address,
+            ),
+        ] {
+            match value {
+                Some(n) if n == 0 || n > max => return Err(invalid(flag, n.to_string(), rule)),
+                Some(n) => *slot = n,
+                None => {}
+            }
+        }
+        for (flag, value) in [
+            ("--login-failures-per-address", cli.login_failures_per_address),
+            (
+                "--login-failures-per-user-address",
+                cli.login_failures_per_user_address,
+            ),
+            ("--login-failures-per-user", cli.login_failures_per_user),
+        ] {
+            if value == 0 || value > 1_000_000 {
+                return Err(invalid(flag, value.to_string(), "must be between 1 and 1000000"));
+            }
+        }
         let scheduler_policy = cli.scheduler_policy.parse::<Policy>().map_err(|_| {
             invalid(
                 "--scheduler-policy",
@@ -226,6 +351,17 @@ impl Config {
             liveness_window: Duration::from_secs(cli.liveness_window),
             scheduler_policy,
             retry_interval: Duration::from_secs(cli.retry_interval),
+            http: ServerLimits {
+                header_read_timeout: Duration::from_secs(cli.header_read_timeout),
+                idle_timeout: Duration::from_secs(cli.idle_timeout),
+                max_connections: cli.max_connections,
+            },
+            hashing,
+            login: LoginLimits {
+                per_address: cli.login_failures_per_address,
+                per_user_address: cli.login_failures_per_user_address,
+                per_user: cli.login_failures_per_user,
+            },
         })
     }
 }
@@ -247,6 +383,48 @@ mod tests {
         assert_eq!(c.data_dir, PathBuf::from("/var/lib/oakestra/root"));
         assert_eq!(c.access_ttl, Duration::from_secs(600));
         assert_eq!(c.refresh_ttl, Duration::from_secs(2_592_000));
+        assert_eq!(c.http.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(c.http.idle_timeout, Duration::from_secs(60));
+        assert_eq!(c.http.max_connections, 1024);
+        assert_eq!((c.hashing.queue, c.hashing.per_address), (32, 4));
+        assert_eq!(c.login, LoginLimits::default());
+        let c = parse(&["--login-failures-per-address", "7"]).unwrap();
+        assert_eq!(c.login.per_address, 7);
+        assert!((1..=8).contains(&c.hashing.threads));
+        let c = parse(&[
+            "--hash-threads",
+            "3",
+            "--hash-queue",
+            "5",
+            "--hash-per-address",
+            "2",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.hashing,
+            PoolSize {
+                threads: 3,
+                queue: 5,
+                per_address: 2
+            }
+        );
+        let c = parse(&[
+            "--header-read-timeout",
+            "3",
+            "--idle-timeout",
+            "7",
+            "--max-connections",
+            "9",
+        ])
+        .unwrap();
+        assert_eq!(
+            (
+                c.http.header_read_timeout,
+                c.http.idle_timeout,
+                c.http.max_connections
+            ),
+            (Duration::from_secs(3), Duration::from_secs(7), 9)
+        );
     }
 
     #[test]
@@ -263,6 +441,18 @@ mod tests {
         assert!(e.contains("--join-token") && !e.contains("short"), "{e}");
         let e = parse(&["--liveness-window", "0"]).unwrap_err();
         assert!(e.contains("--liveness-window"), "{e}");
+        let e = parse(&["--header-read-timeout", "0"]).unwrap_err();
+        assert!(e.contains("--header-read-timeout") && e.contains('0'), "{e}");
+        let e = parse(&["--idle-timeout", "100000"]).unwrap_err();
+        assert!(e.contains("--idle-timeout") && e.contains("100000"), "{e}");
+        let e = parse(&["--max-connections", "0"]).unwrap_err();
+        assert!(e.contains("--max-connections"), "{e}");
+        let e = parse(&["--hash-threads", "65"]).unwrap_err();
+        assert!(e.contains("--hash-threads") && e.contains("65"), "{e}");
+        let e = parse(&["--hash-queue", "0"]).unwrap_err();
+        assert!(e.contains("--hash-queue"), "{e}");
+        let e = parse(&["--login-failures-per-user", "0"]).unwrap_err();
+        assert!(e.contains("--login-failures-per-user"), "{e}");
     }
 
     #[test]

@@ -25,6 +25,7 @@ use oakestra_protocol::{
     mqtt::net::UpdateType,
     sched::{self, Candidate, Capacity, Policy, Reservations},
     status::Status,
+    text::Escaped,
 };
 use serde_json::{Map, Value};
 
@@ -145,7 +146,7 @@ impl Engine {
             .store
             .with(move |inner| apps::new_instance(&mut inner.conn, &id))
             .await?;
-        tracing::info!(job = %service_id, instance = row.number, "instance requested");
+        tracing::info!(job = %Escaped(service_id), instance = row.number, "instance requested");
         self.schedule(service_id, row.number, Vec::new()).await
     }
 
@@ -205,7 +206,7 @@ impl Engine {
                         return Err(e);
                     }
                 };
-                tracing::info!(job = %service.job_name, instance = number, cluster = %cluster_id, "instance placed");
+                tracing::info!(job = %Escaped(&service.job_name), instance = number, cluster = %Escaped(&cluster_id), "instance placed");
                 if let Some(cluster) = all.into_iter().find(|c| c.id == cluster_id) {
                     let engine = Arc::clone(self);
                     let service_id = service_id.to_owned();
@@ -225,7 +226,7 @@ impl Engine {
                         ),
                     )
                 };
-                tracing::info!(job = %service.job_name, instance = number, %status, %detail, "instance not placed");
+                tracing::info!(job = %Escaped(&service.job_name), instance = number, %status, detail = %Escaped(&detail), "instance not placed");
                 let detail2 = detail.clone();
                 self.store
                     .with(move |inner| {
@@ -253,7 +254,7 @@ impl Engine {
             Ok(Some(s)) => s,
             Ok(None) => return,
             Err(e) => {
-                tracing::error!(job = %service_id, instance = number, error = %e, "cannot load the job to deploy");
+                tracing::error!(job = %Escaped(&service_id), instance = number, error = %e, "cannot load the job to deploy");
                 return;
             }
         };
@@ -264,10 +265,10 @@ impl Engine {
         let path = service_instance_path(&service_id, number);
         match call_cluster(&cluster, Method::POST, &path, Some(&body), CALL_TIMEOUT).await {
             Ok(()) => {
-                tracing::info!(job = %service.job_name, instance = number, cluster = %cluster.name, "deploy sent");
+                tracing::info!(job = %Escaped(&service.job_name), instance = number, cluster = %Escaped(&cluster.name), "deploy sent");
             }
             Err(why) => {
-                tracing::warn!(job = %service.job_name, instance = number, cluster = %cluster.name, %why, "deploy call failed");
+                tracing::warn!(job = %Escaped(&service.job_name), instance = number, cluster = %Escaped(&cluster.name), why = %Escaped(&why), "deploy call failed");
                 if let Err(e) = self
                     .cluster_refused(
                         &service_id,
@@ -277,7 +278,7 @@ impl Engine {
                     )
                     .await
                 {
-                    tracing::error!(job = %service_id, instance = number, error = %e, "fallback failed");
+                    tracing::error!(job = %Escaped(&service_id), instance = number, error = %e, "fallback failed");
                 }
             }
         }
@@ -311,7 +312,7 @@ impl Engine {
             if instance.cluster_id.as_deref() != Some(cluster_id) {
                 return Ok(()); // Already moved on.
             }
-            tracing::info!(job = %service_id, instance = number, cluster = %cluster_id, %why, "cluster cannot run the instance; trying the next one");
+            tracing::info!(job = %Escaped(service_id), instance = number, cluster = %Escaped(cluster_id), why = %Escaped(why), "cluster cannot run the instance; trying the next one");
             self.reservations().release(&key(service_id, number));
             if let Some(cluster) = cluster {
                 spawn_undeploy(cluster, service_id.to_owned(), number);
@@ -345,7 +346,7 @@ impl Engine {
             spawn_undeploy(cluster, service.id.clone(), row.number);
         }
         notify(interested, &service.job_name, number, UpdateType::Undeployment);
-        tracing::info!(job = %service.job_name, instance = number, "instance deleted");
+        tracing::info!(job = %Escaped(&service.job_name), instance = number, "instance deleted");
         Ok(())
     }
 
@@ -376,7 +377,7 @@ impl Engine {
                 spawn_undeploy(cluster, service.id.clone(), -1);
             }
             notify(interested, &service.job_name, -1, UpdateType::Undeployment);
-            tracing::info!(job = %service.job_name, "service deleted");
+            tracing::info!(job = %Escaped(&service.job_name), "service deleted");
         }
     }
 
@@ -410,11 +411,11 @@ impl Engine {
             }
         }
         for job in outcome.unknown_jobs {
-            tracing::info!(cluster = %cluster.name, job = %job, "cluster runs a job root does not know; deleting it there");
+            tracing::info!(cluster = %Escaped(&cluster.name), job = %Escaped(&job), "cluster runs a job root does not know; deleting it there");
             spawn_undeploy(cluster.clone(), job, -1);
         }
         for (job, number) in outcome.stray_instances {
-            tracing::info!(cluster = %cluster.name, job = %job, instance = number, "cluster runs an instance root placed elsewhere; deleting it there");
+            tracing::info!(cluster = %Escaped(&cluster.name), job = %Escaped(&job), instance = number, "cluster runs an instance root placed elsewhere; deleting it there");
             spawn_undeploy(cluster.clone(), job, number);
         }
         for (job, number, status) in outcome.refused {
@@ -489,7 +490,7 @@ impl Engine {
             })
             .await?;
         for (cluster_id, instance) in lost {
-            tracing::warn!(job = %instance.service_id, instance = instance.number, cluster = %cluster_id, "cluster stopped reporting; rescheduling the instance");
+            tracing::warn!(job = %Escaped(&instance.service_id), instance = instance.number, cluster = %Escaped(&cluster_id), "cluster stopped reporting; rescheduling the instance");
             self.reservations()
                 .release(&key(&instance.service_id, instance.number));
             self.schedule(&instance.service_id, instance.number, vec![cluster_id])
@@ -618,7 +619,7 @@ fn spawn_undeploy(cluster: ClusterRow, job: String, number: i64) {
     tokio::spawn(async move {
         let path = service_instance_path(&job, number);
         if let Err(why) = call_cluster(&cluster, Method::DELETE, &path, None, CALL_TIMEOUT).await {
-            tracing::warn!(cluster = %cluster.name, job = %job, instance = number, %why, "undeploy call failed; the next report reconciles it");
+            tracing::warn!(cluster = %Escaped(&cluster.name), job = %Escaped(&job), instance = number, why = %Escaped(&why), "undeploy call failed; the next report reconciles it");
         }
     });
 }
@@ -644,7 +645,7 @@ fn notify(clusters: Vec<ClusterRow>, job_name: &str, number: i64, kind: UpdateTy
             )
             .await;
             if let Err(why) = result {
-                tracing::warn!(cluster = %cluster.name, job = %update.job_name, %why, "job update not delivered");
+                tracing::warn!(cluster = %Escaped(&cluster.name), job = %Escaped(&update.job_name), why = %Escaped(&why), "job update not delivered");
             }
         });
     }

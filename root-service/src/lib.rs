@@ -4,8 +4,9 @@
 //! - [`config`]: the command-line flags (with environment fallbacks) and the validated [`Config`].
 //! - [`store`]: the embedded SQLite database (`<data-dir>/root.db`, WAL), migrations, users/organizations and the
 //!   default data (`Admin` in `root`), applications/services/instances, clusters, addresses.
-//! - [`auth`]: argon2 password hashing, the persisted HS256 key (`<data-dir>/jwt.key`), token issuing and the
-//!   access-token extractor.
+//! - [`auth`]: the persisted HS256 key (`<data-dir>/jwt.key`), token issuing and the access-token extractor.
+//! - [`hashing`]: argon2 password hashing on a small bounded pool (threads, queue, a share per client address).
+//! - [`throttle`]: failed-login limits per client address, per user name from an address, and per user name.
 //! - [`engine`]: placement on clusters, calls to clusters, fallback and rescheduling, reports.
 //! - [`api`]: the axum router and handlers, user-facing and cluster-facing on one listener.
 //!
@@ -15,7 +16,9 @@ pub mod api;
 pub mod auth;
 pub mod config;
 pub mod engine;
+pub mod hashing;
 pub mod store;
+pub mod throttle;
 
 use std::{future::Future, net::SocketAddr, path::PathBuf, sync::Arc};
 
@@ -113,7 +116,10 @@ pub enum Error {
 /// Opens the store, creates the default data, loads (or creates) the signing key: everything a server needs.
 pub async fn build_state(config: &Config) -> Result<AppState, Error> {
     let store = store::Store::open(config.data_dir.clone()).await?;
-    let admin_default = store.ensure_defaults(config.admin_password.clone()).await?;
+    let hasher = Arc::new(hashing::HashPool::start(config.hashing)?);
+    let admin_default = store
+        .ensure_defaults(config.admin_password.clone(), Arc::clone(&hasher))
+        .await?;
     if admin_default {
         tracing::warn!(
             "user Admin still has the default password `Admin`: set one with --admin-password (env OAKESTRA_ADMIN_PASSWORD)"
@@ -121,10 +127,11 @@ pub async fn build_state(config: &Config) -> Result<AppState, Error> {
     }
     let data_dir = config.data_dir.clone();
     let keys = tokio::task::spawn_blocking(move || auth::Keys::load_or_create(&data_dir)).await??;
-    let dummy_hash = tokio::task::spawn_blocking(|| {
+    let pool = Arc::clone(&hasher);
+    let dummy_hash = tokio::task::spawn_blocking(move || {
         let mut pw = [0_u8; 16];
         getrandom::fill(&mut pw).map_err(|e| Error::Random(e.to_string()))?;
-        auth::hash_password(&pw.iter().map(|b| format!("{b:02x}")).collect::<String>())
+        pool.hash_blocking(&pw.iter().map(|b| format!("{b:02x}")).collect::<String>())
     })
     .await??;
     let join_token = match &config.join_token {
@@ -148,7 +155,28 @@ pub async fn build_state(config: &Config) -> Result<AppState, Error> {
         dummy_hash: dummy_hash.into(),
         engine,
         join_token: join_token.into(),
+        http: config.http,
+        hasher,
+        throttle: Arc::new(throttle::LoginThrottle::new(config.login)),
     })
+}
+
+/// Tightens the file or directory `path` to `mode` (0600 secrets, 0700 the data directory) if others may read it,
+/// logging the mode it had.
+pub(crate) fn keep_private(path: &std::path::Path, mode: u32) -> Result<(), Error> {
+    let tightened = oakestra_protocol::owner_only::restrict(path, mode).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if let Some(was) = tightened {
+        tracing::warn!(
+            path = %path.display(),
+            was = format_args!("{was:04o}"),
+            now = format_args!("{:04o}", was & mode),
+            "others could read this: tightened its mode"
+        );
+    }
+    Ok(())
 }
 
 /// File of the generated join token inside the data directory.
@@ -163,6 +191,7 @@ fn load_or_create_join_token(data_dir: &std::path::Path) -> Result<String, Error
     };
     match std::fs::read_to_string(&path) {
         Ok(text) if text.trim().len() >= 16 => {
+            keep_private(&path, oakestra_protocol::owner_only::FILE_MODE)?;
             tracing::info!(file = %path.display(), "clusters join with the token in this file");
             return Ok(text.trim().to_owned());
         }
@@ -202,9 +231,8 @@ pub async fn serve(
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let maintenance =
         tokio::spawn(Arc::clone(&state.engine).run_maintenance(state.engine.retry_interval(), stop_rx));
-    let app = api::router(state).into_make_service_with_connect_info::<SocketAddr>();
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
+    let limits = state.http;
+    let served = oakestra_protocol::server::serve(listener, api::router(state), limits, shutdown)
         .await
         .map_err(Error::Serve);
     let _ = stop_tx.send(true);

@@ -160,6 +160,10 @@ async fn expired_token_is_401() {
     let dir = TempDir::new();
     let server = Server::on(&dir.0).await;
     let keys = Keys::load_or_create(&dir.0).unwrap();
+    // Crafted tokens carry Admin's current token generation, taken from a real one.
+    let (access, _) = server.admin_tokens().await;
+    let generation = keys.verify(&access, TokenType::Access).unwrap().generation;
+    assert!(generation.is_some());
     let now = oakestra_root_service::auth::unix_now();
     let mut claims = Claims {
         sub: "Admin".into(),
@@ -170,6 +174,7 @@ async fn expired_token_is_401() {
         nbf: now - 100,
         exp: now - 10,
         jti: "1".repeat(24),
+        generation,
     };
     let expired = keys.sign(&claims).unwrap();
     let (status, _) = server

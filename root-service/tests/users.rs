@@ -288,9 +288,12 @@ async fn admin_updates_users() {
         .await;
     assert_eq!(status, 200, "{res}");
     assert_eq!(res, json!({ "message": "ok" }));
+    // New roles revoke bob's tokens (hardening.rs has the details); a fresh login sees the update.
+    let (status, _) = server.request("GET", "/api/user/bob", Some(&bob), None).await;
+    assert_eq!(status, 401);
+    let bob = server.token("bob", "bob-pw").await;
     let (_, doc) = server.request("GET", "/api/user/bob", Some(&bob), None).await;
     assert_eq!(doc["email"], "b@example.org");
-    let bob = server.token("bob", "bob-pw").await;
     let (_, perm) = server
         .request("GET", "/api/permission/bob", Some(&bob), None)
         .await;
@@ -399,7 +402,10 @@ async fn admin_deletes_users_but_not_admin_nor_itself() {
     assert_eq!(status, 200, "{remaining}");
     assert_eq!(names(&remaining), ["Admin", "carol"]);
     assert_eq!(server.login_as("bob", "bob-pw", None).await.0, 401);
+    // Deleting bob revoked his tokens.
     let (status, res) = server.request("GET", "/api/user/bob", Some(&bob), None).await;
+    assert_eq!(status, 401, "{res}");
+    let (status, res) = server.request("GET", "/api/user/bob", Some(&admin), None).await;
     assert_eq!(status, 404, "{res}");
     let (status, res) = server
         .request("DELETE", "/api/user/bob/", Some(&admin), None)

@@ -5,10 +5,13 @@
 //! - [`netmanager`]: the NetManager's local API on its unix socket (`/register`, `/container/deploy`, …).
 //! - [`root`]: the cluster's periodic report to root (`POST /api/information/<cluster_id>`): the aggregation of its
 //!   worker documents and a typed view of the body.
+//! - [`shape`]: type checks of the bodies clusters send root, naming the field, the value and the expected type.
 //!
-//! Like the MQTT payloads, bodies write the reference's JSON types and read any type a peer is known to send.
+//! Like the MQTT payloads, bodies write the reference's JSON types and read any type a peer is known to send;
+//! [`shape`] refuses the types no peer sends before the lenient parsers would read them as defaults.
 
 pub mod cluster;
 pub mod federation;
 pub mod netmanager;
 pub mod root;
+pub mod shape;

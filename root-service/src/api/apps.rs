@@ -11,7 +11,10 @@ use axum::{
     http::StatusCode,
     routing::{MethodRouter, get, post},
 };
-use oakestra_protocol::sla::{self, Application, Microservice, SlaError, Validated};
+use oakestra_protocol::{
+    sla::{self, Application, Microservice, SlaError, Validated},
+    text::Escaped,
+};
 use serde_json::{Map, Value, json};
 
 use super::{ApiError, AppState, JsonBody, is_admin};
@@ -158,7 +161,7 @@ async fn create_application(
     let Validated { value: sla, warnings } =
         sla::validate::sla_from_value(body).map_err(|e| sla_error(&e))?;
     if !warnings.is_empty() {
-        tracing::info!(user = %claims.0.sub, warnings = ?warnings, "SLA accepted with warnings");
+        tracing::info!(user = %Escaped(&claims.0.sub), warnings = ?warnings, "SLA accepted with warnings");
     }
     let mut created: Vec<String> = Vec::new();
     for app in &sla.applications {
@@ -175,7 +178,7 @@ async fn create_application(
             .await;
         match result {
             Ok((id, _)) => {
-                tracing::info!(user = %claims.0.sub, app = %app.application_name, %id, "application created");
+                tracing::info!(user = %Escaped(&claims.0.sub), app = %Escaped(&app.application_name), %id, "application created");
                 created.push(id);
             }
             Err(e) => {
@@ -269,7 +272,7 @@ async fn delete_application(
         })
         .await?;
     state.engine.services_deleted(deleted).await;
-    tracing::info!(user = %claims.0.sub, app = %app.id, "application deleted");
+    tracing::info!(user = %Escaped(&claims.0.sub), app = %app.id, "application deleted");
     Ok(Json(json!({"message": "Application Deleted"})))
 }
 

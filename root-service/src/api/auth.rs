@@ -1,18 +1,22 @@
 //! Login, token refresh and whoami.
+//!
+//! A login passes the failed-login limits ([`crate::throttle`], keyed by the TCP peer address, never a header)
+//! before its password is checked on the hashing pool ([`crate::hashing`]); only failures are counted.
 
-use std::sync::Arc;
+use std::{net::SocketAddr, sync::Arc};
 
 use axum::{
     Json,
-    extract::{Request, State},
+    extract::{ConnectInfo, Request, State},
     http::StatusCode,
     routing::{MethodRouter, get, post},
 };
+use oakestra_protocol::text::Escaped;
 use serde::{Deserialize, Serialize};
 
 use super::{ApiError, AppState, JsonBody};
 use crate::{
-    Error,
+    api::users::MAX_PASSWORD_LEN,
     auth::{self, AccessClaims, TokenType},
     store::ROOT_ORG,
 };
@@ -70,25 +74,39 @@ pub struct WhoAmI {
 
 async fn login(
     State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     JsonBody(body): JsonBody<LoginRequest>,
 ) -> Result<Json<LoginResponse>, ApiError> {
     let org_name = body
         .organization_name
         .or(body.organization)
         .unwrap_or_else(|| ROOT_ORG.to_owned());
+    if let Err(refusal) = state.throttle.check(&body.username, peer.ip()) {
+        tracing::debug!(
+            username = %Escaped(&body.username),
+            %peer,
+            reason = %Escaped(&refusal.to_string()),
+            "login refused by a failed-login limit"
+        );
+        return Err(ApiError::new(StatusCode::TOO_MANY_REQUESTS, refusal.to_string())
+            .retry_after(refusal.retry_after));
+    }
     let user = state.store.user_by_name(body.username.clone()).await?;
     let hash: Arc<str> = user.as_ref().map_or_else(
         || Arc::clone(&state.dummy_hash),
         |u| u.password_hash.as_str().into(),
     );
-    let password = body.password;
-    let matches = tokio::task::spawn_blocking(move || auth::verify_password(&password, &hash))
-        .await
-        .map_err(Error::from)?;
+    // No stored password is longer than the limit: a longer one is wrong without hashing it.
+    let matches = body.password.len() <= MAX_PASSWORD_LEN
+        && state.hasher.verify(Some(peer.ip()), body.password, hash).await?;
     let user = match user {
-        Some(user) if matches => user,
+        Some(user) if matches => {
+            state.throttle.succeeded(&user.name, peer.ip());
+            user
+        }
         _ => {
-            tracing::info!(username = %body.username, "login refused: invalid username or password");
+            state.throttle.failed(&body.username, peer.ip());
+            tracing::info!(username = %Escaped(&body.username), "login refused: invalid username or password");
             return Err(ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 "invalid username or password",
@@ -110,14 +128,14 @@ async fn login(
             ),
         ));
     };
-    let token = state
-        .keys
-        .issue(TokenType::Access, &user.name, &roles, &org.id, state.access_ttl)?;
-    let refresh_token =
+    let issue = |kind, ttl| {
         state
             .keys
-            .issue(TokenType::Refresh, &user.name, &roles, &org.id, state.refresh_ttl)?;
-    tracing::info!(username = %user.name, organization = %org.name, "login");
+            .issue(kind, &user.name, user.token_gen, &roles, &org.id, ttl)
+    };
+    let token = issue(TokenType::Access, state.access_ttl)?;
+    let refresh_token = issue(TokenType::Refresh, state.refresh_ttl)?;
+    tracing::info!(username = %Escaped(&user.name), organization = %Escaped(&org.name), "login");
     Ok(Json(LoginResponse { token, refresh_token }))
 }
 
@@ -128,15 +146,21 @@ async fn refresh(State(state): State<AppState>, req: Request) -> Result<Json<Ref
         tracing::debug!(%why, "refresh token refused");
         ApiError::missing_token()
     })?;
-    if state.store.user_by_name(claims.sub.clone()).await?.is_none() {
+    let Some(user) = state.store.user_by_name(claims.sub.clone()).await? else {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             format!("user {:?} not found", claims.sub),
         ));
+    };
+    // The database, not the in-memory copy: a refresh token lives for weeks and is checked rarely.
+    if claims.generation != Some(user.token_gen) {
+        tracing::info!(user = %Escaped(&claims.sub), "revoked refresh token refused");
+        return Err(ApiError::token_revoked());
     }
     let token = state.keys.issue(
         TokenType::Access,
         &claims.sub,
+        user.token_gen,
         &claims.roles,
         &claims.organization,
         state.access_ttl,

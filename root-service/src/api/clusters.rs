@@ -10,12 +10,16 @@ use axum::{
     http::{HeaderMap, StatusCode},
     routing::{MethodRouter, get, post},
 };
-use oakestra_protocol::api::federation::{
-    CLUSTER_REGISTER_PATH, ClusterRegistered, ClusterRegistration, DEPLOY_RESULT_PATH, DeployResult,
+use oakestra_protocol::api::{
+    federation::{
+        CLUSTER_REGISTER_PATH, ClusterRegistered, ClusterRegistration, DEPLOY_RESULT_PATH, DeployResult,
+    },
+    shape,
 };
-use serde_json::{Map, Value, json};
+use oakestra_protocol::text::Escaped;
+use serde_json::{Value, json};
 
-use super::{ApiError, AppState, ClusterAuth, JsonBody};
+use super::{ApiError, AppState, ClusterAuth, JsonBody, checked};
 use crate::{
     Error,
     store::{clusters, new_id, now_ms},
@@ -59,16 +63,21 @@ async fn register(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
-    JsonBody(body): JsonBody<ClusterRegistration>,
+    JsonBody(body): JsonBody<Value>,
 ) -> Result<Json<ClusterRegistered>, ApiError> {
     let presented = crate::auth::bearer_in(&headers);
     if !presented.is_some_and(|t| oakestra_protocol::bearer::same_secret(t, &state.join_token)) {
-        tracing::warn!(%peer, cluster = %body.cluster_name, "cluster registration refused: wrong or missing join token");
+        let name = body
+            .get("cluster_name")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        tracing::warn!(%peer, cluster = %Escaped(name), "cluster registration refused: wrong or missing join token");
         return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             "missing or wrong join token (Authorization: Bearer <join token>)",
         ));
     }
+    let body: ClusterRegistration = checked(body, shape::cluster_registration)?;
     if !oakestra_protocol::naming::is_valid_name(&body.cluster_name) {
         return Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -117,7 +126,7 @@ async fn register(
             )
         })
         .await?;
-    tracing::info!(cluster = %row.name, id = %row.id, address = %row.address, "cluster registered");
+    tracing::info!(cluster = %Escaped(&row.name), id = %row.id, address = %Escaped(&row.address), "cluster registered");
     Ok(Json(ClusterRegistered { id: row.id, token }))
 }
 
@@ -126,7 +135,7 @@ async fn report(
     State(state): State<AppState>,
     ClusterAuth(cluster): ClusterAuth,
     Path(cluster_id): Path<String>,
-    JsonBody(body): JsonBody<Map<String, Value>>,
+    JsonBody(body): JsonBody<Value>,
 ) -> Result<Json<Value>, ApiError> {
     if cluster.id != cluster_id {
         return Err(ApiError::new(
@@ -134,6 +143,13 @@ async fn report(
             format!("this token belongs to cluster {}, not {cluster_id}", cluster.id),
         ));
     }
+    shape::cluster_report(&body)?;
+    let Value::Object(body) = body else {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "the report must be a JSON object",
+        ));
+    };
     Arc::clone(&state.engine).report(&cluster, body).await?;
     Ok(Json(json!("ok")))
 }
@@ -142,8 +158,9 @@ async fn report(
 async fn result(
     State(state): State<AppState>,
     ClusterAuth(cluster): ClusterAuth,
-    JsonBody(body): JsonBody<DeployResult>,
+    JsonBody(body): JsonBody<Value>,
 ) -> Result<Json<Value>, ApiError> {
+    let body: DeployResult = checked(body, shape::deploy_result)?;
     match state.engine.result(&cluster, &body).await {
         Ok(()) => Ok(Json(json!("ok"))),
         Err(Error::NotFound { what, id }) => Err(ApiError::new(

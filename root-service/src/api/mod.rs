@@ -1,7 +1,9 @@
 //! The HTTP API (axum): the router, shared state, the error type and the JSON body extractor.
 //!
 //! Every route answers with and without a trailing slash. Errors are JSON `{"message": …}` (plus details such as
-//! the SLA problems); a malformed body is a 4xx naming the problem, never a 500.
+//! the SLA problems), also axum's own rejections (a bad path segment or query string, 405, 413): the router's
+//! outermost layer is [`oakestra_protocol::server::json_errors`]. A malformed body is a 4xx naming the problem,
+//! never a 500.
 //!
 //! - [`auth`]: login, refresh, whoami.
 //! - [`apps`]: applications, services, instances, logs.
@@ -26,13 +28,17 @@ use axum::{
     response::{IntoResponse, Response},
     routing::get,
 };
+use oakestra_protocol::api::shape::TypeError;
+use serde::de::DeserializeOwned;
 use serde_json::{Map, Value, json};
 
 use crate::{
     Error,
     auth::{Claims, Keys, bearer},
     engine::Engine,
+    hashing::{self, HashError, HashPool},
     store::{Store, clusters::ClusterRow},
+    throttle::LoginThrottle,
 };
 
 /// Largest request body accepted.
@@ -56,11 +62,23 @@ pub struct AppState {
     pub engine: Arc<Engine>,
     /// The token clusters register with.
     pub join_token: Arc<str>,
+    /// Timeouts and the connection cap of the listener.
+    pub http: oakestra_protocol::server::ServerLimits,
+    /// The password-hashing pool.
+    pub hasher: Arc<HashPool>,
+    /// Failed-login limits.
+    pub throttle: Arc<LoginThrottle>,
 }
 
 impl FromRef<AppState> for Arc<Keys> {
     fn from_ref(state: &AppState) -> Self {
         Arc::clone(&state.keys)
+    }
+}
+
+impl FromRef<AppState> for Arc<crate::store::Generations> {
+    fn from_ref(state: &AppState) -> Self {
+        Arc::clone(state.store.generations())
     }
 }
 
@@ -73,6 +91,8 @@ pub struct ApiError {
     pub message: String,
     /// More fields for the body (e.g. `problems`).
     pub details: Map<String, Value>,
+    /// A `Retry-After` header (whole seconds, at least 1) for 429 and 503 answers.
+    pub retry_after: Option<Duration>,
 }
 
 impl ApiError {
@@ -82,7 +102,14 @@ impl ApiError {
             status,
             message: message.into(),
             details: Map::new(),
+            retry_after: None,
         }
+    }
+
+    /// Adds a `Retry-After` header.
+    pub fn retry_after(mut self, after: Duration) -> Self {
+        self.retry_after = Some(after);
+        self
     }
 
     /// Adds a field to the body.
@@ -100,13 +127,28 @@ impl ApiError {
     pub fn missing_token() -> Self {
         Self::new(StatusCode::UNAUTHORIZED, "Missing authentication token")
     }
+
+    /// 401 for a token issued before the user's password or roles changed (or before the user was deleted).
+    pub fn token_revoked() -> Self {
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "the token was revoked (the user's password or roles changed, or the user was deleted): log in again",
+        )
+    }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut body = self.details;
         body.insert("message".into(), json!(self.message));
-        (self.status, Json(Value::Object(body))).into_response()
+        let mut response = (self.status, Json(Value::Object(body))).into_response();
+        if let Some(after) = self.retry_after {
+            let secs = (after.as_secs() + u64::from(after.subsec_nanos() > 0)).max(1);
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, secs.into());
+        }
+        response
     }
 }
 
@@ -126,6 +168,22 @@ impl From<Error> for ApiError {
                 tracing::error!(error = %e, "request failed");
                 Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
             }
+        }
+    }
+}
+
+impl From<HashError> for ApiError {
+    fn from(e: HashError) -> Self {
+        match e {
+            HashError::Saturated { .. } => {
+                tracing::warn!(error = %e, "password check refused");
+                Self::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()).retry_after(hashing::RETRY_AFTER)
+            }
+            HashError::AddressBusy { .. } => {
+                tracing::info!(error = %e, "password check refused");
+                Self::new(StatusCode::TOO_MANY_REQUESTS, e.to_string()).retry_after(hashing::RETRY_AFTER)
+            }
+            HashError::Failed(e) => e.into(),
         }
     }
 }
@@ -151,6 +209,26 @@ impl FromRequestParts<AppState> for ClusterAuth {
             .await?;
         found.map(ClusterAuth).ok_or_else(refuse)
     }
+}
+
+impl From<TypeError> for ApiError {
+    /// 422 naming the field, the value and the expected type, also as `field`, `value` and `expected`.
+    fn from(e: TypeError) -> Self {
+        Self::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string())
+            .with("field", json!(e.field))
+            .with("value", e.value.unwrap_or(Value::Null))
+            .with("expected", json!(e.expected))
+    }
+}
+
+/// A cluster's JSON body: type-checked by `check` (see [`oakestra_protocol::api::shape`]), then read by the
+/// lenient parser of `T`. A wrong type is a 422 naming the field, the value and the expected type.
+pub fn checked<T: DeserializeOwned>(
+    body: Value,
+    check: fn(&Value) -> Result<(), TypeError>,
+) -> Result<T, ApiError> {
+    check(&body)?;
+    serde_json::from_value(body).map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))
 }
 
 /// A JSON body whose rejections (bad syntax, wrong types, wrong content type, too large) become [`ApiError`]s.
@@ -202,6 +280,9 @@ pub fn router(state: AppState) -> Router {
     router
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not found") })
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        // Outermost: whatever answers an error (a handler, an extractor's rejection, the 405 of a known path)
+        // answers JSON.
+        .layer(axum::middleware::map_response(oakestra_protocol::server::json_errors))
         .with_state(state)
 }
 

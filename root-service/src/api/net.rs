@@ -12,15 +12,20 @@ use axum::{
     routing::{MethodRouter, delete, get, post},
 };
 use oakestra_protocol::{
-    api::federation::{
-        NET_DEPLOY_STATUS_PATH, NetDeployStatus, NetJob, SUBNET_PATH, SubnetAllocation, unescape_path_segment,
+    api::{
+        federation::{
+            NET_DEPLOY_STATUS_PATH, NetDeployStatus, NetJob, SUBNET_PATH, SubnetAllocation,
+            unescape_path_segment,
+        },
+        shape,
     },
     mqtt::net::{InstanceEntry, IpType, ServiceIp},
+    text::Escaped,
 };
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use super::{ApiError, AppState, ClusterAuth, JsonBody};
+use super::{ApiError, AppState, ClusterAuth, JsonBody, checked};
 use crate::{
     Error,
     store::{
@@ -66,7 +71,7 @@ async fn subnet(
         .store
         .with(move |inner| net::subnet_for(&mut inner.conn, &mut inner.pools, &id, worker.as_deref()))
         .await?;
-    tracing::info!(cluster = %cluster.name, subnet = %v4, subnet_v6 = %v6, "worker subnet handed out");
+    tracing::info!(cluster = %Escaped(&cluster.name), subnet = %v4, subnet_v6 = %v6, "worker subnet handed out");
     Ok(Json(SubnetAllocation {
         subnet_addr: v4,
         subnet_addr_v6: v6,
@@ -207,8 +212,9 @@ async fn drop_interest(
 async fn net_deploy_status(
     State(state): State<AppState>,
     ClusterAuth(cluster): ClusterAuth,
-    JsonBody(body): JsonBody<NetDeployStatus>,
+    JsonBody(body): JsonBody<Value>,
 ) -> Result<Json<Value>, ApiError> {
+    let body: NetDeployStatus = checked(body, shape::net_deploy_status)?;
     let instances = body
         .instances
         .iter()
@@ -227,7 +233,7 @@ async fn net_deploy_status(
             (i.instance_number, fields)
         })
         .collect();
-    tracing::debug!(cluster = %cluster.name, job = %body.job_id, "net deploy status");
+    tracing::debug!(cluster = %Escaped(&cluster.name), job = %Escaped(&body.job_id), "net deploy status");
     Arc::clone(&state.engine)
         .net_deploy_status(&body.job_id, instances)
         .await?;

@@ -6,14 +6,18 @@
 //! The default data stays usable: user `Admin` cannot be deleted nor lose the `Admin` role in `root`, and `root`
 //! cannot be deleted or renamed.
 
-use std::collections::{HashMap, HashSet};
+use std::{
+    collections::{HashMap, HashSet},
+    net::SocketAddr,
+};
 
 use axum::{
     Json,
-    extract::{Path, State},
+    extract::{ConnectInfo, Path, State},
     http::StatusCode,
     routing::{MethodRouter, get, post},
 };
+use oakestra_protocol::text::Escaped;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -150,22 +154,22 @@ pub fn check_roles(roles: Vec<String>) -> Result<Vec<String>, ApiError> {
     Ok(out)
 }
 
-/// Hashes on the blocking pool (argon2 is CPU-bound).
-async fn hash(password: String) -> Result<String, ApiError> {
-    Ok(
-        tokio::task::spawn_blocking(move || auth::hash_password(&password))
-            .await
-            .map_err(Error::from)??,
-    )
+/// Hashes on the password-hashing pool, counted against the caller's address.
+async fn hash(state: &AppState, peer: SocketAddr, password: String) -> Result<String, ApiError> {
+    Ok(state.hasher.hash(Some(peer.ip()), password).await?)
 }
 
-/// Verifies on the blocking pool.
-async fn verify(password: String, hash: String) -> Result<bool, ApiError> {
-    Ok(
-        tokio::task::spawn_blocking(move || auth::verify_password(&password, &hash))
-            .await
-            .map_err(Error::from)?,
-    )
+/// Verifies on the password-hashing pool, counted against the caller's address.
+async fn verify(
+    state: &AppState,
+    peer: SocketAddr,
+    password: String,
+    hash: String,
+) -> Result<bool, ApiError> {
+    Ok(state
+        .hasher
+        .verify(Some(peer.ip()), password, hash.into())
+        .await?)
 }
 
 fn memberships_json(memberships: &[Membership]) -> Value {
@@ -244,6 +248,7 @@ pub struct RegisterRequest {
 /// `POST /api/auth/register` (Admin): creates a user with a membership; answers the user with its roles there.
 async fn register(
     State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     claims: AccessClaims,
     JsonBody(body): JsonBody<RegisterRequest>,
 ) -> Result<Json<Value>, ApiError> {
@@ -263,7 +268,7 @@ async fn register(
         }
     };
     let roles = check_roles(body.roles.unwrap_or_else(|| vec![DEFAULT_ROLE.to_owned()]))?;
-    let password_hash = hash(body.password).await?;
+    let password_hash = hash(&state, peer, body.password).await?;
     let user = NewUser {
         name: body.name,
         password_hash,
@@ -285,12 +290,12 @@ async fn register(
                     format!("organization {shown:?} not found"),
                 )));
             };
-            let row = users::create_user(&mut inner.conn, &user, &org_id, &roles)?;
+            let row = users::create_user(&mut inner.conn, &inner.generations, &user, &org_id, &roles)?;
             Ok(Ok((row, roles)))
         })
         .await??;
     let (user, roles) = created;
-    tracing::info!(by = %claims.0.sub, user = %user.name, roles = ?roles, "user registered");
+    tracing::info!(by = %Escaped(&claims.0.sub), user = %Escaped(&user.name), roles = ?roles, "user registered");
     Ok(Json(json!({
         "_id": user.id,
         "name": user.name,
@@ -363,6 +368,7 @@ pub struct UpdateUserRequest {
 /// `PUT /api/user/{username}` (Admin): sets the e-mail, the password and/or the roles in the caller's organization.
 async fn update_user(
     State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     claims: AccessClaims,
     Path(username): Path<String>,
     JsonBody(body): JsonBody<UpdateUserRequest>,
@@ -375,7 +381,7 @@ async fn update_user(
     let password_hash = match body.password {
         Some(pw) => {
             check_password("password", &pw)?;
-            Some(hash(pw).await?)
+            Some(hash(&state, peer, pw).await?)
         }
         None => None,
     };
@@ -402,11 +408,11 @@ async fn update_user(
                     ))));
                 }
             }
-            users::update_user(&mut inner.conn, &name, &update)?;
+            users::update_user(&mut inner.conn, &inner.generations, &name, &update)?;
             Ok(Ok(()))
         })
         .await??;
-    tracing::info!(by = %claims.0.sub, user = %username, "user updated");
+    tracing::info!(by = %Escaped(&claims.0.sub), user = %Escaped(&username), "user updated");
     Ok(Json(json!({ "message": "ok" })))
 }
 
@@ -427,11 +433,11 @@ async fn delete_user(
     let remaining = state
         .store
         .with(move |inner| {
-            users::delete_user(&inner.conn, &name)?;
+            users::delete_user(&inner.conn, &inner.generations, &name)?;
             user_docs(&inner.conn, None)
         })
         .await?;
-    tracing::info!(by = %claims.0.sub, user = %username, "user deleted");
+    tracing::info!(by = %Escaped(&claims.0.sub), user = %Escaped(&username), "user deleted");
     Ok(Json(remaining))
 }
 
@@ -449,6 +455,7 @@ pub struct ChangePasswordRequest {
 /// `POST /api/user/{username}` (self only): changes the caller's password.
 async fn change_password(
     State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     claims: AccessClaims,
     Path(username): Path<String>,
     JsonBody(body): JsonBody<ChangePasswordRequest>,
@@ -471,16 +478,19 @@ async fn change_password(
             id: username.clone(),
         })?;
     // No stored password is longer than the limit, so a longer old password is wrong without hashing it.
-    if body.old_password.len() > MAX_PASSWORD_LEN || !verify(body.old_password, old_hash.clone()).await? {
-        tracing::info!(user = %username, "password change refused: wrong old password");
+    if body.old_password.len() > MAX_PASSWORD_LEN
+        || !verify(&state, peer, body.old_password, old_hash.clone()).await?
+    {
+        tracing::info!(user = %Escaped(&username), "password change refused: wrong old password");
         return Err(bad("the old password is wrong"));
     }
-    let new_hash = hash(body.new_password).await?;
+    let new_hash = hash(&state, peer, body.new_password).await?;
     let name = username.clone();
     let outcome = state
         .store
         .with(move |inner| -> Result<Option<bool>, Error> {
-            if users::replace_password_hash(&inner.conn, &name, &old_hash, &new_hash)? {
+            if users::replace_password_hash(&mut inner.conn, &inner.generations, &name, &old_hash, &new_hash)?
+            {
                 return Ok(Some(true));
             }
             Ok(users::user_id(&inner.conn, &name)?.map(|_| false))
@@ -488,7 +498,7 @@ async fn change_password(
         .await?;
     match outcome {
         Some(true) => {
-            tracing::info!(user = %username, "password changed");
+            tracing::info!(user = %Escaped(&username), "password changed");
             Ok(Json(json!({})))
         }
         Some(false) => Err(conflict(
@@ -649,7 +659,7 @@ async fn create_organization(
             Ok(Ok(users::create_organization(&mut inner.conn, &name, &members)?))
         })
         .await??;
-    tracing::info!(by = %claims.0.sub, organization = %org.name, id = %org.id, "organization created");
+    tracing::info!(by = %Escaped(&claims.0.sub), organization = %Escaped(&org.name), id = %org.id, "organization created");
     Ok(Json(org_doc(&org)))
 }
 
@@ -700,13 +710,14 @@ async fn update_organization(
             }
             Ok(Ok(users::update_organization(
                 &mut inner.conn,
+                &inner.generations,
                 &id,
                 name.as_deref(),
                 members.as_deref(),
             )?))
         })
         .await??;
-    tracing::info!(by = %claims.0.sub, organization = %org.name, id = %org.id, "organization updated");
+    tracing::info!(by = %Escaped(&claims.0.sub), organization = %Escaped(&org.name), id = %org.id, "organization updated");
     Ok(Json(org_doc(&org)))
 }
 
@@ -732,10 +743,10 @@ async fn delete_organization(
                     "organization {ROOT_ORG} cannot be deleted"
                 ))));
             }
-            users::delete_organization(&inner.conn, &org_id)?;
+            users::delete_organization(&mut inner.conn, &inner.generations, &org_id)?;
             Ok(Ok(()))
         })
         .await??;
-    tracing::info!(by = %claims.0.sub, organization = %id, "organization deleted");
+    tracing::info!(by = %Escaped(&claims.0.sub), organization = %Escaped(&id), "organization deleted");
     Ok(Json(json!({ "message": "ok" })))
 }

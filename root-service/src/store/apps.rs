@@ -238,7 +238,7 @@ pub fn create_application(
     app: &NewApp,
     services: &[NewService],
 ) -> Result<(String, Vec<String>), Error> {
-    let Inner { conn, pools } = inner;
+    let Inner { conn, pools, .. } = inner;
     let mut taken = Taken::default();
     let tx = conn.transaction()?;
     let result = (|| {
@@ -280,7 +280,7 @@ pub fn create_application(
 
 /// Adds services to an existing application (all or nothing).
 pub fn add_services(inner: &mut Inner, app_id: &str, services: &[NewService]) -> Result<Vec<String>, Error> {
-    let Inner { conn, pools } = inner;
+    let Inner { conn, pools, .. } = inner;
     let mut taken = Taken::default();
     let tx = conn.transaction()?;
     let result = insert_services(&tx, pools, &mut taken, app_id, services);
@@ -438,7 +438,7 @@ pub fn update_application(
 /// Deletes an application with its services, instances and addresses. Returns the services as they were, so the
 /// caller can undeploy their placed instances and notify interested clusters.
 pub fn delete_application(inner: &mut Inner, id: &str) -> Result<Vec<ServiceRow>, Error> {
-    let Inner { conn, pools } = inner;
+    let Inner { conn, pools, .. } = inner;
     let services = services_of_app(conn, id)?;
     let tx = conn.transaction()?;
     let mut freed = Vec::new();
@@ -524,7 +524,7 @@ pub fn services(conn: &Connection, owner: Option<&str>) -> Result<Vec<ServiceRow
 
 /// Deletes a service with its instances and addresses; returns it as it was.
 pub fn delete_service(inner: &mut Inner, id: &str) -> Result<ServiceRow, Error> {
-    let Inner { conn, pools } = inner;
+    let Inner { conn, pools, .. } = inner;
     let Some(service) = service(conn, id)? else {
         return Err(Error::NotFound {
             what: "service",
@@ -663,7 +663,7 @@ pub fn place_instance(
     cluster_id: &str,
     tried: &[String],
 ) -> Result<InstanceRow, Error> {
-    let Inner { conn, pools } = inner;
+    let Inner { conn, pools, .. } = inner;
     let Some(current) = instance(conn, service_id, number)? else {
         return Err(Error::NotFound {
             what: "instance",
@@ -776,7 +776,7 @@ pub fn set_instance_net(
 
 /// Deletes one instance and frees its addresses; returns it as it was.
 pub fn delete_instance(inner: &mut Inner, service_id: &str, number: i64) -> Result<InstanceRow, Error> {
-    let Inner { conn, pools } = inner;
+    let Inner { conn, pools, .. } = inner;
     let Some(row) = instance(conn, service_id, number)? else {
         return Err(Error::NotFound {
             what: "instance",

@@ -9,11 +9,13 @@
 //! - [`apps`]: applications, services (jobs) and instances.
 //! - [`clusters`]: registered clusters and their reports.
 //! - [`net`]: service/instance addresses, worker subnets, interests.
+//! - [`tokens`]: token generations (how tokens are revoked) and their in-memory copy.
 //! - [`users`]: users, organizations and memberships.
 
 pub mod apps;
 pub mod clusters;
 pub mod net;
+pub mod tokens;
 pub mod users;
 
 use std::{
@@ -24,9 +26,9 @@ use std::{
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-use crate::{Error, auth};
+use crate::{Error, hashing::HashPool};
 
-pub use self::net::Pools;
+pub use self::{net::Pools, tokens::Generations};
 
 /// The four roles Oakestra knows.
 pub const ALL_ROLES: [&str; 4] = [
@@ -129,6 +131,13 @@ const MIGRATIONS: &[&str] = &[
         cluster_id TEXT NOT NULL REFERENCES clusters(id) ON DELETE CASCADE,
         PRIMARY KEY (job_name, cluster_id)
     );",
+    // Token revocation (see `tokens`): each user's generation, and the counter they are drawn from.
+    "ALTER TABLE users ADD COLUMN token_gen INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE token_generation (
+        id INTEGER PRIMARY KEY NOT NULL CHECK (id = 1),
+        last INTEGER NOT NULL
+    );
+    INSERT INTO token_generation (id, last) VALUES (1, 0);",
 ];
 
 /// A user as the server sees it. The password hash stays inside the server.
@@ -140,6 +149,8 @@ pub struct User {
     pub name: String,
     /// PHC string (argon2id).
     pub password_hash: String,
+    /// The token generation every valid token of this user carries (see [`tokens`]).
+    pub token_gen: i64,
 }
 
 /// An organization.
@@ -158,6 +169,8 @@ pub struct Inner {
     pub conn: Connection,
     /// The address pools.
     pub pools: Pools,
+    /// Every user's token generation; changed together with the rows, under this lock.
+    pub generations: Arc<Generations>,
 }
 
 /// A handle on the database; cheap to clone.
@@ -165,15 +178,26 @@ pub struct Inner {
 pub struct Store {
     inner: Arc<Mutex<Inner>>,
     path: PathBuf,
+    /// The same as `Inner::generations`, read without the store's lock.
+    generations: Arc<Generations>,
 }
 
 impl Store {
-    /// Opens (creating if needed) `<data_dir>/root.db` and migrates it. Blocking: call it from a blocking context.
+    /// Opens (creating if needed) `<data_dir>/root.db` and migrates it. The data directory is created as (or
+    /// tightened to) 0700, the database files 0600. Blocking: call it from a blocking context.
     pub fn open_blocking(data_dir: &Path) -> Result<Self, Error> {
-        std::fs::create_dir_all(data_dir).map_err(|source| Error::Io {
-            path: data_dir.to_path_buf(),
-            source,
-        })?;
+        let tightened =
+            oakestra_protocol::owner_only::create_private_dir(data_dir).map_err(|source| Error::Io {
+                path: data_dir.to_path_buf(),
+                source,
+            })?;
+        if let Some(was) = tightened {
+            tracing::warn!(
+                path = %data_dir.display(),
+                was = format_args!("{was:04o}"),
+                "others could read the data directory: tightened its mode to 0700"
+            );
+        }
         let path = data_dir.join("root.db");
         let db = |source| Error::Db {
             path: path.clone(),
@@ -185,10 +209,21 @@ impl Store {
         }
         migrate(&mut conn).map_err(db)?;
         let pools = Pools::load(&conn)?;
+        let generations = Arc::new(Generations::load(&conn)?);
         Ok(Self {
-            inner: Arc::new(Mutex::new(Inner { conn, pools })),
+            inner: Arc::new(Mutex::new(Inner {
+                conn,
+                pools,
+                generations: Arc::clone(&generations),
+            })),
             path,
+            generations,
         })
+    }
+
+    /// Every user's current token generation (what access tokens are checked against).
+    pub fn generations(&self) -> &Arc<Generations> {
+        &self.generations
     }
 
     /// Opens the store on the blocking pool.
@@ -219,49 +254,77 @@ impl Store {
     }
 
     /// Creates the default data if absent: organization `root`, user `Admin` and Admin's membership with all four
-    /// roles. With `admin_password` the Admin password is set to it (also when Admin exists). Returns whether
-    /// Admin's password is still the default `Admin`.
-    pub async fn ensure_defaults(&self, admin_password: Option<String>) -> Result<bool, Error> {
+    /// roles. With `admin_password` the Admin password is set to it (also when Admin exists; a different password
+    /// revokes Admin's tokens, the same one leaves them valid). Returns whether Admin's password is still the
+    /// default `Admin`.
+    pub async fn ensure_defaults(
+        &self,
+        admin_password: Option<String>,
+        hasher: Arc<HashPool>,
+    ) -> Result<bool, Error> {
         let path = self.path.clone();
         self.with(move |inner| {
-            let db = |source| Error::Db { path: path.clone(), source };
+            let db = |source| Error::Db {
+                path: path.clone(),
+                source,
+            };
             let tx = inner.conn.transaction().map_err(db)?;
             let org_id = match tx
-                .query_row("SELECT id FROM organizations WHERE name = ?1", [ROOT_ORG], |r| r.get::<_, String>(0))
+                .query_row("SELECT id FROM organizations WHERE name = ?1", [ROOT_ORG], |r| {
+                    r.get::<_, String>(0)
+                })
                 .optional()
                 .map_err(db)?
             {
                 Some(id) => id,
                 None => {
                     let id = new_id()?;
-                    tx.execute("INSERT INTO organizations (id, name) VALUES (?1, ?2)", params![id, ROOT_ORG])
-                        .map_err(db)?;
+                    tx.execute(
+                        "INSERT INTO organizations (id, name) VALUES (?1, ?2)",
+                        params![id, ROOT_ORG],
+                    )
+                    .map_err(db)?;
                     tracing::info!(org = ROOT_ORG, %id, "created the default organization");
                     id
                 }
             };
             let existing = tx
-                .query_row("SELECT id, password_hash FROM users WHERE name = ?1", [ADMIN_USER], |r| {
-                    Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
-                })
+                .query_row(
+                    "SELECT id, password_hash FROM users WHERE name = ?1",
+                    [ADMIN_USER],
+                    |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)),
+                )
                 .optional()
                 .map_err(db)?;
+            let mut generation = None;
             let (user_id, hash) = match (existing, admin_password) {
+                (Some((id, hash)), Some(pw)) if hasher.verify_blocking(&pw, &hash)? => (id, hash),
                 (Some((id, _)), Some(pw)) => {
-                    let hash = auth::hash_password(&pw)?;
-                    tx.execute("UPDATE users SET password_hash = ?1 WHERE id = ?2", params![hash, id]).map_err(db)?;
-                    tracing::info!(user = ADMIN_USER, "Admin password set from --admin-password");
+                    let hash = hasher.hash_blocking(&pw)?;
+                    tx.execute(
+                        "UPDATE users SET password_hash = ?1 WHERE id = ?2",
+                        params![hash, id],
+                    )
+                    .map_err(db)?;
+                    generation = tokens::revoke(&tx, &id)?.map(|(_, g)| g);
+                    tracing::info!(
+                        user = ADMIN_USER,
+                        "Admin password set from --admin-password; Admin's tokens revoked"
+                    );
                     (id, hash)
                 }
                 (Some(existing), None) => existing,
                 (None, pw) => {
                     let id = new_id()?;
-                    let hash = auth::hash_password(pw.as_deref().unwrap_or(DEFAULT_ADMIN_PASSWORD))?;
+                    let hash = hasher.hash_blocking(pw.as_deref().unwrap_or(DEFAULT_ADMIN_PASSWORD))?;
+                    let g = tokens::next_generation(&tx)?;
                     tx.execute(
-                        "INSERT INTO users (id, name, password_hash, email, created_at) VALUES (?1, ?2, ?3, '', ?4)",
-                        params![id, ADMIN_USER, hash, now_unix_secs()],
+                        "INSERT INTO users (id, name, password_hash, email, created_at, token_gen)
+                         VALUES (?1, ?2, ?3, '', ?4, ?5)",
+                        params![id, ADMIN_USER, hash, now_unix_secs(), g],
                     )
                     .map_err(db)?;
+                    generation = Some(g);
                     tracing::info!(user = ADMIN_USER, %id, "created the default user");
                     (id, hash)
                 }
@@ -273,7 +336,10 @@ impl Store {
             )
             .map_err(db)?;
             tx.commit().map_err(db)?;
-            Ok(auth::verify_password(DEFAULT_ADMIN_PASSWORD, &hash))
+            if let Some(g) = generation {
+                inner.generations.set(ADMIN_USER, g);
+            }
+            hasher.verify_blocking(DEFAULT_ADMIN_PASSWORD, &hash)
         })
         .await
     }
@@ -285,15 +351,9 @@ impl Store {
             inner
                 .conn
                 .query_row(
-                    "SELECT id, name, password_hash FROM users WHERE name = ?1",
+                    "SELECT id, name, password_hash, token_gen FROM users WHERE name = ?1",
                     [name],
-                    |r| {
-                        Ok(User {
-                            id: r.get(0)?,
-                            name: r.get(1)?,
-                            password_hash: r.get(2)?,
-                        })
-                    },
+                    user_from_row,
                 )
                 .optional()
                 .map_err(|source| Error::Db { path, source })
@@ -307,15 +367,9 @@ impl Store {
             Ok(inner
                 .conn
                 .query_row(
-                    "SELECT id, name, password_hash FROM users WHERE id = ?1",
+                    "SELECT id, name, password_hash, token_gen FROM users WHERE id = ?1",
                     [id],
-                    |r| {
-                        Ok(User {
-                            id: r.get(0)?,
-                            name: r.get(1)?,
-                            password_hash: r.get(2)?,
-                        })
-                    },
+                    user_from_row,
                 )
                 .optional()?)
         })
@@ -370,6 +424,16 @@ impl Store {
         })
         .await
     }
+}
+
+/// A [`User`] from `SELECT id, name, password_hash, token_gen`.
+fn user_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<User> {
+    Ok(User {
+        id: r.get(0)?,
+        name: r.get(1)?,
+        password_hash: r.get(2)?,
+        token_gen: r.get(3)?,
+    })
 }
 
 /// Applies the migrations the database has not seen yet.

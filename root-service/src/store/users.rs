@@ -4,12 +4,18 @@
 //! organization. Nothing here returns a password hash except [`password_hash`], which the password change needs.
 //! Policy (who may do what, which names and roles are valid, what `root` must keep) is the API's; these functions
 //! only refuse what the schema would (an unknown row: [`Error::NotFound`], a taken name: [`Error::Conflict`]).
+//!
+//! The functions that change a password or roles, or delete a user, also revoke the user's tokens (a new token
+//! generation, see [`super::tokens`]) in the same transaction and record it in the [`Generations`] they are given.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::new_id;
+use super::{
+    new_id,
+    tokens::{self, Generations},
+};
 use crate::Error;
 
 /// A user without its password hash.
@@ -173,9 +179,18 @@ pub fn roles_in(conn: &Connection, user_id: &str, org_id: &str) -> Result<Option
     raw.map(|raw| parse_roles(conn, &raw)).transpose()
 }
 
-/// Creates `user` with a membership in `org_id` holding `roles`. A taken name is a conflict.
+/// Applies the generations of a committed transaction to `gens`.
+fn record(gens: &Generations, revoked: &[(String, i64)]) {
+    for (name, generation) in revoked {
+        gens.set(name, *generation);
+    }
+}
+
+/// Creates `user` with a membership in `org_id` holding `roles`, with a token generation no earlier user had. A
+/// taken name is a conflict.
 pub fn create_user(
     conn: &mut Connection,
+    gens: &Generations,
     user: &NewUser,
     org_id: &str,
     roles: &[String],
@@ -190,15 +205,17 @@ pub fn create_user(
         });
     }
     let id = new_id()?;
+    let generation = tokens::next_generation(&tx)?;
     tx.execute(
-        "INSERT INTO users (id, name, password_hash, email, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-        params![id, user.name, user.password_hash, user.email, user.created_at],
+        "INSERT INTO users (id, name, password_hash, email, created_at, token_gen) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![id, user.name, user.password_hash, user.email, user.created_at, generation],
     )?;
     tx.execute(
         "INSERT INTO memberships (user_id, org_id, roles) VALUES (?1, ?2, ?3)",
         params![id, org_id, roles_text(roles)],
     )?;
     tx.commit()?;
+    gens.set(&user.name, generation);
     Ok(UserRow {
         id,
         name: user.name.clone(),
@@ -207,8 +224,13 @@ pub fn create_user(
     })
 }
 
-/// Applies `update` to the user called `name`.
-pub fn update_user(conn: &mut Connection, name: &str, update: &UserUpdate) -> Result<(), Error> {
+/// Applies `update` to the user called `name`; a new password or new roles revoke the user's tokens.
+pub fn update_user(
+    conn: &mut Connection,
+    gens: &Generations,
+    name: &str,
+    update: &UserUpdate,
+) -> Result<(), Error> {
     let tx = conn.transaction()?;
     let id: String = tx
         .query_row("SELECT id FROM users WHERE name = ?1", [name], |r| r.get(0))
@@ -233,12 +255,18 @@ pub fn update_user(conn: &mut Connection, name: &str, update: &UserUpdate) -> Re
             params![id, org_id, roles_text(roles)],
         )?;
     }
+    let revoked = if update.password_hash.is_some() || update.roles.is_some() {
+        tokens::revoke(&tx, &id)?
+    } else {
+        None
+    };
     tx.commit()?;
+    record(gens, revoked.as_slice());
     Ok(())
 }
 
-/// Deletes the user called `name` (its memberships go with it).
-pub fn delete_user(conn: &Connection, name: &str) -> Result<(), Error> {
+/// Deletes the user called `name` (its memberships and its token generation go with it).
+pub fn delete_user(conn: &Connection, gens: &Generations, name: &str) -> Result<(), Error> {
     // Applications are owned by user name: a user registered later under the same name would inherit them.
     let owned: i64 = conn.query_row(
         "SELECT COUNT(*) FROM applications WHERE owner = ?1",
@@ -255,7 +283,10 @@ pub fn delete_user(conn: &Connection, name: &str) -> Result<(), Error> {
             what: "user",
             id: name.to_owned(),
         }),
-        _ => Ok(()),
+        _ => {
+            gens.remove(name);
+            Ok(())
+        }
     }
 }
 
@@ -268,13 +299,29 @@ pub fn password_hash(conn: &Connection, name: &str) -> Result<Option<String>, Er
         .optional()?)
 }
 
-/// Sets the password hash of `name` to `new` if it still is `old`; whether it was set.
-pub fn replace_password_hash(conn: &Connection, name: &str, old: &str, new: &str) -> Result<bool, Error> {
-    let changed = conn.execute(
-        "UPDATE users SET password_hash = ?1 WHERE name = ?2 AND password_hash = ?3",
-        params![new, name, old],
-    )?;
-    Ok(changed > 0)
+/// Sets the password hash of `name` to `new` if it still is `old`, revoking the user's tokens; whether it was set.
+pub fn replace_password_hash(
+    conn: &mut Connection,
+    gens: &Generations,
+    name: &str,
+    old: &str,
+    new: &str,
+) -> Result<bool, Error> {
+    let tx = conn.transaction()?;
+    let id: Option<String> = tx
+        .query_row(
+            "UPDATE users SET password_hash = ?1 WHERE name = ?2 AND password_hash = ?3 RETURNING id",
+            params![new, name, old],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let Some(id) = id else {
+        return Ok(false);
+    };
+    let revoked = tokens::revoke(&tx, &id)?;
+    tx.commit()?;
+    record(gens, revoked.as_slice());
+    Ok(true)
 }
 
 /// The ids in `ids` that are no user's.
@@ -390,9 +437,19 @@ pub fn create_organization(conn: &mut Connection, name: &str, members: &[Member]
     Ok(org)
 }
 
-/// Renames organization `id` and/or replaces its members (existing, distinct users).
+/// The roles of every member of `org_id`, by user id.
+fn member_roles(conn: &Connection, org_id: &str) -> Result<HashMap<String, Vec<String>>, Error> {
+    Ok(members(conn, org_id)?
+        .into_iter()
+        .map(|m| (m.user_id, m.roles))
+        .collect())
+}
+
+/// Renames organization `id` and/or replaces its members (existing, distinct users). Every user whose roles there
+/// change (added, removed, or different roles) has its tokens revoked.
 pub fn update_organization(
     conn: &mut Connection,
+    gens: &Generations,
     id: &str,
     name: Option<&str>,
     members: Option<&[Member]>,
@@ -412,23 +469,42 @@ pub fn update_organization(
             params![name, id],
         )?;
     }
+    let mut revoked = Vec::new();
     if let Some(members) = members {
+        let before = member_roles(&tx, id)?;
         tx.execute("DELETE FROM memberships WHERE org_id = ?1", [id])?;
         insert_members(&tx, id, members)?;
+        let after = member_roles(&tx, id)?;
+        let everyone: BTreeSet<&String> = before.keys().chain(after.keys()).collect();
+        for user_id in everyone {
+            if before.get(user_id) != after.get(user_id) {
+                revoked.extend(tokens::revoke(&tx, user_id)?);
+            }
+        }
     }
     let org = organization(&tx, id)?.ok_or_else(not_found)?;
     tx.commit()?;
+    record(gens, &revoked);
     Ok(org)
 }
 
-/// Deletes organization `id` (its memberships go with it).
-pub fn delete_organization(conn: &Connection, id: &str) -> Result<(), Error> {
-    match conn.execute("DELETE FROM organizations WHERE id = ?1", [id])? {
+/// Deletes organization `id` (its memberships go with it), revoking the tokens of its members.
+pub fn delete_organization(conn: &mut Connection, gens: &Generations, id: &str) -> Result<(), Error> {
+    let tx = conn.transaction()?;
+    let mut revoked = Vec::new();
+    for user_id in member_roles(&tx, id)?.keys() {
+        revoked.extend(tokens::revoke(&tx, user_id)?);
+    }
+    match tx.execute("DELETE FROM organizations WHERE id = ?1", [id])? {
         0 => Err(Error::NotFound {
             what: "organization",
             id: id.to_owned(),
         }),
-        _ => Ok(()),
+        _ => {
+            tx.commit()?;
+            record(gens, &revoked);
+            Ok(())
+        }
     }
 }
 
@@ -455,15 +531,21 @@ mod tests {
     #[test]
     fn memberships_cascade_with_user_and_organization() {
         let mut conn = conn();
+        let gens = Generations::default();
         let org = create_organization(&mut conn, "o", &[]).unwrap();
         let roles = vec!["Admin".to_owned()];
-        let bob = create_user(&mut conn, &new_user("bob"), &org.id, &roles).unwrap();
+        let bob = create_user(&mut conn, &gens, &new_user("bob"), &org.id, &roles).unwrap();
         assert_eq!(roles_in(&conn, &bob.id, &org.id).unwrap(), Some(roles));
         assert!(matches!(
-            create_user(&mut conn, &new_user("bob"), &org.id, &[]),
+            create_user(&mut conn, &gens, &new_user("bob"), &org.id, &[]),
             Err(Error::Conflict { .. })
         ));
-        delete_organization(&conn, &org.id).unwrap();
+        let created = gens.get("bob").unwrap();
+        delete_organization(&mut conn, &gens, &org.id).unwrap();
+        assert!(
+            gens.get("bob").unwrap() > created,
+            "losing the membership revokes"
+        );
         assert_eq!(roles_in(&conn, &bob.id, &org.id).unwrap(), None);
         let org2 = create_organization(
             &mut conn,
@@ -475,8 +557,12 @@ mod tests {
         )
         .unwrap();
         assert_eq!(org2.members.len(), 1);
-        delete_user(&conn, "bob").unwrap();
+        delete_user(&conn, &gens, "bob").unwrap();
+        assert_eq!(gens.get("bob"), None);
         assert!(organization(&conn, &org2.id).unwrap().unwrap().members.is_empty());
-        assert!(matches!(delete_user(&conn, "bob"), Err(Error::NotFound { .. })));
+        assert!(matches!(
+            delete_user(&conn, &gens, "bob"),
+            Err(Error::NotFound { .. })
+        ));
     }
 }
