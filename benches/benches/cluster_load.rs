@@ -523,7 +523,8 @@ async fn start_mosquitto(dir: &Path, port: u16) -> Child {
         &config,
         format!(
             "listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {d}/passwd\nacl_file {d}/acl\n\
-             use_username_as_clientid true\npid_file {d}/run/mosquitto.pid\npersistence false\nlog_dest stderr\n\
+             use_username_as_clientid true\nset_tcp_nodelay true\npid_file {d}/run/mosquitto.pid\npersistence false\n\
+             log_dest stderr\n\
              log_type error\nlog_type warning\n",
             d = dir.display()
         ),

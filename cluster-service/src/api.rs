@@ -94,7 +94,10 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .route("/api/cluster/status", get(status))
         .route("/api/cluster/report", get(report))
         .route("/api/cluster/workers", get(workers))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route") })
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        // Outermost: every error answer (405, 413, path and body rejections, …) becomes `{"message": …}`.
+        .layer(axum::middleware::map_response(oakestra_protocol::server::json_errors))
         .with_state(engine)
 }
 

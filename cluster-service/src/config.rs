@@ -138,6 +138,19 @@ pub struct Cli {
     #[arg(long, env = "OAKESTRA_OPEN_REGISTRATION")]
     pub open_registration: bool,
 
+    /// Seconds a client has to send a request's line and headers (from their first byte), and its first request
+    /// after connecting; slower clients are disconnected.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
+    pub header_read_timeout: f64,
+
+    /// Seconds an HTTP connection may stay open with no request in flight.
+    #[arg(long, value_name = "SECONDS", default_value_t = 60.0)]
+    pub idle_timeout: f64,
+
+    /// HTTP connections served at once; more wait to be accepted.
+    #[arg(long, value_name = "N", default_value_t = 1024)]
+    pub max_http_connections: usize,
+
     /// Port handed to workers as MQTT_BROKER_PORT (default: the broker's port).
     #[arg(long, value_name = "PORT")]
     pub mqtt_advertise_port: Option<u16>,
@@ -214,6 +227,8 @@ pub struct Config {
     pub worker_join_token: Option<String>,
     /// Workers may register without the join token.
     pub open_registration: bool,
+    /// The HTTP listener's timeouts and connection cap.
+    pub http: oakestra_protocol::server::ServerLimits,
     /// Self-healing clocks.
     pub timing: Timing,
     /// Worker ranking.
@@ -391,6 +406,21 @@ impl Config {
                 }
             }
         };
+        if cli.max_http_connections == 0 {
+            return Err(invalid(
+                "--max-http-connections",
+                "0".into(),
+                "must be at least 1",
+            ));
+        }
+        let http = oakestra_protocol::server::ServerLimits {
+            header_read_timeout: Duration::from_millis(seconds(
+                "--header-read-timeout",
+                cli.header_read_timeout,
+            )?),
+            idle_timeout: Duration::from_millis(seconds("--idle-timeout", cli.idle_timeout)?),
+            max_connections: cli.max_http_connections,
+        };
         let advertise_address = cli
             .advertise_address
             .map(|a| a.trim().to_owned())
@@ -408,6 +438,7 @@ impl Config {
             mqtt_advertise_port: cli.mqtt_advertise_port,
             worker_join_token,
             open_registration: cli.open_registration,
+            http,
             timing,
             scheduler_policy,
         })

@@ -234,13 +234,13 @@ pub async fn start(config: Config) -> Result<Running, Error> {
 
     let app = api::router(Arc::clone(&engine));
     let mut server_stop = stop_rx;
+    let limits = config.http;
     let server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = server_stop.wait_for(|s| *s).await;
-            })
-            .await
-            .map_err(Error::Serve)
+        oakestra_protocol::server::serve(listener, app, limits, async move {
+            let _ = server_stop.wait_for(|s| *s).await;
+        })
+        .await
+        .map_err(Error::Serve)
     });
     tracing::info!(%addr, mqtt_port, "cluster-service listening");
     Ok(Running {

@@ -557,6 +557,18 @@ async fn mosquitto_external() {
     node_a.assert_quiet().await;
     node_b_ne.assert_quiet().await;
 
+    // `#` yields only the node's own topics.
+    let mut node_a_ne = connect_ok(port, "a-ne", &a).await;
+    node_a_ne.subscribe("#").await;
+    cluster.publish("nodes/b/control/delete", "for-b").await;
+    cluster.publish("nodes/a/control/delete", "for-a").await;
+    let p = node_a_ne.next_publish().await;
+    assert_eq!(
+        (p.topic.as_str(), &p.payload[..]),
+        ("nodes/a/control/delete", &b"for-a"[..])
+    );
+    node_a_ne.assert_quiet().await;
+
     // Nodes read the job update notices, only the cluster writes there.
     node_b_ne.subscribe("jobs/+/updates_available").await;
     node_a.publish("jobs/x/updates_available", "forged").await;

@@ -717,3 +717,60 @@ on_both_brokers!(
     network,
     persistence
 );
+
+/// Sends raw `bytes` and returns what comes back before the server closes (or `limit` passes).
+async fn raw_exchange(addr: std::net::SocketAddr, bytes: &[u8], limit: Duration) -> (String, bool) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    let closed = tokio::time::timeout(limit, s.read_to_end(&mut out)).await.is_ok();
+    (String::from_utf8_lossy(&out).into_owned(), closed)
+}
+
+/// The HTTP listener: every error answer is JSON `{"message": …}` (unknown route, 405, 413, a path that is not
+/// UTF-8), and a client that sends its headers too slowly is disconnected (`--header-read-timeout`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_errors_are_json_and_slow_clients_are_cut() {
+    let root = FakeRoot::start().await;
+    let dir = TempDir::new();
+    let mut args = fast_args(&root.url, &dir.0);
+    args.extend(["--header-read-timeout".to_owned(), "1".to_owned()]);
+    let cluster = start_cluster(args, &BrokerKind::Embedded).await;
+    let mut oversized =
+        b"POST /api/node/register HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 200000\r\nConnection: close\r\n\r\n".to_vec();
+    oversized.extend(std::iter::repeat_n(b' ', 200_000));
+    let cases: [(&[u8], &str); 4] = [
+        (b"GET /api/nothing HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", "404"),
+        (b"PUT /api/cluster/status HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n", "405"),
+        (&oversized, "413"),
+        (b"POST /api/service/%FF%FE/0 HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}", "400"),
+    ];
+    for (request, status) in cases {
+        let (answer, _) = raw_exchange(cluster.addr, request, Duration::from_secs(5)).await;
+        let request = &request[..request.len().min(120)];
+        let head = answer.lines().next().unwrap_or_default();
+        assert!(
+            head.contains(status),
+            "{}: {answer}",
+            String::from_utf8_lossy(request)
+        );
+        let body = answer.split("\r\n\r\n").nth(1).unwrap_or_default();
+        let json: Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {answer}"));
+        assert!(
+            json["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "{answer}"
+        );
+    }
+    // Half a request head, then silence: closed after the 1 s header-read timeout.
+    let t = std::time::Instant::now();
+    let (_, closed) = raw_exchange(
+        cluster.addr,
+        b"GET /api/cluster/status HTTP/1.1\r\nHo",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(closed, "a half-sent request was held open for 5 s");
+    assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
+    cluster.stop().await.unwrap();
+}
