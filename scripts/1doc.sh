@@ -368,12 +368,16 @@ print(app["_id"], " ".join(reversed(app["microservices"])))' "$name")"
     sleep 0.5
   done
   for id in $ids; do step "${names[$id]}: RUNNING"; done
-  # The client fetches its page right after it starts: give the logs a moment to reach root.
+  # The client fetches its page right after it starts and the log reaches root with the next reports (every 2 s
+  # from the worker, then from the cluster): a log is shown once it is non-empty and has not changed for 5 s, so a
+  # half-written one (curl's progress meter before the page) is not taken for the whole.
   for id in $ids; do
-    for ((i = 0; i < 30; i++)); do
-      s=$(curl -sf "${auth[@]}" "$api/api/service/$id/instance/0/logs" | json_get '["logs"]' 2>/dev/null || true)
-      [ -n "$s" ] && break
+    s='' stable=0
+    for ((i = 0; i < 80 && stable < 10; i++)); do
       sleep 0.5
+      now=$(curl -sf "${auth[@]}" "$api/api/service/$id/instance/0/logs" | json_get '["logs"]' 2>/dev/null || true)
+      if [ -n "$now" ] && [ "$now" = "$s" ]; then stable=$((stable + 1)); else stable=0; fi
+      s=$now
     done
     log "${names[$id]}'s log (GET /api/service/$id/instance/0/logs)"
     printf '%s\n' "$s"
