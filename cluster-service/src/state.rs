@@ -22,6 +22,11 @@ use serde_json::{Map, Value};
 
 use crate::placement::{self, FreeIndex};
 
+/// A last will arriving this long (or longer) after the worker's last message came from the broker's keep-alive
+/// running out (1.5 × the workers' 5 s), not from a closed connection: a worker reports every 2 s by default, and a
+/// process that dies has its connection closed at once.
+pub const WILL_AFTER_SILENCE_MS: u64 = 5_000;
+
 /// The clocks of self-healing, in milliseconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timing {
@@ -741,11 +746,21 @@ impl State {
     /// `nodes/<id>/lost`: the broker published the worker's last will, so its connection ended without a goodbye.
     /// The worker is dead [`Timing::lost_grace_ms`] from now unless it reports again before (a NodeEngine that
     /// restarts at once, or reconnects over a new connection, does). Nothing else changes yet.
+    ///
+    /// A will that comes [`WILL_AFTER_SILENCE_MS`] or more after the worker's last message is no such evidence:
+    /// the broker found the connection silent (its keep-alive ran out: a network cut, the broker's or the
+    /// worker's), not closed by a worker process that died, so only the worker timeout applies. A cut shorter than
+    /// the timeout then moves nothing.
     pub fn connection_lost(&mut self, node: &str, now_ms: u64) {
         let t = self.timing;
         let Some(n) = self.nodes.get_mut(node).filter(|n| n.alive) else {
             return;
         };
+        let silent_ms = now_ms.saturating_sub(n.last_seen_ms);
+        if silent_ms >= WILL_AFTER_SILENCE_MS {
+            tracing::warn!(node = %node, name = %n.record.name, silent_ms, "worker's broker connection timed out (a network cut?); its instances move only if it stays silent for the worker timeout");
+            return;
+        }
         // `tick` declares it dead once `now - last_seen > worker_timeout`: move last_seen back so that happens
         // `lost_grace` from now.
         let wait = t.lost_wait_ms();
@@ -1916,6 +1931,34 @@ mod tests {
         // Silent since T0 + 100; a will at T0 + 1_000 must not extend its life past T0 + 1_100.
         s.connection_lost(&a, T0 + 1_000);
         let effects = s.tick(T0 + 1_150);
+        assert_eq!(deployed_to(&effects).as_deref(), Some(b.as_str()));
+    }
+
+    #[test]
+    fn a_will_after_a_long_silence_is_a_network_cut_not_a_crash() {
+        let timing = Timing {
+            worker_timeout_ms: 30_000,
+            ..Timing::default()
+        };
+        let mut s = State::new(timing, Policy::BestFit);
+        let a = join(&mut s, "a", 4, 4000, T0);
+        s.deploy("j1", 0, job_doc("a.b.c.d", json!({})), T0).unwrap();
+        resources(&mut s, &a, "a.b.c.d", 0, T0 + 100);
+        let b = join(&mut s, "b", 4, 4000, T0 + 100);
+        // a's keep-alive ran out at the broker 7.5 s into a cut: its will does not start the 3 s grace.
+        s.connection_lost(&a, T0 + 100 + 7_500);
+        alive(&mut s, &b, T0 + 10_000);
+        assert!(
+            deployed_to(&s.tick(T0 + 10_700)).is_none(),
+            "moved on a keep-alive will"
+        );
+        // The cut is over: a reports again and keeps its instance.
+        resources(&mut s, &a, "a.b.c.d", 0, T0 + 15_000);
+        assert!(deployed_to(&s.tick(T0 + 15_100)).is_none());
+        assert_eq!(status(&s, "j1", 0), Status::Running);
+        // Silent for longer than the worker timeout: dead after all.
+        alive(&mut s, &b, T0 + 45_000);
+        let effects = s.tick(T0 + 45_100);
         assert_eq!(deployed_to(&effects).as_deref(), Some(b.as_str()));
     }
 

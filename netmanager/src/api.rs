@@ -22,7 +22,7 @@ use serde_json::json;
 use crate::daemon::{ApiError, Daemon};
 
 /// `GET`: the daemon's state as JSON.
-pub const PATH_STATUS: &str = "/status";
+pub use oakestra_protocol::api::netmanager::PATH_STATUS;
 
 fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("request body: {e}")))

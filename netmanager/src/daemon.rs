@@ -49,6 +49,8 @@ use oakestra_ebpf_common::LocalDest;
 pub const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the cluster has to answer the subnet request (the reference's 10 s).
 pub const SUBNET_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often a subnet request without an answer is repeated while registering.
+const SUBNET_RETRY: Duration = Duration::from_secs(2);
 /// A remote job's interest ends after this long without traffic (the reference's 10 s).
 pub const INTEREST_TTL: u32 = 10;
 /// How often the public address is re-checked when it was detected (the reference's 2 min).
@@ -402,10 +404,24 @@ impl<P: Plumbing> Daemon<P> {
         let (query_tx, query_rx) = mpsc::unbounded_channel();
         // The control task runs from here on: it answers the subnet wait below.
         let control = tokio::spawn(self.clone().control(session.clone(), inbound, query_rx));
+        // Asked again every SUBNET_RETRY (and on every connect, by the control task): the first request can reach
+        // the cluster before the subscription to its answer does, and a GET is answered with the same subnet.
         session.publish("net/subnet", &SubnetRequest::get());
-        let subnet = match tokio::time::timeout(SUBNET_TIMEOUT, subnet_rx).await {
-            Ok(Ok(r)) => r,
-            _ => {
+        let deadline = tokio::time::Instant::now() + SUBNET_TIMEOUT;
+        let mut subnet_rx = subnet_rx;
+        let answer = loop {
+            match tokio::time::timeout(SUBNET_RETRY, &mut subnet_rx).await {
+                Ok(answer) => break answer.ok(),
+                Err(_) if tokio::time::Instant::now() >= deadline => break None,
+                Err(_) => {
+                    tracing::debug!(node = %id, "no subnet yet; asking again");
+                    session.publish("net/subnet", &SubnetRequest::get());
+                }
+            }
+        };
+        let subnet = match answer {
+            Some(r) => r,
+            None => {
                 let msg = format!(
                     "the cluster at {cluster}:{mqtt_port} did not assign a subnet within {} s",
                     SUBNET_TIMEOUT.as_secs()
@@ -999,7 +1015,12 @@ impl<P: Plumbing> Daemon<P> {
                         tracing::debug!(job = %job, "updates available");
                         self.query(&session, &job, true, None);
                     }
-                    Some(Inbound::Connected) => {}
+                    Some(Inbound::Connected) => {
+                        // Connected while registering: ask now, after the subscriptions the session just made.
+                        if lock(&self.subnet_waiter).is_some() {
+                            session.publish("net/subnet", &SubnetRequest::get());
+                        }
+                    }
                     Some(Inbound::Rejected(code)) => {
                         tracing::error!(code = %code, "the cluster broker refused NetManager's credentials");
                     }

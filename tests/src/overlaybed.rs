@@ -100,6 +100,16 @@ impl OverlayBed {
         format!("w{}", i + 1)
     }
 
+    /// `NetManager status` of worker `i`, `None` while it does not answer (e.g. starting).
+    pub fn try_netmanager_status(&self, i: usize) -> Option<Value> {
+        let sock = worker_path(&self.dir, &Self::name(i), "nm.sock");
+        let out = std::process::Command::new(crate::procs::binary("NetManager"))
+            .args(["status", "--socket", &sock])
+            .output()
+            .ok()?;
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
     /// `NetManager status` of worker `i` (panics if it does not answer).
     pub fn netmanager_status(&self, i: usize) -> Value {
         let sock = worker_path(&self.dir, &Self::name(i), "nm.sock");
@@ -190,6 +200,21 @@ impl OverlayBed {
         )
     }
 
+    /// Stops worker `i`'s NetManager (SIGTERM: it removes its veths, TUN, bridge and programs, and must exit 0)
+    /// and starts it again with the same flags, logging to `<dir>/w<i+1>-<log>.log`. The NodeEngine notices and
+    /// registers it again.
+    pub fn restart_netmanager(&mut self, i: usize, log: &str) {
+        let nm = &mut self.netmanagers[i];
+        assert_eq!(nm.terminate(Duration::from_secs(10)), Some(0), "{}", nm.log());
+        self.netmanagers[i] = overlay_netmanager(
+            &self.dir,
+            self.tb.workers[i].ns.name(),
+            &Self::name(i),
+            &self.dataplanes[i],
+            log,
+        );
+    }
+
     /// Stops the NodeEngines, then the NetManagers (each must exit 0 having removed its bridge, TUN, veths,
     /// nftables table and tc programs; checked in every worker namespace), the control plane and containerd, removes the
     /// namespaces, and checks that the host's namespace is as it was and never saw an overlay address.
@@ -257,6 +282,23 @@ pub fn overlay_worker(
     dataplane: &str,
     engine_flags: &[String],
 ) -> (Proc, Proc) {
+    let nm = overlay_netmanager(dir, netns, name, dataplane, "netmanager");
+    let ne = overlay_node_engine(
+        dir,
+        netns,
+        name,
+        cluster_ip,
+        cluster_port,
+        ctrd,
+        "nodeengine",
+        engine_flags,
+    );
+    (nm, ne)
+}
+
+/// Starts the NetManager of overlay worker `name` (see [`overlay_worker`]) on `dataplane`, logging to
+/// `dir/<name>-<log>.log`.
+pub fn overlay_netmanager(dir: &Path, netns: &str, name: &str, dataplane: &str, log: &str) -> Proc {
     let cfg = worker_path(dir, name, "netcfg.json");
     std::fs::write(
         &cfg,
@@ -279,27 +321,16 @@ pub fn overlay_worker(
         "--dataplane",
         if dataplane == NOBPF { "auto" } else { dataplane },
     ]);
-    let log = dir.join(format!("{name}-netmanager.log"));
+    let log = dir.join(format!("{name}-{log}.log"));
     // In this mount namespace (nsenter, not `ip netns exec`), as on a real worker: the named namespaces it makes
     // for unikernels must be visible to the NodeEngine.
-    let nm = if dataplane == NOBPF {
+    if dataplane == NOBPF {
         let mut args = vec![crate::procs::binary("NetManager").display().to_string()];
         args.extend(nm_args);
         Proc::start_in_net(netns, "nobpf", &args, log)
     } else {
         Proc::start_in_net(netns, "NetManager", &nm_args, log)
-    };
-    let ne = overlay_node_engine(
-        dir,
-        netns,
-        name,
-        cluster_ip,
-        cluster_port,
-        ctrd,
-        "nodeengine",
-        engine_flags,
-    );
-    (nm, ne)
+    }
 }
 
 /// Starts the NodeEngine of overlay worker `name` (see [`overlay_worker`]): it uses that worker's NetManager,

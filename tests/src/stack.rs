@@ -110,8 +110,14 @@ pub struct Stack {
     pub root: Proc,
     /// The cluster-service process.
     pub cluster: Proc,
+    /// The embedded broker's port.
+    pub mqtt_port: u16,
     /// Its command line (for [`Self::restart_cluster`]).
     cluster_args: Vec<String>,
+    /// root's command line (for [`Self::restart_root`]).
+    root_args: Vec<String>,
+    /// Restarts so far (each restarted process logs to a file of its own).
+    restarts: u32,
 }
 
 impl Stack {
@@ -129,11 +135,8 @@ impl Stack {
     pub async fn start_with(dir: &Path, cluster_ip: &str, extra: &[&str]) -> Self {
         let (root_port, cluster_port, mqtt_port) = (free_port(), free_port(), free_port());
         let root_url = format!("http://127.0.0.1:{root_port}");
-        let root = Proc::start(
-            "root-service",
-            &root_args(dir, root_port, JOIN_TOKEN),
-            dir.join("root.log"),
-        );
+        let root_args = root_args(dir, root_port, JOIN_TOKEN);
+        let root = Proc::start("root-service", &root_args, dir.join("root.log"));
         let mut cluster_args = cluster_args_at(
             dir,
             "workercluster",
@@ -170,20 +173,48 @@ impl Stack {
             token,
             root,
             cluster,
+            mqtt_port,
             cluster_args,
+            root_args,
+            restarts: 0,
         }
     }
 
+    /// Stops root (SIGTERM, as systemd restarts it) and starts it again on the same port and data directory; its
+    /// log goes on in `root-<n>.log`. Admin's token stays valid (root's signing key is in its data directory).
+    pub async fn restart_root(&mut self) {
+        self.root.terminate(Duration::from_secs(10));
+        self.restarts += 1;
+        let log = self.dir.join(format!("root-{}.log", self.restarts));
+        self.root = Proc::start("root-service", &self.root_args, log);
+        let url = format!("{}/api/applications", self.root_url);
+        let token = self.token.clone();
+        eventually(20, "root to answer again", &[&self.root], || {
+            let (url, token) = (url.clone(), token.clone());
+            async move {
+                let r = client::call::<Value>(
+                    "GET".parse().expect("stack"),
+                    &url,
+                    Some(&token),
+                    None,
+                    Duration::from_secs(2),
+                )
+                .await
+                .ok()?;
+                (r.status == 200).then_some(())
+            }
+        })
+        .await;
+    }
+
     /// Kills the cluster-service (SIGKILL: an outage, not a shutdown), waits `down`, starts it again on the same
-    /// ports and data directory; its log goes on in `cluster-2.log`.
+    /// ports and data directory; its log goes on in `cluster-<n>.log` (`cluster-2.log` for the stack's first restart).
     pub async fn restart_cluster(&mut self, down: Duration) {
         self.cluster.kill();
         tokio::time::sleep(down).await;
-        self.cluster = Proc::start(
-            "cluster-service",
-            &self.cluster_args,
-            self.dir.join("cluster-2.log"),
-        );
+        self.restarts += 1;
+        let log = self.dir.join(format!("cluster-{}.log", self.restarts + 1));
+        self.cluster = Proc::start("cluster-service", &self.cluster_args, log);
     }
 
     /// The NodeEngine flags for this stack and `ctrd`: no overlay (`-n -1`), state and logs under the stack's directory, 0.5 s reports.

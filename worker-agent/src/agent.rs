@@ -129,6 +129,19 @@ pub enum AgentError {
     },
 }
 
+/// How often the NodeEngine checks that its NetManager still has every instance attached.
+const OVERLAY_CHECK: Duration = Duration::from_secs(2);
+
+/// A running instance to attach to the overlay again.
+struct Reattach {
+    task: String,
+    job: String,
+    number: i64,
+    port: String,
+    pid: u32,
+    runtime: Arc<dyn Runtime>,
+}
+
 /// The running agent.
 #[derive(Debug)]
 pub struct Agent {
@@ -139,6 +152,8 @@ pub struct Agent {
     netmanager: Option<NetManager>,
     session: Mutex<Option<Session>>,
     node_id: Mutex<String>,
+    /// The cluster identity the NetManager was registered with (registered again after it restarts).
+    identity: Mutex<Option<Identity>>,
     public_ip: Mutex<String>,
     instances: Mutex<HashMap<String, Instance>>,
     cpu: Mutex<CpuTracker>,
@@ -643,6 +658,109 @@ impl Agent {
         self.finish(task, Ended::default()).await;
     }
 
+    // === Overlay upkeep ==========================================================================================
+
+    /// Every [`OVERLAY_CHECK`], asks the NetManager what it has plumbed and puts back what it lost: a NetManager
+    /// that restarted (it removes the veths of its last run, and a clean stop removes them too) is registered again
+    /// and every running container is attached again (its network namespace lives on with the container); a
+    /// unikernel's tap went with the NetManager's namespace, so its guest is stopped and the cluster starts it
+    /// again. A NetManager without the status call (the reference's) is not checked.
+    async fn keep_overlay(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let Some(nm) = self.netmanager.clone() else {
+            return;
+        };
+        loop {
+            if sleep_or_shutdown(OVERLAY_CHECK, &mut shutdown).await {
+                return;
+            }
+            // Taken before asking: these attached before the NetManager answers, so it must list them.
+            let running = self.attached_running();
+            let plumbed = match nm.plumbed().await {
+                Ok(Some(p)) => p,
+                Ok(None) => {
+                    tracing::info!(
+                        "the NetManager has no status call; attachments are not checked after its restarts"
+                    );
+                    return;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "NetManager status unavailable; checking again later");
+                    continue;
+                }
+            };
+            if !plumbed.registered {
+                let Some(id) = lock(&self.identity).clone() else {
+                    continue;
+                };
+                tracing::warn!(node = %id.node_id, "the NetManager restarted: registering it again");
+                if let Err(e) = nm
+                    .register(
+                        &id.node_id,
+                        &self.settings.cluster_address,
+                        id.mqtt_port,
+                        &id.mqtt_password,
+                    )
+                    .await
+                {
+                    tracing::warn!(error = %e, "NetManager registration failed; trying again later");
+                    continue;
+                }
+            }
+            for lost in running
+                .into_iter()
+                .filter(|r| !plumbed.instances.contains(&(r.job.clone(), r.number)))
+            {
+                self.reattach(&nm, lost).await;
+            }
+        }
+    }
+
+    /// Running instances attached to the overlay that are not being stopped.
+    fn attached_running(&self) -> Vec<Reattach> {
+        lock(&self.instances)
+            .iter()
+            .filter(|(_, i)| i.attached && i.stop.is_none())
+            .filter_map(|(task, i)| match i.phase {
+                Phase::Running { pid } if pid > 0 => Some(Reattach {
+                    task: task.clone(),
+                    job: i.job_name.clone(),
+                    number: i.number,
+                    port: i.port.clone(),
+                    pid,
+                    runtime: i.runtime.clone(),
+                }),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Attaches a running container the NetManager lost again, or stops a unikernel whose tap it lost.
+    async fn reattach(&self, nm: &NetManager, lost: Reattach) {
+        let Reattach {
+            task,
+            job,
+            number,
+            port,
+            pid,
+            runtime,
+        } = lost;
+        if runtime.name() == unikernel::NAME {
+            tracing::warn!(task = %task, "the NetManager lost this guest's network; stopping it to be started again");
+            if let Err(e) = runtime.stop(&task, true).await {
+                tracing::warn!(task = %task, error = %e, "cannot stop the guest");
+            }
+            return;
+        }
+        match nm.attach(pid, &job, number, &port).await {
+            Ok(answer) => {
+                tracing::info!(task = %task, pid, ip = %answer.ns_address, "attached again after a NetManager restart")
+            }
+            Err(e) => {
+                tracing::warn!(task = %task, pid, error = %e, "cannot attach again; trying at the next check")
+            }
+        }
+    }
+
     // === Adoption ================================================================================================
 
     /// Takes over what a previous run left in the runtimes: running instances are watched again, ended ones are
@@ -1025,6 +1143,7 @@ pub async fn run(settings: Settings, mut shutdown: watch::Receiver<bool>) -> Res
         netmanager,
         session: Mutex::new(None),
         node_id: Mutex::new(String::new()),
+        identity: Mutex::new(None),
         public_ip: Mutex::new(ip),
         instances: Mutex::new(HashMap::new()),
         cpu: Mutex::new(CpuTracker::new()),
@@ -1063,7 +1182,9 @@ pub async fn run(settings: Settings, mut shutdown: watch::Receiver<bool>) -> Res
         }
         tracing::info!("NetManager registered");
     }
+    *lock(&agent.identity) = Some(identity.clone());
     agent.adopt().await;
+    let overlay_keeper = tokio::spawn(agent.clone().keep_overlay(shutdown.clone()));
     let mut ticker = tokio::time::interval(settings.report_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -1094,6 +1215,7 @@ pub async fn run(settings: Settings, mut shutdown: watch::Receiver<bool>) -> Res
                         break;
                     };
                     *lock(&agent.node_id) = identity.node_id.clone();
+                    *lock(&agent.identity) = Some(identity);
                     *lock(&agent.session) = Some(session);
                     inbound = rx;
                     pump = p;
@@ -1103,6 +1225,7 @@ pub async fn run(settings: Settings, mut shutdown: watch::Receiver<bool>) -> Res
         }
     }
     tracing::info!(on_stop = ?settings.on_stop, "shutting down");
+    overlay_keeper.abort();
     if settings.on_stop == OnStop::Stop {
         agent.stop_all().await;
     }
@@ -1199,6 +1322,7 @@ mod tests {
             netmanager: None,
             session: Mutex::new(None),
             node_id: Mutex::new("n1".into()),
+            identity: Mutex::new(None),
             public_ip: Mutex::new("127.0.0.1".into()),
             instances: Mutex::new(HashMap::new()),
             cpu: Mutex::new(CpuTracker::new()),

@@ -1,21 +1,55 @@
 //! The NodeEngine's calls to its NetManager (the overlay): `/register` once, `/container/deploy` between task
-//! create and start, `/container/undeploy` when the instance goes away. Over the unix socket or a localhost port.
+//! create and start, `/container/undeploy` when the instance goes away, `/status` to notice a NetManager that
+//! restarted. Over the unix socket or a localhost port.
 
+use std::collections::HashSet;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use hyper::Method;
 use oakestra_protocol::api::netmanager::{
     ContainerDeployRequest, ContainerDeployResponse, PATH_CONTAINER_DEPLOY, PATH_CONTAINER_UNDEPLOY,
-    PATH_REGISTER, PATH_UNIKERNEL_DEPLOY, PATH_UNIKERNEL_UNDEPLOY, RegisterRequest, UndeployRequest,
+    PATH_REGISTER, PATH_STATUS, PATH_UNIKERNEL_DEPLOY, PATH_UNIKERNEL_UNDEPLOY, RegisterRequest,
+    UndeployRequest,
 };
 use oakestra_protocol::client::{self, Response};
 use serde::Serialize;
+use serde_json::Value;
 
 use crate::config::Overlay;
 
 /// How long one NetManager call may take (an attach creates a veth, addresses and NAT rules).
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a status call may take (a NetManager busy attaching answers it late; the next check comes soon).
+const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What a NetManager holds, from its status.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plumbed {
+    /// Whether a NodeEngine registered it (a NetManager that restarted is not).
+    pub registered: bool,
+    /// The instances it has plumbed: (job name, instance number).
+    pub instances: HashSet<(String, i64)>,
+}
+
+impl Plumbed {
+    /// Reads a status document; `None` if it is not one (no `registered` flag).
+    pub fn from_status(status: &Value) -> Option<Self> {
+        let registered = status.get("registered")?.as_bool()?;
+        let instances = status
+            .get("instances")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|i| Some((i.get("job")?.as_str()?.to_owned(), i.get("instance")?.as_i64()?)))
+            .collect();
+        Some(Self {
+            registered,
+            instances,
+        })
+    }
+}
 
 /// Why a NetManager call failed.
 #[derive(Debug, thiserror::Error)]
@@ -69,13 +103,21 @@ impl NetManager {
     }
 
     async fn post(&self, path: &'static str, body: &impl Serialize) -> Result<Response, OverlayError> {
+        self.call(Method::POST, path, Some(body), CALL_TIMEOUT).await
+    }
+
+    async fn call(
+        &self,
+        method: Method,
+        path: &'static str,
+        body: Option<&impl Serialize>,
+        timeout: Duration,
+    ) -> Result<Response, OverlayError> {
         let answer = match self {
-            Self::Socket(socket) => {
-                client::call_unix(Method::POST, socket, path, Some(body), CALL_TIMEOUT).await
-            }
+            Self::Socket(socket) => client::call_unix(method, socket, path, body, timeout).await,
             Self::Port(port) => {
                 let url = format!("http://127.0.0.1:{port}{path}");
-                client::call(Method::POST, &url, None, Some(body), CALL_TIMEOUT).await
+                client::call(method, &url, None, body, timeout).await
             }
         }
         .map_err(|e| OverlayError::Unreachable {
@@ -91,6 +133,22 @@ impl NetManager {
             });
         }
         Ok(answer)
+    }
+
+    /// `GET /status` (an oakestra-rs NetManager's): whether it is registered and which instances it has plumbed.
+    /// `Ok(None)`: it has no such status (a reference NetManager), so what it holds cannot be checked.
+    pub async fn plumbed(&self) -> Result<Option<Plumbed>, OverlayError> {
+        let answer = match self
+            .call(Method::GET, PATH_STATUS, None::<&()>, STATUS_TIMEOUT)
+            .await
+        {
+            Ok(a) => a,
+            Err(OverlayError::Refused {
+                status: 404 | 405, ..
+            }) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        Ok(Plumbed::from_status(&answer.body))
     }
 
     /// `POST /register`: tells the NetManager the node id and the cluster (broker) address, plus (oakestra-rs
@@ -175,5 +233,32 @@ impl NetManager {
             PATH_CONTAINER_UNDEPLOY
         };
         self.post(path, &body).await.map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::Plumbed;
+
+    #[test]
+    fn a_status_says_what_is_plumbed() {
+        let status = json!({"registered": true, "uptime_s": 3, "instances": [
+            {"job": "a.b.c.d", "instance": 0, "veth": "veth1"},
+            {"job": "a.b.c.d", "instance": 2},
+            {"job": 7, "instance": 1},
+        ]});
+        let p = Plumbed::from_status(&status).expect("a status");
+        assert!(p.registered);
+        let mut got: Vec<_> = p.instances.into_iter().collect();
+        got.sort();
+        assert_eq!(got, [("a.b.c.d".to_owned(), 0), ("a.b.c.d".to_owned(), 2)]);
+        // A NetManager that restarted: registered false, nothing plumbed.
+        let fresh = Plumbed::from_status(&json!({"registered": false, "uptime_s": 1})).expect("a status");
+        assert_eq!(fresh, Plumbed::default());
+        // Not a status (a reference NetManager's 404 page, an error object): nothing to check against.
+        assert_eq!(Plumbed::from_status(&json!({"error": "not found"})), None);
+        assert_eq!(Plumbed::from_status(&json!("404 page not found")), None);
     }
 }

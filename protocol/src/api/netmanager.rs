@@ -24,6 +24,10 @@ pub const PATH_DOCKER_UNDEPLOY: &str = "/docker/undeploy";
 pub const PATH_UNIKERNEL_DEPLOY: &str = "/unikernel/deploy";
 /// `POST`: detach a unikernel ([`UndeployRequest`]).
 pub const PATH_UNIKERNEL_UNDEPLOY: &str = "/unikernel/undeploy";
+/// `GET` (oakestra-rs only; a reference NetManager answers 404): the daemon's state as JSON, with `registered`
+/// and the plumbed `instances` (`job`, `instance`), which a NodeEngine checks to re-attach after a NetManager
+/// restart.
+pub const PATH_STATUS: &str = "/status";
 
 /// `POST /register` body.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
