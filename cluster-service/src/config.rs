@@ -143,6 +143,11 @@ pub struct Cli {
     #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
     pub header_read_timeout: f64,
 
+    /// Seconds a client has to send a request body, from the end of its headers; a slower one is answered 400 and
+    /// disconnected.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30.0)]
+    pub body_read_timeout: f64,
+
     /// Seconds an HTTP connection may stay open with no request in flight.
     #[arg(long, value_name = "SECONDS", default_value_t = 60.0)]
     pub idle_timeout: f64,
@@ -420,6 +425,7 @@ impl Config {
             )?),
             idle_timeout: Duration::from_millis(seconds("--idle-timeout", cli.idle_timeout)?),
             max_connections: cli.max_http_connections,
+            body_read_timeout: Duration::from_millis(seconds("--body-read-timeout", cli.body_read_timeout)?),
         };
         let advertise_address = cli
             .advertise_address

@@ -13,7 +13,11 @@
 //! - **idle**: a keep-alive connection with no request in flight and nothing received is closed after
 //!   [`ServerLimits::idle_timeout`].
 //!
-//! A request in flight (its handler running) is never cut; the handlers' own deadlines bound it.
+//! - **body read**: a request body must be complete within [`ServerLimits::body_read_timeout`] of the end of its
+//!   head; a client that trickles it in slower gets a 400 naming the limit and the connection is closed (the
+//!   handler sees its body fail, as for any broken body).
+//!
+//! A request in flight (its handler running) is otherwise never cut; the handlers' own deadlines bound it.
 //!
 //! # Connections and shutdown
 //!
@@ -56,6 +60,8 @@ pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default [`ServerLimits::max_connections`].
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+/// Default [`ServerLimits::body_read_timeout`].
+pub const DEFAULT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What one listener allows its clients.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,6 +73,8 @@ pub struct ServerLimits {
     pub idle_timeout: Duration,
     /// Connections served at once; more wait to be accepted.
     pub max_connections: usize,
+    /// How long a request body may take to arrive, from the end of its head.
+    pub body_read_timeout: Duration,
 }
 
 impl Default for ServerLimits {
@@ -75,6 +83,7 @@ impl Default for ServerLimits {
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            body_read_timeout: DEFAULT_BODY_READ_TIMEOUT,
         }
     }
 }
@@ -165,10 +174,18 @@ async fn connection(
     let routed = TowerToHyperService::new(router);
     let service = {
         let clock = Arc::clone(&clock);
-        hyper::service::service_fn(move |mut request: Request<Incoming>| {
-            request.extensions_mut().insert(ConnectInfo(peer));
+        let body_read_timeout = limits.body_read_timeout;
+        hyper::service::service_fn(move |request: Request<Incoming>| {
+            let (mut parts, body) = request.into_parts();
+            parts.extensions.insert(ConnectInfo(peer));
+            let body = Body::new(BodyDeadline {
+                inner: body,
+                limit: body_read_timeout,
+                due: Instant::now() + body_read_timeout,
+                timer: None,
+            });
             let in_flight = InFlight::start(Arc::clone(&clock));
-            let answer = hyper::service::Service::call(&routed, request);
+            let answer = hyper::service::Service::call(&routed, Request::from_parts(parts, body));
             async move {
                 let response = answer.await;
                 drop(in_flight);
@@ -210,6 +227,50 @@ async fn connection(
                 }
             }
         }
+    }
+}
+
+/// A request body that must be complete by `due` (the end of its head plus the body read timeout).
+struct BodyDeadline {
+    inner: Incoming,
+    limit: Duration,
+    due: Instant,
+    /// Armed the first time the body is not ready: a request without a body never sets a timer.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl hyper::body::Body for BodyDeadline {
+    type Data = axum::body::Bytes;
+    type Error = axum::BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        let this = &mut *self;
+        if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
+            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+        }
+        let due = this.due;
+        let timer = this
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+        if timer.as_mut().poll(cx).is_ready() {
+            let why = format!(
+                "the request body did not arrive within {} s (the body read timeout)",
+                this.limit.as_secs_f64()
+            );
+            return Poll::Ready(Some(Err(why.into())));
+        }
+        Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -439,6 +500,59 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(TcpStream::connect(addr).await.is_err(), "the listener is closed");
+    }
+
+    /// A body trickled in slower than the body read timeout is answered 400 naming the limit, and the connection
+    /// is closed; a body in time is read.
+    #[tokio::test]
+    async fn slow_bodies_are_cut() {
+        let router = Router::new().route(
+            "/echo",
+            axum::routing::post(|body: axum::body::Bytes| async move { format!("got {}", body.len()) }),
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let limits = ServerLimits {
+            body_read_timeout: Duration::from_millis(300),
+            ..ServerLimits::default()
+        };
+        let server = tokio::spawn(serve(
+            listener,
+            router.layer(axum::middleware::map_response(json_errors)),
+            limits,
+            std::future::pending(),
+        ));
+        let head = "POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n";
+        let mut slow = TcpStream::connect(addr).await.unwrap();
+        slow.write_all(format!("{head}12345").as_bytes()).await.unwrap();
+        let started = std::time::Instant::now();
+        let mut answer = String::new();
+        tokio::time::timeout(Duration::from_secs(5), slow.read_to_string(&mut answer))
+            .await
+            .expect("the connection is closed")
+            .unwrap();
+        assert!(
+            started.elapsed() >= Duration::from_millis(250),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+        assert!(answer.contains("body read timeout"), "{answer}");
+        assert!(answer.contains("\"message\""), "{answer}");
+
+        let mut quick = TcpStream::connect(addr).await.unwrap();
+        quick
+            .write_all(format!("{head}1234567890").as_bytes())
+            .await
+            .unwrap();
+        let mut buf = vec![0; 1024];
+        let n = quick.read(&mut buf).await.unwrap();
+        let answer = String::from_utf8_lossy(&buf[..n]);
+        assert!(
+            answer.starts_with("HTTP/1.1 200") && answer.ends_with("got 10"),
+            "{answer}"
+        );
+        server.abort();
     }
 
     async fn body_json(response: Response<Body>) -> Value {

@@ -93,6 +93,11 @@ pub struct Cli {
     #[arg(long, value_name = "SECONDS", default_value_t = DEFAULT_HEADER_READ_SECS)]
     pub header_read_timeout: u64,
 
+    /// Seconds a client may take to send a request body, counted from the end of its headers. Slower bodies are
+    /// answered 400 and the connection is closed.
+    #[arg(long, value_name = "SECONDS", default_value_t = DEFAULT_BODY_READ_SECS)]
+    pub body_read_timeout: u64,
+
     /// Seconds a keep-alive connection may stay open with no request in flight before it is closed.
     #[arg(long, value_name = "SECONDS", default_value_t = DEFAULT_IDLE_SECS)]
     pub idle_timeout: u64,
@@ -135,6 +140,8 @@ pub struct Cli {
 pub const DEFAULT_HEADER_READ_SECS: u64 = 10;
 /// Default `--idle-timeout`.
 pub const DEFAULT_IDLE_SECS: u64 = 60;
+/// Default `--body-read-timeout`.
+pub const DEFAULT_BODY_READ_SECS: u64 = 30;
 
 /// Default liveness window: 30 s, the reference's (two cluster report intervals).
 pub const DEFAULT_LIVENESS_SECS: u64 = 30;
@@ -211,6 +218,7 @@ impl Config {
             http: ServerLimits {
                 header_read_timeout: Duration::from_secs(DEFAULT_HEADER_READ_SECS),
                 idle_timeout: Duration::from_secs(DEFAULT_IDLE_SECS),
+                body_read_timeout: Duration::from_secs(DEFAULT_BODY_READ_SECS),
                 ..ServerLimits::default()
             },
             hashing: PoolSize::default(),
@@ -276,6 +284,7 @@ impl Config {
         for (flag, value) in [
             ("--header-read-timeout", cli.header_read_timeout),
             ("--idle-timeout", cli.idle_timeout),
+            ("--body-read-timeout", cli.body_read_timeout),
         ] {
             if value == 0 || value > 3600 {
                 return Err(invalid(
@@ -355,6 +364,7 @@ impl Config {
                 header_read_timeout: Duration::from_secs(cli.header_read_timeout),
                 idle_timeout: Duration::from_secs(cli.idle_timeout),
                 max_connections: cli.max_connections,
+                body_read_timeout: Duration::from_secs(cli.body_read_timeout),
             },
             hashing,
             login: LoginLimits {

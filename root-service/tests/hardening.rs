@@ -145,6 +145,7 @@ fn limits(header_ms: u64, idle_ms: u64, max_connections: usize) -> ServerLimits 
         header_read_timeout: Duration::from_millis(header_ms),
         idle_timeout: Duration::from_millis(idle_ms),
         max_connections,
+        ..ServerLimits::default()
     }
 }
 
