@@ -194,7 +194,13 @@ impl Engine {
                     tokio::spawn(async move { engine.prefetch(&job_name).await });
                 }
                 Effect::ReportSoon => self.report_soon.notify_one(),
-                Effect::DropNode { node } => self.broker.revoke_node(&node),
+                Effect::DropNode { node, had_subnet } => {
+                    self.broker.revoke_node(&node);
+                    if had_subnet {
+                        let engine = Arc::clone(self);
+                        tokio::spawn(async move { engine.release_subnet(&node).await });
+                    }
+                }
                 // Written above.
                 Effect::SaveNode(_)
                 | Effect::SaveJob { .. }
@@ -202,6 +208,22 @@ impl Engine {
                 | Effect::SaveInstance { .. }
                 | Effect::DropInstance { .. } => {}
             }
+        }
+    }
+
+    /// Tells root that forgotten worker `node` no longer needs its subnet pair (`DELETE /api/net/subnet`). A failure
+    /// is logged: the pair stays taken at root, as it would with a reference root.
+    async fn release_subnet(&self, node: &str) {
+        let path = format!(
+            "{}?worker_id={node}",
+            oakestra_protocol::api::federation::SUBNET_PATH
+        );
+        match self.call_root::<()>(Method::DELETE, &path, None).await {
+            Ok(r) if r.is_success() => tracing::info!(node = %node, "worker subnet released at root"),
+            Ok(r) => {
+                tracing::warn!(node = %node, status = r.status, "root did not release the worker subnet")
+            }
+            Err(why) => tracing::warn!(node = %node, %why, "cannot release the worker subnet at root"),
         }
     }
 

@@ -354,10 +354,13 @@ pub enum Effect {
     },
     /// Persist a worker.
     SaveNode(NodeRecord),
-    /// Forget a worker: its database row, its MQTT credentials and broker sessions.
+    /// Forget a worker: its database row, its MQTT credentials and broker sessions, and (when it had one) its
+    /// subnet pair at root.
     DropNode {
         /// The node id.
         node: String,
+        /// Whether root handed it a subnet pair, to be released.
+        had_subnet: bool,
     },
     /// Persist a job document.
     SaveJob {
@@ -1357,7 +1360,10 @@ impl State {
                     self.hosts.remove(&n.record.name);
                 }
                 tracing::info!(node = %id, name = ?n.record.name, heard = n.heard, "worker forgotten (dead or never connected for too long)");
-                effects.push(Effect::DropNode { node: id });
+                effects.push(Effect::DropNode {
+                    node: id,
+                    had_subnet: n.record.subnet.is_some(),
+                });
             }
         }
     }
@@ -1546,7 +1552,7 @@ mod tests {
                 .tick(now)
                 .into_iter()
                 .filter_map(|e| match e {
-                    Effect::DropNode { node } => Some(node),
+                    Effect::DropNode { node, .. } => Some(node),
                     _ => None,
                 })
                 .collect();
@@ -1562,7 +1568,13 @@ mod tests {
         }
         let left: Vec<&str> = s.nodes().map(|n| n.record.id.as_str()).collect();
         assert_eq!(left, vec![talks.as_str()]);
-        assert!(Effect::DropNode { node: quiet }.is_write());
+        assert!(
+            Effect::DropNode {
+                node: quiet,
+                had_subnet: false
+            }
+            .is_write()
+        );
     }
 
     #[test]

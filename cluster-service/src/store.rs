@@ -296,7 +296,7 @@ impl Store {
                             params![job_id, number],
                         )?;
                     }
-                    Effect::DropNode { node } => {
+                    Effect::DropNode { node, .. } => {
                         tx.execute("DELETE FROM nodes WHERE id = ?1", [&node])?;
                     }
                     _ => {}

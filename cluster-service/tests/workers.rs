@@ -514,7 +514,9 @@ async fn network(broker: BrokerKind) {
                            "service_ip": [{"IpType": "RR", "Address": "10.30.0.5", "Address_v6": "fdff:2000::5"}]}]
     }));
     let dir = TempDir::new();
-    let cluster = start_cluster(fast_args(&root.url, &dir.0), &broker).await;
+    let mut args = fast_args(&root.url, &dir.0);
+    args.extend(["--purge-dead-after".to_owned(), "1".to_owned()]);
+    let cluster = start_cluster(args, &broker).await;
     let mut w = FakeWorker::join(&cluster, "edge-a", 4, 4000).await;
 
     w.publish("net/subnet", json!({"METHOD": "GET"})).await;
@@ -625,6 +627,21 @@ async fn network(broker: BrokerKind) {
     .await;
     assert_eq!(dropped.method, Method::DELETE);
     assert_eq!(dropped.path, "/api/net/interest/net.ns.svc.ns");
+
+    // The worker dies and is forgotten (--purge-dead-after 1 s here): root gets its subnet pair back.
+    let id = w.id.clone();
+    w.kill().await;
+    let released = eventually(15, "the subnet released at root", || async {
+        root.calls("/api/net/subnet")
+            .into_iter()
+            .find(|c| c.method == Method::DELETE)
+    })
+    .await;
+    assert_eq!(released.path, format!("/api/net/subnet?worker_id={id}"));
+    assert!(
+        cluster.engine.state().node(&id).is_none(),
+        "the worker is forgotten"
+    );
     cluster.stop().await.unwrap();
 }
 

@@ -762,6 +762,48 @@ async fn network_endpoints_resolve_and_fan_out() {
     assert_eq!(s2["subnet_addr"], "10.18.0.64");
     let (status, _) = get(&root, "/api/net/subnet", &token).await;
     assert_eq!(status, 401, "a user token is not a cluster secret");
+    // A forgotten worker's subnets go back to the pools, only for the cluster that owns the worker.
+    let (status, r) = root
+        .call(
+            Method::DELETE,
+            "/api/net/subnet?worker_id=w2",
+            Some(&b.token),
+            None,
+        )
+        .await;
+    assert_eq!((status, r["released"].clone()), (200, json!(0)), "{r}");
+    let (status, r) = root
+        .call(
+            Method::DELETE,
+            "/api/net/subnet?worker_id=w2",
+            Some(&a.token),
+            None,
+        )
+        .await;
+    assert_eq!((status, r["released"].clone()), (200, json!(2)), "{r}");
+    let (_, r) = root
+        .call(
+            Method::DELETE,
+            "/api/net/subnet?worker_id=w2",
+            Some(&a.token),
+            None,
+        )
+        .await;
+    assert_eq!(r["released"], json!(0), "idempotent: {r}");
+    let (status, r) = root
+        .call(Method::DELETE, "/api/net/subnet", Some(&a.token), None)
+        .await;
+    assert_eq!(status, 400, "{r}");
+    assert!(r["message"].as_str().unwrap().contains("worker_id"), "{r}");
+    let (status, _) = root
+        .call(Method::DELETE, "/api/net/subnet?worker_id=w1", Some(&token), None)
+        .await;
+    assert_eq!(status, 401);
+    // w2 asks again: a pair of its own again, and w1 kept its pair.
+    let (_, s2again) = get(&root, "/api/net/subnet?worker_id=w2", &a.token).await;
+    assert_ne!(s2again["subnet_addr"], s1["subnet_addr"], "{s2again}");
+    let (_, s1still) = get(&root, "/api/net/subnet?worker_id=w1", &a.token).await;
+    assert_eq!(s1still, s1);
 
     let (_, r) = root
         .post(&format!("/api/service/{nginx}/instance"), &token, &json!({}))

@@ -37,7 +37,7 @@ use crate::{
 /// The routes of this module.
 pub fn routes() -> Vec<(&'static str, MethodRouter<AppState>)> {
     vec![
-        (SUBNET_PATH, get(subnet)),
+        (SUBNET_PATH, get(subnet).delete(release_subnet)),
         ("/api/net/service/{job}/instances", get(job_by_name)),
         ("/api/net/service/ip/{ip}/instances", get(job_by_ip)),
         ("/api/net/interest/{job}", delete(drop_interest)),
@@ -52,19 +52,25 @@ struct SubnetQuery {
     worker_id: Option<String>,
 }
 
+/// Checks a `worker_id` query value: 1-128 printable ASCII characters.
+fn checked_worker(worker: &str) -> Result<(), ApiError> {
+    if worker.len() > 128 || !worker.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("worker_id = {worker:?}: must be 1-128 printable ASCII characters"),
+        ));
+    }
+    Ok(())
+}
+
 async fn subnet(
     State(state): State<AppState>,
     ClusterAuth(cluster): ClusterAuth,
     Query(query): Query<SubnetQuery>,
 ) -> Result<Json<SubnetAllocation>, ApiError> {
     let worker = query.worker_id.filter(|w| !w.is_empty());
-    if let Some(w) = &worker
-        && (w.len() > 128 || !w.bytes().all(|b| b.is_ascii_graphic()))
-    {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            format!("worker_id = {w:?}: must be 1-128 printable ASCII characters"),
-        ));
+    if let Some(w) = &worker {
+        checked_worker(w)?;
     }
     let id = cluster.id.clone();
     let (v4, v6) = state
@@ -79,6 +85,30 @@ async fn subnet(
 }
 
 /// The job as clusters see it: the round-robin addresses and every placed instance with its addresses.
+/// `DELETE /api/net/subnet?worker_id=<id>`: the cluster forgot worker `<id>` (oakestra-rs; the reference never
+/// frees a worker subnet), so its subnet pair goes back to the pools. Only the calling cluster's own workers.
+async fn release_subnet(
+    State(state): State<AppState>,
+    ClusterAuth(cluster): ClusterAuth,
+    Query(query): Query<SubnetQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let Some(worker) = query.worker_id.filter(|w| !w.is_empty()) else {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "worker_id: required (the worker whose subnet is released)".to_owned(),
+        ));
+    };
+    checked_worker(&worker)?;
+    let id = cluster.id.clone();
+    let w = worker.clone();
+    let released = state
+        .store
+        .with(move |inner| net::release_subnets(&mut inner.conn, &mut inner.pools, &id, &w))
+        .await?;
+    tracing::info!(cluster = %Escaped(&cluster.name), worker = %Escaped(&worker), released, "worker subnet released");
+    Ok(Json(json!({"message": "ok", "released": released})))
+}
+
 fn net_job(service: &ServiceRow) -> NetJob {
     let rr = ServiceIp {
         ip_type: IpType::RoundRobin,

@@ -331,6 +331,37 @@ pub fn subnet_for(
     }
 }
 
+/// Gives `worker`'s subnet pair (of cluster `cluster_id`) back to the pools; returns how many subnets were freed
+/// (0 when it had none: releasing is idempotent).
+pub fn release_subnets(
+    conn: &mut Connection,
+    pools: &mut Pools,
+    cluster_id: &str,
+    worker: &str,
+) -> Result<usize, Error> {
+    let tx = conn.transaction()?;
+    let rows = {
+        let mut stmt = tx.prepare(
+            "SELECT address, pool FROM addresses WHERE cluster_id = ?1 AND worker = ?2 AND pool IN ('subnet_v4', 'subnet_v6')",
+        )?;
+        stmt.query_map(params![cluster_id, worker], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+        })?
+        .collect::<Result<Vec<_>, _>>()?
+    };
+    tx.execute(
+        "DELETE FROM addresses WHERE cluster_id = ?1 AND worker = ?2 AND pool IN ('subnet_v4', 'subnet_v6')",
+        params![cluster_id, worker],
+    )?;
+    tx.commit()?;
+    for (address, pool) in &rows {
+        if let Some(kind) = PoolKind::parse(pool) {
+            pools.release(kind, address);
+        }
+    }
+    Ok(rows.len())
+}
+
 /// Records that `cluster_id` wants updates about `job_name`.
 pub fn add_interest(conn: &Connection, job_name: &str, cluster_id: &str) -> Result<(), Error> {
     conn.execute(
