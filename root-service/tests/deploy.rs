@@ -763,41 +763,20 @@ async fn network_endpoints_resolve_and_fan_out() {
     let (status, _) = get(&root, "/api/net/subnet", &token).await;
     assert_eq!(status, 401, "a user token is not a cluster secret");
     // A forgotten worker's subnets go back to the pools, only for the cluster that owns the worker.
-    let (status, r) = root
-        .call(
-            Method::DELETE,
-            "/api/net/subnet?worker_id=w2",
-            Some(&b.token),
-            None,
-        )
-        .await;
+    async fn release(root: &Server, path: &str, token: &str) -> (u16, Value) {
+        root.call(Method::DELETE, path, Some(token), None).await
+    }
+    let w2 = "/api/net/subnet?worker_id=w2";
+    let (status, r) = release(&root, w2, &b.token).await;
     assert_eq!((status, r["released"].clone()), (200, json!(0)), "{r}");
-    let (status, r) = root
-        .call(
-            Method::DELETE,
-            "/api/net/subnet?worker_id=w2",
-            Some(&a.token),
-            None,
-        )
-        .await;
+    let (status, r) = release(&root, w2, &a.token).await;
     assert_eq!((status, r["released"].clone()), (200, json!(2)), "{r}");
-    let (_, r) = root
-        .call(
-            Method::DELETE,
-            "/api/net/subnet?worker_id=w2",
-            Some(&a.token),
-            None,
-        )
-        .await;
+    let (_, r) = release(&root, w2, &a.token).await;
     assert_eq!(r["released"], json!(0), "idempotent: {r}");
-    let (status, r) = root
-        .call(Method::DELETE, "/api/net/subnet", Some(&a.token), None)
-        .await;
+    let (status, r) = release(&root, "/api/net/subnet", &a.token).await;
     assert_eq!(status, 400, "{r}");
     assert!(r["message"].as_str().unwrap().contains("worker_id"), "{r}");
-    let (status, _) = root
-        .call(Method::DELETE, "/api/net/subnet?worker_id=w1", Some(&token), None)
-        .await;
+    let (status, _) = release(&root, "/api/net/subnet?worker_id=w1", &token).await;
     assert_eq!(status, 401);
     // w2 asks again: a pair of its own again, and w1 kept its pair.
     let (_, s2again) = get(&root, "/api/net/subnet?worker_id=w2", &a.token).await;

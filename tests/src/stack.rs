@@ -28,6 +28,19 @@ pub async fn call(method: &str, url: &str, bearer: Option<&str>, body: Option<&V
     .expect("the HTTP call")
 }
 
+/// `GET url` with `bearer`, 2 s at most; `None` on a transport error (e.g. the server is restarting).
+pub async fn try_get(url: &str, bearer: &str) -> Option<client::Response> {
+    client::call::<Value>(
+        "GET".parse().expect("an HTTP method"),
+        url,
+        Some(bearer),
+        None,
+        Duration::from_secs(2),
+    )
+    .await
+    .ok()
+}
+
 /// `root-service` flags: listen on 127.0.0.1:`port`, data in `dir/root`, join token `token`.
 pub fn root_args(dir: &Path, port: u16, token: &str) -> Vec<String> {
     vec![
@@ -191,18 +204,7 @@ impl Stack {
         let token = self.token.clone();
         eventually(20, "root to answer again", &[&self.root], || {
             let (url, token) = (url.clone(), token.clone());
-            async move {
-                let r = client::call::<Value>(
-                    "GET".parse().expect("stack"),
-                    &url,
-                    Some(&token),
-                    None,
-                    Duration::from_secs(2),
-                )
-                .await
-                .ok()?;
-                (r.status == 200).then_some(())
-            }
+            async move { (try_get(&url, &token).await?.status == 200).then_some(()) }
         })
         .await;
     }
@@ -317,15 +319,7 @@ impl Stack {
     /// Instance 0 of `job` as root shows it.
     pub async fn instance(&self, job: &str) -> Option<Value> {
         let url = format!("{}/api/service/{job}", self.root_url);
-        let r = client::call::<Value>(
-            "GET".parse().expect("stack"),
-            &url,
-            Some(&self.token),
-            None,
-            Duration::from_secs(2),
-        )
-        .await
-        .ok()?;
+        let r = try_get(&url, &self.token).await?;
         let i = r.body["instance_list"].get(0)?.clone();
         Some(i)
     }
