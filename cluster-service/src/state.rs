@@ -199,6 +199,10 @@ pub struct Instance {
     /// Not placed again before this time (back-off).
     #[serde(default)]
     pub retry_at_ms: u64,
+    /// Its worker reported it `DEAD` or `FAILED` itself, so it holds nothing of it any more: placing it again
+    /// sends that worker no delete (one racing a new deploy to the same worker would stop the new instance).
+    #[serde(default)]
+    pub ended_on_worker: bool,
 }
 
 impl Instance {
@@ -219,6 +223,7 @@ impl Instance {
             last_update_ms: now_ms,
             failures: 0,
             retry_at_ms: 0,
+            ended_on_worker: false,
         }
     }
 
@@ -909,6 +914,7 @@ impl State {
         }
         match status {
             Status::Failed | Status::Dead => {
+                i.ended_on_worker = true;
                 i.failures = i.failures.saturating_add(1);
                 let pause = timing.backoff_ms(i.failures);
                 i.retry_at_ms = now_ms.saturating_add(pause);
@@ -1229,13 +1235,17 @@ impl State {
         let Some(i) = job.instances.get_mut(&number) else {
             return;
         };
-        if let Some(old) = i.worker_id.take() {
-            // The old worker may still hold it (e.g. it only looked dead); a delete is harmless if not.
+        if let Some(old) = i.worker_id.take()
+            && !std::mem::take(&mut i.ended_on_worker)
+        {
+            // The old worker may still hold it (e.g. it only looked dead, or missed a deadline); a delete is
+            // harmless if not.
             effects.push(Effect::Delete {
                 node: old,
                 command: DeleteCommand::new(job_name, virtualization, number),
             });
         }
+        i.ended_on_worker = false;
         let detail = i.status_detail.clone();
         i.set_status(Status::Requested, format!("rescheduling: {detail}"), now_ms);
         self.place(job_id, number, now_ms, effects);
@@ -2037,10 +2047,13 @@ mod tests {
             pauses.push(i.retry_at_ms - now);
             // Not before the pause...
             assert!(deployed_to(&s.tick(i.retry_at_ms - 1)).is_none());
-            // ...and right after it.
+            // ...and right after it, with no delete: the worker removed it already, and a delete racing the new
+            // deploy to the same worker would stop the new instance.
             now = i.retry_at_ms;
             alive(&mut s, &a, now);
-            assert_eq!(deployed_to(&s.tick(now)).as_deref(), Some(a.as_str()));
+            let effects = s.tick(now);
+            assert_eq!(deployed_to(&effects).as_deref(), Some(a.as_str()));
+            assert!(deleted_on(&effects).is_empty(), "{effects:?}");
         }
         assert_eq!(pauses, vec![1_000, 2_000, 4_000, 8_000, 8_000, 8_000]);
         // The detail says what is going on.

@@ -6,8 +6,9 @@
 //! layout) is served over HTTP from the LAN namespace and deployed through root's API on worker 1: it is RUNNING,
 //! its boot shows in the instance logs, a container on worker 2 fetches its page (with the 9p-shared file) through
 //! its `rr_ip` and `rr_ip_v6`, and a host port mapping reaches it. A one-shot guest fetches a container's service IP
-//! and completes. Worker 1's NodeEngine restarts and adopts the running guest. Undeploying it leaves no QEMU, tap,
-//! namespace or cache lock. A broken tarball ends FAILED with the reason, a 404 too, and nothing of either stays.
+//! and completes. Worker 1's NodeEngine restarts and adopts the running guest; worker 1's NetManager restarts, so the
+//! guest is started again in a new QEMU and the container next to it attached again, both reachable as before.
+//! Undeploying the guest leaves no QEMU, tap, namespace or cache lock. A broken tarball ends FAILED with the reason, a 404 too, and nothing of either stays.
 #![allow(clippy::unwrap_used, reason = "test code: a panic is the clearest failure")]
 #![allow(clippy::print_stderr, reason = "the test reports the boot times it saw")]
 
@@ -145,7 +146,8 @@ async fn guests_run_through_the_public_api_on_both_dataplanes() {
             .spawn()
             .unwrap(),
     );
-    let url = |file: &str| format!("http://{}:{port}/{file}", bed.lan_ip);
+    let lan_ip = bed.lan_ip.clone();
+    let url = |file: &str| format!("http://{lan_ip}:{port}/{file}");
     bed.stack.wait_active_workers(2, 60, &bed.procs()).await;
     bed.assert_dataplanes();
     // Both workers offer unikernels and found out by themselves that KVM is no use here.
@@ -306,6 +308,55 @@ async fn guests_run_through_the_public_api_on_both_dataplanes() {
     .await;
     assert_eq!(qemus_of(task), qemu, "the same QEMU after the restart");
     assert!(fetch_in(cli_pid, &format!("http://{RR_V4}/")).is_some_and(|p| p.contains("guest 10.18.")));
+
+    // --- Worker 1's NetManager restarts: the guest's tap went with it, so the NodeEngine stops the guest and the
+    // cluster starts it again (a new QEMU); the container next to it is attached again. Both answer again.
+    bed.restart_netmanager(0, "netmanager-2");
+    eventually(
+        60,
+        "the guest stopped for a new network",
+        &bed.procs(),
+        || async {
+            bed.engines[0]
+                .log()
+                .contains("lost this guest's network")
+                .then_some(())
+        },
+    )
+    .await;
+    let restarted = eventually(
+        180,
+        "the guest running again in a new QEMU",
+        &bed.procs(),
+        || async {
+            let now = qemus_of(task);
+            (!now.is_empty() && now != qemu).then_some(now)
+        },
+    )
+    .await;
+    eventually(60, "the guest RUNNING at root again", &bed.procs(), || {
+        instance_in(&bed.stack, &guest_id, "RUNNING")
+    })
+    .await;
+    for target in [format!("http://{RR_V4}/"), format!("http://{CTR_RR}/")] {
+        eventually(
+            120,
+            &format!("{target} after the NetManager restart"),
+            &bed.procs(),
+            || async {
+                fetch_in(cli_pid, &target).filter(|p| p.contains("guest 10.18.") || p.contains("hi-from-ctr"))
+            },
+        )
+        .await;
+    }
+    assert!(
+        bed.engines[0]
+            .log()
+            .contains("attached again after a NetManager restart"),
+        "{}",
+        bed.engines[0].log()
+    );
+    assert_eq!(qemus_of(task), restarted);
 
     // --- Undeploy: no QEMU, tap, namespace or cache lock left.
     let r = call(
