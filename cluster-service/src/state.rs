@@ -1235,8 +1235,9 @@ impl State {
         let Some(i) = job.instances.get_mut(&number) else {
             return;
         };
+        let ended_on_worker = std::mem::take(&mut i.ended_on_worker);
         if let Some(old) = i.worker_id.take()
-            && !std::mem::take(&mut i.ended_on_worker)
+            && !ended_on_worker
         {
             // The old worker may still hold it (e.g. it only looked dead, or missed a deadline); a delete is
             // harmless if not.
@@ -1245,7 +1246,6 @@ impl State {
                 command: DeleteCommand::new(job_name, virtualization, number),
             });
         }
-        i.ended_on_worker = false;
         let detail = i.status_detail.clone();
         i.set_status(Status::Requested, format!("rescheduling: {detail}"), now_ms);
         self.place(job_id, number, now_ms, effects);

@@ -141,7 +141,7 @@ pub const DEFAULT_HEADER_READ_SECS: u64 = 10;
 /// Default `--idle-timeout`.
 pub const DEFAULT_IDLE_SECS: u64 = 60;
 /// Default `--body-read-timeout`.
-pub const DEFAULT_BODY_READ_SECS: u64 = 30;
+pub const DEFAULT_BODY_READ_SECS: u64 = oakestra_protocol::server::DEFAULT_BODY_READ_TIMEOUT.as_secs();
 
 /// Default liveness window: 30 s, the reference's (two cluster report intervals).
 pub const DEFAULT_LIVENESS_SECS: u64 = 30;

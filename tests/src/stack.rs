@@ -309,6 +309,16 @@ impl Stack {
         r.body.as_array().cloned().unwrap_or_default()
     }
 
+    /// Deletes every application root lists for Admin (each answered 200).
+    pub async fn delete_applications(&self) {
+        for app in self.applications().await {
+            let id = app["_id"].as_str().expect("an application id");
+            let url = format!("{}/api/application/{id}", self.root_url);
+            let r = call("DELETE", &url, Some(&self.token), None).await;
+            assert_eq!(r.status, 200, "DELETE {url}: {}", r.body);
+        }
+    }
+
     /// Every instance of `job` as root lists it (empty if the call fails).
     pub async fn instances(&self, job: &str) -> Vec<Value> {
         let url = format!("{}/api/service/{job}", self.root_url);

@@ -274,17 +274,7 @@ async fn twenty_instances_survive_restarts_of_every_component_and_a_broker_cut()
 
     step("cleaning up");
     drop(servers);
-    for app in bed.stack.applications().await {
-        let id = app["_id"].as_str().unwrap();
-        let r = call(
-            "DELETE",
-            &format!("{}/api/application/{id}", bed.stack.root_url),
-            Some(&bed.stack.token),
-            None,
-        )
-        .await;
-        assert_eq!(r.status, 200, "{}", r.body);
-    }
+    bed.stack.delete_applications().await;
     eventually(60, "every container to be removed", &bed.procs(), || async {
         (0..2)
             .all(|w| tasks(&bed.ctrd, &OverlayBed::name(w)).is_empty())

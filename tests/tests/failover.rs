@@ -19,7 +19,7 @@ use oakestra_tests::{
     harness::eventually,
     incontainer::{lines, probe, serve, tasks},
     overlaybed::OverlayBed,
-    stack::{Stack, call},
+    stack::Stack,
 };
 use serde_json::{Value, json};
 
@@ -216,18 +216,7 @@ async fn instances_of_a_killed_worker_come_back_on_another_behind_the_same_servi
     assert_eq!(got, vec![new_name.clone(), new_name.clone()], "after the restart");
 
     // Delete both applications: every container goes; then nothing stays behind.
-    let stack = &bed.stack;
-    for app in stack.applications().await {
-        let id = app["_id"].as_str().unwrap();
-        let r = call(
-            "DELETE",
-            &format!("{}/api/application/{id}", stack.root_url),
-            Some(&stack.token),
-            None,
-        )
-        .await;
-        assert_eq!(r.status, 200, "{}", r.body);
-    }
+    bed.stack.delete_applications().await;
     eventually(60, "every container to be removed", &bed.procs(), || async {
         names.iter().all(|n| tasks(&bed.ctrd, n).is_empty()).then_some(())
     })

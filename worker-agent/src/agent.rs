@@ -23,7 +23,7 @@ use crate::containerd::Containerd;
 use crate::guest::image::ImageCache;
 use crate::guest::qemu::Accel;
 use crate::metrics::{self, CpuTracker, NodeSampler};
-use crate::overlay::NetManager;
+use crate::overlay::{NetManager, OverlayError};
 use crate::runtime::container::ContainerRuntime;
 use crate::runtime::unikernel::{self, UnikernelConfig, UnikernelRuntime};
 use crate::runtime::{DeployRequest, Ended, Runtime, Runtimes, TaskState};
@@ -151,8 +151,8 @@ pub struct Agent {
     accelerator: Option<(String, String)>,
     netmanager: Option<NetManager>,
     session: Mutex<Option<Session>>,
-    node_id: Mutex<String>,
-    /// The cluster identity the NetManager was registered with (registered again after it restarts).
+    /// Who this worker is to the cluster (`None` until it registered); the NetManager is registered with it, and
+    /// again after it restarts.
     identity: Mutex<Option<Identity>>,
     public_ip: Mutex<String>,
     instances: Mutex<HashMap<String, Instance>>,
@@ -344,7 +344,10 @@ impl Agent {
 
     /// The node id.
     pub fn node_id(&self) -> String {
-        lock(&self.node_id).clone()
+        lock(&self.identity)
+            .as_ref()
+            .map(|i| i.node_id.clone())
+            .unwrap_or_default()
     }
 
     /// The MQTT session (`None` until the cluster accepted the registration).
@@ -693,15 +696,7 @@ impl Agent {
                     continue;
                 };
                 tracing::warn!(node = %id.node_id, "the NetManager restarted: registering it again");
-                if let Err(e) = nm
-                    .register(
-                        &id.node_id,
-                        &self.settings.cluster_address,
-                        id.mqtt_port,
-                        &id.mqtt_password,
-                    )
-                    .await
-                {
+                if let Err(e) = self.register_overlay(&nm, &id).await {
                     tracing::warn!(error = %e, "NetManager registration failed; trying again later");
                     continue;
                 }
@@ -713,6 +708,17 @@ impl Agent {
                 self.reattach(&nm, lost).await;
             }
         }
+    }
+
+    /// `POST /register` to the NetManager with this worker's cluster identity.
+    async fn register_overlay(&self, nm: &NetManager, id: &Identity) -> Result<(), OverlayError> {
+        nm.register(
+            &id.node_id,
+            &self.settings.cluster_address,
+            id.mqtt_port,
+            &id.mqtt_password,
+        )
+        .await
     }
 
     /// Running instances attached to the overlay that are not being stopped.
@@ -1142,7 +1148,6 @@ pub async fn run(settings: Settings, mut shutdown: watch::Receiver<bool>) -> Res
         accelerator,
         netmanager,
         session: Mutex::new(None),
-        node_id: Mutex::new(String::new()),
         identity: Mutex::new(None),
         public_ip: Mutex::new(ip),
         instances: Mutex::new(HashMap::new()),
@@ -1158,19 +1163,11 @@ pub async fn run(settings: Settings, mut shutdown: watch::Receiver<bool>) -> Res
     else {
         return Ok(());
     };
-    *lock(&agent.node_id) = identity.node_id.clone();
+    *lock(&agent.identity) = Some(identity.clone());
     *lock(&agent.session) = Some(session);
     if let Some(nm) = &agent.netmanager {
         let mut backoff = Duration::from_secs(1);
-        while let Err(e) = nm
-            .register(
-                &identity.node_id,
-                &settings.cluster_address,
-                identity.mqtt_port,
-                &identity.mqtt_password,
-            )
-            .await
-        {
+        while let Err(e) = agent.register_overlay(nm, &identity).await {
             tracing::warn!(error = %e, retry_s = backoff.as_secs(), "NetManager registration failed");
             if sleep_or_shutdown(backoff, &mut shutdown).await {
                 if let Some(s) = agent.session() {
@@ -1182,7 +1179,6 @@ pub async fn run(settings: Settings, mut shutdown: watch::Receiver<bool>) -> Res
         }
         tracing::info!("NetManager registered");
     }
-    *lock(&agent.identity) = Some(identity.clone());
     agent.adopt().await;
     let overlay_keeper = tokio::spawn(agent.clone().keep_overlay(shutdown.clone()));
     let mut ticker = tokio::time::interval(settings.report_interval);
@@ -1214,7 +1210,6 @@ pub async fn run(settings: Settings, mut shutdown: watch::Receiver<bool>) -> Res
                     let Some((identity, session, rx, p)) = Agent::join(&settings, body, &mut shutdown).await else {
                         break;
                     };
-                    *lock(&agent.node_id) = identity.node_id.clone();
                     *lock(&agent.identity) = Some(identity);
                     *lock(&agent.session) = Some(session);
                     inbound = rx;
@@ -1321,8 +1316,12 @@ mod tests {
             accelerator: Some(("tcg".into(), "test".into())),
             netmanager: None,
             session: Mutex::new(None),
-            node_id: Mutex::new("n1".into()),
-            identity: Mutex::new(None),
+            identity: Mutex::new(Some(Identity {
+                node_id: "n1".into(),
+                mqtt_password: String::new(),
+                cluster: String::new(),
+                mqtt_port: 10003,
+            })),
             public_ip: Mutex::new("127.0.0.1".into()),
             instances: Mutex::new(HashMap::new()),
             cpu: Mutex::new(CpuTracker::new()),

@@ -84,7 +84,6 @@ async fn subnet(
     }))
 }
 
-/// The job as clusters see it: the round-robin addresses and every placed instance with its addresses.
 /// `DELETE /api/net/subnet?worker_id=<id>`: the cluster forgot worker `<id>` (oakestra-rs; the reference never
 /// frees a worker subnet), so its subnet pair goes back to the pools. Only the calling cluster's own workers.
 async fn release_subnet(
@@ -109,6 +108,7 @@ async fn release_subnet(
     Ok(Json(json!({"message": "ok", "released": released})))
 }
 
+/// The job as clusters see it: the round-robin addresses and every placed instance with its addresses.
 fn net_job(service: &ServiceRow) -> NetJob {
     let rr = ServiceIp {
         ip_type: IpType::RoundRobin,
