@@ -11,6 +11,7 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{get, post},
 };
+use oakestra_addons::slots::{RESOURCES_PATH, RESULT_PATH, Slots};
 use oakestra_protocol::{
     api::{cluster::REGISTER_PATH, federation::JobUpdate},
     bearer,
@@ -79,6 +80,60 @@ fn root_only(engine: &Engine, headers: &HeaderMap) -> Result<(), ApiError> {
     }
 }
 
+/// Refuses anything but the plugin token of a running addons engine.
+fn plugin_only(engine: &Engine, headers: &HeaderMap) -> Result<(), ApiError> {
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(bearer::token);
+    match (engine.slots(), presented) {
+        (Some(slots), Some(t)) if slots.is_plugin_token(t) => Ok(()),
+        _ => Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "missing or unknown plugin token (scheduler plugins get it as OAK_PLUGIN_TOKEN)",
+        )),
+    }
+}
+
+/// `GET /api/v1/resources/?active=true`: the workers as candidates, for a `cluster_scheduler` plugin.
+async fn resources(
+    State(engine): State<Arc<Engine>>,
+    headers: HeaderMap,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+) -> Result<Json<Vec<Value>>, ApiError> {
+    plugin_only(&engine, &headers)?;
+    let active_only = query
+        .unwrap_or_default()
+        .split('&')
+        .any(|kv| matches!(kv, "active=true" | "active=True" | "active=1"));
+    Ok(Json(engine.state().plugin_candidates(active_only)))
+}
+
+/// `POST /api/result/deploy`: a `cluster_scheduler` plugin's answer `{job_id: "<job>/<n>", candidate_id}`.
+async fn plugin_result(
+    State(engine): State<Arc<Engine>>,
+    headers: HeaderMap,
+    bytes: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    plugin_only(&engine, &headers)?;
+    let value: Value = body(&bytes)?;
+    let (job_id, answer) = Slots::parse_result(&value).map_err(|rule| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("scheduler result: {rule}"),
+        )
+    })?;
+    let taken = engine.slots().is_some_and(|s| s.deliver(&job_id, answer));
+    if taken {
+        Ok(Json(json!("ok")))
+    } else {
+        Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no placement waits for job {job_id:?}"),
+        ))
+    }
+}
+
 /// The routes, over the shared engine.
 pub fn router(engine: Arc<Engine>) -> Router {
     // A registration is a few KiB; its limit is far below the job documents' one.
@@ -94,6 +149,10 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .route("/api/cluster/status", get(status))
         .route("/api/cluster/report", get(report))
         .route("/api/cluster/workers", get(workers))
+        .route(RESOURCES_PATH, get(resources))
+        .route(&format!("{RESOURCES_PATH}/"), get(resources))
+        .route(RESULT_PATH, post(plugin_result))
+        .route(&format!("{RESULT_PATH}/"), post(plugin_result))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route") })
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         // Outermost: every error answer (405, 413, path and body rejections, …) becomes `{"message": …}`.

@@ -203,6 +203,20 @@ pub struct Cli {
     /// How workers are ranked: `best-fit` (least memory left over), `spread` (most left over) or `first-fit`.
     #[arg(long, value_name = "POLICY", default_value = "best-fit")]
     pub scheduler_policy: String,
+
+    /// The token an operator presents (Authorization: Bearer) to the cluster's addons manager
+    /// (/api/v1/addons). Default: generated once into <data-dir>/addons-admin.token.
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "OAK_CLUSTER_ADDONS_TOKEN",
+        hide_env_values = true
+    )]
+    pub addons_admin_token: Option<String>,
+
+    /// The addons engine (cluster-scoped addons, the cluster_scheduler plugin slot).
+    #[command(flatten)]
+    pub addons: oakestra_addons::settings::AddonsFlags,
 }
 
 /// The validated configuration.
@@ -238,6 +252,10 @@ pub struct Config {
     pub timing: Timing,
     /// Worker ranking.
     pub scheduler_policy: Policy,
+    /// The addons manager's operator token, if given (else read or generated in the data directory).
+    pub addons_admin_token: Option<String>,
+    /// The addons engine.
+    pub addons: oakestra_addons::settings::AddonsSettings,
 }
 
 impl fmt::Debug for Config {
@@ -255,6 +273,7 @@ impl fmt::Debug for Config {
             .field("open_registration", &self.open_registration)
             .field("timing", &self.timing)
             .field("scheduler_policy", &self.scheduler_policy)
+            .field("addons", &self.addons)
             .finish_non_exhaustive()
     }
 }
@@ -431,7 +450,22 @@ impl Config {
             .advertise_address
             .map(|a| a.trim().to_owned())
             .filter(|a| !a.is_empty());
+        if let Some(t) = &cli.addons_admin_token
+            && (t.len() < 16 || t.len() > 256 || !t.bytes().all(|b| b.is_ascii_graphic()))
+        {
+            return Err(invalid(
+                "--addons-admin-token",
+                "<redacted>".into(),
+                "must be 16 to 256 printable ASCII characters",
+            ));
+        }
+        let addons = cli
+            .addons
+            .validate()
+            .map_err(|(flag, value, rule)| invalid(flag, value, rule))?;
         Ok(Self {
+            addons_admin_token: cli.addons_admin_token,
+            addons,
             cluster_name: name,
             cluster_location: cli.cluster_location,
             root_url,

@@ -84,6 +84,8 @@ pub struct Engine {
     pub connected_to_root: std::sync::atomic::AtomicBool,
     /// Who may register as a worker.
     pub admission: Admission,
+    /// The addons' plugin slots, once the addons engine is up: a `cluster_scheduler` plugin places instead.
+    slots: std::sync::OnceLock<Arc<oakestra_addons::slots::Slots>>,
 }
 
 /// Why a worker registration failed.
@@ -132,7 +134,53 @@ impl Engine {
             mqtt_up,
             connected_to_root: std::sync::atomic::AtomicBool::new(false),
             admission,
+            slots: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Lets a `cluster_scheduler` plugin in `slots` place instances (the built-in policy stays the fallback).
+    pub fn attach_slots(&self, slots: Arc<oakestra_addons::slots::Slots>) {
+        self.state()
+            .set_plugin_flag(slots.filled_flag(oakestra_protocol::addons::Slot::ClusterScheduler));
+        let _ = self.slots.set(slots);
+    }
+
+    /// The plugin slots, if the addons engine runs.
+    pub fn slots(&self) -> Option<&Arc<oakestra_addons::slots::Slots>> {
+        self.slots.get()
+    }
+
+    /// Asks the `cluster_scheduler` plugin where an instance goes and carries out the decision (or the built-in
+    /// scheduler's, when the plugin cannot be used).
+    fn ask_plugin(
+        self: Arc<Self>,
+        job_id: String,
+        number: i64,
+        job: Value,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+        use oakestra_addons::slots::{Delegation, PluginAnswer};
+        use oakestra_protocol::addons::Slot;
+        Box::pin(async move {
+            let answer = match self.slots.get() {
+                Some(slots) => match slots
+                    .ask(Slot::ClusterScheduler, &format!("{job_id}/{number}"), job)
+                    .await
+                {
+                    Delegation::Answer(PluginAnswer::Candidate(worker)) => Ok(Some(worker)),
+                    Delegation::Answer(PluginAnswer::Refused(status)) => {
+                        tracing::info!(job = %job_id, instance = number, status = %status, "the cluster_scheduler plugin found no worker");
+                        Ok(None)
+                    }
+                    Delegation::BuiltIn | Delegation::Fallback(_) => Err(()),
+                },
+                None => Err(()),
+            };
+            let (effects, rejected) = self.state().plugin_decided(&job_id, number, answer, now_ms());
+            if let (Some(reason), Some(slots)) = (rejected, self.slots.get()) {
+                slots.count_fallback(Slot::ClusterScheduler, &format!("{job_id}/{number}"), &reason);
+            }
+            self.apply(effects).await;
+        })
     }
 
     /// The state, locked. Never held across an `.await`.
@@ -166,6 +214,9 @@ impl Engine {
         }
         for effect in effects {
             match effect {
+                Effect::AskPlugin { job_id, number, job } => {
+                    tokio::spawn(Arc::clone(self).ask_plugin(job_id, number, job));
+                }
                 Effect::Deploy { node, command } => {
                     self.publish(&node, Topic::ControlDeploy, &command).await;
                 }

@@ -10,9 +10,12 @@
 //! - [`placement`]: the per-node free-capacity index placement walks (pure);
 //! - [`engine`]: the driver that feeds [`state`] and carries out its effects;
 //! - [`net`]: the cluster network service (subnets, table queries, interests, job updates);
+//! - [`addons`]: the cluster's addons engine: the operator token of its addons manager and marketplace lookups
+//!   at root (the engine itself is `oakestra_addons`);
 //! - [`api`]: the HTTP API on the manager port;
 //! - [`memory`]: allocator settings (few arenas, trimming after bursts).
 
+pub mod addons;
 pub mod api;
 pub mod broker;
 pub mod config;
@@ -94,10 +97,16 @@ pub enum Error {
         /// The answer body.
         body: String,
     },
+    /// The addons engine could not start.
+    #[error("addons: {0}")]
+    Addons(String),
     /// The MQTT broker could not start or take credentials.
     #[error("MQTT broker: {0}")]
     Broker(#[from] broker::BrokerError),
 }
+
+/// The reference cluster addons manager's port (`--addons-reference-ports`).
+pub const REFERENCE_ADDONS_PORT: u16 = 11201;
 
 /// A started service: its addresses and a way to stop it.
 #[derive(Debug)]
@@ -232,7 +241,49 @@ pub async fn start(config: Config) -> Result<Running, Error> {
     tokio::spawn(Arc::clone(&engine).maintain(tick, stop_rx.clone()));
     tokio::spawn(Arc::clone(&engine).report_to_root(config.report_interval, stop_rx.clone()));
 
-    let app = api::router(Arc::clone(&engine));
+    let addons = oakestra_addons::Addons::open(
+        oakestra_addons::AddonsConfig::new(
+            oakestra_protocol::addons::Plane::Cluster,
+            &config.addons,
+            addr.port(),
+            config.data_dir.clone(),
+        ),
+        &config.data_dir.join("cluster.db"),
+    )
+    .map_err(|e| Error::Addons(e.to_string()))?;
+    engine.attach_slots(Arc::clone(addons.slots()));
+    tokio::spawn(oakestra_addons::monitor::run(
+        Arc::clone(&addons),
+        stop_rx.clone(),
+    ));
+    let gate: Arc<dyn oakestra_addons::api::Gate> = Arc::new(addons::ClusterGate::load(
+        config.addons_admin_token.clone(),
+        &config.data_dir,
+    )?);
+    let remote: Arc<dyn oakestra_addons::api::RemoteMarketplace> = Arc::new(addons::RootMarketplace {
+        engine: Arc::clone(&engine),
+    });
+    let addons_router =
+        || oakestra_addons::api::router(Arc::clone(&addons), Arc::clone(&gate), Some(Arc::clone(&remote)));
+    if config.addons.reference_ports {
+        let ref_addr = SocketAddr::from(([0, 0, 0, 0], REFERENCE_ADDONS_PORT));
+        let l = tokio::net::TcpListener::bind(ref_addr)
+            .await
+            .map_err(|source| Error::Bind {
+                addr: ref_addr,
+                source,
+            })?;
+        tracing::warn!(addr = %ref_addr, "addons API also served on the reference port");
+        let mut stop = stop_rx.clone();
+        let (router, limits) = (addons_router(), config.http);
+        tokio::spawn(async move {
+            oakestra_protocol::server::serve(l, router, limits, async move {
+                let _ = stop.wait_for(|s| *s).await;
+            })
+            .await
+        });
+    }
+    let app = api::router(Arc::clone(&engine)).merge(addons_router());
     let mut server_stop = stop_rx;
     let limits = config.http;
     let server = tokio::spawn(async move {

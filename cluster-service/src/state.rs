@@ -5,7 +5,13 @@
 //! ([`crate::engine`]) carries out — MQTT commands to workers, database writes, calls to root — so the whole state
 //! machine is unit-tested without a broker, a database or a clock.
 
-use std::collections::{BTreeMap, HashMap};
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
 
 use oakestra_protocol::{
     api::{
@@ -14,7 +20,7 @@ use oakestra_protocol::{
     },
     mqtt::worker::{DeleteCommand, DeployCommand, JobStatusReport, NodeInformation, ResourcesReport},
     naming::{JobName, NameError},
-    sched::{self, Candidate, Capacity, Policy, Refusal},
+    sched::{self, Candidate, Capacity, Demand, Policy, Refusal, Reservations},
     status::Status,
 };
 use serde::{Deserialize, Serialize};
@@ -203,6 +209,10 @@ pub struct Instance {
     /// sends that worker no delete (one racing a new deploy to the same worker would stop the new instance).
     #[serde(default)]
     pub ended_on_worker: bool,
+    /// A scheduler plugin was asked to place it and has not answered yet (not persisted: after a restart the
+    /// scheduling deadline places it again).
+    #[serde(skip)]
+    pub awaiting_plugin: bool,
 }
 
 impl Instance {
@@ -224,6 +234,7 @@ impl Instance {
             failures: 0,
             retry_at_ms: 0,
             ended_on_worker: false,
+            awaiting_plugin: false,
         }
     }
 
@@ -338,6 +349,16 @@ impl Job {
 /// What the driver must do after a state change.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Effect {
+    /// Ask the `cluster_scheduler` plugin where instance `number` of `job_id` goes; its answer (or its absence)
+    /// goes to [`State::plugin_decided`].
+    AskPlugin {
+        /// The job id.
+        job_id: String,
+        /// The instance.
+        number: i64,
+        /// The job document.
+        job: Value,
+    },
     /// Publish `control/deploy` to `node`.
     Deploy {
         /// The worker.
@@ -545,6 +566,8 @@ pub struct State {
     held: HashMap<String, Capacity>,
     /// Live workers by free capacity.
     free: FreeIndex,
+    /// Set while a `cluster_scheduler` plugin fills the slot: placements are asked of it.
+    plugin: Arc<AtomicBool>,
 }
 
 impl State {
@@ -1060,6 +1083,31 @@ impl State {
         self.nodes.values().map(|n| self.candidate(n)).collect()
     }
 
+    /// The workers as a scheduler plugin sees them (the reference resource abstractor's shape: free capacity,
+    /// `active` = alive), `active_only` leaving out dead ones.
+    pub fn plugin_candidates(&self, active_only: bool) -> Vec<Value> {
+        self.nodes
+            .values()
+            .map(|n| self.candidate(n))
+            .filter(|c| !active_only || c.active)
+            .map(|c| {
+                serde_json::json!({
+                    "_id": c.id,
+                    "candidate_name": c.name,
+                    "node_name": c.name,
+                    "active": c.active,
+                    "vcpus": c.total.vcpus,
+                    "memory": c.total.memory_mib,
+                    "vgpus": c.total.gpus,
+                    "cpu_percent": c.cpu_percent,
+                    "virtualization": c.virtualization,
+                    "csi_drivers": c.csi_drivers,
+                    "supported_addons": c.addons,
+                })
+            })
+            .collect()
+    }
+
     /// What a worker offers: its reported capacity minus what its instances hold.
     fn candidate(&self, n: &Node) -> Candidate {
         let free = self.free_of(n);
@@ -1145,9 +1193,99 @@ impl State {
         }
     }
 
+    /// Lets a `cluster_scheduler` plugin place instances while `flag` is set (the addons engine sets it while a
+    /// plugin fills the slot).
+    pub fn set_plugin_flag(&mut self, flag: Arc<AtomicBool>) {
+        self.plugin = flag;
+    }
+
     /// Picks a worker for instance `number` and sends it the deploy command, or records why none fits and tells
-    /// root.
+    /// root. While a scheduler plugin fills the slot, asks it instead ([`Effect::AskPlugin`]); its answer comes back
+    /// through [`State::plugin_decided`].
     fn place(&mut self, job_id: &str, number: i64, now_ms: u64, effects: &mut Vec<Effect>) {
+        if self.plugin.load(Ordering::Relaxed) {
+            let Some(job) = self.jobs.get_mut(job_id) else {
+                return;
+            };
+            let doc = Value::Object(job.doc.clone());
+            let Some(i) = job.instances.get_mut(&number) else {
+                return;
+            };
+            if !i.awaiting_plugin {
+                i.awaiting_plugin = true;
+                i.status_detail = "waiting for the cluster_scheduler plugin".into();
+                effects.push(Effect::AskPlugin {
+                    job_id: job_id.to_owned(),
+                    number,
+                    job: doc,
+                });
+            }
+            return;
+        }
+        self.place_built_in(job_id, number, now_ms, effects);
+    }
+
+    /// The plugin's answer for instance `number` of `job_id`: the worker it chose (`Ok(Some)`), none (`Ok(None)`,
+    /// recorded as no capacity), or no usable answer (`Err`: the built-in scheduler places). A chosen worker that is
+    /// unknown, dead or cannot take the instance also makes the built-in scheduler place; the reason is returned.
+    pub fn plugin_decided(
+        &mut self,
+        job_id: &str,
+        number: i64,
+        answer: Result<Option<String>, ()>,
+        now_ms: u64,
+    ) -> (Vec<Effect>, Option<String>) {
+        let mut effects = Vec::new();
+        let Some(job) = self.jobs.get_mut(job_id) else {
+            return (effects, None);
+        };
+        let demand = job.demand(number);
+        let Some(i) = job.instances.get_mut(&number) else {
+            return (effects, None);
+        };
+        if !std::mem::take(&mut i.awaiting_plugin) {
+            return (effects, None);
+        }
+        let choice = match answer {
+            Err(()) => None,
+            Ok(None) => Some(Err(Refusal::NoCapacity)),
+            Ok(Some(worker)) => {
+                let fits = self.nodes.get(&worker).filter(|n| n.alive).is_some_and(|n| {
+                    sched::place(
+                        std::slice::from_ref(&self.candidate(n)),
+                        &demand,
+                        &Reservations::new(),
+                        self.policy,
+                    )
+                    .is_ok()
+                });
+                if fits {
+                    let name = self
+                        .nodes
+                        .get(&worker)
+                        .map(|n| n.record.name.clone())
+                        .unwrap_or_default();
+                    Some(Ok((worker, name)))
+                } else {
+                    self.place_built_in(job_id, number, now_ms, &mut effects);
+                    return (
+                        effects,
+                        Some(format!(
+                            "the plugin chose worker {worker}, which is unknown, dead or cannot take the instance"
+                        )),
+                    );
+                }
+            }
+        };
+        match choice {
+            Some(choice) => self.commit_placement(job_id, number, demand, choice, now_ms, &mut effects),
+            None => self.place_built_in(job_id, number, now_ms, &mut effects),
+        }
+        (effects, None)
+    }
+
+    /// The built-in placement: the free-capacity index, or the full scan.
+    fn place_built_in(&mut self, job_id: &str, number: i64, now_ms: u64, effects: &mut Vec<Effect>) {
         let Some(job) = self.jobs.get(job_id) else { return };
         let demand = job.demand(number);
         // The index visits the few workers around the demand's size; only constraints by name, first-fit and
@@ -1159,6 +1297,19 @@ impl State {
             Some(c) => Ok((c.id, c.name)),
             None => placement::full_scan(&self.candidates(), &demand, self.policy).map(|c| (c.id, c.name)),
         };
+        self.commit_placement(job_id, number, demand, choice, now_ms, effects);
+    }
+
+    /// Records a placement decision: the deploy command to the chosen worker, or the refusal (told to root).
+    fn commit_placement(
+        &mut self,
+        job_id: &str,
+        number: i64,
+        demand: Demand,
+        choice: Result<(String, String), Refusal>,
+        now_ms: u64,
+        effects: &mut Vec<Effect>,
+    ) {
         if let Ok((worker, _)) = &choice {
             let need = demand.need;
             let h = self.held.entry(worker.clone()).or_default();
@@ -2062,6 +2213,61 @@ mod tests {
         assert!(
             detail.contains("crash loop") && detail.contains("exit code 1"),
             "{detail}"
+        );
+    }
+
+    #[test]
+    fn a_scheduler_plugin_places_and_the_built_in_one_is_the_fallback() {
+        let mut s = state();
+        let small = join(&mut s, "small", 4, 2000, T0);
+        let big = join(&mut s, "big", 4, 8000, T0);
+        // Built in: best fit, the worker with the least free memory.
+        let e = s.deploy("j1", 0, job_doc("a.b.c.d", json!({})), T0).unwrap();
+        assert_eq!(deployed_to(&e).as_deref(), Some(small.as_str()));
+        let flag = Arc::new(AtomicBool::new(true));
+        s.set_plugin_flag(Arc::clone(&flag));
+        // With a plugin: it is asked, once, and nothing is deployed until it answers.
+        let e = s.deploy("j1", 1, job_doc("a.b.c.d", json!({})), T0).unwrap();
+        assert!(deployed_to(&e).is_none());
+        assert!(
+            matches!(&e[..], [Effect::AskPlugin { job_id, number: 1, .. }, ..] if job_id == "j1"),
+            "{e:?}"
+        );
+        let (e, rejected) = s.plugin_decided("j1", 1, Ok(Some(big.clone())), T0 + 1);
+        assert_eq!((deployed_to(&e).as_deref(), rejected), (Some(big.as_str()), None));
+        assert!(
+            s.plugin_decided("j1", 1, Ok(Some(big.clone())), T0 + 2)
+                .0
+                .is_empty(),
+            "one answer counts"
+        );
+        // No usable answer: the built-in scheduler places.
+        s.deploy("j1", 2, job_doc("a.b.c.d", json!({})), T0).unwrap();
+        let (e, _) = s.plugin_decided("j1", 2, Err(()), T0 + 3);
+        assert_eq!(deployed_to(&e).as_deref(), Some(small.as_str()));
+        // A pick that does not exist: built in, and the reason is returned for the fallback counter.
+        s.deploy("j1", 3, job_doc("a.b.c.d", json!({})), T0).unwrap();
+        let (e, rejected) = s.plugin_decided("j1", 3, Ok(Some("nobody".into())), T0 + 4);
+        assert_eq!(deployed_to(&e).as_deref(), Some(small.as_str()));
+        assert!(rejected.unwrap().contains("nobody"));
+        // The plugin found nothing: recorded as no capacity and told to root.
+        s.deploy("j1", 4, job_doc("a.b.c.d", json!({})), T0).unwrap();
+        let (e, _) = s.plugin_decided("j1", 4, Ok(None), T0 + 5);
+        assert!(
+            e.iter().any(|x| matches!(x, Effect::Refused { number: 4, .. })),
+            "{e:?}"
+        );
+        // The slot emptied: built in again, directly.
+        flag.store(false, Ordering::Relaxed);
+        let e = s.deploy("j1", 5, job_doc("a.b.c.d", json!({})), T0).unwrap();
+        assert_eq!(deployed_to(&e).as_deref(), Some(small.as_str()));
+        let candidates = s.plugin_candidates(true);
+        assert_eq!(candidates.len(), 2);
+        assert!(
+            candidates
+                .iter()
+                .all(|c| c["_id"].is_string() && c["memory"].is_u64()),
+            "{candidates:?}"
         );
     }
 

@@ -13,6 +13,8 @@
 //!   `sqlite`): how the root and cluster stores open SQLite and migrate; `signal` (feature `signal`): waiting for
 //!   SIGTERM/SIGINT, shared by every daemon; `server` (feature `server`): the HTTP/1.1 server of every API listener
 //!   (header-read and idle timeouts, a connection cap, JSON error bodies). The only I/O here, all opt-in.
+//! - [`addons`]: the addons contract: marketplace descriptors and their validation, statuses, container naming
+//!   and labels, and the plugin slots.
 //! - [`addr`]: the overlay address plan, the balancing-policy encoding of IPv6 service addresses and the address
 //!   allocators.
 //! - [`bearer`]: the `Authorization: Bearer` token and constant-time secret comparison.
@@ -24,6 +26,7 @@
 //! Field names on the wire are spelled exactly as the reference implementation spells them (including its
 //! inconsistencies, e.g. `MQTT_BROKER_PORT`, `nsAddressv6`), so that Oakestra peers interoperate with ours.
 
+pub mod addons;
 pub mod addr;
 pub mod api;
 pub mod bearer;

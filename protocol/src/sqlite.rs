@@ -62,10 +62,29 @@ fn make_private(path: &Path) -> rusqlite::Result<()> {
 /// Applies the `migrations` the database has not seen yet, in order, each in its own transaction; the index + 1 of
 /// a migration is the version recorded in `schema_version`. Returns the versions applied.
 pub fn migrate(conn: &mut Connection, migrations: &[&str]) -> rusqlite::Result<Vec<i64>> {
-    conn.execute_batch("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")?;
-    let current: i64 = conn.query_row("SELECT COALESCE(MAX(version), 0) FROM schema_version", [], |r| {
-        r.get(0)
-    })?;
+    migrate_in(conn, "schema_version", migrations)
+}
+
+/// [`migrate`] with the versions recorded in `version_table`: a subsystem that keeps its own tables in a tier's
+/// database (the addons engine) migrates them independently of the tier's schema.
+pub fn migrate_in(
+    conn: &mut Connection,
+    version_table: &str,
+    migrations: &[&str],
+) -> rusqlite::Result<Vec<i64>> {
+    debug_assert!(
+        version_table
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_')
+    );
+    conn.execute_batch(&format!(
+        "CREATE TABLE IF NOT EXISTS {version_table} (version INTEGER NOT NULL)"
+    ))?;
+    let current: i64 = conn.query_row(
+        &format!("SELECT COALESCE(MAX(version), 0) FROM {version_table}"),
+        [],
+        |r| r.get(0),
+    )?;
     let mut applied = Vec::new();
     for (version, sql) in (1_i64..).zip(migrations) {
         if version <= current {
@@ -73,7 +92,10 @@ pub fn migrate(conn: &mut Connection, migrations: &[&str]) -> rusqlite::Result<V
         }
         let tx = conn.transaction()?;
         tx.execute_batch(sql)?;
-        tx.execute("INSERT INTO schema_version (version) VALUES (?1)", [version])?;
+        tx.execute(
+            &format!("INSERT INTO {version_table} (version) VALUES (?1)"),
+            [version],
+        )?;
         tx.commit()?;
         applied.push(version);
     }

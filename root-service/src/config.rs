@@ -134,6 +134,10 @@ pub struct Cli {
     /// that user recently are refused (the user's own address is not locked out).
     #[arg(long, value_name = "N", default_value_t = LoginLimits::default().per_user)]
     pub login_failures_per_user: u32,
+
+    /// The addons engine.
+    #[command(flatten)]
+    pub addons: oakestra_addons::settings::AddonsFlags,
 }
 
 /// Default `--header-read-timeout`.
@@ -175,7 +179,11 @@ pub struct Config {
     pub hashing: PoolSize,
     /// Failed-login limits.
     pub login: LoginLimits,
+    /// The addons engine.
+    pub addons: AddonsSettings,
 }
+
+pub use oakestra_addons::settings::AddonsSettings;
 
 impl fmt::Debug for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -195,6 +203,7 @@ impl fmt::Debug for Config {
             .field("http", &self.http)
             .field("hashing", &self.hashing)
             .field("login", &self.login)
+            .field("addons", &self.addons)
             .finish()
     }
 }
@@ -223,6 +232,7 @@ impl Config {
             },
             hashing: PoolSize::default(),
             login: LoginLimits::default(),
+            addons: AddonsSettings::default(),
         }
     }
 
@@ -343,6 +353,15 @@ impl Config {
                 return Err(invalid(flag, value.to_string(), "must be between 1 and 1000000"));
             }
         }
+        let addons = cli
+            .addons
+            .validate()
+            .map_err(|(flag, value, rule)| invalid(flag, value, rule))?;
+        if addons.reference_ports {
+            tracing::warn!(
+                "--addons-reference-ports: the marketplace also listens on 0.0.0.0:11102 and the addons manager on 0.0.0.0:11101 (same credentials)"
+            );
+        }
         let scheduler_policy = cli.scheduler_policy.parse::<Policy>().map_err(|_| {
             invalid(
                 "--scheduler-policy",
@@ -372,6 +391,7 @@ impl Config {
                 per_user_address: cli.login_failures_per_user_address,
                 per_user: cli.login_failures_per_user,
             },
+            addons,
         })
     }
 }

@@ -16,7 +16,9 @@ use std::{
 };
 
 use hyper::Method;
+use oakestra_addons::slots::{Delegation, PluginAnswer, Slots};
 use oakestra_protocol::{
+    addons::Slot,
     api::{
         federation::{DeployResult, JOB_UPDATE_PATH, JobUpdate, service_instance_path},
         root::ClusterAggregate,
@@ -54,6 +56,8 @@ pub struct Engine {
     liveness_ms: i64,
     retry_ms: i64,
     reservations: Mutex<Reservations>,
+    /// The addons' plugin slots, once the addons engine is up: a `root_scheduler` plugin places instead.
+    slots: std::sync::OnceLock<Arc<Slots>>,
 }
 
 /// `"<job_id>/<n>"`: the key of an instance's reservation.
@@ -110,7 +114,56 @@ impl Engine {
             liveness_ms: millis(liveness_window),
             retry_ms: millis(retry_interval),
             reservations: Mutex::new(Reservations::default()),
+            slots: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Lets a `root_scheduler` plugin in `slots` place instances (the built-in policy stays the fallback).
+    pub fn attach_slots(&self, slots: Arc<Slots>) {
+        let _ = self.slots.set(slots);
+    }
+
+    /// Asks the `root_scheduler` plugin, if one fills the slot, where instance `number` goes. `None`: the built-in
+    /// scheduler decides (no plugin, or it could not be used: counted and logged by the slots).
+    async fn ask_plugin(&self, service: &ServiceRow, number: i64) -> Option<PluginAnswer> {
+        let slots = self.slots.get()?;
+        slots.endpoint(Slot::RootScheduler)?;
+        let job = Value::Object(service.doc.clone());
+        match slots
+            .ask(Slot::RootScheduler, &key(&service.id, number), job)
+            .await
+        {
+            Delegation::Answer(answer) => Some(answer),
+            Delegation::BuiltIn | Delegation::Fallback(_) => None,
+        }
+    }
+
+    /// The clusters as a scheduler plugin sees them (the reference resource abstractor's shape), `active_only`
+    /// leaving out those that stopped reporting, `name` only the one so named.
+    pub async fn resources(&self, active_only: bool, name: Option<String>) -> Result<Vec<Value>, Error> {
+        let all = self.store.with(|inner| clusters::all(&inner.conn)).await?;
+        let now = now_ms();
+        Ok(all
+            .iter()
+            .map(|c| candidate(c, c.is_active(now, self.liveness_ms)))
+            .filter(|c| !active_only || c.active)
+            .filter(|c| name.as_ref().is_none_or(|n| &c.name == n))
+            .map(|c| {
+                serde_json::json!({
+                    "_id": c.id,
+                    "candidate_name": c.name,
+                    "cluster_name": c.name,
+                    "active": c.active,
+                    "vcpus": c.total.vcpus,
+                    "memory": c.total.memory_mib,
+                    "vgpus": c.total.gpus,
+                    "cpu_percent": c.cpu_percent,
+                    "virtualization": c.virtualization,
+                    "csi_drivers": c.csi_drivers,
+                    "supported_addons": c.addons,
+                })
+            })
+            .collect())
     }
 
     /// The store.
@@ -176,10 +229,59 @@ impl Engine {
             .collect();
         let mut demand = sched::demand_from_job(&Value::Object(service.doc.clone()), key(service_id, number));
         demand.exclude.clone_from(&tried);
+        let plugin = self.ask_plugin(&service, number).await;
+        if let Some(PluginAnswer::Refused(status)) = &plugin {
+            let detail = format!("the root_scheduler plugin found no cluster ({})", Escaped(status));
+            tracing::info!(job = %Escaped(&service.job_name), instance = number, detail = %detail, "instance not placed");
+            let sid = service_id.to_owned();
+            let tried2 = tried.clone();
+            return self
+                .store
+                .with(move |inner| {
+                    apps::unplace_instance(
+                        &inner.conn,
+                        &sid,
+                        number,
+                        Status::NoActiveClusterWithCapacity.as_str(),
+                        &detail,
+                        &tried2,
+                    )?;
+                    apps::instance(&inner.conn, &sid, number)
+                })
+                .await?
+                .ok_or_else(|| Error::NotFound {
+                    what: "instance",
+                    id: key(service_id, number),
+                });
+        }
         let choice = {
             let mut reservations = self.reservations();
             reservations.expire(u64::try_from(now).unwrap_or(0));
-            let choice = sched::place(&candidates, &demand, &reservations, self.policy).map(|c| c.id.clone());
+            // The plugin's pick must be a known, active, not-yet-tried cluster the demand fits on; otherwise the
+            // built-in policy places (counted as a fallback).
+            let picked = match &plugin {
+                Some(PluginAnswer::Candidate(id)) => {
+                    let fits = candidates.iter().find(|c| &c.id == id).is_some_and(|c| {
+                        sched::place(std::slice::from_ref(c), &demand, &reservations, self.policy).is_ok()
+                    });
+                    if !fits && let Some(slots) = self.slots.get() {
+                        slots.count_fallback(
+                            Slot::RootScheduler,
+                            &demand.key,
+                            &format!(
+                                "the plugin chose cluster {} where the instance cannot go",
+                                Escaped(id)
+                            ),
+                        );
+                    }
+                    fits.then(|| id.clone())
+                }
+                _ => None,
+            };
+            let choice = match picked {
+                Some(id) => Ok(id),
+                None => sched::place(&candidates, &demand, &reservations, self.policy).map(|c| c.id.clone()),
+            };
             if let Ok(cluster_id) = &choice {
                 reservations.reserve(
                     cluster_id,

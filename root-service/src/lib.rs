@@ -108,6 +108,9 @@ pub enum Error {
         /// What is wrong.
         message: String,
     },
+    /// The addons engine could not start.
+    #[error("addons: {0}")]
+    Addons(String),
     /// A blocking task panicked or was cancelled.
     #[error("background task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
@@ -147,7 +150,19 @@ pub async fn build_state(config: &Config) -> Result<AppState, Error> {
         config.liveness_window,
         config.retry_interval,
     ));
+    let addons = oakestra_addons::Addons::open(
+        oakestra_addons::AddonsConfig::new(
+            oakestra_protocol::addons::Plane::Root,
+            &config.addons,
+            config.listen.port(),
+            config.data_dir.clone(),
+        ),
+        &config.data_dir.join("root.db"),
+    )
+    .map_err(|e| Error::Addons(e.to_string()))?;
+    engine.attach_slots(Arc::clone(addons.slots()));
     Ok(AppState {
+        addons,
         store,
         keys: Arc::new(keys),
         access_ttl: config.access_ttl,
@@ -229,14 +244,17 @@ pub async fn serve(
         tracing::info!(%addr, "root-service listening");
     }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let maintenance =
-        tokio::spawn(Arc::clone(&state.engine).run_maintenance(state.engine.retry_interval(), stop_rx));
+    let maintenance = tokio::spawn(
+        Arc::clone(&state.engine).run_maintenance(state.engine.retry_interval(), stop_rx.clone()),
+    );
+    let monitor = tokio::spawn(oakestra_addons::monitor::run(Arc::clone(&state.addons), stop_rx));
     let limits = state.http;
     let served = oakestra_protocol::server::serve(listener, api::router(state), limits, shutdown)
         .await
         .map_err(Error::Serve);
     let _ = stop_tx.send(true);
     let _ = maintenance.await;
+    let _ = monitor.await;
     served?;
     tracing::info!("root-service stopped");
     Ok(())
@@ -252,5 +270,39 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
             addr: config.listen,
             source,
         })?;
-    serve(listener, state, shutdown).await
+    if !config.addons.reference_ports {
+        return serve(listener, state, shutdown).await;
+    }
+    // The reference ports serve the marketplace and addons manager routes only, with the same credentials.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut extra = Vec::new();
+    for port in [REFERENCE_MARKETPLACE_PORT, REFERENCE_ADDONS_PORT] {
+        let addr = SocketAddr::from(([0, 0, 0, 0], port));
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| Error::Bind { addr, source })?;
+        let mut stop = stop_rx.clone();
+        let router = api::addons_router(&state);
+        let limits = state.http;
+        tracing::warn!(%addr, "addons API also served on a reference port");
+        extra.push(tokio::spawn(oakestra_protocol::server::serve(
+            l,
+            router,
+            limits,
+            async move {
+                let _ = stop.wait_for(|s| *s).await;
+            },
+        )));
+    }
+    let result = serve(listener, state, shutdown).await;
+    let _ = stop_tx.send(true);
+    for t in extra {
+        let _ = t.await;
+    }
+    result
 }
+
+/// The reference marketplace manager's port (`--addons-reference-ports`).
+pub const REFERENCE_MARKETPLACE_PORT: u16 = 11102;
+/// The reference root addons manager's port (`--addons-reference-ports`).
+pub const REFERENCE_ADDONS_PORT: u16 = 11101;

@@ -101,7 +101,8 @@ pub struct Issue {
 }
 
 impl Issue {
-    fn new(path: &str, value: &Value, rule: impl Into<String>) -> Self {
+    /// A finding at `path` about `value`.
+    pub fn new(path: &str, value: &Value, rule: impl Into<String>) -> Self {
         Issue {
             path: path.to_owned(),
             value: value.clone(),

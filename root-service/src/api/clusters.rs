@@ -155,11 +155,17 @@ async fn report(
 }
 
 /// `POST /api/result/deploy`: the cluster's scheduling result for one instance root placed on it.
+///
+/// A `root_scheduler` plugin answers on the same path with the plugin token (`{job_id, candidate_id}`).
 async fn result(
     State(state): State<AppState>,
-    ClusterAuth(cluster): ClusterAuth,
+    headers: HeaderMap,
     JsonBody(body): JsonBody<Value>,
 ) -> Result<Json<Value>, ApiError> {
+    if super::addons::require_plugin(state.addons.slots(), &headers).is_ok() {
+        return super::addons::plugin_result(&state, &body);
+    }
+    let ClusterAuth(cluster) = ClusterAuth::from_headers(&headers, &state).await?;
     let body: DeployResult = checked(body, shape::deploy_result)?;
     match state.engine.result(&cluster, &body).await {
         Ok(()) => Ok(Json(json!("ok"))),

@@ -5,6 +5,8 @@
 //! outermost layer is [`oakestra_protocol::server::json_errors`]. A malformed body is a 4xx naming the problem,
 //! never a 500.
 //!
+//! - [`addons`]: the addons API's gate, the routes scheduler plugins call, the marketplace lookup of clusters (the
+//!   marketplace and addons manager routes themselves come from `oakestra_addons::api`).
 //! - [`auth`]: login, refresh, whoami.
 //! - [`apps`]: applications, services, instances, logs.
 //! - [`clusters`]: the cluster list for users, and the cluster-facing side (registration, reports, results).
@@ -12,6 +14,7 @@
 //! - [`users`]: users and organizations.
 //! - [`docs`]: the OpenAPI document and the docs page.
 
+pub mod addons;
 pub mod apps;
 pub mod auth;
 pub mod clusters;
@@ -34,7 +37,7 @@ use serde_json::{Map, Value, json};
 
 use crate::{
     Error,
-    auth::{Claims, Keys, bearer},
+    auth::{Claims, Keys},
     engine::Engine,
     hashing::{self, HashError, HashPool},
     store::{Store, clusters::ClusterRow},
@@ -68,6 +71,8 @@ pub struct AppState {
     pub hasher: Arc<HashPool>,
     /// Failed-login limits.
     pub throttle: Arc<LoginThrottle>,
+    /// The addons engine (marketplace, manager, monitor, plugin slots).
+    pub addons: Arc<oakestra_addons::Addons>,
 }
 
 impl FromRef<AppState> for Arc<Keys> {
@@ -201,8 +206,15 @@ impl FromRequestParts<AppState> for ClusterAuth {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        Self::from_headers(&parts.headers, state).await
+    }
+}
+
+impl ClusterAuth {
+    /// The cluster whose secret `headers` carry, or 401.
+    pub async fn from_headers(headers: &axum::http::HeaderMap, state: &AppState) -> Result<Self, ApiError> {
         let refuse = || ApiError::new(StatusCode::UNAUTHORIZED, "missing or unknown cluster token");
-        let token = bearer(parts).ok_or_else(refuse)?.to_owned();
+        let token = crate::auth::bearer_in(headers).ok_or_else(refuse)?.to_owned();
         let found = state
             .store
             .with(move |inner| crate::store::clusters::by_token(&inner.conn, &token))
@@ -264,9 +276,11 @@ where
 
 /// The router with every route (each also under its trailing-slash form).
 pub fn router(state: AppState) -> Router {
+    let addons_routes = addons_router(&state);
     let mut router = Router::new();
     let routes = std::iter::once(("/api/health", get(health)))
         .chain(auth::routes())
+        .chain(addons::routes())
         .chain(apps::routes())
         .chain(clusters::routes())
         .chain(net::routes())
@@ -284,6 +298,16 @@ pub fn router(state: AppState) -> Router {
         // answers JSON.
         .layer(axum::middleware::map_response(oakestra_protocol::server::json_errors))
         .with_state(state)
+        .merge(addons_routes)
+}
+
+/// The marketplace and addons manager routes alone (also what the reference ports serve).
+pub fn addons_router(state: &AppState) -> Router {
+    let gate = Arc::new(addons::RootGate {
+        keys: Arc::clone(&state.keys),
+        generations: Arc::clone(state.store.generations()),
+    });
+    oakestra_addons::api::router(Arc::clone(&state.addons), gate, None)
 }
 
 async fn health() -> Json<Value> {
