@@ -124,8 +124,19 @@ fn admin(state: &ApiState, headers: &HeaderMap) -> Result<(), ApiError> {
     }
 }
 
-/// Parses a JSON body (400 when it is not JSON).
-fn json_body(bytes: &Bytes) -> Result<Value, ApiError> {
+/// Parses a JSON body: 415 unless it is declared `application/json`, 400 when it is not JSON.
+fn json_body(headers: &HeaderMap, bytes: &Bytes) -> Result<Value, ApiError> {
+    let declared = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let essence = declared.split(';').next().unwrap_or_default().trim();
+    if !essence.eq_ignore_ascii_case("application/json") {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!("Content-Type = {declared:?}: the body must be application/json"),
+        ));
+    }
     serde_json::from_slice(bytes)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("the body is not JSON: {e}")))
 }
@@ -138,6 +149,11 @@ fn check_id<'a>(what: &str, id: &'a str) -> Result<&'a str, ApiError> {
         Err(ApiError::not_found(what, id))
     }
 }
+
+/// The addons manager's paths (both tiers).
+pub const MANAGER_PATHS: [&str; 3] = ["/api/v1/addons", "/api/v1/addons/slots", "/api/v1/addons/{id}"];
+/// The marketplace's paths (root).
+pub const MARKETPLACE_PATHS: [&str; 2] = ["/api/v1/marketplace/addons", "/api/v1/marketplace/addons/{id}"];
 
 /// The routes of `plane` (the marketplace only where the tier keeps one, i.e. without `remote`), each also with
 /// a trailing slash.
@@ -212,7 +228,7 @@ async fn publish(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     admin(&state, &headers)?;
-    let value = json_body(&body)?;
+    let value = json_body(&headers, &body)?;
     let spec = parse_spec(&value).map_err(|problems| {
         ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -307,7 +323,7 @@ async fn install(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     admin(&state, &headers)?;
-    let value = json_body(&body)?;
+    let value = json_body(&headers, &body)?;
     let Some(marketplace_id) = value.get("marketplace_id").and_then(Value::as_str) else {
         return Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -376,7 +392,7 @@ async fn patch_addon(
 ) -> Result<Json<crate::store::Addon>, ApiError> {
     admin(&state, &headers)?;
     let id = check_id("addon", &id)?.to_owned();
-    let value = json_body(&body)?;
+    let value = json_body(&headers, &body)?;
     let Value::Object(fields) = value else {
         return Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,

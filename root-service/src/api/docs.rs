@@ -60,11 +60,18 @@ mod tests {
             super::super::clusters::routes(),
             super::super::net::routes(),
             super::super::users::routes(),
+            super::super::addons::routes(),
             super::routes(),
         ] {
             for (path, _) in routes {
                 assert!(paths.insert(path), "{path} is registered twice");
             }
+        }
+        for path in oakestra_addons::api::MANAGER_PATHS
+            .into_iter()
+            .chain(oakestra_addons::api::MARKETPLACE_PATHS)
+        {
+            assert!(paths.insert(path), "{path} is registered twice");
         }
         paths
     }
