@@ -22,6 +22,9 @@ OAK_NO_IMAGES=${OAK_NO_IMAGES:-0}
 OAK_WORKER_TIMEOUT=${OAK_WORKER_TIMEOUT:-10}
 OAK_NO_UNIKERNEL=${OAK_NO_UNIKERNEL:-0}
 OAK_GUEST_PORT=${OAK_GUEST_PORT:-10091}
+OAK_ADDONS=${OAK_ADDONS:-0}
+OAK_DOCKER=${OAK_DOCKER:-/var/run/docker.sock}
+OAK_REGISTRY_PORT=${OAK_REGISTRY_PORT:-5000}
 
 logs=$OAK_HOME/logs
 run=$OAK_HOME/run
@@ -71,6 +74,13 @@ namespace, oakestra), OAK_WORKER_TIMEOUT (seconds before a silent worker's insta
 OAK_BIN_DIR (take the binaries from there instead of building), OAK_NO_INSTALL=1 (no apt, no rustup),
 OAK_NO_IMAGES=1 (do not build the local example images), OAK_NO_UNIKERNEL=1 (no QEMU, no -u=true),
 OAK_GUEST_PORT (where the guest images are served, 10091).
+
+Addons (OAK_ADDONS=1): up also installs docker.io and docker-registry, uses the Docker daemon on OAK_DOCKER
+(/var/run/docker.sock; when nothing answers there it starts dockerd with its data under OAK_HOME and uses
+run/docker.sock), starts a local registry on 127.0.0.1:OAK_REGISTRY_PORT (5000, "registry"), builds the sample
+addon images (scripts/images/addons.sh) and pushes them there, and starts root and cluster with the addons engine on
+that daemon. Publish examples/addons/*.json to the marketplace (see the README's Addons section). down removes the
+addon containers and stops dockerd and the registry if 1doc started them.
 EOF
 }
 
@@ -105,6 +115,22 @@ install_packages() {
   if [ -z "$OAK_BIN_DIR" ] && [ "${OAKESTRA_SKIP_EBPF:-0}" != 1 ]; then
     "$repo/scripts/ebpf-toolchain.sh" --no-apt
   fi
+  if [ "$OAK_ADDONS" = 1 ]; then
+    local addon_pkgs=() p
+    for p in docker.io docker-registry; do
+      dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || addon_pkgs+=("$p")
+    done
+    if [ ${#addon_pkgs[@]} -gt 0 ]; then
+      log "installing apt packages for addons: ${addon_pkgs[*]}"
+      # Debian's packages would start their daemons on this host: keep them from starting while installing.
+      local policy=/usr/sbin/policy-rc.d own_policy=0
+      if [ ! -e "$policy" ]; then printf '#!/bin/sh\nexit 101\n' >"$policy"; chmod 0755 "$policy"; own_policy=1; fi
+      apt-get -o DPkg::Lock::Timeout=900 update -qq
+      DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=900 install -y -qq --no-install-recommends \
+        "${addon_pkgs[@]}" >/dev/null
+      [ "$own_policy" = 1 ] && rm -f "$policy"
+    fi
+  fi
   if [ "$OAK_NO_UNIKERNEL" != 1 ]; then
     "$repo/scripts/qemu-install.sh" >/dev/null || step "QEMU could not be installed: the worker offers containers only"
   fi
@@ -123,7 +149,7 @@ build() {
     local quiet=(--quiet)
     [ -t 2 ] && quiet=()
     (cd "$repo" && cargo build --release "${quiet[@]}" -p oakestra-root-service -p oakestra-cluster-service \
-      -p oakestra-worker-agent -p oakestra-netmanager)
+      -p oakestra-worker-agent -p oakestra-netmanager -p oakestra-addons)
     bin=${CARGO_TARGET_DIR:-$repo/target}/release
   fi
   for c in "${components[@]}"; do [ -x "$bin/$c" ] || die "$bin/$c is missing"; done
@@ -164,6 +190,44 @@ containerd_up() {
   die "containerd did not come up; see $logs/containerd.log"
 }
 
+# The Docker daemon the addons engine uses: OAK_DOCKER if something answers there, else a dockerd of 1doc's own.
+docker_sock=
+dockerd_up() {
+  if docker -H "unix://$OAK_DOCKER" version >/dev/null 2>&1; then docker_sock=$OAK_DOCKER; return 0; fi
+  docker_sock=$run/docker.sock
+  if docker -H "unix://$docker_sock" version >/dev/null 2>&1; then return 0; fi
+  log "starting dockerd (nothing answers on $OAK_DOCKER)"
+  mkdir -p "$data/docker" "$run/dockerd"
+  start dockerd dockerd --data-root "$data/docker" --exec-root "$run/dockerd" --pidfile "$run/dockerd.docker.pid" \
+    -H "unix://$docker_sock"
+  wait_for 60 "dockerd" dockerd docker -H "unix://$docker_sock" version
+}
+
+registry_up() {
+  if curl -sf --max-time 2 "http://127.0.0.1:$OAK_REGISTRY_PORT/v2/" >/dev/null; then return 0; fi
+  mkdir -p "$data/registry"
+  printf 'version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: %s\nhttp:\n  addr: 127.0.0.1:%s\n' \
+    "$data/registry" "$OAK_REGISTRY_PORT" >"$data/registry.yml"
+  start registry docker-registry serve "$data/registry.yml"
+  wait_for 30 "the local registry" registry curl -sf --max-time 2 "http://127.0.0.1:$OAK_REGISTRY_PORT/v2/"
+}
+
+addons_up() {
+  dockerd_up
+  registry_up
+  log "building the sample addon images and pushing them to 127.0.0.1:$OAK_REGISTRY_PORT"
+  "$repo/scripts/images/addons.sh" --out "$data/images" --scheduler "$bin/oak-sample-scheduler" --load "$docker_sock" \
+    >>"$logs/images.log" 2>&1 || die "addon image build failed; see $logs/images.log"
+  local img
+  for img in addon-hello addon-scheduler; do
+    docker -H "unix://$docker_sock" tag "127.0.0.1:5000/oakestra/$img:latest" \
+      "127.0.0.1:$OAK_REGISTRY_PORT/oakestra/$img:latest" >>"$logs/images.log" 2>&1
+    docker -H "unix://$docker_sock" push "127.0.0.1:$OAK_REGISTRY_PORT/oakestra/$img:latest" >>"$logs/images.log" 2>&1 \
+      || die "pushing $img failed; see $logs/images.log"
+  done
+  addon_flags=(--docker-socket "$docker_sock")
+}
+
 cluster_status() { curl -sf --max-time 2 "http://127.0.0.1:$OAK_CLUSTER_PORT/api/cluster/status"; }
 worker_active() { cluster_status | grep -q '"active_workers":[1-9]'; }
 root_connected() { cluster_status | grep -q '"connected_to_root":true'; }
@@ -195,16 +259,19 @@ up() {
     uk_flags=(-u=true)
   fi
 
+  addon_flags=()
+  if [ "$OAK_ADDONS" = 1 ]; then addons_up; fi
+
   log "starting root-service on :$OAK_API_PORT"
   OAKESTRA_ADMIN_PASSWORD=$(cat "$OAK_HOME/admin.password") start root-service "$bin/root-service" \
-    --listen "0.0.0.0:$OAK_API_PORT" --data-dir "$data/root"
+    --listen "0.0.0.0:$OAK_API_PORT" --data-dir "$data/root" "${addon_flags[@]}"
   wait_for 30 "root's API" root-service curl -sf --max-time 2 "$api/api/health"
 
   log "starting cluster-service on :$OAK_CLUSTER_PORT (MQTT :$OAK_MQTT_PORT)"
   start cluster-service "$bin/cluster-service" --cluster-name 1doc --cluster-location "1-DOC" \
     --root-url "$api" --join-token-file "$data/root/join.token" --listen "0.0.0.0:$OAK_CLUSTER_PORT" \
     --advertise-address 127.0.0.1 --mqtt-listen "0.0.0.0:$OAK_MQTT_PORT" --data-dir "$data/cluster" \
-    --report-interval 2 --worker-timeout "$OAK_WORKER_TIMEOUT"
+    --report-interval 2 --worker-timeout "$OAK_WORKER_TIMEOUT" "${addon_flags[@]}"
   wait_for 30 "the cluster to register at root" cluster-service root_connected
 
   log "starting the worker (NetManager, NodeEngine)"
@@ -229,6 +296,7 @@ up() {
   workers     join with the token in $data/cluster/worker-join.token:
               sudo $repo/scripts/install-worker.sh --cluster <this machine> --join-token $(cat "$data/cluster/worker-join.token")
   logs, data  $OAK_HOME
+$(if [ "$OAK_ADDONS" = 1 ]; then printf '  addons      Docker %s, registry 127.0.0.1:%s; publish examples/addons/*.json (README: Addons)' "$docker_sock" "$OAK_REGISTRY_PORT"; fi)
 
   next:       sudo $repo/scripts/1doc.sh example      deploys the clientsrvr example and shows the client's log
               sudo $repo/scripts/1doc.sh status       sudo $repo/scripts/1doc.sh down
@@ -238,8 +306,8 @@ EOF
 # --- status -------------------------------------------------------------------------------------------------------
 status() {
   local c any=0
-  for c in containerd "${components[@]}" guest-images; do
-    if [ "$c" = guest-images ] && ! alive "$c"; then continue; fi
+  for c in containerd "${components[@]}" guest-images dockerd registry; do
+    if [[ "$c" =~ ^(guest-images|dockerd|registry)$ ]] && ! alive "$c"; then continue; fi
     if alive "$c"; then
       any=1
       printf '  %-16s running  pid %s\n' "$c" "$(pid_of "$c")"
@@ -283,6 +351,17 @@ down() {
   stop NetManager
   stop cluster-service
   stop root-service
+  # Addon containers outlive root and cluster (the monitor adopts them at the next start): remove them.
+  local sock c
+  for sock in "$OAK_DOCKER" "$run/docker.sock"; do
+    if [ -S "$sock" ] && docker -H "unix://$sock" version >/dev/null 2>&1; then
+      for c in $(docker -H "unix://$sock" ps -aq --filter label=oak.addon.id 2>/dev/null); do
+        docker -H "unix://$sock" rm -f "$c" >/dev/null 2>&1 && step "removed addon container $c"
+      done
+    fi
+  done
+  stop registry
+  stop dockerd
   # The NodeEngine leaves its containers running when it stops (a restarted NodeEngine adopts them): remove them.
   if ctr -a "$OAK_CONTAINERD" version >/dev/null 2>&1; then
     local t

@@ -894,6 +894,21 @@ mod tests {
     }
 
     #[test]
+    fn the_example_descriptors_are_valid() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/addons");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "json") {
+                let value: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+                parse_spec(&value).unwrap_or_else(|p| panic!("{}: {p:?}", path.display()));
+                seen += 1;
+            }
+        }
+        assert!(seen >= 3, "{seen} examples");
+    }
+
+    #[test]
     fn commands_split_like_a_shell() {
         assert_eq!(
             split_command(r#"sh -c "echo \"hi\" there""#).unwrap(),
