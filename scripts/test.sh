@@ -24,7 +24,8 @@ SKIP_EBPF="${OAKESTRA_SKIP_EBPF:-0}"
 # containerd, runc: the NodeEngine tests start a private containerd (own socket and root) and run real containers;
 # protobuf-compiler: containerd-client's build script compiles containerd's protos with protoc;
 # nftables: NetManager's host rules (`nft`); iproute2: the netns testbed; iperf3, sockperf: the overlay bench;
-# nginx, curl, python3: the 1-DOC test builds the example images (scripts/images/build.sh) and runs scripts/1doc.sh.
+# nginx, curl, python3: the 1-DOC test builds the example images (scripts/images/build.sh) and runs scripts/1doc.sh;
+# busybox-static also goes into the sample addon images (scripts/images/addons.sh).
 packages=(gcc libc6-dev pkg-config mosquitto docker-registry skopeo busybox-static containerd runc protobuf-compiler
   nftables iproute2 iperf3 sockperf nginx curl python3)
 # The eBPF build (netmanager/build.rs): LLVM 22 for bpf-linker (scripts/ebpf-toolchain.sh does the rest).
@@ -37,6 +38,18 @@ if [ ${#missing[@]} -gt 0 ]; then
   log "installing apt packages: ${missing[*]}"
   as_root apt-get -o DPkg::Lock::Timeout=900 update -qq
   as_root apt-get -o DPkg::Lock::Timeout=900 install -y -qq --no-install-recommends "${missing[@]}"
+fi
+# docker.io: the addons tests start their own dockerd inside a network namespace of theirs (tests/src/docker.rs).
+# Installed with a policy-rc.d that keeps Debian's package from starting a daemon (and a docker0 bridge) on the host.
+if ! dpkg-query -W -f='${Status}' docker.io 2>/dev/null | grep -q "install ok installed"; then
+  log "installing docker.io (not started on the host)"
+  policy=/usr/sbin/policy-rc.d own_policy=0
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' | as_root tee "$policy" >/dev/null && as_root chmod 0755 "$policy" && own_policy=1
+  fi
+  as_root apt-get -o DPkg::Lock::Timeout=900 install -y -qq --no-install-recommends docker.io \
+    || { as_root apt-get -o DPkg::Lock::Timeout=900 update -qq; as_root apt-get -o DPkg::Lock::Timeout=900 install -y -qq --no-install-recommends docker.io; }
+  if [ "$own_policy" = 1 ]; then as_root rm -f "$policy"; fi
 fi
 
 # --- Rust toolchains ---------------------------------------------------------------------------------------------

@@ -6,6 +6,8 @@
 #                                     /proc /root /run /sys /tmp (1777)
 #   oci_add_file ROOT PATH [MODE]     copies the host's PATH (symlinks followed) to the same path under ROOT
 #   oci_add_elf ROOT BINARY...        copies BINARY and every shared library `ldd` names for it, loader included
+#   oci_add_libs ROOT BINARY          copies only the shared libraries `ldd` names for BINARY, loader included
+#   oci_add_elf_at ROOT BINARY DEST   installs BINARY as ROOT/DEST (mode 0755) plus its libraries (oci_add_libs)
 #   oci_add_busybox ROOT              /bin/busybox (must be static) and a /bin/<applet> symlink per applet
 #   oci_write ROOT PATH MODE          writes stdin to ROOT/PATH
 #   oci_json_str STRING               STRING as a JSON string literal (quotes included)
@@ -14,6 +16,11 @@
 #                                     blobs/sha256) and OUT.tar the same as a tar archive for `ctr images import`;
 #                                     NAME the full image name, CONFIG the JSON object for the config's "config";
 #                                     sets OCI_MANIFEST_DIGEST
+#   oci_write_docker_archive ROOT OUT NAME CONFIG CREATED_BY
+#                                     ROOT as one uncompressed layer in OUT, a `docker save` archive (manifest.json
+#                                     with Config/RepoTags/Layers, the config, <diff id>/layer.tar) that
+#                                     `docker load -i` reads (docker 20.10 cannot load OCI layouts); NAME, CONFIG and
+#                                     CREATED_BY as for oci_write_layout; sets OCI_IMAGE_ID (the config's digest)
 # Deterministic for given inputs: sorted tar, owner 0, mtime $SOURCE_DATE_EPOCH (default 0), gzip -n.
 # Errors call oci_die, which prints "$OCI_PROG: message" and exits 1.
 # Needs: GNU tar, gzip, sha256sum, ldd, realpath (coreutils).
@@ -70,23 +77,38 @@ oci_add_file() {
 }
 
 oci_add_elf() {
-  local root=$1 bin line lib out
+  local root=$1 bin
   shift
   for bin in "$@"; do
     oci_add_file "$root" "$bin"
-    out=$(ldd "$bin" 2>&1) || oci_die "ldd $bin failed: $out"
-    while IFS= read -r line; do
-      line=${line#"${line%%[![:space:]]*}"}
-      case "$line" in
-        *"=> not found"*) oci_die "$bin needs a library the host lacks: $line" ;;
-        *" => /"*) lib=${line#* => }; lib=${lib%% (*} ;;       # libc.so.6 => /lib/.../libc.so.6 (0x...)
-        /*) lib=${line%% (*} ;;                                  # /lib64/ld-linux-x86-64.so.2 (0x...)
-        *" => "* | "" | linux-vdso* | linux-gate* | *"statically linked"*) continue ;;  # vdso: no file
-        *) oci_die "unexpected ldd output for $bin: $line" ;;
-      esac
-      oci_add_file "$root" "$lib"
-    done <<<"$out"
+    oci_add_libs "$root" "$bin"
   done
+}
+
+oci_add_elf_at() {
+  local root=$1 bin=$2 dest=$3
+  [ -f "$bin" ] || oci_die "$bin does not exist"
+  case "$dest" in /*) ;; *) oci_die "$dest is not an absolute path" ;; esac
+  mkdir -p "$root$(dirname "$dest")"
+  cp -L "$bin" "$root$dest"
+  chmod 0755 "$root$dest"
+  oci_add_libs "$root" "$bin"
+}
+
+oci_add_libs() {
+  local root=$1 bin=$2 line lib out
+  out=$(ldd "$bin" 2>&1) || oci_die "ldd $bin failed: $out"
+  while IFS= read -r line; do
+    line=${line#"${line%%[![:space:]]*}"}
+    case "$line" in
+      *"=> not found"*) oci_die "$bin needs a library the host lacks: $line" ;;
+      *" => /"*) lib=${line#* => }; lib=${lib%% (*} ;;       # libc.so.6 => /lib/.../libc.so.6 (0x...)
+      /*) lib=${line%% (*} ;;                                  # /lib64/ld-linux-x86-64.so.2 (0x...)
+      *" => "* | "" | linux-vdso* | linux-gate* | *"statically linked"*) continue ;;  # vdso: no file
+      *) oci_die "unexpected ldd output for $bin: $line" ;;
+    esac
+    oci_add_file "$root" "$lib"
+  done <<<"$out"
 }
 
 oci_add_busybox() {
@@ -178,4 +200,41 @@ oci_write_layout() {
   oci_tar "$out" "$out.tar" oci-layout index.json blobs
   # shellcheck disable=SC2034 # for the caller
   OCI_MANIFEST_DIGEST=$manifest_digest
+}
+
+oci_write_docker_archive() {
+  local root=$1 out=$2 name=$3 config=$4 created_by=$5
+  local last work created variant_json diff_hex config_hex
+  local -a members
+  [[ "$name" =~ ^[a-z0-9][a-z0-9._/:-]*$ ]] || oci_die "$name is not an image name (lowercase letters, digits, . _ / : -)"
+  last=${name##*/}
+  [[ "$last" == *:* ]] || name="$name:latest"
+  [ -n "${name##*:}" ] || oci_die "$name has an empty tag"
+  [ ! -e "$out" ] || oci_die "$out already exists"
+  [ -n "${OCI_ARCH:-}" ] || oci_platform
+  created=$(date -u -d "@${SOURCE_DATE_EPOCH:-0}" +%Y-%m-%dT%H:%M:%SZ)
+
+  work=$(mktemp -d "${TMPDIR:-/tmp}/docker-archive.XXXXXX")
+  mapfile -t members < <(cd "$root" && find . -mindepth 1 -maxdepth 1 -printf '%f\n' | LC_ALL=C sort)
+  mkdir -p "$work/archive"
+  oci_tar "$root" "$work/layer.tar" "${members[@]}"
+  diff_hex=$(sha256sum "$work/layer.tar" | cut -d' ' -f1)
+  # The directory of a layer is named after its diff id here (docker save uses a v1 id; load only follows Layers).
+  mkdir -p "$work/archive/$diff_hex"
+  mv "$work/layer.tar" "$work/archive/$diff_hex/layer.tar"
+
+  variant_json=
+  [ -z "${OCI_VARIANT:-}" ] || variant_json=",\"variant\":\"$OCI_VARIANT\""
+  printf '%s' "{\"created\":\"$created\",\"architecture\":\"$OCI_ARCH\"$variant_json,\"os\":\"linux\",\
+\"config\":$config,\
+\"rootfs\":{\"type\":\"layers\",\"diff_ids\":[\"sha256:$diff_hex\"]},\
+\"history\":[{\"created\":\"$created\",\"created_by\":$(oci_json_str "$created_by")}]}" >"$work/config.json"
+  config_hex=$(sha256sum "$work/config.json" | cut -d' ' -f1)
+  mv "$work/config.json" "$work/archive/$config_hex.json"
+  printf '%s\n' "[{\"Config\":\"$config_hex.json\",\"RepoTags\":[\"$name\"],\"Layers\":[\"$diff_hex/layer.tar\"]}]" \
+    >"$work/archive/manifest.json"
+  oci_tar "$work/archive" "$out" manifest.json "$config_hex.json" "$diff_hex"
+  rm -rf "$work"
+  # shellcheck disable=SC2034 # for the caller
+  OCI_IMAGE_ID=sha256:$config_hex
 }

@@ -4,6 +4,7 @@
 //! - [`harness`]: free ports, child processes killed on drop, `eventually`.
 //! - [`incontainer`]: netprobe clients and servers inside a container's network namespace, containers' pids.
 //! - [`containerd`]: a private containerd daemon, the busybox test image, a local registry.
+//! - [`docker`]: a private dockerd and a local registry inside a test's netns, the sample addon images.
 //! - [`stack`]: root + cluster as child processes and the NodeEngine command line.
 //! - [`overlaybed`]: a netns testbed with root, cluster and NetManager + NodeEngine workers, and its teardown.
 //! - [`procs`]: locate a built binary (`NodeEngine`, `NetManager`, `cluster-service`, `root-service`) and run it.
@@ -12,6 +13,7 @@
 //! `./scripts/test.sh` does) and fail with a message saying so when they are not.
 
 pub mod containerd;
+pub mod docker;
 pub mod harness;
 pub mod incontainer;
 pub mod netns;
