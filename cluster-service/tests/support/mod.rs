@@ -208,6 +208,8 @@ pub struct RootBook {
     pub calls: Vec<Call>,
     /// Job documents root answers for `/api/net/service/<name>/instances` (by job name).
     pub net_jobs: Vec<Value>,
+    /// Marketplace entries root answers for `/api/cluster/marketplace/addons/<id>`.
+    pub marketplace: Vec<Value>,
 }
 
 /// A fake root on 127.0.0.1:0.
@@ -310,6 +312,12 @@ async fn fake_root(
             StatusCode::OK,
             Json(json!({"subnet_addr": "10.18.0.64", "subnet_addr_v6": "fc00::100"})),
         );
+    }
+    if let Some(id) = path.strip_prefix("/api/cluster/marketplace/addons/") {
+        return match book.marketplace.iter().find(|e| e["_id"] == json!(id)) {
+            Some(e) => (StatusCode::OK, Json(e.clone())),
+            None => (StatusCode::NOT_FOUND, Json(json!({"message": "no such addon"}))),
+        };
     }
     if let Some(rest) = path.strip_prefix("/api/net/service/") {
         let key = rest.trim_end_matches("/instances").replace('_', ".");
@@ -530,16 +538,24 @@ impl FakeWorker {
         let answer: NodeRegistered = serde_json::from_value(r.body).unwrap();
         let port = answer.mqtt_broker_port_u16().unwrap();
         let password = answer.mqtt_password.clone().unwrap();
-        Self::connect_with(&answer.id, &format!("{}-ne", answer.id), &password, port, will).await
+        Self::connect_with(
+            &answer.id,
+            &format!("{}-ne", answer.id),
+            &password,
+            port,
+            will,
+            memory,
+        )
+        .await
     }
 
     /// Connects as MQTT user (and client id) `user` and subscribes to the node's control topics and the job
     /// broadcasts.
     pub async fn connect(id: &str, user: &str, password: &str, port: u16) -> Self {
-        Self::connect_with(id, user, password, port, false).await
+        Self::connect_with(id, user, password, port, false, 4000).await
     }
 
-    async fn connect_with(id: &str, user: &str, password: &str, port: u16, will: bool) -> Self {
+    async fn connect_with(id: &str, user: &str, password: &str, port: u16, will: bool, memory: i64) -> Self {
         let mut options = MqttOptions::new(user, "127.0.0.1", port);
         options
             .set_credentials(user, password)
@@ -596,16 +612,17 @@ impl FakeWorker {
             inbox,
             loops: vec![pump],
         };
-        worker.heartbeat();
+        worker.heartbeat(memory);
         worker
     }
 
-    fn heartbeat(&mut self) {
+    /// Publishes the node information every 200 ms, with `memory` − 100 MiB available (what its own processes use).
+    fn heartbeat(&mut self, memory: i64) {
         let client = self.client.clone();
         let topic = Topic::Information(TopicId::new(self.id.clone()).unwrap()).to_string();
         self.loops.push(tokio::spawn(async move {
             loop {
-                let info = json!({"ip": "192.0.2.10", "cpu_percent": 5.0, "memory_percent": 20.0, "memory": 3900,
+                let info = json!({"ip": "192.0.2.10", "cpu_percent": 5.0, "memory_percent": 20.0, "memory": memory - 100,
                                   "vcpus": 4, "host": "", "architecture": "", "port": ""});
                 let _ = client
                     .publish(topic.clone(), QoS::AtLeastOnce, false, serde_json::to_vec(&info).unwrap())
