@@ -198,8 +198,11 @@ dockerd_up() {
   if docker -H "unix://$docker_sock" version >/dev/null 2>&1; then return 0; fi
   log "starting dockerd (nothing answers on $OAK_DOCKER)"
   mkdir -p "$data/docker" "$run/dockerd"
+  # --iptables=false: dockerd's iptables rules set the FORWARD policy to DROP, which would drop the overlay's
+  # forwarded packets on this machine. Published ports still work (docker-proxy); addon containers reach this
+  # machine over their network's gateway, not the internet.
   start dockerd dockerd --data-root "$data/docker" --exec-root "$run/dockerd" --pidfile "$run/dockerd.docker.pid" \
-    -H "unix://$docker_sock"
+    -H "unix://$docker_sock" --iptables=false
   wait_for 60 "dockerd" dockerd docker -H "unix://$docker_sock" version
 }
 
@@ -361,7 +364,12 @@ down() {
     fi
   done
   stop registry
-  stop dockerd
+  if alive dockerd; then
+    # 1doc's own dockerd: its networks go with it (docker0 stays otherwise, and the addon networks' bridges).
+    docker -H "unix://$run/docker.sock" network prune -f >/dev/null 2>&1 || true
+    stop dockerd
+    ip link show docker0 >/dev/null 2>&1 && ip link del docker0 2>/dev/null && step "removed interface docker0"
+  fi
   # The NodeEngine leaves its containers running when it stops (a restarted NodeEngine adopts them): remove them.
   if ctr -a "$OAK_CONTAINERD" version >/dev/null 2>&1; then
     local t

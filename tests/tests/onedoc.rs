@@ -2,8 +2,9 @@
 //! and its own containerd; then only the public API: log in, register the seed's clientsrvr application with the
 //! local images, deploy both services, see RUNNING and the page the client fetched from 10.30.55.55 in its log; a
 //! one-shot service completes and is not redeployed; deleting the applications removes every container and veth;
-//! `1doc.sh example` does the walkthrough again; `1doc.sh down` removes the rest, and the host's namespace is
-//! unchanged.
+//! `1doc.sh example` does the walkthrough again; with `OAK_ADDONS=1` (1doc's own dockerd and registry in the
+//! namespace) the sample extension is published, approved, installed and serves its page; `1doc.sh down` removes
+//! the rest (addon containers, docker0 and the addon networks included), and the host's namespace is unchanged.
 #![allow(clippy::unwrap_used, reason = "test code: a panic is the clearest failure")]
 
 use std::{
@@ -31,6 +32,9 @@ fn onedoc(ns: &Netns, home: &Path, cmd: &str) -> Output {
         .env("OAK_CONTAINERD", home.join("containerd.sock"))
         .env("OAK_NO_INSTALL", "1")
         .env("OAK_BIN_DIR", binary("root-service").parent().unwrap())
+        // Addons on: 1doc's own dockerd (nothing answers on OAK_DOCKER) and registry, inside the namespace.
+        .env("OAK_ADDONS", "1")
+        .env("OAK_DOCKER", home.join("no-docker.sock"))
         .output()
         .unwrap()
 }
@@ -319,7 +323,9 @@ async fn one_doc_runs_the_seed_walkthrough_and_cleans_up() {
     until(60, "no containers and no veths left", &home, || async {
         let containers = ctr(&home, &["containers", "ls", "-q"]);
         let links = extra_links(&ns);
-        (containers.trim().is_empty() && links.iter().all(|l| l.starts_with("goProxy"))).then_some(())
+        // docker0 is 1doc's dockerd's (OAK_ADDONS=1), removed by `down`.
+        (containers.trim().is_empty() && links.iter().all(|l| l.starts_with("goProxy") || l == "docker0"))
+            .then_some(())
     })
     .await;
 
@@ -360,6 +366,53 @@ async fn one_doc_runs_the_seed_walkthrough_and_cleans_up() {
     let guest_dir = home.join("data/nodeengine/unikernel");
     assert!(!qemus_under(&guest_dir).is_empty(), "a QEMU for the guest");
 
+    // Addons (OAK_ADDONS=1): 1doc's dockerd and registry hold the sample images; the extension is published,
+    // verified, installed and serves its page, and is still running when `down` comes.
+    let descriptor: Value = serde_json::from_str(
+        &std::fs::read_to_string(workspace_root().join("examples/addons/hello-extension.json")).unwrap(),
+    )
+    .unwrap();
+    let r = call(
+        "POST",
+        &format!("{}/api/v1/marketplace/addons", api.url),
+        Some(&api.token),
+        Some(&descriptor),
+    )
+    .await;
+    assert_eq!(r.status, 201, "publish: {}", r.body);
+    let entry = r.body["_id"].as_str().unwrap().to_owned();
+    until(60, "the sample extension approved", &home, || async {
+        (api.get(&format!("/api/v1/marketplace/addons/{entry}")).await["status"] == "approved").then_some(())
+    })
+    .await;
+    let r = call(
+        "POST",
+        &format!("{}/api/v1/addons", api.url),
+        Some(&api.token),
+        Some(&json!({"marketplace_id": entry})),
+    )
+    .await;
+    assert_eq!(r.status, 201, "install: {}", r.body);
+    let addon = r.body["_id"].as_str().unwrap().to_owned();
+    until(60, "the sample extension active", &home, || async {
+        (api.get(&format!("/api/v1/addons/{addon}")).await["status"] == "active").then_some(())
+    })
+    .await;
+    let page = until(30, "the extension's page", &home, || async {
+        let r = oakestra_protocol::client::call::<Value>(
+            "GET".parse().unwrap(),
+            "http://127.0.0.1:18080/",
+            None,
+            None,
+            Duration::from_secs(2),
+        )
+        .await
+        .ok()?;
+        Some(r.body.to_string())
+    })
+    .await;
+    assert!(page.contains("hello from an oakestra-rs extension"), "{page}");
+
     // `down` stops everything and removes the network state, also with the example's containers still running.
     let down = onedoc(&ns, &home, "down");
     assert!(down.status.success(), "{}", text(&down));
@@ -369,6 +422,7 @@ async fn one_doc_runs_the_seed_walkthrough_and_cleans_up() {
     let status = text(&onedoc(&ns, &home, "status"));
     assert!(!status.contains("running"), "{status}");
     assert!(qemus_under(&guest_dir).is_empty(), "guests left after down");
+    assert!(text(&down).contains("removed addon container"), "{}", text(&down));
     host_before.assert_unchanged(&HostSnapshot::take());
     let _ = std::fs::remove_dir_all(&home);
 }
