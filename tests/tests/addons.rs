@@ -1,6 +1,6 @@
 //! Addons against a real dockerd and a local registry, both inside a network namespace this test creates, with
 //! root-service as a child process in the same namespace:
-//! - the marketplace: publish → `under_review` → `approved`; a missing image → `verification_failed` with the
+//! - the marketplace: publish → `under_review` → `approved` (also on the reference ports 11102/11101); a missing image → `verification_failed` with the
 //!   reason; bad descriptors → 422 with field paths; a non-admin → 403; installing an unapproved addon → 409;
 //! - the engine: the sample extension runs with its declared ports, labels and network → `active`; killed, it is
 //!   restarted once, killed again it is `failed` with its log; disabled, its container is gone; its record deleted
@@ -66,6 +66,7 @@ impl Root {
             "2000",
             "--liveness-window",
             "20",
+            "--addons-reference-ports",
         ]
         .map(str::to_owned)
         .to_vec();
@@ -425,6 +426,33 @@ async fn scenario(ns: String, dir: PathBuf) {
         .status,
         403
     );
+
+    // The reference ports (--addons-reference-ports) serve the addons routes only, with the same credentials.
+    for port in [11102, 11101] {
+        let url = format!("http://127.0.0.1:{port}");
+        let r = call(
+            "GET",
+            &format!("{url}/api/v1/marketplace/addons?status=all"),
+            Some(&root.admin),
+            None,
+        )
+        .await;
+        assert_eq!(r.status, 200, "{port}: {}", r.body);
+        assert_eq!(r.body.as_array().map(Vec::len), Some(2), "{port}: {}", r.body);
+        assert_eq!(
+            call("GET", &format!("{url}/api/v1/addons"), None, None)
+                .await
+                .status,
+            401,
+            "{port}"
+        );
+        assert_eq!(
+            call("GET", &format!("{url}/api/applications"), Some(&root.admin), None)
+                .await
+                .status,
+            404
+        );
+    }
 
     // --- The engine: install, restart once, fail with the log, disable.
     let installed = root
