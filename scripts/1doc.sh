@@ -97,10 +97,12 @@ install_packages() {
   # NetManager's eBPF fast path is compiled with bpf-linker, built against LLVM 22.
   [ -n "$OAK_BIN_DIR" ] || [ "${OAKESTRA_SKIP_EBPF:-0}" = 1 ] \
     || want+=(llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev binutils)
+  # Addons: Docker and a local registry for the sample images.
+  [ "$OAK_ADDONS" != 1 ] || want+=(docker.io docker-registry)
   for p in "${want[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p"); done
   if [ ${#missing[@]} -gt 0 ]; then
     log "installing apt packages: ${missing[*]}"
-    # Keep the nginx package from starting a server on this host while it installs.
+    # Keep Debian's packages (nginx, docker.io, docker-registry) from starting daemons on this host while installing.
     local policy=/usr/sbin/policy-rc.d own_policy=0
     if [ ! -e "$policy" ]; then printf '#!/bin/sh\nexit 101\n' >"$policy"; chmod 0755 "$policy"; own_policy=1; fi
     apt-get -o DPkg::Lock::Timeout=900 update -qq
@@ -114,22 +116,6 @@ install_packages() {
   fi
   if [ -z "$OAK_BIN_DIR" ] && [ "${OAKESTRA_SKIP_EBPF:-0}" != 1 ]; then
     "$repo/scripts/ebpf-toolchain.sh" --no-apt
-  fi
-  if [ "$OAK_ADDONS" = 1 ]; then
-    local addon_pkgs=() p
-    for p in docker.io docker-registry; do
-      dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || addon_pkgs+=("$p")
-    done
-    if [ ${#addon_pkgs[@]} -gt 0 ]; then
-      log "installing apt packages for addons: ${addon_pkgs[*]}"
-      # Debian's packages would start their daemons on this host: keep them from starting while installing.
-      local policy=/usr/sbin/policy-rc.d own_policy=0
-      if [ ! -e "$policy" ]; then printf '#!/bin/sh\nexit 101\n' >"$policy"; chmod 0755 "$policy"; own_policy=1; fi
-      apt-get -o DPkg::Lock::Timeout=900 update -qq
-      DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=900 install -y -qq --no-install-recommends \
-        "${addon_pkgs[@]}" >/dev/null
-      [ "$own_policy" = 1 ] && rm -f "$policy"
-    fi
   fi
   if [ "$OAK_NO_UNIKERNEL" != 1 ]; then
     "$repo/scripts/qemu-install.sh" >/dev/null || step "QEMU could not be installed: the worker offers containers only"

@@ -1090,21 +1090,7 @@ impl State {
             .values()
             .map(|n| self.candidate(n))
             .filter(|c| !active_only || c.active)
-            .map(|c| {
-                serde_json::json!({
-                    "_id": c.id,
-                    "candidate_name": c.name,
-                    "node_name": c.name,
-                    "active": c.active,
-                    "vcpus": c.total.vcpus,
-                    "memory": c.total.memory_mib,
-                    "vgpus": c.total.gpus,
-                    "cpu_percent": c.cpu_percent,
-                    "virtualization": c.virtualization,
-                    "csi_drivers": c.csi_drivers,
-                    "supported_addons": c.addons,
-                })
-            })
+            .map(|c| c.resource_document("node_name"))
             .collect()
     }
 

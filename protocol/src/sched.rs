@@ -147,6 +147,26 @@ pub struct Candidate {
     pub addons: Vec<String>,
 }
 
+impl Candidate {
+    /// The candidate as a scheduler plugin reads it from `GET /api/v1/resources` (the reference resource
+    /// abstractor's fields), its name also under `name_field` (`cluster_name` at root, `node_name` at a cluster).
+    pub fn resource_document(&self, name_field: &str) -> Value {
+        serde_json::json!({
+            "_id": self.id,
+            "candidate_name": self.name,
+            name_field: self.name,
+            "active": self.active,
+            "vcpus": self.total.vcpus,
+            "memory": self.total.memory_mib,
+            "vgpus": self.total.gpus,
+            "cpu_percent": self.cpu_percent,
+            "virtualization": self.virtualization,
+            "csi_drivers": self.csi_drivers,
+            "supported_addons": self.addons,
+        })
+    }
+}
+
 /// What one instance asks for, and the constraints on where it may go.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Demand {

@@ -148,21 +148,7 @@ impl Engine {
             .map(|c| candidate(c, c.is_active(now, self.liveness_ms)))
             .filter(|c| !active_only || c.active)
             .filter(|c| name.as_ref().is_none_or(|n| &c.name == n))
-            .map(|c| {
-                serde_json::json!({
-                    "_id": c.id,
-                    "candidate_name": c.name,
-                    "cluster_name": c.name,
-                    "active": c.active,
-                    "vcpus": c.total.vcpus,
-                    "memory": c.total.memory_mib,
-                    "vgpus": c.total.gpus,
-                    "cpu_percent": c.cpu_percent,
-                    "virtualization": c.virtualization,
-                    "csi_drivers": c.csi_drivers,
-                    "supported_addons": c.addons,
-                })
-            })
+            .map(|c| c.resource_document("cluster_name"))
             .collect())
     }
 

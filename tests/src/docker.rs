@@ -619,3 +619,22 @@ pub fn addon_images() -> (PathBuf, PathBuf) {
         })
         .clone()
 }
+
+/// Where the sample extension's page is published by `examples/addons/hello-extension.json` (and the tests' copy).
+pub const HELLO_URL: &str = "http://127.0.0.1:18080/";
+/// The line the sample extension's page holds.
+pub const HELLO_TEXT: &str = "hello from an oakestra-rs extension";
+
+/// One `GET` of the sample extension's page (2 s at most): its body, or `None` while it does not answer.
+pub async fn hello_page() -> Option<String> {
+    let r = oakestra_protocol::client::call::<serde_json::Value>(
+        "GET".parse().ok()?,
+        HELLO_URL,
+        None,
+        None,
+        std::time::Duration::from_secs(2),
+    )
+    .await
+    .ok()?;
+    Some(r.body.to_string())
+}

@@ -19,7 +19,7 @@ use std::{
 
 use oakestra_protocol::client;
 use oakestra_tests::{
-    docker::{Dockerd, Registry, addon_images},
+    docker::{Dockerd, HELLO_IMAGE, HELLO_TEXT, Registry, SCHEDULER_IMAGE, addon_images, hello_page},
     harness::{Proc, eventually, free_port},
     netns::{Netns, output_ok, require_root},
 };
@@ -29,7 +29,6 @@ use tokio::{
     net::TcpListener,
 };
 
-use oakestra_tests::docker::{HELLO_IMAGE, SCHEDULER_IMAGE};
 const JOIN: &str = "addons-test-join-token";
 
 async fn call(method: &str, url: &str, token: Option<&str>, body: Option<&Value>) -> client::Response {
@@ -477,20 +476,8 @@ async fn scenario(ns: String, dir: PathBuf) {
         c["HostConfig"]["PortBindings"]["8080/tcp"][0]["HostPort"],
         "18080"
     );
-    let page = eventually(20, "the extension's page", &[&root.proc], || async {
-        let r = client::call::<Value>(
-            "GET".parse().unwrap(),
-            "http://127.0.0.1:18080/",
-            None,
-            None,
-            Duration::from_secs(2),
-        )
-        .await
-        .ok()?;
-        Some(r.body.to_string())
-    })
-    .await;
-    assert!(page.contains("hello from an oakestra-rs extension"), "{page}");
+    let page = eventually(20, "the extension's page", &[&root.proc], hello_page).await;
+    assert!(page.contains(HELLO_TEXT), "{page}");
     let first_pid = c["State"]["Pid"].as_i64().unwrap();
     docker(&dockerd, &["kill", "root_hello"]);
     root.wait("one restart", 30, &addon_path, |b| {

@@ -14,6 +14,7 @@ use std::{
 };
 
 use oakestra_tests::{
+    docker::{HELLO_TEXT, hello_page},
     netns::{HostSnapshot, Netns, require_root},
     procs::{binary, workspace_root},
     stack::call,
@@ -398,20 +399,8 @@ async fn one_doc_runs_the_seed_walkthrough_and_cleans_up() {
         (api.get(&format!("/api/v1/addons/{addon}")).await["status"] == "active").then_some(())
     })
     .await;
-    let page = until(30, "the extension's page", &home, || async {
-        let r = oakestra_protocol::client::call::<Value>(
-            "GET".parse().unwrap(),
-            "http://127.0.0.1:18080/",
-            None,
-            None,
-            Duration::from_secs(2),
-        )
-        .await
-        .ok()?;
-        Some(r.body.to_string())
-    })
-    .await;
-    assert!(page.contains("hello from an oakestra-rs extension"), "{page}");
+    let page = until(30, "the extension's page", &home, hello_page).await;
+    assert!(page.contains(HELLO_TEXT), "{page}");
 
     // `down` stops everything and removes the network state, also with the example's containers still running.
     let down = onedoc(&ns, &home, "down");

@@ -181,25 +181,6 @@ async fn schedule(config: Arc<Config>, job_id: String) {
     }
 }
 
-/// Completes at the first SIGTERM or SIGINT.
-async fn shutdown() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(e) => {
-                tracing::error!("cannot listen for SIGTERM: {e}");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received, shutting down"),
-        () = term => tracing::info!("SIGTERM received, shutting down"),
-    }
-}
-
 async fn serve(config: Config) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(("0.0.0.0", config.port)).await?;
     tracing::info!(plane = %config.plane, listen = %listener.local_addr()?, manager = %config.manager,
@@ -211,7 +192,7 @@ async fn serve(config: Config) -> std::io::Result<()> {
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(Arc::new(config));
     axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown())
+        .with_graceful_shutdown(oakestra_protocol::signal::shutdown_signal())
         .await
 }
 
