@@ -135,6 +135,11 @@ pub struct Cli {
     #[arg(long, value_name = "N", default_value_t = LoginLimits::default().per_user)]
     pub login_failures_per_user: u32,
 
+    /// Browser origins allowed to call the API (CORS): `*` (any, the reference's default) or a comma-separated list
+    /// of `http(s)://host[:port]`, e.g. the dashboard's `http://localhost:4200`.
+    #[arg(long, value_name = "ORIGINS", env = "OAK_CORS_ORIGINS", default_value = "*")]
+    pub cors_origins: String,
+
     /// The addons engine.
     #[command(flatten)]
     pub addons: oakestra_addons::settings::AddonsFlags,
@@ -181,6 +186,8 @@ pub struct Config {
     pub login: LoginLimits,
     /// The addons engine.
     pub addons: AddonsSettings,
+    /// Browser origins allowed to call the API.
+    pub cors: crate::api::cors::Origins,
 }
 
 pub use oakestra_addons::settings::AddonsSettings;
@@ -204,6 +211,7 @@ impl fmt::Debug for Config {
             .field("hashing", &self.hashing)
             .field("login", &self.login)
             .field("addons", &self.addons)
+            .field("cors", &self.cors)
             .finish()
     }
 }
@@ -233,6 +241,7 @@ impl Config {
             hashing: PoolSize::default(),
             login: LoginLimits::default(),
             addons: AddonsSettings::default(),
+            cors: crate::api::cors::Origins::Any,
         }
     }
 
@@ -353,6 +362,11 @@ impl Config {
                 return Err(invalid(flag, value.to_string(), "must be between 1 and 1000000"));
             }
         }
+        let cors =
+            crate::api::cors::Origins::parse(&cli.cors_origins).map_err(|rule| Error::InvalidCors {
+                value: cli.cors_origins.clone(),
+                rule,
+            })?;
         let addons = cli
             .addons
             .validate()
@@ -392,6 +406,7 @@ impl Config {
                 per_user: cli.login_failures_per_user,
             },
             addons,
+            cors,
         })
     }
 }

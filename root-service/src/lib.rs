@@ -108,6 +108,14 @@ pub enum Error {
         /// What is wrong.
         message: String,
     },
+    /// `--cors-origins` is not `*` or a list of origins.
+    #[error("invalid value {value:?} for --cors-origins: {rule}")]
+    InvalidCors {
+        /// What was given.
+        value: String,
+        /// What is wrong.
+        rule: String,
+    },
     /// The addons engine could not start.
     #[error("addons: {0}")]
     Addons(String),
@@ -162,6 +170,7 @@ pub async fn build_state(config: &Config) -> Result<AppState, Error> {
     .map_err(|e| Error::Addons(e.to_string()))?;
     engine.attach_slots(Arc::clone(addons.slots()));
     Ok(AppState {
+        cors: Arc::new(config.cors.clone()),
         addons,
         store,
         keys: Arc::new(keys),

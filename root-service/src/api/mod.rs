@@ -9,6 +9,7 @@
 //!   marketplace and addons manager routes themselves come from `oakestra_addons::api`).
 //! - [`auth`]: login, refresh, whoami.
 //! - [`apps`]: applications, services, instances, logs.
+//! - [`cors`]: which browser origins may call the API; preflights.
 //! - [`clusters`]: the cluster list for users, and the cluster-facing side (registration, reports, results).
 //! - [`net`]: the network endpoints clusters use.
 //! - [`users`]: users and organizations.
@@ -18,6 +19,7 @@ pub mod addons;
 pub mod apps;
 pub mod auth;
 pub mod clusters;
+pub mod cors;
 pub mod docs;
 pub mod net;
 pub mod users;
@@ -73,6 +75,8 @@ pub struct AppState {
     pub throttle: Arc<LoginThrottle>,
     /// The addons engine (marketplace, manager, monitor, plugin slots).
     pub addons: Arc<oakestra_addons::Addons>,
+    /// Browser origins allowed to call the API.
+    pub cors: Arc<cors::Origins>,
 }
 
 impl FromRef<AppState> for Arc<Keys> {
@@ -297,8 +301,11 @@ pub fn router(state: AppState) -> Router {
         // Outermost: whatever answers an error (a handler, an extractor's rejection, the 405 of a known path)
         // answers JSON.
         .layer(axum::middleware::map_response(oakestra_protocol::server::json_errors))
-        .with_state(state)
+        .with_state(state.clone())
         .merge(addons_routes)
+        // Outermost of all: preflights never reach a route, and every answer (errors, 404s, the addons routes)
+        // carries the allow-origin header.
+        .layer(axum::middleware::from_fn_with_state(Arc::clone(&state.cors), cors::cors))
 }
 
 /// The marketplace and addons manager routes alone (also what the reference ports serve).
@@ -307,7 +314,9 @@ pub fn addons_router(state: &AppState) -> Router {
         keys: Arc::clone(&state.keys),
         generations: Arc::clone(state.store.generations()),
     });
-    oakestra_addons::api::router(Arc::clone(&state.addons), gate, None)
+    oakestra_addons::api::router(Arc::clone(&state.addons), gate, None).layer(
+        axum::middleware::from_fn_with_state(Arc::clone(&state.cors), cors::cors),
+    )
 }
 
 async fn health() -> Json<Value> {
