@@ -23,6 +23,7 @@ OAK_WORKER_TIMEOUT=${OAK_WORKER_TIMEOUT:-10}
 OAK_NO_UNIKERNEL=${OAK_NO_UNIKERNEL:-0}
 OAK_GUEST_PORT=${OAK_GUEST_PORT:-10091}
 OAK_ADDONS=${OAK_ADDONS:-0}
+OAK_ADMIN_PASSWORD=${OAK_ADMIN_PASSWORD:-}
 OAK_DOCKER=${OAK_DOCKER:-/var/run/docker.sock}
 OAK_REGISTRY_PORT=${OAK_REGISTRY_PORT:-5000}
 
@@ -73,7 +74,8 @@ OAK_CONTAINERD (containerd socket; containerd is started if nothing answers ther
 namespace, oakestra), OAK_WORKER_TIMEOUT (seconds before a silent worker's instances move, 10),
 OAK_BIN_DIR (take the binaries from there instead of building), OAK_NO_INSTALL=1 (no apt, no rustup),
 OAK_NO_IMAGES=1 (do not build the local example images), OAK_NO_UNIKERNEL=1 (no QEMU, no -u=true),
-OAK_GUEST_PORT (where the guest images are served, 10091).
+OAK_GUEST_PORT (where the guest images are served, 10091), OAK_ADMIN_PASSWORD (Admin's password instead of a
+generated one; OAK_ADMIN_PASSWORD=Admin, with a loud warning, is for oak-cli, which always logs in as Admin/Admin).
 
 Addons (OAK_ADDONS=1): up also installs docker.io and docker-registry, uses the Docker daemon on OAK_DOCKER
 (/var/run/docker.sock; when nothing answers there it starts dockerd with its data under OAK_HOME and uses
@@ -229,7 +231,14 @@ up() {
   build
   mkdir -p "$logs" "$run" "$data"
   chmod 0700 "$OAK_HOME"
-  if [ ! -s "$OAK_HOME/admin.password" ]; then
+  if [ -n "$OAK_ADMIN_PASSWORD" ]; then
+    (umask 077; printf '%s\n' "$OAK_ADMIN_PASSWORD" >"$OAK_HOME/admin.password")
+    if [ "$OAK_ADMIN_PASSWORD" = Admin ]; then
+      printf '\n!!! WARNING: OAK_ADMIN_PASSWORD=Admin: the Admin user has the well-known password "Admin".\n' >&2
+      printf '!!! Anyone who reaches port %s can control this Oakestra. Use it only for tools that cannot log in\n' "$OAK_API_PORT" >&2
+      printf '!!! otherwise (oak-cli) on a machine nobody else reaches; restart without it to get a random one.\n\n' >&2
+    fi
+  elif [ ! -s "$OAK_HOME/admin.password" ] || [ "$(cat "$OAK_HOME/admin.password")" = Admin ]; then
     (umask 077; head -c 18 /dev/urandom | base64 | tr -d '/+=' >"$OAK_HOME/admin.password")
   fi
   containerd_up
