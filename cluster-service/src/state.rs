@@ -209,6 +209,9 @@ pub struct Instance {
     /// sends that worker no delete (one racing a new deploy to the same worker would stop the new instance).
     #[serde(default)]
     pub ended_on_worker: bool,
+    /// Why it last failed (the worker's reason, or that it stopped), shown in every detail until it runs stably.
+    #[serde(default)]
+    pub last_failure: Option<String>,
     /// A scheduler plugin was asked to place it and has not answered yet (not persisted: after a restart the
     /// scheduling deadline places it again).
     #[serde(skip)]
@@ -234,16 +237,31 @@ impl Instance {
             failures: 0,
             retry_at_ms: 0,
             ended_on_worker: false,
+            last_failure: None,
             awaiting_plugin: false,
         }
     }
 
+    /// Sets the status and its detail. Until the instance runs stably again after a failure, every detail also
+    /// names the restart and the failure's reason, so a user sees why it is being restarted, not only "creating".
     fn set_status(&mut self, status: Status, detail: impl Into<String>, now_ms: u64) {
         if self.status != status {
             self.since_ms = now_ms;
         }
+        let mut detail = detail.into();
+        if !status.is_failure()
+            && self.failures > 0
+            && let Some(why) = &self.last_failure
+        {
+            let note = format!("restart {} after: {why}", self.failures);
+            detail = if detail.is_empty() {
+                note
+            } else {
+                format!("{detail}; {note}")
+            };
+        }
         self.status = status;
-        self.status_detail = detail.into();
+        self.status_detail = detail;
         self.last_update_ms = now_ms;
     }
 
@@ -936,26 +954,30 @@ impl State {
             return effects;
         }
         match status {
+            Status::Failed | Status::Dead if i.ended_on_worker && i.status.is_failure() => {
+                // The same end told twice (a worker reports FAILED with the reason, then the cleanup's UNDEPLOYED):
+                // one failure, and the reason stays. Only a reason arriving after a reasonless end replaces it.
+                if report.status_detail.is_empty() || i.last_failure.as_deref() != Some(STOPPED) {
+                    return effects;
+                }
+                i.last_failure = Some(report.status_detail.clone());
+                let pause = i.retry_at_ms.saturating_sub(now_ms);
+                let detail = failure_detail(&report.status_detail, i.failures, pause);
+                i.set_status(status, detail, now_ms);
+            }
             Status::Failed | Status::Dead => {
                 i.ended_on_worker = true;
                 i.failures = i.failures.saturating_add(1);
                 let pause = timing.backoff_ms(i.failures);
                 i.retry_at_ms = now_ms.saturating_add(pause);
                 let why = if report.status_detail.is_empty() {
-                    "the instance stopped".to_owned()
+                    STOPPED.to_owned()
                 } else {
                     report.status_detail.clone()
                 };
-                let detail = if i.failures > 1 {
-                    format!(
-                        "{why}; crash loop: failure {} in a row, restarting in {} s",
-                        i.failures,
-                        pause.div_ceil(1000)
-                    )
-                } else {
-                    format!("{why}; restarting in {} s", pause.div_ceil(1000))
-                };
+                let detail = failure_detail(&why, i.failures, pause);
                 tracing::warn!(job = %report.sname, instance = report.instance, node = %node, status = %status, detail = %detail, "instance failed");
+                i.last_failure = Some(why);
                 i.set_status(status, detail, now_ms);
             }
             _ => i.set_status(status, report.status_detail.clone(), now_ms),
@@ -1469,6 +1491,7 @@ impl State {
                 }
                 if i.status == Status::Running && i.failures > 0 && in_state > t.stable_after_ms {
                     i.failures = 0;
+                    i.last_failure = None;
                     effects.push(Effect::SaveInstance {
                         job_id: job.id.clone(),
                         instance: i.clone(),
@@ -1645,6 +1668,21 @@ fn whole_units(x: f64) -> u64 {
 }
 
 /// The status detail for a refusal.
+/// The reason a worker gives no reason for an instance's end.
+const STOPPED: &str = "the instance stopped";
+
+/// An end's detail: the reason, and when it is restarted (in a crash loop, the how-manieth failure it is).
+fn failure_detail(why: &str, failures: u32, pause_ms: u64) -> String {
+    if failures > 1 {
+        format!(
+            "{why}; crash loop: failure {failures} in a row, restarting in {} s",
+            pause_ms.div_ceil(1000)
+        )
+    } else {
+        format!("{why}; restarting in {} s", pause_ms.div_ceil(1000))
+    }
+}
+
 fn refusal_detail(refusal: Refusal) -> String {
     format!("{refusal} (cluster scheduler)")
 }
@@ -2254,6 +2292,47 @@ mod tests {
                 .iter()
                 .all(|c| c["_id"].is_string() && c["memory"].is_u64()),
             "{candidates:?}"
+        );
+    }
+
+    #[test]
+    fn a_failure_s_reason_survives_the_cleanup_report_and_the_restarts() {
+        let mut s = state();
+        let a = join(&mut s, "a", 4, 4000, T0);
+        s.deploy("j1", 0, job_doc("a.b.c.d", json!({})), T0).unwrap();
+        let pull = "pulling 127.0.0.1:1/none:latest: connection refused";
+        let report =
+            |status: &str, detail: &str| JobStatusReport::new("a.b.c.d", 0, status, "").with_detail(detail);
+        s.job_status(&a, &report("FAILED", pull), T0 + 10);
+        // The cleanup's UNDEPLOYED after it: the same end, counted once, the reason kept.
+        s.job_status(&a, &report("UNDEPLOYED", ""), T0 + 20);
+        let i = s.job("j1").unwrap().instances[&0].clone();
+        assert_eq!((i.status, i.failures), (Status::Failed, 1));
+        assert!(
+            i.status_detail.starts_with(pull) && i.status_detail.contains("restarting in"),
+            "{}",
+            i.status_detail
+        );
+        // Placed again after the back-off: the new state's detail still says why, with the restart count.
+        let effects = s.tick(i.retry_at_ms);
+        assert_eq!(deployed_to(&effects).as_deref(), Some(a.as_str()));
+        let detail = &s.job("j1").unwrap().instances[&0].status_detail;
+        assert!(
+            detail.contains("restart 1 after: ") && detail.contains(pull),
+            "{detail}"
+        );
+        s.job_status(&a, &report("CREATING", ""), i.retry_at_ms + 10);
+        let detail = &s.job("j1").unwrap().instances[&0].status_detail;
+        assert!(detail.contains(pull), "{detail}");
+        // A reasonless end first and the reason after it: the reason wins, still one failure.
+        s.job_status(&a, &report("DEAD", ""), i.retry_at_ms + 20);
+        s.job_status(&a, &report("FAILED", pull), i.retry_at_ms + 30);
+        let i = s.job("j1").unwrap().instances[&0].clone();
+        assert_eq!(i.failures, 2);
+        assert!(
+            i.status_detail.starts_with(pull) && i.status_detail.contains("crash loop: failure 2"),
+            "{}",
+            i.status_detail
         );
     }
 

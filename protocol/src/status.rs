@@ -134,6 +134,11 @@ impl Status {
         )
     }
 
+    /// `FAILED` and `DEAD`: the instance ended without being asked to (it is placed again after a back-off).
+    pub const fn is_failure(self) -> bool {
+        matches!(self, Status::Failed | Status::Dead)
+    }
+
     /// `COMPLETED` and `UNDEPLOYED`: nothing happens to the instance any more.
     pub const fn is_terminal(self) -> bool {
         matches!(self, Status::Completed | Status::Undeployed)

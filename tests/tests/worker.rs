@@ -473,3 +473,53 @@ async fn a_started_instance_is_reported_without_waiting_for_the_next_period() {
     drop(ctrd);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// An image that cannot be pulled: the worker reports FAILED with the pull error, then its cleanup's UNDEPLOYED; root
+/// shows the pull error (not "the instance stopped"), and keeps showing it with the restart count while the cluster
+/// retries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_pull_shows_its_reason_at_root() {
+    let dir = std::env::temp_dir().join(format!("oakestra-worker-pull-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let ctrd = Containerd::start("worker-pull");
+    let stack = Stack::start(&dir).await;
+    let ne = stack.node_engine(&ctrd, "ne.log");
+    let all = [&stack.root, &stack.cluster, &ne];
+    stack.wait_active_workers(1, 30, &all).await;
+    // Nothing listens on port 9 here: the registry refuses the connection.
+    let job = stack
+        .deploy("pullfail", &json!({"code": "127.0.0.1:9/oakestra/none:latest"}))
+        .await;
+    let failed = eventually(60, "the pull error at root", &all, || async {
+        stack.instance(&job).await.filter(|i| {
+            i["status_detail"]
+                .as_str()
+                .is_some_and(|d| d.contains("127.0.0.1:9"))
+        })
+    })
+    .await;
+    let detail = failed["status_detail"].as_str().unwrap().to_owned();
+    assert!(!detail.starts_with("the instance stopped"), "{failed}");
+    println!("root shows: {} {detail}", failed["status"]);
+    // Through the retries the reason stays, with the restart count.
+    let again = eventually(60, "a retry that still names the pull error", &all, || async {
+        stack.instance(&job).await.filter(|i| {
+            let d = i["status_detail"].as_str().unwrap_or_default();
+            d.contains("127.0.0.1:9") && (d.contains("restart ") || d.contains("crash loop"))
+        })
+    })
+    .await;
+    println!("later: {} {}", again["status"], again["status_detail"]);
+    assert!(
+        !again["status_detail"]
+            .as_str()
+            .unwrap()
+            .contains("the instance stopped"),
+        "{again}"
+    );
+    drop(ne);
+    drop(stack);
+    drop(ctrd);
+    let _ = std::fs::remove_dir_all(&dir);
+}
