@@ -950,6 +950,20 @@ impl State {
         } else {
             status
         };
+        if i.status == status
+            && status == Status::Creating
+            && !report.status_detail.is_empty()
+            && !i.status_detail.starts_with(&report.status_detail)
+        {
+            // Progress while it is created (e.g. `pulling <image>: 12.3 of 45.6 MiB`): root sees it with the next
+            // report.
+            i.set_status(status, report.status_detail.clone(), now_ms);
+            effects.push(Effect::SaveInstance {
+                job_id,
+                instance: i.clone(),
+            });
+            return effects;
+        }
         if !i.status.can_transition(status) || i.status == status {
             return effects;
         }
@@ -2333,6 +2347,32 @@ mod tests {
             i.status_detail.starts_with(pull) && i.status_detail.contains("crash loop: failure 2"),
             "{}",
             i.status_detail
+        );
+    }
+
+    #[test]
+    fn creation_progress_updates_the_detail() {
+        let mut s = state();
+        let a = join(&mut s, "a", 4, 4000, T0);
+        s.deploy("j1", 0, job_doc("a.b.c.d", json!({})), T0).unwrap();
+        for (t, detail) in [
+            (10, "pulling x"),
+            (20, "pulling x: 1.0 of 9.0 MiB"),
+            (30, "pulling x: 9.0 of 9.0 MiB"),
+        ] {
+            let r = JobStatusReport::new("a.b.c.d", 0, "CREATING", "").with_detail(detail);
+            let effects = s.job_status(&a, &r, T0 + t);
+            assert!(
+                effects.iter().any(|e| matches!(e, Effect::SaveInstance { .. })),
+                "{detail}"
+            );
+            assert_eq!(s.job("j1").unwrap().instances[&0].status_detail, detail);
+        }
+        let i = &s.job("j1").unwrap().instances[&0];
+        assert_eq!(
+            (i.status, i.since_ms),
+            (Status::Creating, T0 + 10),
+            "the state's clock is not reset"
         );
     }
 

@@ -41,6 +41,16 @@ const SPEC_TYPE_URL: &str = "types.containerd.io/opencontainers/runtime-spec/1/S
 const MAX_JSON_BLOB: i64 = 4 * 1024 * 1024;
 /// Chunk size of content writes.
 const WRITE_CHUNK: usize = 1024 * 1024;
+/// How often a pull tells its progress (the cluster and root see it as the instance's `status_detail`).
+const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// `pulling <image>: 12.3 of 45.6 MiB`.
+fn pull_progress(image: &str, done: u64, total: u64) -> String {
+    // Display only: f64 holds any realistic image size exactly enough.
+    #[allow(clippy::cast_precision_loss, reason = "a rounded size for people")]
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    format!("pulling {image}: {:.1} of {:.1} MiB", mib(done), mib(total))
+}
 
 /// Why a containerd operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -257,11 +267,13 @@ impl Containerd {
     // === Images ================================================================================================
 
     /// Makes `reference` runnable: uses the image if containerd already has it (pulled before, or imported with
-    /// `ctr images import`), otherwise pulls it; then makes sure its layers are unpacked.
+    /// `ctr images import`), otherwise pulls it (telling `progress` how far, at most once a second); then makes sure
+    /// its layers are unpacked.
     pub async fn ensure_image(
         &self,
         reference: &str,
         platform: &Platform,
+        progress: &(dyn Fn(&str) + Send + Sync),
     ) -> Result<PreparedImage, RuntimeError> {
         let image_ref = ImageRef::parse(reference)?;
         let name = image_ref.name();
@@ -283,7 +295,7 @@ impl Containerd {
                 tracing::debug!(image = %image.name, "image present");
                 (image.name, manifest)
             }
-            None => (name.clone(), self.pull(&image_ref, platform).await?),
+            None => (name.clone(), self.pull(&image_ref, platform, progress).await?),
         };
         let config_bytes = self.read_blob(&manifest.config.digest, MAX_JSON_BLOB).await?;
         let config: ImageConfig = serde_json::from_slice(&config_bytes).map_err(|e| RuntimeError::Image {
@@ -354,24 +366,51 @@ impl Containerd {
         Err(bad("indexes nested too deeply".into()))
     }
 
-    /// Pulls `image` from its registry into the content store and records it as an image.
-    async fn pull(&self, image: &ImageRef, platform: &Platform) -> Result<Manifest, RuntimeError> {
+    /// Pulls `image` from its registry into the content store and records it as an image, telling `progress` the
+    /// bytes so far and in all (at most once a second).
+    async fn pull(
+        &self,
+        image: &ImageRef,
+        platform: &Platform,
+        progress: &(dyn Fn(&str) + Send + Sync),
+    ) -> Result<Manifest, RuntimeError> {
         let name = image.name();
         let started = std::time::Instant::now();
         tracing::info!(image = %name, "pulling");
+        progress(&format!("pulling {name}"));
         let resolved = self.registry.resolve(image, platform).await?;
         let lease = self.lease("pull").await?;
+        let total: u64 = resolved
+            .layers
+            .iter()
+            .map(|l| u64::try_from(l.size).unwrap_or(0))
+            .sum();
+        let done = std::sync::atomic::AtomicU64::new(0);
+        let last_told = std::sync::Mutex::new(std::time::Instant::now());
+        let tell = |added: u64, force: bool| {
+            let so_far = done.fetch_add(added, std::sync::atomic::Ordering::Relaxed) + added;
+            let mut last = last_told
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if force || last.elapsed() >= PROGRESS_EVERY {
+                *last = std::time::Instant::now();
+                progress(&pull_progress(&name, so_far, total));
+            }
+        };
         let result = async {
             for layer in &resolved.layers {
                 if self.has_content(&layer.digest).await? {
+                    tell(u64::try_from(layer.size).unwrap_or(0), false);
                     continue;
                 }
                 let mut stream = self.registry.fetch_blob(image, layer).await?;
                 let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, RegistryError>>(4);
+                let tell = &tell;
                 let feeder = async move {
                     loop {
                         match stream.next_chunk().await {
                             Ok(Some(chunk)) => {
+                                tell(u64::try_from(chunk.len()).unwrap_or(u64::MAX), false);
                                 if tx.send(Ok(chunk)).await.is_err() {
                                     return;
                                 }
@@ -388,6 +427,8 @@ impl Containerd {
                     tokio::join!(feeder, self.write_content(layer, rx, HashMap::new(), &lease));
                 written?;
             }
+            // The final count, whatever the clock said.
+            tell(0, true);
             let mut gc: HashMap<String, String> = HashMap::new();
             gc.insert(
                 "containerd.io/gc.ref.content.config".into(),

@@ -32,7 +32,10 @@ async fn run_to_exit(
     cmd: &[&str],
     memory: i64,
 ) -> (u32, String) {
-    let prepared = ctr.ensure_image(image, &Platform::host()).await.unwrap();
+    let prepared = ctr
+        .ensure_image(image, &Platform::host(), &|_: &str| {})
+        .await
+        .unwrap();
     for f in ["hosts", "resolv.conf", "hostname"] {
         std::fs::write(dir.join(f), format!("{f}\n")).unwrap();
     }
@@ -130,6 +133,25 @@ async fn imported_and_pulled_images_run_and_are_cleaned_up() {
     )
     .await
     .unwrap();
+    // The pull tells how far it is: first that it starts, last the whole size.
+    let told = std::sync::Mutex::new(Vec::<String>::new());
+    ctr2.ensure_image(&pulled, &Platform::host(), &|t: &str| {
+        told.lock().unwrap().push(t.to_owned())
+    })
+    .await
+    .unwrap();
+    let told = told.into_inner().unwrap();
+    assert!(
+        told.first()
+            .is_some_and(|t| t.starts_with("pulling ") && t.contains("test/bb")),
+        "{told:?}"
+    );
+    let last = told.last().unwrap();
+    let sizes: Vec<&str> = last.rsplit(": ").next().unwrap().split(' ').collect();
+    assert!(
+        matches!(sizes.as_slice(), [a, "of", b, "MiB"] if a == b && *a != "0.0"),
+        "{told:?}"
+    );
     let (code, log) = run_to_exit(&ctr2, &dir, "c3", &pulled, &["echo", "pulled-ok"], 0).await;
     assert_eq!((code, log.trim()), (0, "pulled-ok"));
     // A second deploy of a present image needs no registry.
@@ -139,7 +161,7 @@ async fn imported_and_pulled_images_run_and_are_cleaned_up() {
 
     // An image that exists nowhere fails with a message naming it.
     let err = ctr2
-        .ensure_image("127.0.0.1:1/none/such:v1", &Platform::host())
+        .ensure_image("127.0.0.1:1/none/such:v1", &Platform::host(), &|_: &str| {})
         .await
         .unwrap_err();
     assert!(err.to_string().contains("none/such"), "{err}");

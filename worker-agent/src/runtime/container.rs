@@ -88,7 +88,10 @@ impl Runtime for ContainerRuntime {
         } else {
             Platform::parse(cmd.platform.trim()).map_err(crate::containerd::RuntimeError::from)?
         };
-        let image = self.client.ensure_image(cmd.image.trim(), &platform).await?;
+        let image = self
+            .client
+            .ensure_image(cmd.image.trim(), &platform, req.progress)
+            .await?;
         let hostname = format!("instance-{}", cmd.instance_number);
         let files = write_instance_files(req.instance_dir, &hostname)?;
         let opts = SpecOptions {
