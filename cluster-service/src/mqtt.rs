@@ -175,7 +175,7 @@ async fn drive(
                 up.send_replace(false);
                 tracing::warn!(error = %e, retry_in = ?pause, "MQTT connection lost");
                 tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_secs(10));
+                pause = oakestra_protocol::backoff::doubled(pause, Duration::from_secs(10));
             }
         }
     }

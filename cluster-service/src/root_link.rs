@@ -108,7 +108,7 @@ impl RootLink {
                 () = tokio::time::sleep(pause) => {}
                 _ = stop.changed() => return None,
             }
-            pause = (pause * 2).min(MAX_BACKOFF);
+            pause = oakestra_protocol::backoff::doubled(pause, MAX_BACKOFF);
         }
     }
 

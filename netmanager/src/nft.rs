@@ -4,13 +4,13 @@
 //!
 //! `nft` is run as a child process; it inherits the network namespace of the thread that calls [`apply`].
 
-use std::collections::HashSet;
 use std::fmt;
 use std::io::Write as _;
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::process::{Command, Stdio};
 
 use ipnetwork::{Ipv4Network, Ipv6Network};
+use oakestra_protocol::sla::ports::{self, PortError, Protocol};
 
 use crate::netlink::PlumbError;
 
@@ -43,137 +43,36 @@ pub struct PortMapping {
     pub protocol: L4Proto,
 }
 
-/// Which port of a mapping an error is about.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PortField {
-    /// The part before ':'.
-    Host,
-    /// The part after ':'.
-    Container,
-}
-
-impl fmt::Display for PortField {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Host => "host port",
-            Self::Container => "container port",
-        })
-    }
-}
-
-/// What is wrong with one port-mapping item.
+/// A port list that does not follow Oakestra's syntax: every bad item, each named with its rule.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum PortMappingProblem {
-    /// Not made of decimal digits.
-    #[error("{field} {value:?} is not a number")]
-    NotANumber {
-        /// Which port.
-        field: PortField,
-        /// The text found.
-        value: String,
-    },
-    /// 0 or above 65535.
-    #[error("{field} {value} is not in 1..=65535")]
-    OutOfRange {
-        /// Which port.
-        field: PortField,
-        /// The number as written.
-        value: String,
-    },
-    /// Neither tcp nor udp.
-    #[error("protocol {0:?} is not tcp or udp")]
-    Protocol(String),
-    /// More than one ':' or '/'.
-    #[error("expected hostPort[:containerPort][/tcp|/udp]")]
-    Shape,
-    /// The same host port and protocol appear twice.
-    #[error("host port {port}/{protocol} is mapped twice")]
-    Duplicate {
-        /// The host port.
-        port: u16,
-        /// Its protocol.
-        protocol: L4Proto,
-    },
-}
-
-/// A port-mapping string item that does not follow Oakestra's syntax.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("port mapping {item:?}: {problem}")]
+#[error("{}", problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
 pub struct PortMappingError {
-    /// The offending item, as written (trimmed).
-    pub item: String,
-    /// What is wrong with it.
-    pub problem: PortMappingProblem,
+    /// The problems, in the list's order.
+    pub problems: Vec<PortError>,
 }
 
-/// Parses Oakestra's port list: `hostPort[:containerPort][/tcp|/udp]` items separated by ';', e.g.
-/// `"80:8080/tcp;5000/udp"`. Empty input gives no mappings, empty items (a trailing ';') are skipped, the protocol
-/// defaults to tcp and the container port to the host port. The same host port twice for one protocol is an error.
-pub fn parse_port_mappings(s: &str) -> Result<Vec<PortMapping>, PortMappingError> {
-    let mut mappings = Vec::new();
-    let mut seen = HashSet::new();
-    for item in s.split(';').map(str::trim).filter(|item| !item.is_empty()) {
-        let err = |problem| PortMappingError {
-            item: item.to_owned(),
-            problem,
-        };
-        let mapping = parse_item(item).map_err(err)?;
-        if !seen.insert((mapping.host_port, mapping.protocol)) {
-            return Err(err(PortMappingProblem::Duplicate {
-                port: mapping.host_port,
-                protocol: mapping.protocol,
-            }));
+impl From<ports::PortMapping> for PortMapping {
+    fn from(m: ports::PortMapping) -> Self {
+        Self {
+            host_port: m.host,
+            container_port: m.container,
+            protocol: match m.protocol {
+                Protocol::Tcp => L4Proto::Tcp,
+                Protocol::Udp => L4Proto::Udp,
+            },
         }
-        mappings.push(mapping);
     }
-    Ok(mappings)
 }
 
-fn parse_item(item: &str) -> Result<PortMapping, PortMappingProblem> {
-    let (ports, protocol) = match item.split_once('/') {
-        Some((ports, proto)) => (ports, Some(proto.trim())),
-        None => (item, None),
-    };
-    let protocol = match protocol {
-        None => L4Proto::Tcp,
-        Some(p) if p.eq_ignore_ascii_case("tcp") => L4Proto::Tcp,
-        Some(p) if p.eq_ignore_ascii_case("udp") => L4Proto::Udp,
-        Some(p) if p.contains('/') => return Err(PortMappingProblem::Shape),
-        Some(p) => return Err(PortMappingProblem::Protocol(p.to_owned())),
-    };
-    let (host, container) = match ports.split_once(':') {
-        Some((_, container)) if container.contains(':') => return Err(PortMappingProblem::Shape),
-        Some((host, container)) => (host, Some(container)),
-        None => (ports, None),
-    };
-    let host_port = parse_port(host, PortField::Host)?;
-    let container_port = match container {
-        Some(c) => parse_port(c, PortField::Container)?,
-        None => host_port,
-    };
-    Ok(PortMapping {
-        host_port,
-        container_port,
-        protocol,
-    })
-}
-
-fn parse_port(text: &str, field: PortField) -> Result<u16, PortMappingProblem> {
-    let text = text.trim();
-    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(PortMappingProblem::NotANumber {
-            field,
-            value: text.to_owned(),
-        });
-    }
-    // Digits only, so the only way parsing fails is a number too large even for u16.
-    match text.parse::<u16>() {
-        Ok(port) if port != 0 => Ok(port),
-        _ => Err(PortMappingProblem::OutOfRange {
-            field,
-            value: text.to_owned(),
-        }),
-    }
+/// Parses Oakestra's port list with the SLA's grammar (`oakestra_protocol::sla::ports`, the one root and the
+/// cluster check it with): `hostPort[:containerPort][/tcp|/udp]` items separated by ';', e.g.
+/// `"80:8080/tcp;5000/udp"`. Empty input gives no mappings, one trailing ';' is tolerated, the protocol defaults to
+/// tcp and the container port to the host port; the same host port twice for one protocol and the overlay's own
+/// port are errors.
+pub fn parse_port_mappings(s: &str) -> Result<Vec<PortMapping>, PortMappingError> {
+    ports::parse_port_list(s)
+        .map(|list| list.into_iter().map(PortMapping::from).collect())
+        .map_err(|problems| PortMappingError { problems })
 }
 
 /// What [`render`] turns into an nftables script.
@@ -337,6 +236,7 @@ mod tests {
         );
         assert_eq!(parse_port_mappings("").ok(), Some(vec![]));
         assert_eq!(parse_port_mappings("  \t").ok(), Some(vec![]));
+        assert_eq!(parse_port_mappings("443;;").ok(), None, "one trailing ';' only");
         assert_eq!(
             parse_port_mappings("443;").ok(),
             Some(vec![pm(443, 443, L4Proto::Tcp)])
@@ -352,53 +252,25 @@ mod tests {
     }
 
     #[test]
-    fn errors_name_item_field_and_rule() {
+    fn errors_name_every_bad_item_and_its_rule() {
         let msg = |s: &str| {
             parse_port_mappings(s)
                 .err()
                 .map(|e| e.to_string())
                 .unwrap_or_default()
         };
-        assert_eq!(
-            msg("70000:80"),
-            r#"port mapping "70000:80": host port 70000 is not in 1..=65535"#
-        );
-        assert_eq!(
-            msg("80:0"),
-            r#"port mapping "80:0": container port 0 is not in 1..=65535"#
-        );
-        assert_eq!(
-            msg("80;x:80"),
-            r#"port mapping "x:80": host port "x" is not a number"#
-        );
-        assert_eq!(
-            msg("80:"),
-            r#"port mapping "80:": container port "" is not a number"#
-        );
-        assert_eq!(
-            msg("80/sctp"),
-            r#"port mapping "80/sctp": protocol "sctp" is not tcp or udp"#
-        );
-        assert_eq!(
-            msg("1:2:3"),
-            r#"port mapping "1:2:3": expected hostPort[:containerPort][/tcp|/udp]"#
-        );
-        assert_eq!(
-            msg("1/tcp/udp"),
-            r#"port mapping "1/tcp/udp": expected hostPort[:containerPort][/tcp|/udp]"#
-        );
-        assert_eq!(msg("-1"), r#"port mapping "-1": host port "-1" is not a number"#);
-        assert_eq!(
-            msg("99999999999999999999999"),
-            format!(
-                "port mapping {0:?}: host port {0} is not in 1..=65535",
-                "99999999999999999999999"
-            )
-        );
-        assert_eq!(
-            msg("80:1/tcp;80:2"),
-            r#"port mapping "80:2": host port 80/tcp is mapped twice"#
-        );
+        for (list, names) in [
+            ("70000:80", vec!["70000:80", "1 to 65535"]),
+            ("80:0", vec!["80:0", "1 to 65535"]),
+            ("x:80;80:", vec!["x:80", "80:"]),
+            ("80/sctp", vec!["sctp", "tcp or udp"]),
+            ("1:2:3", vec!["1:2:3", "host[:container]"]),
+            ("80:1/tcp;80:2", vec!["80:2", "already mapped"]),
+            ("50103", vec!["50103", "overlay"]),
+        ] {
+            let m = msg(list);
+            assert!(names.iter().all(|n| m.contains(n)), "{list}: {m}");
+        }
         assert!(
             parse_port_mappings("80/tcp;80/udp").is_ok(),
             "same port, different protocols"

@@ -91,7 +91,7 @@ impl Session {
                         if ack.code != ConnectReturnCode::Success {
                             let _ = tx.send(Inbound::Rejected(format!("{:?}", ack.code)));
                             tokio::time::sleep(backoff).await;
-                            backoff = (backoff * 2).min(Duration::from_secs(30));
+                            backoff = oakestra_protocol::backoff::double(backoff);
                             continue;
                         }
                         backoff = Duration::from_millis(500);
@@ -148,7 +148,7 @@ impl Session {
                             tracing::debug!(node = %node, error = %e, "broker unreachable");
                         }
                         tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(30));
+                        backoff = oakestra_protocol::backoff::double(backoff);
                     }
                 }
             }

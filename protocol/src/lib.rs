@@ -17,6 +17,7 @@
 //!   and labels, and the plugin slots.
 //! - [`addr`]: the overlay address plan, the balancing-policy encoding of IPv6 service addresses and the address
 //!   allocators.
+//! - [`backoff`]: the retry back-off of every daemon (doubling up to a cap).
 //! - [`bearer`]: the `Authorization: Bearer` token and constant-time secret comparison.
 //! - [`sched`]: the placement policy both tiers share (root picks a cluster, a cluster picks a worker), with
 //!   capacity reservations and the reading of a job's demand.
@@ -29,6 +30,7 @@
 pub mod addons;
 pub mod addr;
 pub mod api;
+pub mod backoff;
 pub mod bearer;
 #[cfg(feature = "client")]
 pub mod client;

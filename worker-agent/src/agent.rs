@@ -216,7 +216,7 @@ pub async fn connect_runtime(
         if sleep_or_shutdown(backoff, shutdown).await {
             return None;
         }
-        backoff = (backoff * 2).min(Duration::from_secs(30));
+        backoff = oakestra_protocol::backoff::double(backoff);
     }
 }
 
@@ -338,7 +338,7 @@ impl Agent {
             if sleep_or_shutdown(backoff, shutdown).await {
                 return None;
             }
-            backoff = (backoff * 2).min(Duration::from_secs(30));
+            backoff = oakestra_protocol::backoff::double(backoff);
         }
     }
 
@@ -1175,7 +1175,7 @@ pub async fn run(settings: Settings, mut shutdown: watch::Receiver<bool>) -> Res
                 }
                 return Ok(());
             }
-            backoff = (backoff * 2).min(Duration::from_secs(30));
+            backoff = oakestra_protocol::backoff::double(backoff);
         }
         tracing::info!("NetManager registered");
     }

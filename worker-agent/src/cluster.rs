@@ -240,7 +240,7 @@ impl Session {
                             connected.store(false, Ordering::Relaxed);
                             let _ = tx.send(Inbound::Rejected(format!("{:?}", ack.code)));
                             tokio::time::sleep(backoff).await;
-                            backoff = (backoff * 2).min(Duration::from_secs(30));
+                            backoff = oakestra_protocol::backoff::double(backoff);
                             continue;
                         }
                         backoff = Duration::from_millis(500);
@@ -286,7 +286,7 @@ impl Session {
                             tracing::debug!(node = %node, error = %e, retry_ms = u64::try_from(backoff.as_millis()).unwrap_or(u64::MAX), "broker unreachable");
                         }
                         tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(30));
+                        backoff = oakestra_protocol::backoff::double(backoff);
                     }
                 }
             }
