@@ -171,6 +171,11 @@ impl Slots {
         });
     }
 
+    /// The counters of every slot that has any.
+    pub fn stats(&self) -> BTreeMap<Slot, SlotStats> {
+        self.stats.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
     /// The counters and endpoints of every slot, for the operator.
     pub fn report(&self) -> Value {
         let endpoints = self

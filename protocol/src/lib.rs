@@ -34,6 +34,8 @@ pub mod backoff;
 pub mod bearer;
 #[cfg(feature = "client")]
 pub mod client;
+#[cfg(feature = "metrics")]
+pub mod metrics;
 pub mod mqtt;
 pub mod naming;
 pub mod owner_only;

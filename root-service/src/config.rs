@@ -140,6 +140,11 @@ pub struct Cli {
     #[arg(long, value_name = "ORIGINS", env = "OAK_CORS_ORIGINS", default_value = "*")]
     pub cors_origins: String,
 
+    /// The bearer token Prometheus presents to `GET /metrics`. Default: generated once into
+    /// `<data-dir>/metrics.token` (point Prometheus' `authorization.credentials_file` at it).
+    #[arg(long, value_name = "TOKEN", env = "OAK_METRICS_TOKEN", hide_env_values = true)]
+    pub metrics_token: Option<String>,
+
     /// The addons engine.
     #[command(flatten)]
     pub addons: oakestra_addons::settings::AddonsFlags,
@@ -188,6 +193,8 @@ pub struct Config {
     pub addons: AddonsSettings,
     /// Browser origins allowed to call the API.
     pub cors: crate::api::cors::Origins,
+    /// The metrics token, if given (else read or generated in the data directory).
+    pub metrics_token: Option<String>,
 }
 
 pub use oakestra_addons::settings::AddonsSettings;
@@ -242,6 +249,7 @@ impl Config {
             login: LoginLimits::default(),
             addons: AddonsSettings::default(),
             cors: crate::api::cors::Origins::Any,
+            metrics_token: None,
         }
     }
 
@@ -407,6 +415,7 @@ impl Config {
             },
             addons,
             cors,
+            metrics_token: cli.metrics_token,
         })
     }
 }

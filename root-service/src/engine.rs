@@ -58,6 +58,8 @@ pub struct Engine {
     reservations: Mutex<Reservations>,
     /// The addons' plugin slots, once the addons engine is up: a `root_scheduler` plugin places instead.
     slots: std::sync::OnceLock<Arc<Slots>>,
+    /// Prometheus metrics.
+    metrics: Arc<crate::metrics::RootMetrics>,
 }
 
 /// `"<job_id>/<n>"`: the key of an instance's reservation.
@@ -115,7 +117,18 @@ impl Engine {
             retry_ms: millis(retry_interval),
             reservations: Mutex::new(Reservations::default()),
             slots: std::sync::OnceLock::new(),
+            metrics: Arc::default(),
         }
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &Arc<crate::metrics::RootMetrics> {
+        &self.metrics
+    }
+
+    /// The plugin slots, once attached.
+    pub fn slots(&self) -> Option<&Arc<Slots>> {
+        self.slots.get()
     }
 
     /// Lets a `root_scheduler` plugin in `slots` place instances (the built-in policy stays the fallback).
@@ -215,8 +228,10 @@ impl Engine {
             .collect();
         let mut demand = sched::demand_from_job(&Value::Object(service.doc.clone()), key(service_id, number));
         demand.exclude.clone_from(&tried);
+        let started = std::time::Instant::now();
         let plugin = self.ask_plugin(&service, number).await;
         if let Some(PluginAnswer::Refused(status)) = &plugin {
+            self.metrics.decided(false, started.elapsed().as_secs_f64());
             let detail = format!("the root_scheduler plugin found no cluster ({})", Escaped(status));
             tracing::info!(job = %Escaped(&service.job_name), instance = number, detail = %detail, "instance not placed");
             let sid = service_id.to_owned();
@@ -279,6 +294,8 @@ impl Engine {
             }
             choice
         };
+        self.metrics
+            .decided(choice.is_ok(), started.elapsed().as_secs_f64());
         let sid = service_id.to_owned();
         match choice {
             Ok(cluster_id) => {

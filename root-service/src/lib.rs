@@ -7,6 +7,7 @@
 //! - [`auth`]: the persisted HS256 key (`<data-dir>/jwt.key`), token issuing and the access-token extractor.
 //! - [`hashing`]: argon2 password hashing on a small bounded pool (threads, queue, a share per client address).
 //! - [`throttle`]: failed-login limits per client address, per user name from an address, and per user name.
+//! - [`metrics`]: the Prometheus metrics (`GET /metrics`).
 //! - [`engine`]: placement on clusters, calls to clusters, fallback and rescheduling, reports.
 //! - [`api`]: the axum router and handlers, user-facing and cluster-facing on one listener.
 //!
@@ -17,6 +18,7 @@ pub mod auth;
 pub mod config;
 pub mod engine;
 pub mod hashing;
+pub mod metrics;
 pub mod store;
 pub mod throttle;
 
@@ -169,7 +171,16 @@ pub async fn build_state(config: &Config) -> Result<AppState, Error> {
     )
     .map_err(|e| Error::Addons(e.to_string()))?;
     engine.attach_slots(Arc::clone(addons.slots()));
+    let metrics_token = match &config.metrics_token {
+        Some(t) => t.clone(),
+        None => {
+            let data_dir = config.data_dir.clone();
+            tokio::task::spawn_blocking(move || load_or_create_secret(&data_dir, METRICS_TOKEN_FILE))
+                .await??
+        }
+    };
     Ok(AppState {
+        metrics_token: metrics_token.into(),
         cors: Arc::new(config.cors.clone()),
         addons,
         store,
@@ -201,6 +212,32 @@ pub(crate) fn keep_private(path: &std::path::Path, mode: u32) -> Result<(), Erro
         );
     }
     Ok(())
+}
+
+/// File of the generated metrics token inside the data directory (Prometheus: `authorization.credentials_file`).
+pub const METRICS_TOKEN_FILE: &str = "metrics.token";
+
+/// Reads `<data-dir>/<file>`, or creates it (mode 0600) with a random token.
+fn load_or_create_secret(data_dir: &std::path::Path, file: &str) -> Result<String, Error> {
+    let path = data_dir.join(file);
+    let io = |source| Error::Io {
+        path: path.clone(),
+        source,
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(text) if text.trim().len() >= 16 => {
+            keep_private(&path, oakestra_protocol::owner_only::FILE_MODE)?;
+            return Ok(text.trim().to_owned());
+        }
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(e)),
+    }
+    let token = store::new_id()? + &store::new_id()?;
+    oakestra_protocol::owner_only::create_private_file(&path).map_err(io)?;
+    std::fs::write(&path, format!("{token}\n")).map_err(io)?;
+    tracing::info!(file = %path.display(), "generated a token");
+    Ok(token)
 }
 
 /// File of the generated join token inside the data directory.

@@ -53,7 +53,7 @@ mod tests {
 
     /// Every path the router registers (without the trailing-slash twins).
     fn routed_paths() -> BTreeSet<&'static str> {
-        let mut paths: BTreeSet<&'static str> = std::iter::once("/api/health").collect();
+        let mut paths: BTreeSet<&'static str> = ["/api/health", "/metrics"].into_iter().collect();
         for routes in [
             super::super::auth::routes(),
             super::super::apps::routes(),

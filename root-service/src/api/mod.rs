@@ -77,6 +77,8 @@ pub struct AppState {
     pub addons: Arc<oakestra_addons::Addons>,
     /// Browser origins allowed to call the API.
     pub cors: Arc<cors::Origins>,
+    /// The bearer token of `GET /metrics`.
+    pub metrics_token: Arc<str>,
 }
 
 impl FromRef<AppState> for Arc<Keys> {
@@ -283,6 +285,7 @@ pub fn router(state: AppState) -> Router {
     let addons_routes = addons_router(&state);
     let mut router = Router::new();
     let routes = std::iter::once(("/api/health", get(health)))
+        .chain(std::iter::once(("/metrics", get(metrics))))
         .chain(auth::routes())
         .chain(addons::routes())
         .chain(apps::routes())
@@ -317,6 +320,62 @@ pub fn addons_router(state: &AppState) -> Router {
     oakestra_addons::api::router(Arc::clone(&state.addons), gate, None).layer(
         axum::middleware::from_fn_with_state(Arc::clone(&state.cors), cors::cors),
     )
+}
+
+/// `GET /metrics`: the Prometheus exposition, for the metrics token only.
+async fn metrics(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    headers: axum::http::HeaderMap,
+) -> Result<Response, ApiError> {
+    let presented = crate::auth::bearer_in(&headers);
+    if !presented.is_some_and(|t| oakestra_protocol::bearer::same_secret(t, &state.metrics_token)) {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "GET /metrics needs Authorization: Bearer <the token in <data-dir>/metrics.token>",
+        ));
+    }
+    let window = state.engine.liveness_ms();
+    let (by_status, clusters) = state
+        .store
+        .with(move |inner| {
+            let mut stmt = inner
+                .conn
+                .prepare("SELECT status, COUNT(*) FROM instances GROUP BY status")?;
+            let rows = stmt
+                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok((rows, crate::store::clusters::all(&inner.conn)?))
+        })
+        .await?;
+    let now = crate::store::now_ms();
+    let active = clusters.iter().filter(|c| c.is_active(now, window)).count();
+    let m = state.engine.metrics();
+    m.set_instances(&by_status);
+    m.set_clusters(
+        i64::try_from(active).unwrap_or(i64::MAX),
+        i64::try_from(clusters.len() - active).unwrap_or(i64::MAX),
+    );
+    if let Some(slots) = state.engine.slots() {
+        for (slot, stats) in slots.stats() {
+            let label = crate::metrics::SlotLabel {
+                slot: slot.name().into(),
+            };
+            m.plugin_delegated
+                .get_or_create(&label)
+                .set(i64::try_from(stats.delegated).unwrap_or(i64::MAX));
+            m.plugin_fallbacks
+                .get_or_create(&label)
+                .set(i64::try_from(stats.fallbacks).unwrap_or(i64::MAX));
+        }
+    }
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            oakestra_protocol::metrics::CONTENT_TYPE,
+        )],
+        m.render(),
+    )
+        .into_response())
 }
 
 async fn health() -> Json<Value> {

@@ -1,0 +1,149 @@
+//! root-service's Prometheus metrics (`GET /metrics`, bearer token `<data-dir>/metrics.token` or `--metrics-token`):
+//! instances by status and clusters by liveness (counted at each scrape), scheduling decisions and their latency,
+//! scheduler-plugin delegations and fallbacks, and the process's own resource use.
+
+use std::sync::Arc;
+
+use oakestra_protocol::metrics::ProcessMetrics;
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+
+/// A label set with one `status` label.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusLabel {
+    /// The instance status as Oakestra spells it.
+    pub status: String,
+}
+
+/// A label set with one `state` label.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabel {
+    /// `active` or `inactive`.
+    pub state: String,
+}
+
+/// A label set with one `outcome` label.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    /// `placed` or `refused`.
+    pub outcome: String,
+}
+
+/// A label set with one `slot` label.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SlotLabel {
+    /// The slot name.
+    pub slot: String,
+}
+
+/// Every metric root exposes.
+#[derive(Debug)]
+pub struct RootMetrics {
+    registry: Registry,
+    process: Arc<ProcessMetrics>,
+    /// Instances by status (set at each scrape).
+    pub instances: Family<StatusLabel, Gauge>,
+    /// Clusters by liveness (set at each scrape).
+    pub clusters: Family<StateLabel, Gauge>,
+    /// Scheduling decisions by outcome.
+    pub decisions: Family<OutcomeLabel, Counter>,
+    /// Seconds one scheduling decision took (including a scheduler plugin's round trip).
+    pub decision_seconds: Histogram,
+    /// Placements decided by a plugin, by slot (set at each scrape).
+    pub plugin_delegated: Family<SlotLabel, Gauge>,
+    /// Placements the built-in scheduler made because a plugin could not be used, by slot (set at each scrape).
+    pub plugin_fallbacks: Family<SlotLabel, Gauge>,
+}
+
+impl Default for RootMetrics {
+    fn default() -> Self {
+        let mut registry = Registry::default();
+        let process = ProcessMetrics::register(&mut registry);
+        let me = Self {
+            instances: Family::default(),
+            clusters: Family::default(),
+            decisions: Family::default(),
+            decision_seconds: Histogram::new([
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2.5,
+            ]),
+            plugin_delegated: Family::default(),
+            plugin_fallbacks: Family::default(),
+            process,
+            registry: Registry::default(),
+        };
+        registry.register(
+            "oakestra_root_instances",
+            "Instances by status",
+            me.instances.clone(),
+        );
+        registry.register(
+            "oakestra_root_clusters",
+            "Registered clusters by liveness",
+            me.clusters.clone(),
+        );
+        registry.register(
+            "oakestra_root_scheduling_decisions",
+            "Scheduling decisions by outcome",
+            me.decisions.clone(),
+        );
+        registry.register(
+            "oakestra_root_scheduling_decision_seconds",
+            "Time one scheduling decision took",
+            me.decision_seconds.clone(),
+        );
+        registry.register(
+            "oakestra_root_plugin_placements",
+            "Placements a scheduler plugin decided, by slot",
+            me.plugin_delegated.clone(),
+        );
+        registry.register(
+            "oakestra_root_plugin_fallbacks",
+            "Placements the built-in scheduler made because the plugin could not be used, by slot",
+            me.plugin_fallbacks.clone(),
+        );
+        Self { registry, ..me }
+    }
+}
+
+impl RootMetrics {
+    /// Counts one scheduling decision.
+    pub fn decided(&self, placed: bool, seconds: f64) {
+        let outcome = if placed { "placed" } else { "refused" };
+        self.decisions
+            .get_or_create(&OutcomeLabel {
+                outcome: outcome.into(),
+            })
+            .inc();
+        self.decision_seconds.observe(seconds);
+    }
+
+    /// Sets the instance gauges from `(status, count)` rows, dropping statuses no instance has any more.
+    pub fn set_instances(&self, rows: &[(String, i64)]) {
+        self.instances.clear();
+        for (status, n) in rows {
+            self.instances
+                .get_or_create(&StatusLabel {
+                    status: status.clone(),
+                })
+                .set(*n);
+        }
+    }
+
+    /// Sets the cluster gauges.
+    pub fn set_clusters(&self, active: i64, inactive: i64) {
+        for (state, n) in [("active", active), ("inactive", inactive)] {
+            self.clusters
+                .get_or_create(&StateLabel { state: state.into() })
+                .set(n);
+        }
+    }
+
+    /// The exposition text, with the process metrics read now.
+    pub fn render(&self) -> String {
+        self.process.update();
+        oakestra_protocol::metrics::render(&self.registry)
+    }
+}
