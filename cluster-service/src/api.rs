@@ -80,6 +80,52 @@ fn root_only(engine: &Engine, headers: &HeaderMap) -> Result<(), ApiError> {
     }
 }
 
+/// `GET /metrics`: the Prometheus exposition, for the metrics token only.
+async fn metrics(State(engine): State<Arc<Engine>>, headers: HeaderMap) -> Result<Response, ApiError> {
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(bearer::token);
+    let token = engine.metrics_token.get().map(String::as_str).unwrap_or_default();
+    if token.is_empty() || !presented.is_some_and(|t| bearer::same_secret(t, token)) {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "GET /metrics needs Authorization: Bearer <the token in <data-dir>/metrics.token>",
+        ));
+    }
+    let m = &engine.metrics;
+    {
+        let state = engine.state();
+        let mut by_status: std::collections::BTreeMap<String, i64> = std::collections::BTreeMap::new();
+        for job in state.jobs() {
+            for i in job.instances.values() {
+                *by_status.entry(i.status.as_str().to_owned()).or_default() += 1;
+            }
+        }
+        m.instances.clear();
+        for (status, n) in by_status {
+            m.instances
+                .get_or_create(&crate::metrics::Label { status })
+                .set(n);
+        }
+        let alive = state.nodes().filter(|n| n.alive).count();
+        let all = state.nodes().count();
+        for (s, n) in [("alive", alive), ("dead", all - alive)] {
+            m.workers
+                .get_or_create(&crate::metrics::StateLabel { state: s.into() })
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+    }
+    let connections = engine.broker.embedded().map_or(0, |b| b.connections());
+    m.broker_connections
+        .set(i64::try_from(connections).unwrap_or(i64::MAX));
+    Ok((
+        [(header::CONTENT_TYPE, oakestra_protocol::metrics::CONTENT_TYPE)],
+        m.render(),
+    )
+        .into_response())
+}
+
 /// Refuses anything but the plugin token of a running addons engine.
 fn plugin_only(engine: &Engine, headers: &HeaderMap) -> Result<(), ApiError> {
     let presented = headers
@@ -149,6 +195,7 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .route("/api/cluster/status", get(status))
         .route("/api/cluster/report", get(report))
         .route("/api/cluster/workers", get(workers))
+        .route("/metrics", get(metrics))
         .route(RESOURCES_PATH, get(resources))
         .route(&format!("{RESOURCES_PATH}/"), get(resources))
         .route(RESULT_PATH, post(plugin_result))

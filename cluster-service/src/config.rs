@@ -214,6 +214,11 @@ pub struct Cli {
     )]
     pub addons_admin_token: Option<String>,
 
+    /// The bearer token Prometheus presents to `GET /metrics`. Default: generated once into
+    /// `<data-dir>/metrics.token` (point Prometheus' `authorization.credentials_file` at it).
+    #[arg(long, value_name = "TOKEN", env = "OAK_METRICS_TOKEN", hide_env_values = true)]
+    pub metrics_token: Option<String>,
+
     /// The addons engine (cluster-scoped addons, the cluster_scheduler plugin slot).
     #[command(flatten)]
     pub addons: oakestra_addons::settings::AddonsFlags,
@@ -254,6 +259,8 @@ pub struct Config {
     pub scheduler_policy: Policy,
     /// The addons manager's operator token, if given (else read or generated in the data directory).
     pub addons_admin_token: Option<String>,
+    /// The metrics token, if given (else read or generated in the data directory).
+    pub metrics_token: Option<String>,
     /// The addons engine.
     pub addons: oakestra_addons::settings::AddonsSettings,
 }
@@ -465,6 +472,7 @@ impl Config {
             .map_err(|(flag, value, rule)| invalid(flag, value, rule))?;
         Ok(Self {
             addons_admin_token: cli.addons_admin_token,
+            metrics_token: cli.metrics_token,
             addons,
             cluster_name: name,
             cluster_location: cli.cluster_location,

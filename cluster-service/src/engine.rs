@@ -86,6 +86,10 @@ pub struct Engine {
     pub admission: Admission,
     /// The addons' plugin slots, once the addons engine is up: a `cluster_scheduler` plugin places instead.
     slots: std::sync::OnceLock<Arc<oakestra_addons::slots::Slots>>,
+    /// Prometheus metrics.
+    pub metrics: Arc<crate::metrics::ClusterMetrics>,
+    /// The bearer token of `GET /metrics`.
+    pub metrics_token: std::sync::OnceLock<String>,
 }
 
 /// Why a worker registration failed.
@@ -135,6 +139,8 @@ impl Engine {
             connected_to_root: std::sync::atomic::AtomicBool::new(false),
             admission,
             slots: std::sync::OnceLock::new(),
+            metrics: Arc::default(),
+            metrics_token: std::sync::OnceLock::new(),
         }
     }
 
@@ -218,6 +224,7 @@ impl Engine {
                     tokio::spawn(Arc::clone(self).ask_plugin(job_id, number, job));
                 }
                 Effect::Deploy { node, command } => {
+                    self.metrics.decided(true);
                     self.publish(&node, Topic::ControlDeploy, &command).await;
                 }
                 Effect::Delete { node, command } => {
@@ -233,6 +240,7 @@ impl Engine {
                     status,
                     detail,
                 } => {
+                    self.metrics.decided(false);
                     let engine = Arc::clone(self);
                     tokio::spawn(async move {
                         engine
@@ -292,8 +300,9 @@ impl Engine {
                 return;
             }
         };
-        if let Err(e) = self.publisher.publish(&topic, payload).await {
-            tracing::error!(node = %node, error = %e, "cannot publish");
+        match self.publisher.publish(&topic, payload).await {
+            Ok(()) => self.metrics.message(false),
+            Err(e) => tracing::error!(node = %node, error = %e, "cannot publish"),
         }
     }
 
@@ -341,6 +350,7 @@ impl Engine {
 
     /// Handles one message from a worker. Garbage is logged and dropped; nothing here can panic the service.
     pub async fn on_message(self: &Arc<Self>, message: Message) {
+        self.metrics.message(true);
         let topic = match Topic::parse(&message.topic) {
             Ok(t) => t,
             Err(e) => {

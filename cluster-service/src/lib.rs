@@ -13,6 +13,7 @@
 //! - [`addons`]: the cluster's addons engine: the operator token of its addons manager and marketplace lookups
 //!   at root (the engine itself is `oakestra_addons`);
 //! - [`api`]: the HTTP API on the manager port;
+//! - [`metrics`]: the Prometheus metrics (`GET /metrics`);
 //! - [`memory`]: allocator settings (few arenas, trimming after bursts).
 
 pub mod addons;
@@ -21,6 +22,7 @@ pub mod broker;
 pub mod config;
 pub mod engine;
 pub mod memory;
+pub mod metrics;
 pub mod mqtt;
 pub mod net;
 pub mod placement;
@@ -252,6 +254,19 @@ pub async fn start(config: Config) -> Result<Running, Error> {
     )
     .map_err(|e| Error::Addons(e.to_string()))?;
     engine.attach_slots(Arc::clone(addons.slots()));
+    let metrics_token = match &config.metrics_token {
+        Some(t) => t.clone(),
+        None => {
+            let path = config.data_dir.join("metrics.token");
+            let token = match std::fs::read_to_string(&path) {
+                Ok(t) if t.trim().len() >= 16 => t.trim().to_owned(),
+                _ => broker::new_secret(),
+            };
+            store::write_secret(&path, &token)?;
+            token
+        }
+    };
+    let _ = engine.metrics_token.set(metrics_token);
     tokio::spawn(oakestra_addons::monitor::run(
         Arc::clone(&addons),
         stop_rx.clone(),

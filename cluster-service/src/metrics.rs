@@ -1,0 +1,127 @@
+//! cluster-service's Prometheus metrics (`GET /metrics`, bearer token `<data-dir>/metrics.token` or
+//! `--metrics-token`): workers by liveness and instances by status (counted at each scrape), placement decisions,
+//! MQTT messages in and out, the embedded broker's connections, and the process's own resource use.
+
+use std::sync::Arc;
+
+use oakestra_protocol::metrics::ProcessMetrics;
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+
+/// A label set with one `status` label.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Label {
+    /// The instance status as Oakestra spells it.
+    pub status: String,
+}
+
+/// A label set with one `state` label.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabel {
+    /// `alive` or `dead`.
+    pub state: String,
+}
+
+/// A label set with one `outcome` label.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    /// `placed` or `refused`.
+    pub outcome: String,
+}
+
+/// A label set with one `direction` label.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabel {
+    /// `in` or `out`.
+    pub direction: String,
+}
+
+/// Every metric the cluster exposes.
+#[derive(Debug)]
+pub struct ClusterMetrics {
+    registry: Registry,
+    process: Arc<ProcessMetrics>,
+    /// Instances by status (set at each scrape).
+    pub instances: Family<Label, Gauge>,
+    /// Workers by liveness (set at each scrape).
+    pub workers: Family<StateLabel, Gauge>,
+    /// Placement decisions by outcome.
+    pub decisions: Family<OutcomeLabel, Counter>,
+    /// MQTT messages the cluster handled (`in`) and sent (`out`).
+    pub mqtt_messages: Family<DirectionLabel, Counter>,
+    /// Connections to the embedded broker (set at each scrape; 0 with an external broker).
+    pub broker_connections: Gauge,
+}
+
+impl Default for ClusterMetrics {
+    fn default() -> Self {
+        let mut registry = Registry::default();
+        let process = ProcessMetrics::register(&mut registry);
+        let me = Self {
+            registry: Registry::default(),
+            process,
+            instances: Family::default(),
+            workers: Family::default(),
+            decisions: Family::default(),
+            mqtt_messages: Family::default(),
+            broker_connections: Gauge::default(),
+        };
+        registry.register(
+            "oakestra_cluster_instances",
+            "Instances by status",
+            me.instances.clone(),
+        );
+        registry.register(
+            "oakestra_cluster_workers",
+            "Workers by liveness",
+            me.workers.clone(),
+        );
+        registry.register(
+            "oakestra_cluster_placement_decisions",
+            "Placement decisions by outcome",
+            me.decisions.clone(),
+        );
+        registry.register(
+            "oakestra_cluster_mqtt_messages",
+            "MQTT messages handled (in) and sent (out)",
+            me.mqtt_messages.clone(),
+        );
+        registry.register(
+            "oakestra_cluster_broker_connections",
+            "Connections to the embedded broker",
+            me.broker_connections.clone(),
+        );
+        Self { registry, ..me }
+    }
+}
+
+impl ClusterMetrics {
+    /// Counts a placement decision.
+    pub fn decided(&self, placed: bool) {
+        let outcome = if placed { "placed" } else { "refused" };
+        self.decisions
+            .get_or_create(&OutcomeLabel {
+                outcome: outcome.into(),
+            })
+            .inc();
+    }
+
+    /// Counts an MQTT message.
+    pub fn message(&self, inbound: bool) {
+        let direction = if inbound { "in" } else { "out" };
+        self.mqtt_messages
+            .get_or_create(&DirectionLabel {
+                direction: direction.into(),
+            })
+            .inc();
+    }
+
+    /// The exposition text, with the process metrics read now.
+    pub fn render(&self) -> String {
+        self.process.update();
+        oakestra_protocol::metrics::render(&self.registry)
+    }
+}
