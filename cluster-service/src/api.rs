@@ -105,7 +105,7 @@ async fn metrics(State(engine): State<Arc<Engine>>, headers: HeaderMap) -> Resul
         m.instances.clear();
         for (status, n) in by_status {
             m.instances
-                .get_or_create(&crate::metrics::Label { status })
+                .get_or_create(&crate::metrics::StatusLabel { status })
                 .set(n);
         }
         let alive = state.nodes().filter(|n| n.alive).count();

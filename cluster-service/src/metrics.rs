@@ -4,40 +4,14 @@
 
 use std::sync::Arc;
 
-use oakestra_protocol::metrics::ProcessMetrics;
-use prometheus_client::{
-    encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family, gauge::Gauge},
-    registry::Registry,
+pub use oakestra_protocol::metrics::{DirectionLabel, OutcomeLabel, StateLabel, StatusLabel};
+use oakestra_protocol::metrics::{
+    ProcessMetrics,
+    prometheus_client::{
+        metrics::{counter::Counter, family::Family, gauge::Gauge},
+        registry::Registry,
+    },
 };
-
-/// A label set with one `status` label.
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct Label {
-    /// The instance status as Oakestra spells it.
-    pub status: String,
-}
-
-/// A label set with one `state` label.
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct StateLabel {
-    /// `alive` or `dead`.
-    pub state: String,
-}
-
-/// A label set with one `outcome` label.
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct OutcomeLabel {
-    /// `placed` or `refused`.
-    pub outcome: String,
-}
-
-/// A label set with one `direction` label.
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct DirectionLabel {
-    /// `in` or `out`.
-    pub direction: String,
-}
 
 /// Every metric the cluster exposes.
 #[derive(Debug)]
@@ -45,7 +19,7 @@ pub struct ClusterMetrics {
     registry: Registry,
     process: Arc<ProcessMetrics>,
     /// Instances by status (set at each scrape).
-    pub instances: Family<Label, Gauge>,
+    pub instances: Family<StatusLabel, Gauge>,
     /// Workers by liveness (set at each scrape).
     pub workers: Family<StateLabel, Gauge>,
     /// Placement decisions by outcome.

@@ -6,22 +6,11 @@
 mod support;
 
 use hyper::Method;
+use oakestra_protocol::metrics::sample;
 use serde_json::json;
 use support::{
     BrokerKind, FakeRoot, FakeWorker, TempDir, call, eventually, fast_args, job_doc, set_flag, start_cluster,
 };
-
-/// The value of the sample `series` (name with labels, exactly as exposed), if present.
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines().find_map(|l| {
-        l.strip_prefix(series)?
-            .strip_prefix(' ')?
-            .split(' ')
-            .next()?
-            .parse()
-            .ok()
-    })
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_need_their_token_and_follow_the_cluster() {

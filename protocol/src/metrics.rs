@@ -5,10 +5,57 @@ use std::sync::{Mutex, PoisonError, atomic::AtomicU64};
 
 pub use prometheus_client;
 use prometheus_client::{
-    encoding::text::encode,
+    encoding::{EncodeLabelSet, text::encode},
     metrics::{counter::Counter, gauge::Gauge},
     registry::Registry,
 };
+
+/// A label set with one `status` label (an instance status as Oakestra spells it).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusLabel {
+    /// The status.
+    pub status: String,
+}
+
+/// A label set with one `state` label (`active`/`inactive`, `alive`/`dead`).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabel {
+    /// The state.
+    pub state: String,
+}
+
+/// A label set with one `outcome` label (`placed` or `refused`).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    /// The outcome.
+    pub outcome: String,
+}
+
+/// A label set with one `slot` label (a plugin slot's name).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SlotLabel {
+    /// The slot.
+    pub slot: String,
+}
+
+/// A label set with one `direction` label (`in` or `out`).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabel {
+    /// The direction.
+    pub direction: String,
+}
+
+/// The value of sample `series` (its name with its labels, exactly as exposed) in an exposition `text`, if present.
+pub fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .split(' ')
+            .next()?
+            .parse()
+            .ok()
+    })
+}
 
 /// The content type of the text exposition format.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";

@@ -4,40 +4,14 @@
 
 use std::sync::Arc;
 
-use oakestra_protocol::metrics::ProcessMetrics;
-use prometheus_client::{
-    encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
-    registry::Registry,
+pub use oakestra_protocol::metrics::{OutcomeLabel, SlotLabel, StateLabel, StatusLabel};
+use oakestra_protocol::metrics::{
+    ProcessMetrics,
+    prometheus_client::{
+        metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+        registry::Registry,
+    },
 };
-
-/// A label set with one `status` label.
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct StatusLabel {
-    /// The instance status as Oakestra spells it.
-    pub status: String,
-}
-
-/// A label set with one `state` label.
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct StateLabel {
-    /// `active` or `inactive`.
-    pub state: String,
-}
-
-/// A label set with one `outcome` label.
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct OutcomeLabel {
-    /// `placed` or `refused`.
-    pub outcome: String,
-}
-
-/// A label set with one `slot` label.
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct SlotLabel {
-    /// The slot name.
-    pub slot: String,
-}
 
 /// Every metric root exposes.
 #[derive(Debug)]

@@ -7,20 +7,9 @@
 mod support;
 
 use hyper::Method;
+use oakestra_protocol::metrics::sample;
 use serde_json::json;
 use support::{FakeCluster, Server, TempDir, one_service_sla};
-
-/// The value of the sample `series` (name with labels, exactly as exposed), if present.
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines().find_map(|l| {
-        l.strip_prefix(series)?
-            .strip_prefix(' ')?
-            .split(' ')
-            .next()?
-            .parse()
-            .ok()
-    })
-}
 
 #[tokio::test]
 async fn metrics_need_their_token_and_follow_the_deployment() {
