@@ -220,6 +220,14 @@ impl Engine {
         }
         for effect in effects {
             match effect {
+                Effect::Started { millis } => {
+                    // Display only: milliseconds of a deploy fit a float exactly.
+                    #[allow(
+                        clippy::cast_precision_loss,
+                        reason = "seconds as a float, as Prometheus wants them"
+                    )]
+                    self.metrics.deploy_seconds.observe(millis as f64 / 1000.0);
+                }
                 Effect::AskPlugin { job_id, number, job } => {
                     tokio::spawn(Arc::clone(self).ask_plugin(job_id, number, job));
                 }

@@ -8,7 +8,7 @@ pub use oakestra_protocol::metrics::{DirectionLabel, OutcomeLabel, StateLabel, S
 use oakestra_protocol::metrics::{
     ProcessMetrics,
     prometheus_client::{
-        metrics::{counter::Counter, family::Family, gauge::Gauge},
+        metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
         registry::Registry,
     },
 };
@@ -28,6 +28,8 @@ pub struct ClusterMetrics {
     pub mqtt_messages: Family<DirectionLabel, Counter>,
     /// Connections to the embedded broker (set at each scrape; 0 with an external broker).
     pub broker_connections: Gauge,
+    /// Seconds from sending an instance to its worker to the first sign of it running.
+    pub deploy_seconds: Histogram,
 }
 
 impl Default for ClusterMetrics {
@@ -42,6 +44,7 @@ impl Default for ClusterMetrics {
             decisions: Family::default(),
             mqtt_messages: Family::default(),
             broker_connections: Gauge::default(),
+            deploy_seconds: Histogram::new([0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0]),
         };
         registry.register(
             "oakestra_cluster_instances",
@@ -62,6 +65,11 @@ impl Default for ClusterMetrics {
             "oakestra_cluster_mqtt_messages",
             "MQTT messages handled (in) and sent (out)",
             me.mqtt_messages.clone(),
+        );
+        registry.register(
+            "oakestra_cluster_deploy_seconds",
+            "Time from sending an instance to its worker to its first sign of running",
+            me.deploy_seconds.clone(),
         );
         registry.register(
             "oakestra_cluster_broker_connections",

@@ -212,6 +212,9 @@ pub struct Instance {
     /// Why it last failed (the worker's reason, or that it stopped), shown in every detail until it runs stably.
     #[serde(default)]
     pub last_failure: Option<String>,
+    /// When it was last sent to a worker, until it runs (for the deploy latency; not persisted).
+    #[serde(skip)]
+    pub placed_ms: Option<u64>,
     /// A scheduler plugin was asked to place it and has not answered yet (not persisted: after a restart the
     /// scheduling deadline places it again).
     #[serde(skip)]
@@ -238,6 +241,7 @@ impl Instance {
             retry_at_ms: 0,
             ended_on_worker: false,
             last_failure: None,
+            placed_ms: None,
             awaiting_plugin: false,
         }
     }
@@ -376,6 +380,11 @@ pub enum Effect {
         number: i64,
         /// The job document.
         job: Value,
+    },
+    /// An instance runs, `millis` after it was sent to its worker (the deploy latency).
+    Started {
+        /// Milliseconds from the deploy command to the first sign of it running.
+        millis: u64,
     },
     /// Publish `control/deploy` to `node`.
     Deploy {
@@ -863,6 +872,11 @@ impl State {
                         Status::NodeScheduled | Status::Creating | Status::Created
                     ) {
                         i.set_status(Status::Running, "", now_ms);
+                        if let Some(placed) = i.placed_ms.take() {
+                            effects.push(Effect::Started {
+                                millis: now_ms.saturating_sub(placed),
+                            });
+                        }
                         tracing::info!(job = %service.job_name, instance = number, node = %node, "instance running");
                         effects.push(Effect::SaveInstance {
                             job_id,
@@ -994,7 +1008,16 @@ impl State {
                 i.last_failure = Some(why);
                 i.set_status(status, detail, now_ms);
             }
-            _ => i.set_status(status, report.status_detail.clone(), now_ms),
+            _ => {
+                if status == Status::Running
+                    && let Some(placed) = i.placed_ms.take()
+                {
+                    effects.push(Effect::Started {
+                        millis: now_ms.saturating_sub(placed),
+                    });
+                }
+                i.set_status(status, report.status_detail.clone(), now_ms);
+            }
         }
         effects.push(Effect::SaveInstance {
             job_id,
@@ -1360,6 +1383,7 @@ impl State {
                 i.cpu_percent = None;
                 i.memory_percent = None;
                 i.set_status(Status::NodeScheduled, format!("sent to worker {name}"), now_ms);
+                i.placed_ms = Some(now_ms);
                 tracing::info!(job = %job_name, instance = number, node = %worker, name = %name, "instance placed");
                 effects.push(Effect::Deploy {
                     node: worker,

@@ -70,6 +70,19 @@ async fn metrics_need_their_token_and_follow_the_cluster() {
         sample(&text, "oakestra_cluster_broker_connections").unwrap() >= 1.0,
         "{text}"
     );
+    assert_eq!(
+        sample(&text, "oakestra_cluster_deploy_seconds_count"),
+        Some(0.0),
+        "not running yet: {text}"
+    );
+    // The worker's first resource report says it runs: one deploy latency observed.
+    worker.resources(&[("app.ns.svc.ns", 0)]).await;
+    eventually(10, "the deploy latency", || async {
+        let r = call(cluster.addr, Method::GET, "/metrics", Some(&token), None).await;
+        let text = r.body.as_str().unwrap_or_default().to_owned();
+        (sample(&text, "oakestra_cluster_deploy_seconds_count") == Some(1.0)).then_some(())
+    })
+    .await;
     assert!(
         sample(&text, "process_resident_memory_bytes").unwrap() > 1e6,
         "{text}"
