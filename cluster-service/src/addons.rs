@@ -3,7 +3,7 @@
 
 use std::{path::Path, sync::Arc, time::Duration};
 
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode};
 use hyper::Method;
 use oakestra_addons::api::{Caller, Gate, Lookup, RemoteMarketplace};
 use oakestra_protocol::{bearer, client};
@@ -21,11 +21,7 @@ pub struct ClusterGate {
 
 impl Gate for ClusterGate {
     fn caller(&self, headers: &HeaderMap) -> Result<Caller, (StatusCode, String)> {
-        let presented = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(bearer::token);
-        match presented {
+        match crate::api::bearer_of(headers) {
             Some(t) if bearer::same_secret(t, &self.token) => Ok(Caller { admin: true }),
             _ => Err((
                 StatusCode::UNAUTHORIZED,
@@ -42,13 +38,12 @@ impl ClusterGate {
     pub fn load(given: Option<String>, data_dir: &Path) -> Result<Self, Error> {
         let path = data_dir.join(ADMIN_TOKEN_FILE);
         let token = match given {
-            Some(t) => t,
-            None => match std::fs::read_to_string(&path) {
-                Ok(t) if t.trim().len() >= 16 => t.trim().to_owned(),
-                _ => crate::broker::new_secret(),
-            },
+            Some(t) => {
+                store::write_secret(&path, &t)?;
+                t
+            }
+            None => store::load_or_create_secret(&path)?,
         };
-        store::write_secret(&path, &token)?;
         tracing::info!(file = %path.display(), "the cluster's addons API takes the operator token in this file");
         Ok(Self { token })
     }

@@ -58,12 +58,17 @@ fn body<T: DeserializeOwned>(bytes: &Bytes) -> Result<T, ApiError> {
     serde_json::from_value(value).map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))
 }
 
-/// Checks `Authorization: Bearer <cluster secret>` (the secret root gave this cluster).
-fn root_only(engine: &Engine, headers: &HeaderMap) -> Result<(), ApiError> {
-    let presented = headers
+/// The token of an `Authorization: Bearer <token>` header, if the request has one.
+pub(crate) fn bearer_of(headers: &HeaderMap) -> Option<&str> {
+    headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(bearer::token);
+        .and_then(bearer::token)
+}
+
+/// Checks `Authorization: Bearer <cluster secret>` (the secret root gave this cluster).
+fn root_only(engine: &Engine, headers: &HeaderMap) -> Result<(), ApiError> {
+    let presented = bearer_of(headers);
     let Some(identity) = engine.identity() else {
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -82,10 +87,7 @@ fn root_only(engine: &Engine, headers: &HeaderMap) -> Result<(), ApiError> {
 
 /// `GET /metrics`: the Prometheus exposition, for the metrics token only.
 async fn metrics(State(engine): State<Arc<Engine>>, headers: HeaderMap) -> Result<Response, ApiError> {
-    let presented = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(bearer::token);
+    let presented = bearer_of(&headers);
     let token = engine.metrics_token.get().map(String::as_str).unwrap_or_default();
     if token.is_empty() || !presented.is_some_and(|t| bearer::same_secret(t, token)) {
         return Err(ApiError::new(
@@ -128,10 +130,7 @@ async fn metrics(State(engine): State<Arc<Engine>>, headers: HeaderMap) -> Resul
 
 /// Refuses anything but the plugin token of a running addons engine.
 fn plugin_only(engine: &Engine, headers: &HeaderMap) -> Result<(), ApiError> {
-    let presented = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(bearer::token);
+    let presented = bearer_of(headers);
     match (engine.slots(), presented) {
         (Some(slots), Some(t)) if slots.is_plugin_token(t) => Ok(()),
         _ => Err(ApiError::new(
@@ -213,10 +212,7 @@ async fn register(
     bytes: Bytes,
 ) -> Result<Json<Value>, ApiError> {
     let value: Value = body(&bytes)?;
-    let presented = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(bearer::token);
+    let presented = bearer_of(&headers);
     match engine.register_node(value, presented).await {
         Ok(answer) => Ok(Json(serde_json::to_value(answer).unwrap_or(Value::Null))),
         Err(NodeError::Refused(e @ RegisterError::Duplicate { .. })) => {

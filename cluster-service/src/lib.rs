@@ -256,15 +256,7 @@ pub async fn start(config: Config) -> Result<Running, Error> {
     engine.attach_slots(Arc::clone(addons.slots()));
     let metrics_token = match &config.metrics_token {
         Some(t) => t.clone(),
-        None => {
-            let path = config.data_dir.join("metrics.token");
-            let token = match std::fs::read_to_string(&path) {
-                Ok(t) if t.trim().len() >= 16 => t.trim().to_owned(),
-                _ => broker::new_secret(),
-            };
-            store::write_secret(&path, &token)?;
-            token
-        }
+        None => store::load_or_create_secret(&config.data_dir.join("metrics.token"))?,
     };
     let _ = engine.metrics_token.set(metrics_token);
     tokio::spawn(oakestra_addons::monitor::run(

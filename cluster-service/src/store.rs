@@ -99,6 +99,16 @@ pub fn private_dir(dir: &Path) -> Result<(), Error> {
     Ok(())
 }
 
+/// The token kept in `path`: the one there (16 characters at least), or a new random one written there (0600).
+pub fn load_or_create_secret(path: &Path) -> Result<String, Error> {
+    let token = match std::fs::read_to_string(path) {
+        Ok(t) if t.trim().len() >= 16 => t.trim().to_owned(),
+        _ => crate::broker::new_secret(),
+    };
+    write_secret(path, &token)?;
+    Ok(token)
+}
+
 /// Writes a secret to `path` with mode 0600 (also when the file existed with a looser mode).
 pub fn write_secret(path: &Path, text: &str) -> Result<(), Error> {
     use std::{

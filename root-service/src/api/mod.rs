@@ -337,14 +337,11 @@ async fn metrics(
     let window = state.engine.liveness_ms();
     let (by_status, clusters) = state
         .store
-        .with(move |inner| {
-            let mut stmt = inner
-                .conn
-                .prepare("SELECT status, COUNT(*) FROM instances GROUP BY status")?;
-            let rows = stmt
-                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
-            Ok((rows, crate::store::clusters::all(&inner.conn)?))
+        .with(|inner| {
+            Ok((
+                crate::store::apps::count_by_status(&inner.conn)?,
+                crate::store::clusters::all(&inner.conn)?,
+            ))
         })
         .await?;
     let now = crate::store::now_ms();

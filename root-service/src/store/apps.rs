@@ -930,3 +930,12 @@ fn as_i64(v: &Value) -> Option<i64> {
                 .and_then(|f| format!("{f:.0}").parse().ok())
         })
 }
+
+/// How many instances are in each status, as `(status, count)` rows (for the metrics).
+pub fn count_by_status(conn: &Connection) -> Result<Vec<(String, i64)>, Error> {
+    let mut stmt = conn.prepare("SELECT status, COUNT(*) FROM instances GROUP BY status")?;
+    let rows = stmt
+        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(rows)
+}
