@@ -428,7 +428,7 @@ example() {
   read -r app_id ids <<<"$(printf '%s' "$app" | python3 -c '
 import json, sys
 app = [a for a in json.load(sys.stdin) if a["application_name"] == sys.argv[1]][-1]
-print(app["_id"], " ".join(reversed(app["microservices"])))' "$name")"
+print(app["applicationID"], " ".join(reversed(app["microservices"])))' "$name")"
   for id in $ids; do
     names[$id]=$(curl -sf "${auth[@]}" "$api/api/service/$id" | json_get '["job_name"]')
     curl -sf "${auth[@]}" -X POST "$api/api/service/$id/instance" -d '{}' >/dev/null || die "deploying ${names[$id]} failed"

@@ -23,6 +23,7 @@
 //!   capacity reservations and the reading of a job's demand.
 //! - [`owner_only`]: owner-only files and directories (0600/0700), created so or tightened to it.
 //! - [`text`]: client-supplied text made safe to log (control and bidi characters escaped, long strings cut).
+//! - [`time`]: Unix milliseconds as the reference's ISO 8601 UTC text.
 //!
 //! Field names on the wire are spelled exactly as the reference implementation spells them (including its
 //! inconsistencies, e.g. `MQTT_BROKER_PORT`, `nsAddressv6`), so that Oakestra peers interoperate with ours.
@@ -52,3 +53,4 @@ pub mod status;
 #[cfg(test)]
 mod test_util;
 pub mod text;
+pub mod time;

@@ -41,7 +41,7 @@ fn app_id(apps: &Value, name: &str) -> String {
         .unwrap()
         .iter()
         .find(|a| a["application_name"] == name)
-        .unwrap_or_else(|| panic!("no app {name} in {apps}"))["_id"]
+        .unwrap_or_else(|| panic!("no app {name} in {apps}"))["_id"]["$oid"]
         .as_str()
         .unwrap()
         .to_owned()
@@ -59,7 +59,7 @@ async fn one_service_job(root: &Server, token: &str, app: &str, memory: u64) -> 
         .post("/api/application", token, &one_service_sla(app, memory))
         .await;
     assert_eq!(status, 200, "{apps}");
-    services_of(root, token, &app_id(&apps, app)).await[0]["_id"]
+    services_of(root, token, &app_id(&apps, app)).await[0]["_id"]["$oid"]
         .as_str()
         .unwrap()
         .to_owned()
@@ -111,7 +111,7 @@ async fn clientsrvr_create_deploy_list_delete() {
         curl["RR_ip_v6"].as_str().unwrap().starts_with("fdff:2000:"),
         "{curl}"
     );
-    let job = nginx["_id"].as_str().unwrap().to_owned();
+    let job = nginx["_id"]["$oid"].as_str().unwrap().to_owned();
 
     // No cluster yet: the instance is recorded with the reference's negative status.
     let (status, r) = root
@@ -366,7 +366,7 @@ async fn fifty_concurrent_instance_requests_get_fifty_numbers() {
         .post("/api/application", &token, &one_service_sla("many", 10))
         .await;
     let app = app_id(&apps, "many");
-    let job = services_of(&root, &token, &app).await[0]["_id"]
+    let job = services_of(&root, &token, &app).await[0]["_id"]["$oid"]
         .as_str()
         .unwrap()
         .to_owned();
@@ -405,7 +405,7 @@ async fn restart_keeps_everything() {
     let app = app_id(&apps, "clientsrvr");
     let cluster = FakeCluster::start(&root, "keep").await;
     cluster.report(&root, 4, 8000, json!([])).await;
-    let job = service_named(&services_of(&root, &token, &app).await, "curl")["_id"]
+    let job = service_named(&services_of(&root, &token, &app).await, "curl")["_id"]["$oid"]
         .as_str()
         .unwrap()
         .to_owned();
@@ -740,7 +740,7 @@ async fn network_endpoints_resolve_and_fan_out() {
     let token = root.admin().await;
     let (_, apps) = root.post("/api/application", &token, &clientsrvr()).await;
     let services = services_of(&root, &token, &app_id(&apps, "clientsrvr")).await;
-    let nginx = service_named(&services, "nginx")["_id"]
+    let nginx = service_named(&services, "nginx")["_id"]["$oid"]
         .as_str()
         .unwrap()
         .to_owned();
@@ -901,7 +901,7 @@ async fn users_see_and_change_only_their_own_applications() {
     assert_eq!(status, 200, "{apps}");
     let app = app_id(&apps, "clientsrvr");
     assert_eq!(apps[0]["userId"], "alice");
-    let job = services_of(&root, &alice, &app).await[0]["_id"]
+    let job = services_of(&root, &alice, &app).await[0]["_id"]["$oid"]
         .as_str()
         .unwrap()
         .to_owned();

@@ -76,7 +76,7 @@ async fn admin_registers_and_only_admin_may() {
     assert_eq!(bob["name"], "bob");
     assert_eq!(bob["email"], "bob@example.org");
     assert_eq!(bob["roles"], json!(["Application_Provider"]));
-    assert_eq!(bob["_id"].as_str().unwrap().len(), 24, "{bob}");
+    assert_eq!(bob["_id"]["$oid"].as_str().unwrap().len(), 24, "{bob}");
     assert!(bob.get("password").is_none(), "{bob}");
 
     let token = server.token("bob", "bob-pw").await;
@@ -424,7 +424,7 @@ async fn organizations_lifecycle() {
     let server = Server::fresh().await;
     let admin = server.admin().await;
     let (_, bob) = server.register(&admin, "bob", json!({})).await;
-    let bob_id = bob["_id"].as_str().unwrap().to_owned();
+    let bob_id = bob["_id"]["$oid"].as_str().unwrap().to_owned();
 
     let (status, orgs) = server
         .request("GET", "/api/organization/", Some(&admin), None)
@@ -432,7 +432,7 @@ async fn organizations_lifecycle() {
     assert_eq!(status, 200, "{orgs}");
     assert_eq!(orgs.as_array().unwrap().len(), 1, "{orgs}");
     assert_eq!(orgs[0]["name"], "root");
-    let root_id = orgs[0]["_id"].as_str().unwrap().to_owned();
+    let root_id = orgs[0]["_id"]["$oid"].as_str().unwrap().to_owned();
     assert_eq!(orgs[0]["member"].as_array().unwrap().len(), 2, "{orgs}");
 
     let body = json!({ "name": "edge", "member": [{ "user_id": bob_id, "roles": ["Organization_Admin"] }] });
@@ -445,7 +445,7 @@ async fn organizations_lifecycle() {
         edge["member"],
         json!([{ "user_id": bob_id, "roles": ["Organization_Admin"] }])
     );
-    let edge_id = edge["_id"].as_str().unwrap().to_owned();
+    let edge_id = edge["_id"]["$oid"].as_str().unwrap().to_owned();
 
     // Bob can log in to it and holds the roles given there.
     let (status, res) = server.login_as("bob", "bob-pw", Some("edge")).await;
@@ -543,7 +543,7 @@ async fn organizations_lifecycle() {
     assert_eq!(status, 200, "{res}");
 
     // Replace the members: only gina stays.
-    let gina_id = members[1]["_id"].as_str().unwrap().to_owned();
+    let gina_id = members[1]["_id"]["$oid"].as_str().unwrap().to_owned();
     let body = json!({ "member": [{ "user_id": gina_id, "roles": ["Application_Provider"] }] });
     let (status, res) = server
         .request(

@@ -278,7 +278,7 @@ impl Stack {
             .expect("stack")
             .iter()
             .find(|a| a["application_name"] == json!(app))
-            .expect("stack")["_id"]
+            .expect("stack")["_id"]["$oid"]
             .as_str()
             .expect("stack")
             .to_owned();
@@ -289,7 +289,10 @@ impl Stack {
             None,
         )
         .await;
-        let job = services.body[0]["_id"].as_str().expect("stack").to_owned();
+        let job = services.body[0]["_id"]["$oid"]
+            .as_str()
+            .expect("stack")
+            .to_owned();
         let r = call(
             "POST",
             &format!("{}/api/service/{job}/instance", self.root_url),
@@ -312,7 +315,7 @@ impl Stack {
     /// Deletes every application root lists for Admin (each answered 200).
     pub async fn delete_applications(&self) {
         for app in self.applications().await {
-            let id = app["_id"].as_str().expect("an application id");
+            let id = app["_id"]["$oid"].as_str().expect("an application id");
             let url = format!("{}/api/application/{id}", self.root_url);
             let r = call("DELETE", &url, Some(&self.token), None).await;
             assert_eq!(r.status, 200, "DELETE {url}: {}", r.body);

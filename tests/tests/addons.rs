@@ -261,12 +261,12 @@ async fn service(root: &Root, app: &str, memory: u64) -> String {
         .unwrap()
         .iter()
         .find(|a| a["application_name"] == json!(app))
-        .unwrap()["_id"]
+        .unwrap()["_id"]["$oid"]
         .as_str()
         .unwrap()
         .to_owned();
     let services = root.get(&format!("/api/services/{app_id}")).await;
-    services.body[0]["_id"].as_str().unwrap().to_owned()
+    services.body[0]["_id"]["$oid"].as_str().unwrap().to_owned()
 }
 
 /// Requests one more instance of `job` and returns the cluster root placed it on, with the request's duration.

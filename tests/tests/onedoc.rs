@@ -135,7 +135,7 @@ impl Api {
             .iter()
             .find(|a| a["application_name"] == name)
             .unwrap();
-        let id = app["_id"].as_str().unwrap().to_owned();
+        let id = app["_id"]["$oid"].as_str().unwrap().to_owned();
         let services = self.get(&format!("/api/services/{id}")).await;
         let list = services
             .as_array()
@@ -144,7 +144,7 @@ impl Api {
             .map(|s| {
                 (
                     s["microservice_name"].as_str().unwrap().to_owned(),
-                    s["_id"].as_str().unwrap().to_owned(),
+                    s["_id"]["$oid"].as_str().unwrap().to_owned(),
                 )
             })
             .collect();

@@ -103,7 +103,7 @@ async fn scenario(tag: &str, dataplanes: &[&str]) {
     )
     .await;
     assert_eq!(apps.status, 200, "{}", apps.body);
-    let app_id = apps.body[0]["_id"].as_str().unwrap().to_owned();
+    let app_id = apps.body[0]["_id"]["$oid"].as_str().unwrap().to_owned();
     let services = call(
         "GET",
         &format!("{}/api/services/{app_id}", stack.root_url),
@@ -118,7 +118,7 @@ async fn scenario(tag: &str, dataplanes: &[&str]) {
             .unwrap()
             .iter()
             .find(|s| s["microservice_name"] == json!(name))
-            .unwrap()["_id"]
+            .unwrap()["_id"]["$oid"]
             .as_str()
             .unwrap()
             .to_owned()

@@ -156,7 +156,7 @@ async fn an_instance_goes_from_root_through_the_cluster_to_a_worker_and_back() {
     )
     .await;
     assert_eq!(apps.status, 200, "{}", apps.body);
-    let app = apps.body[0]["_id"].as_str().unwrap().to_owned();
+    let app = apps.body[0]["_id"]["$oid"].as_str().unwrap().to_owned();
     let services = call(
         "GET",
         &format!("{root_url}/api/services/{app}"),
@@ -164,7 +164,7 @@ async fn an_instance_goes_from_root_through_the_cluster_to_a_worker_and_back() {
         None,
     )
     .await;
-    let job = services.body[0]["_id"].as_str().unwrap().to_owned();
+    let job = services.body[0]["_id"]["$oid"].as_str().unwrap().to_owned();
     let r = call(
         "POST",
         &format!("{root_url}/api/service/{job}/instance"),

@@ -17,7 +17,10 @@ use oakestra_protocol::{
 };
 use serde_json::{Map, Value, json};
 
-use super::{ApiError, AppState, JsonBody, is_admin};
+use super::{
+    ApiError, AppState, is_admin,
+    reference::{self, UserJson},
+};
 use crate::{
     Error,
     auth::AccessClaims,
@@ -148,7 +151,7 @@ async fn apps_of(state: &AppState, owner: Option<String>) -> Result<Json<Vec<Val
         .store
         .with(move |inner| apps::applications(&inner.conn, owner.as_deref()))
         .await?;
-    Ok(Json(apps.iter().map(AppRow::to_json).collect()))
+    Ok(Json(apps.iter().map(reference::application).collect()))
 }
 
 /// `POST /api/application/`: creates every application of the SLA with its services (nothing is created when
@@ -156,7 +159,7 @@ async fn apps_of(state: &AppState, owner: Option<String>) -> Result<Json<Vec<Val
 async fn create_application(
     State(state): State<AppState>,
     claims: AccessClaims,
-    JsonBody(body): JsonBody<Value>,
+    UserJson(body): UserJson<Value>,
 ) -> Result<Json<Vec<Value>>, ApiError> {
     let Validated { value: sla, warnings } =
         sla::validate::sla_from_value(body).map_err(|e| sla_error(&e))?;
@@ -201,7 +204,9 @@ async fn get_application(
     claims: AccessClaims,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    Ok(Json(owned_app(&state, &claims, id).await?.to_json()))
+    Ok(Json(reference::application(
+        &owned_app(&state, &claims, id).await?,
+    )))
 }
 
 /// `PUT /api/application/<id>`: renames or re-describes it (validated like the SLA's fields).
@@ -209,7 +214,7 @@ async fn update_application(
     State(state): State<AppState>,
     claims: AccessClaims,
     Path(id): Path<String>,
-    JsonBody(body): JsonBody<Map<String, Value>>,
+    UserJson(body): UserJson<Map<String, Value>>,
 ) -> Result<Json<Value>, ApiError> {
     let app = owned_app(&state, &claims, id).await?;
     let field = |key: &str, current: &str| -> Result<String, ApiError> {
@@ -318,7 +323,7 @@ async fn user_applications(
 async fn create_services(
     State(state): State<AppState>,
     claims: AccessClaims,
-    JsonBody(body): JsonBody<Value>,
+    UserJson(body): UserJson<Value>,
 ) -> Result<Json<Value>, ApiError> {
     let top_app_id = body
         .get("applicationID")
@@ -370,7 +375,9 @@ async fn get_service(
     claims: AccessClaims,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    Ok(Json(owned_service(&state, &claims, id).await?.to_json()))
+    Ok(Json(reference::service(
+        &owned_service(&state, &claims, id).await?,
+    )))
 }
 
 /// `PUT /api/service/<id>`: not supported (the reference answers 501 too).
@@ -417,7 +424,7 @@ async fn all_services(
         .store
         .with(|inner| apps::services(&inner.conn, None))
         .await?;
-    Ok(Json(services.iter().map(ServiceRow::to_json).collect()))
+    Ok(Json(services.iter().map(reference::service).collect()))
 }
 
 /// `GET /api/services/<appid>`: the services of one of the caller's applications.
@@ -431,7 +438,7 @@ async fn app_services(
         .store
         .with(move |inner| apps::services_of_app(&inner.conn, &app.id))
         .await?;
-    Ok(Json(services.iter().map(ServiceRow::to_json).collect()))
+    Ok(Json(services.iter().map(reference::service).collect()))
 }
 
 /// `POST /api/service/<id>/instance`: one more instance, scheduled at once. Answers `{"message":"ok"}` like the

@@ -12,6 +12,7 @@
 //! - [`cors`]: which browser origins may call the API; preflights.
 //! - [`clusters`]: the cluster list for users, and the cluster-facing side (registration, reports, results).
 //! - [`net`]: the network endpoints clusters use.
+//! - [`reference`]: the reference's user-facing JSON shapes (`{"$oid": …}` ids, metrics as text), both id forms in.
 //! - [`users`]: users and organizations.
 //! - [`docs`]: the OpenAPI document and the docs page.
 
@@ -22,6 +23,7 @@ pub mod clusters;
 pub mod cors;
 pub mod docs;
 pub mod net;
+pub mod reference;
 pub mod users;
 
 use std::{sync::Arc, time::Duration};

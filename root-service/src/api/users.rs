@@ -21,7 +21,10 @@ use oakestra_protocol::text::Escaped;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{ApiError, AppState, JsonBody, is_admin};
+use super::{
+    ApiError, AppState, is_admin,
+    reference::{UserJson, oid},
+};
 use crate::{
     Error,
     auth::{self, AccessClaims},
@@ -189,7 +192,7 @@ fn memberships_json(memberships: &[Membership]) -> Value {
 fn user_doc(user: &UserRow, memberships: &HashMap<String, Vec<Membership>>) -> Value {
     let mine = memberships.get(&user.id).map_or(&[][..], Vec::as_slice);
     json!({
-        "_id": user.id,
+        "_id": oid(&user.id),
         "name": user.name,
         "email": user.email,
         "created_at": user.created_at,
@@ -200,7 +203,7 @@ fn user_doc(user: &UserRow, memberships: &HashMap<String, Vec<Membership>>) -> V
 /// The organization document: `{_id, name, member: [{user_id, roles}]}`.
 fn org_doc(org: &OrgRow) -> Value {
     json!({
-        "_id": org.id,
+        "_id": oid(&org.id),
         "name": org.name,
         "member": org
             .members
@@ -250,7 +253,7 @@ async fn register(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     claims: AccessClaims,
-    JsonBody(body): JsonBody<RegisterRequest>,
+    UserJson(body): UserJson<RegisterRequest>,
 ) -> Result<Json<Value>, ApiError> {
     require_admin(&claims)?;
     check_name("user", &body.name)?;
@@ -297,7 +300,7 @@ async fn register(
     let (user, roles) = created;
     tracing::info!(by = %Escaped(&claims.0.sub), user = %Escaped(&user.name), roles = ?roles, "user registered");
     Ok(Json(json!({
-        "_id": user.id,
+        "_id": oid(&user.id),
         "name": user.name,
         "email": user.email,
         "created_at": user.created_at,
@@ -371,7 +374,7 @@ async fn update_user(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     claims: AccessClaims,
     Path(username): Path<String>,
-    JsonBody(body): JsonBody<UpdateUserRequest>,
+    UserJson(body): UserJson<UpdateUserRequest>,
 ) -> Result<Json<Value>, ApiError> {
     require_admin(&claims)?;
     if let Some(email) = &body.email {
@@ -458,7 +461,7 @@ async fn change_password(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     claims: AccessClaims,
     Path(username): Path<String>,
-    JsonBody(body): JsonBody<ChangePasswordRequest>,
+    UserJson(body): UserJson<ChangePasswordRequest>,
 ) -> Result<Json<Value>, ApiError> {
     if claims.0.sub != username {
         return Err(ApiError::not_enough_permissions());
@@ -644,7 +647,7 @@ async fn get_organization(
 async fn create_organization(
     State(state): State<AppState>,
     claims: AccessClaims,
-    JsonBody(body): JsonBody<OrganizationRequest>,
+    UserJson(body): UserJson<OrganizationRequest>,
 ) -> Result<Json<Value>, ApiError> {
     require_admin(&claims)?;
     let name = body.name.ok_or_else(|| unprocessable("name is required"))?;
@@ -668,7 +671,7 @@ async fn update_organization(
     State(state): State<AppState>,
     claims: AccessClaims,
     Path(id): Path<String>,
-    JsonBody(body): JsonBody<OrganizationRequest>,
+    UserJson(body): UserJson<OrganizationRequest>,
 ) -> Result<Json<Value>, ApiError> {
     require_admin(&claims)?;
     if let Some(name) = &body.name {

@@ -95,6 +95,8 @@ pub struct InstanceRow {
     pub placed: Option<i64>,
     /// Last change (Unix ms).
     pub updated: i64,
+    /// The location of the cluster it is placed on (`""` while unplaced), as the cluster registered it.
+    pub cluster_location: String,
 }
 
 impl InstanceRow {
@@ -105,6 +107,7 @@ impl InstanceRow {
         for (k, v) in [
             ("instance_number", json!(self.number)),
             ("cluster_id", json!(self.cluster_id)),
+            ("cluster_location", json!(self.cluster_location)),
             ("status", json!(self.status)),
             ("status_detail", json!(self.status_detail)),
             ("instance_ip", json!(self.instance_ip)),
@@ -557,7 +560,8 @@ pub fn set_service_status(conn: &Connection, id: &str, status: &str, detail: &st
 
 const INSTANCE_COLUMNS: &str =
     "service_id, number, cluster_id, status, status_detail, instance_ip, instance_ip_v6,
-    tried, report, net, placed, updated";
+    tried, report, net, placed, updated,
+    COALESCE((SELECT location FROM clusters WHERE clusters.id = instances.cluster_id), '')";
 
 fn instance_from_row(r: &Row<'_>) -> rusqlite::Result<InstanceRow> {
     Ok(InstanceRow {
@@ -573,6 +577,7 @@ fn instance_from_row(r: &Row<'_>) -> rusqlite::Result<InstanceRow> {
         net: json_map(&r.get::<_, String>(9)?),
         placed: r.get(10)?,
         updated: r.get(11)?,
+        cluster_location: r.get(12)?,
     })
 }
 
@@ -651,6 +656,7 @@ pub fn new_instance(conn: &mut Connection, service_id: &str) -> Result<InstanceR
         net: Map::new(),
         placed: None,
         updated: now,
+        cluster_location: String::new(),
     })
 }
 
@@ -796,6 +802,47 @@ pub fn delete_instance(inner: &mut Inner, service_id: &str, number: i64) -> Resu
     Ok(row)
 }
 
+/// How many samples `cpu_history` and `memory_history` keep (the reference's `$slice: -100`).
+pub const HISTORY_LEN: usize = 100;
+
+/// Appends this report's `cpu_percent` and `memory_percent` to the instance's bounded `cpu_history` and
+/// `memory_history` (`{value, timestamp}` with the value as text and an ISO 8601 UTC timestamp, as the reference
+/// keeps them), carried over from the `previous` report. A history a cluster sends along is ignored: root keeps its
+/// own, so a reference cluster cannot make it grow beyond the bound.
+fn record_history(details: &mut Map<String, Value>, previous: &Map<String, Value>, now: i64) {
+    for (metric, history) in [
+        ("cpu_percent", "cpu_history"),
+        ("memory_percent", "memory_history"),
+    ] {
+        let mut samples = previous
+            .get(history)
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        if let Some(value) = details.get(metric).and_then(metric_text) {
+            samples.push(json!({
+                "value": value,
+                "timestamp": oakestra_protocol::time::iso8601_utc(now),
+            }));
+        }
+        let excess = samples.len().saturating_sub(HISTORY_LEN);
+        samples.drain(..excess);
+        details.insert(history.to_owned(), Value::Array(samples));
+    }
+}
+
+/// A metric as the reference's text: strings as they are, numbers without a needless `.0`.
+pub fn metric_text(value: &Value) -> Option<String> {
+    match value {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(match n.as_f64() {
+            Some(f) if f.fract() == 0.0 && f.abs() < 1e15 => format!("{f:.0}"),
+            _ => n.to_string(),
+        }),
+        _ => None,
+    }
+}
+
 /// What applying a cluster report found.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct ReportOutcome {
@@ -835,14 +882,18 @@ pub fn apply_report(conn: &mut Connection, cluster_id: &str, jobs: &[Value]) -> 
             let Some(number) = reported.get("instance_number").and_then(as_i64) else {
                 continue;
             };
-            let ours: Option<Option<String>> = tx
+            let ours: Option<(Option<String>, String)> = tx
                 .query_row(
-                    "SELECT cluster_id FROM instances WHERE service_id = ?1 AND number = ?2",
+                    "SELECT cluster_id, report FROM instances WHERE service_id = ?1 AND number = ?2",
                     params![job_id, number],
-                    |r| r.get(0),
+                    |r| Ok((r.get(0)?, r.get(1)?)),
                 )
                 .optional()?;
-            if ours.flatten().as_deref() != Some(cluster_id) {
+            let Some((Some(placed_on), previous)) = ours else {
+                outcome.stray_instances.push((job_id.to_owned(), number));
+                continue;
+            };
+            if placed_on != cluster_id {
                 outcome.stray_instances.push((job_id.to_owned(), number));
                 continue;
             }
@@ -862,6 +913,7 @@ pub fn apply_report(conn: &mut Connection, cluster_id: &str, jobs: &[Value]) -> 
             ] {
                 details.remove(k);
             }
+            record_history(&mut details, &json_map(&previous), now);
             if status.is_empty() {
                 tx.execute(
                     "UPDATE instances SET report = ?3, updated = ?4 WHERE service_id = ?1 AND number = ?2",
