@@ -26,9 +26,10 @@ SKIP_EBPF="${OAKESTRA_SKIP_EBPF:-0}"
 # nftables: NetManager's host rules (`nft`); iproute2: the netns testbed; iperf3, sockperf: the overlay bench;
 # nginx, curl, python3: the 1-DOC test builds the example images (scripts/images/build.sh) and runs scripts/1doc.sh;
 # busybox-static also goes into the sample addon images (scripts/images/addons.sh); python3-venv: the oak-cli test
-# installs oak-cli from PyPI into a virtualenv of its own.
+# installs oak-cli from PyPI into a virtualenv of its own; chromium, chromium-driver: the browser test drives a
+# headless Chromium through chromedriver.
 packages=(gcc libc6-dev pkg-config mosquitto docker-registry skopeo busybox-static containerd runc protobuf-compiler
-  nftables iproute2 iperf3 sockperf nginx curl python3 python3-venv)
+  nftables iproute2 iperf3 sockperf nginx curl python3 python3-venv chromium chromium-driver)
 # The eBPF build (netmanager/build.rs): LLVM 22 for bpf-linker (scripts/ebpf-toolchain.sh does the rest).
 [ "$SKIP_EBPF" = 1 ] || packages+=(llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev binutils)
 missing=()
