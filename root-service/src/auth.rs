@@ -1,22 +1,17 @@
-//! The persisted HS256 signing key, token issuing/verification, and the [`AccessClaims`] extractor guarding
-//! protected routes. (Password hashing is [`crate::hashing`].)
+//! Tokens without HTTP: the persisted HS256 signing key, issuing and verifying tokens, and the revocation check
+//! against the users' token generations. The extractors that guard routes with these live in the HTTP layer
+//! (`api::extract`); password hashing is [`crate::hashing`].
 
 use std::{
     io::Write,
     path::{Path, PathBuf},
-    sync::Arc,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use axum::{
-    extract::{FromRef, FromRequestParts},
-    http::request::Parts,
-};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
-use oakestra_protocol::text::Escaped;
 use serde::{Deserialize, Serialize};
 
-use crate::{Error, api::ApiError, store::Generations};
+use crate::{Error, store::Generations};
 
 /// Length of the HS256 key in bytes.
 pub const KEY_LEN: usize = 32;
@@ -57,6 +52,24 @@ pub struct Claims {
     /// generation is not the user's current one is revoked. Tokens from before revocation existed have none.
     #[serde(rename = "gen", default, skip_serializing_if = "Option::is_none")]
     pub generation: Option<i64>,
+}
+
+/// Why a presented token is not accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    /// The request carries no bearer token.
+    #[error("no bearer token")]
+    Missing,
+    /// A bad signature, a token outside its time window, a malformed token, or one of the other kind.
+    #[error("{0}")]
+    Invalid(String),
+    /// A well-signed token of an earlier token generation: the user's password or roles changed since it was
+    /// issued, or the user is gone.
+    #[error("the token of user {user:?} was revoked")]
+    Revoked {
+        /// The token's user name.
+        user: String,
+    },
 }
 
 /// The HS256 key, loaded from or created at `<data-dir>/jwt.key`.
@@ -152,15 +165,16 @@ impl Keys {
             .map_err(|e| Error::Token(e.to_string()))
     }
 
-    /// Verifies signature, time window and kind; returns the claims or why the token is refused.
-    pub fn verify(&self, token: &str, kind: TokenType) -> Result<Claims, String> {
+    /// Verifies signature, time window and kind; returns the claims or why the token is refused
+    /// ([`TokenError::Invalid`]).
+    pub fn verify(&self, token: &str, kind: TokenType) -> Result<Claims, TokenError> {
         let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| TokenError::Invalid(e.to_string()))?;
         if data.claims.kind != kind {
-            return Err(format!(
+            return Err(TokenError::Invalid(format!(
                 "expected a {kind:?} token, got a {:?} token",
                 data.claims.kind
-            ));
+            )));
         }
         Ok(data.claims)
     }
@@ -188,49 +202,35 @@ pub fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
-/// The bearer token of a request, if it carries one.
-pub fn bearer(parts: &Parts) -> Option<&str> {
-    bearer_in(&parts.headers)
-}
-
-/// The token of an `Authorization: Bearer <token>` header among `headers`, if any.
-pub fn bearer_in(headers: &axum::http::HeaderMap) -> Option<&str> {
-    let value = headers.get(axum::http::header::AUTHORIZATION)?.to_str().ok()?;
-    oakestra_protocol::bearer::token(value)
-}
-
 /// Whether `claims` still hold: the user exists and its token generation is the one the token was issued with.
 pub fn is_current(claims: &Claims, generations: &Generations) -> bool {
     claims.generation.is_some() && generations.get(&claims.sub) == claims.generation
 }
 
-/// A request authenticated with a valid **access** token of the user's current token generation. A missing,
-/// invalid or expired token is refused with 401 `{"message":"Missing authentication token"}`, a revoked one (the
-/// user's password or roles changed, or the user is gone) with 401 and a message saying so.
-#[derive(Debug, Clone)]
-pub struct AccessClaims(pub Claims);
+/// Whether the token holds the `Admin` role.
+pub fn is_admin(claims: &Claims) -> bool {
+    claims.roles.iter().any(|r| r == "Admin")
+}
 
-impl<S> FromRequestParts<S> for AccessClaims
-where
-    S: Send + Sync,
-    Arc<Keys>: FromRef<S>,
-    Arc<Generations>: FromRef<S>,
-{
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        let keys = Arc::<Keys>::from_ref(state);
-        let token = bearer(parts).ok_or_else(ApiError::missing_token)?;
-        let claims = keys.verify(token, TokenType::Access).map_err(|why| {
-            tracing::debug!(%why, "access token refused");
-            ApiError::missing_token()
-        })?;
-        if !is_current(&claims, &Arc::<Generations>::from_ref(state)) {
-            tracing::debug!(user = %Escaped(&claims.sub), "revoked access token refused");
-            return Err(ApiError::token_revoked());
-        }
-        Ok(AccessClaims(claims))
+/// The claims of `token` (the request's bearer token, if any) when it is a valid **access** token of the user's
+/// current token generation: what every protected route asks.
+pub fn check_access(
+    keys: &Keys,
+    generations: &Generations,
+    token: Option<&str>,
+) -> Result<Claims, TokenError> {
+    let claims = keys.verify(token.ok_or(TokenError::Missing)?, TokenType::Access)?;
+    if !is_current(&claims, generations) {
+        return Err(TokenError::Revoked { user: claims.sub });
     }
+    Ok(claims)
+}
+
+/// The claims of `token` when it is a valid **refresh** token. Its generation is not checked here: a refresh token
+/// lives for weeks and is checked rarely, so the caller compares it with the database rather than the in-memory
+/// copy of the generations.
+pub fn check_refresh(keys: &Keys, token: Option<&str>) -> Result<Claims, TokenError> {
+    keys.verify(token.ok_or(TokenError::Missing)?, TokenType::Refresh)
 }
 
 #[cfg(test)]
@@ -249,5 +249,45 @@ mod tests {
         assert_eq!(c.generation, Some(7));
         let other = Keys::from_secret(&[8; KEY_LEN]);
         assert!(other.verify(&t, TokenType::Refresh).is_err());
+    }
+
+    #[test]
+    fn access_needs_a_current_generation() {
+        let keys = Keys::from_secret(&[7; KEY_LEN]);
+        let generations = Generations::default();
+        generations.set("u", 3);
+        let issue = |generation| {
+            keys.issue(
+                TokenType::Access,
+                "u",
+                generation,
+                &[],
+                "o",
+                Duration::from_secs(60),
+            )
+            .unwrap()
+        };
+        assert_eq!(check_access(&keys, &generations, None), Err(TokenError::Missing));
+        assert!(matches!(
+            check_access(&keys, &generations, Some("not a token")),
+            Err(TokenError::Invalid(_))
+        ));
+        assert_eq!(
+            check_access(&keys, &generations, Some(&issue(3))).unwrap().sub,
+            "u"
+        );
+        assert_eq!(
+            check_access(&keys, &generations, Some(&issue(2))),
+            Err(TokenError::Revoked { user: "u".into() })
+        );
+        let refresh = keys
+            .issue(TokenType::Refresh, "u", 3, &[], "o", Duration::from_secs(60))
+            .unwrap();
+        assert!(matches!(
+            check_access(&keys, &generations, Some(&refresh)),
+            Err(TokenError::Invalid(_))
+        ));
+        assert_eq!(check_refresh(&keys, Some(&refresh)).unwrap().generation, Some(3));
+        assert_eq!(check_refresh(&keys, None), Err(TokenError::Missing));
     }
 }

@@ -4,7 +4,8 @@
 //! - [`config`]: the command-line flags (with environment fallbacks) and the validated [`Config`].
 //! - [`store`]: the embedded SQLite database (`<data-dir>/root.db`, WAL), migrations, users/organizations and the
 //!   default data (`Admin` in `root`), applications/services/instances, clusters, addresses.
-//! - [`auth`]: the persisted HS256 key (`<data-dir>/jwt.key`), token issuing and the access-token extractor.
+//! - [`auth`]: the persisted HS256 key (`<data-dir>/jwt.key`), token issuing and verification, revocation checks
+//!   (no HTTP: the extractors are in [`api::extract`]).
 //! - [`hashing`]: argon2 password hashing on a small bounded pool (threads, queue, a share per client address).
 //! - [`throttle`]: failed-login limits per client address, per user name from an address, and per user name.
 //! - [`metrics`]: the Prometheus metrics (`GET /metrics`).

@@ -18,9 +18,12 @@ use oakestra_addons::{
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{ApiError, AppState, ClusterAuth, is_admin};
+use super::{
+    ApiError, AppState,
+    extract::{ClusterAuth, bearer_in},
+};
 use crate::{
-    auth::{Keys, TokenType, bearer_in, is_current},
+    auth::{self, Keys, is_admin},
     store::Generations,
 };
 
@@ -46,24 +49,11 @@ pub struct RootGate {
 
 impl Gate for RootGate {
     fn caller(&self, headers: &HeaderMap) -> Result<Caller, (StatusCode, String)> {
-        let missing = || {
-            (
-                StatusCode::UNAUTHORIZED,
-                "Missing authentication token".to_owned(),
-            )
-        };
-        let token = bearer_in(headers).ok_or_else(missing)?;
-        let claims = self
-            .keys
-            .verify(token, TokenType::Access)
-            .map_err(|_| missing())?;
-        if !is_current(&claims, &self.generations) {
-            return Err((
-                StatusCode::UNAUTHORIZED,
-                "the token was revoked (the user's password or roles changed, or the user was deleted): log in again"
-                    .into(),
-            ));
-        }
+        // The same answers as the access-token extractor's, in the addons API's error shape.
+        let claims = auth::check_access(&self.keys, &self.generations, bearer_in(headers)).map_err(|e| {
+            let refused = ApiError::from(e);
+            (refused.status, refused.message)
+        })?;
         Ok(Caller {
             admin: is_admin(&claims),
         })

@@ -18,12 +18,13 @@ use oakestra_protocol::{
 use serde_json::{Map, Value, json};
 
 use super::{
-    ApiError, AppState, is_admin,
+    ApiError, AppState,
+    extract::AccessClaims,
     reference::{self, UserJson},
 };
 use crate::{
     Error,
-    auth::AccessClaims,
+    auth::is_admin,
     engine::interested_clusters,
     store::apps::{self, AppRow, NewApp, NewService, ServiceRow},
 };

@@ -7,19 +7,18 @@ use std::{net::SocketAddr, sync::Arc};
 
 use axum::{
     Json,
-    extract::{ConnectInfo, Request, State},
+    extract::{ConnectInfo, State},
     http::StatusCode,
     routing::{MethodRouter, get, post},
 };
 use oakestra_protocol::text::Escaped;
 use serde::{Deserialize, Serialize};
 
-use super::{ApiError, AppState, JsonBody};
-use crate::{
-    api::users::MAX_PASSWORD_LEN,
-    auth::{self, AccessClaims, TokenType},
-    store::ROOT_ORG,
+use super::{
+    ApiError, AppState, JsonBody,
+    extract::{AccessClaims, RefreshClaims},
 };
+use crate::{api::users::MAX_PASSWORD_LEN, auth::TokenType, store::ROOT_ORG};
 
 /// The routes of this module.
 pub fn routes() -> Vec<(&'static str, MethodRouter<AppState>)> {
@@ -139,13 +138,10 @@ async fn login(
     Ok(Json(LoginResponse { token, refresh_token }))
 }
 
-async fn refresh(State(state): State<AppState>, req: Request) -> Result<Json<RefreshResponse>, ApiError> {
-    let (parts, _body) = req.into_parts();
-    let token = auth::bearer(&parts).ok_or_else(ApiError::missing_token)?;
-    let claims = state.keys.verify(token, TokenType::Refresh).map_err(|why| {
-        tracing::debug!(%why, "refresh token refused");
-        ApiError::missing_token()
-    })?;
+async fn refresh(
+    State(state): State<AppState>,
+    RefreshClaims(claims): RefreshClaims,
+) -> Result<Json<RefreshResponse>, ApiError> {
     let Some(user) = state.store.user_by_name(claims.sub.clone()).await? else {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,

@@ -19,7 +19,7 @@ use oakestra_protocol::api::{
 use oakestra_protocol::text::Escaped;
 use serde_json::{Value, json};
 
-use super::{ApiError, AppState, ClusterAuth, JsonBody, checked};
+use super::{ApiError, AppState, JsonBody, checked, extract::ClusterAuth};
 use crate::{
     Error,
     store::{clusters, new_id, now_ms},
@@ -65,7 +65,7 @@ async fn register(
     headers: HeaderMap,
     JsonBody(body): JsonBody<Value>,
 ) -> Result<Json<ClusterRegistered>, ApiError> {
-    let presented = crate::auth::bearer_in(&headers);
+    let presented = super::extract::bearer_in(&headers);
     if !presented.is_some_and(|t| oakestra_protocol::bearer::same_secret(t, &state.join_token)) {
         let name = body
             .get("cluster_name")

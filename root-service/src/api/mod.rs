@@ -10,9 +10,10 @@
 //! - [`auth`]: login, refresh, whoami.
 //! - [`apps`]: applications, services, instances, logs.
 //! - [`cors`]: which browser origins may call the API; preflights.
+//! - [`extract`]: who is calling: the access- and refresh-token extractors, the cluster-secret extractor.
 //! - [`clusters`]: the cluster list for users, and the cluster-facing side (registration, reports, results).
 //! - [`net`]: the network endpoints clusters use.
-//! - [`reference`]: the reference's user-facing JSON shapes (`{"$oid": …}` ids, metrics as text), both id forms in.
+//! - [`reference`](mod@reference): the reference's user-facing JSON shapes (`{"$oid": …}` ids, metrics as text), both id forms in.
 //! - [`users`]: users and organizations.
 //! - [`docs`]: the OpenAPI document and the docs page.
 
@@ -22,6 +23,7 @@ pub mod auth;
 pub mod clusters;
 pub mod cors;
 pub mod docs;
+pub mod extract;
 pub mod net;
 pub mod reference;
 pub mod users;
@@ -30,8 +32,8 @@ use std::{sync::Arc, time::Duration};
 
 use axum::{
     Json, Router,
-    extract::{DefaultBodyLimit, FromRef, FromRequest, FromRequestParts, Request, rejection::JsonRejection},
-    http::{StatusCode, request::Parts},
+    extract::{DefaultBodyLimit, FromRef, FromRequest, Request, rejection::JsonRejection},
+    http::StatusCode,
     response::{IntoResponse, Response},
     routing::get,
 };
@@ -41,10 +43,10 @@ use serde_json::{Map, Value, json};
 
 use crate::{
     Error,
-    auth::{Claims, Keys},
+    auth::Keys,
     engine::Engine,
     hashing::{self, HashError, HashPool},
-    store::{Store, clusters::ClusterRow},
+    store::Store,
     throttle::LoginThrottle,
 };
 
@@ -201,36 +203,6 @@ impl From<HashError> for ApiError {
     }
 }
 
-/// Whether the token holds the `Admin` role.
-pub fn is_admin(claims: &Claims) -> bool {
-    claims.roles.iter().any(|r| r == "Admin")
-}
-
-/// A request from a registered cluster: `Authorization: Bearer <its secret>`; anything else is refused with 401.
-#[derive(Debug, Clone)]
-pub struct ClusterAuth(pub ClusterRow);
-
-impl FromRequestParts<AppState> for ClusterAuth {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
-        Self::from_headers(&parts.headers, state).await
-    }
-}
-
-impl ClusterAuth {
-    /// The cluster whose secret `headers` carry, or 401.
-    pub async fn from_headers(headers: &axum::http::HeaderMap, state: &AppState) -> Result<Self, ApiError> {
-        let refuse = || ApiError::new(StatusCode::UNAUTHORIZED, "missing or unknown cluster token");
-        let token = crate::auth::bearer_in(headers).ok_or_else(refuse)?.to_owned();
-        let found = state
-            .store
-            .with(move |inner| crate::store::clusters::by_token(&inner.conn, &token))
-            .await?;
-        found.map(ClusterAuth).ok_or_else(refuse)
-    }
-}
-
 impl From<TypeError> for ApiError {
     /// 422 naming the field, the value and the expected type, also as `field`, `value` and `expected`.
     fn from(e: TypeError) -> Self {
@@ -329,7 +301,7 @@ async fn metrics(
     axum::extract::State(state): axum::extract::State<AppState>,
     headers: axum::http::HeaderMap,
 ) -> Result<Response, ApiError> {
-    let presented = crate::auth::bearer_in(&headers);
+    let presented = extract::bearer_in(&headers);
     if !presented.is_some_and(|t| oakestra_protocol::bearer::same_secret(t, &state.metrics_token)) {
         return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,

@@ -25,7 +25,7 @@ use oakestra_protocol::{
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use super::{ApiError, AppState, ClusterAuth, JsonBody, checked};
+use super::{ApiError, AppState, JsonBody, checked, extract::ClusterAuth};
 use crate::{
     Error,
     store::{

@@ -22,12 +22,13 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{
-    ApiError, AppState, is_admin,
+    ApiError, AppState,
+    extract::AccessClaims,
     reference::{UserJson, oid},
 };
 use crate::{
     Error,
-    auth::{self, AccessClaims},
+    auth::{self, is_admin},
     store::{
         ADMIN_USER, ALL_ROLES, ROOT_ORG,
         users::{self, Member, Membership, NewUser, OrgRow, UserRow, UserUpdate},
