@@ -123,7 +123,7 @@ async fn metrics(State(engine): State<Arc<Engine>>, headers: HeaderMap) -> Resul
         .set(i64::try_from(connections).unwrap_or(i64::MAX));
     Ok((
         [(header::CONTENT_TYPE, oakestra_protocol::metrics::CONTENT_TYPE)],
-        m.render(),
+        m.render(engine.broker.embedded().map(|b| b.logins())),
     )
         .into_response())
 }

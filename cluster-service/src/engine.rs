@@ -124,6 +124,7 @@ impl Engine {
         mqtt_port: u16,
         mqtt_up: watch::Receiver<bool>,
         admission: Admission,
+        metrics: Arc<crate::metrics::ClusterMetrics>,
     ) -> Self {
         Self {
             state: Mutex::new(state),
@@ -139,7 +140,7 @@ impl Engine {
             connected_to_root: std::sync::atomic::AtomicBool::new(false),
             admission,
             slots: std::sync::OnceLock::new(),
-            metrics: Arc::default(),
+            metrics,
             metrics_token: std::sync::OnceLock::new(),
         }
     }

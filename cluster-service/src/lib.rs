@@ -205,11 +205,12 @@ pub async fn start(config: Config) -> Result<Running, Error> {
     let addr = listener.local_addr().map_err(Error::Serve)?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    let metrics = Arc::new(metrics::ClusterMetrics::default());
     let (publisher, messages, mqtt_up) = match broker.embedded() {
         Some(embedded) => mqtt::start_local(Arc::clone(embedded)),
         None => {
             let (host, port) = broker.client_endpoint();
-            mqtt::start(&host, port, &secret, stop_rx.clone())
+            mqtt::start(&host, port, &secret, Arc::clone(&metrics.mqtt), stop_rx.clone())
         }
     };
     let mqtt_port = config.mqtt_advertise_port.unwrap_or_else(|| broker.worker_port());
@@ -232,7 +233,7 @@ pub async fn start(config: Config) -> Result<Running, Error> {
         open: config.open_registration,
     };
     let engine = Arc::new(Engine::new(
-        state, store, publisher, broker, root, mqtt_port, mqtt_up, admission,
+        state, store, publisher, broker, root, mqtt_port, mqtt_up, admission, metrics,
     ));
 
     tokio::spawn(Arc::clone(&engine).dispatch(messages));

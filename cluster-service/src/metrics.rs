@@ -1,12 +1,13 @@
 //! cluster-service's Prometheus metrics (`GET /metrics`, bearer token `<data-dir>/metrics.token` or
 //! `--metrics-token`): workers by liveness and instances by status (counted at each scrape), placement decisions,
-//! MQTT messages in and out, the embedded broker's connections, and the process's own resource use.
+//! MQTT messages in and out, the cluster's own reconnects to an external broker, the embedded broker's connections
+//! and logins, and the process's own resource use.
 
 use std::sync::Arc;
 
 pub use oakestra_protocol::metrics::{DirectionLabel, OutcomeLabel, StateLabel, StatusLabel};
 use oakestra_protocol::metrics::{
-    ProcessMetrics,
+    MirrorCounter, MqttCounters, ProcessMetrics,
     prometheus_client::{
         metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
         registry::Registry,
@@ -30,6 +31,10 @@ pub struct ClusterMetrics {
     pub broker_connections: Gauge,
     /// Seconds from sending an instance to its worker to the first sign of it running.
     pub deploy_seconds: Histogram,
+    /// The cluster's own MQTT client (to an external broker; the embedded one is in-process and never drops).
+    pub mqtt: Arc<MqttCounters>,
+    mqtt_reconnects: MirrorCounter,
+    broker_logins: MirrorCounter,
 }
 
 impl Default for ClusterMetrics {
@@ -45,7 +50,20 @@ impl Default for ClusterMetrics {
             mqtt_messages: Family::default(),
             broker_connections: Gauge::default(),
             deploy_seconds: Histogram::new([0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0]),
+            mqtt: Arc::default(),
+            mqtt_reconnects: MirrorCounter::default(),
+            broker_logins: MirrorCounter::default(),
         };
+        me.mqtt_reconnects.register(
+            &mut registry,
+            "oakestra_cluster_mqtt_reconnects",
+            "Reconnects of the cluster's MQTT client to an external broker",
+        );
+        me.broker_logins.register(
+            &mut registry,
+            "oakestra_cluster_broker_logins",
+            "Logins the embedded broker accepted (worker connects, reconnects included)",
+        );
         registry.register(
             "oakestra_cluster_instances",
             "Instances by status",
@@ -101,9 +119,12 @@ impl ClusterMetrics {
             .inc();
     }
 
-    /// The exposition text, with the process metrics read now.
-    pub fn render(&self) -> String {
+    /// The exposition text, with the process metrics and the broker's logins (`None` with an external broker)
+    /// read now.
+    pub fn render(&self, broker_logins: Option<u64>) -> String {
         self.process.update();
+        self.mqtt_reconnects.observe(self.mqtt.reconnects());
+        self.broker_logins.observe(broker_logins.unwrap_or(0));
         oakestra_protocol::metrics::render(&self.registry)
     }
 }

@@ -107,6 +107,7 @@ pub fn start(
     host: &str,
     port: u16,
     password: &str,
+    counters: Arc<oakestra_protocol::metrics::MqttCounters>,
     mut stop: watch::Receiver<bool>,
 ) -> (Publisher, mpsc::UnboundedReceiver<Message>, watch::Receiver<bool>) {
     let mut options = MqttOptions::new(CLUSTER_USER, host, port);
@@ -129,7 +130,7 @@ pub fn start(
     let publisher = Publisher::Remote(client.clone());
     tokio::spawn(async move {
         tokio::select! {
-            () = drive(client, eventloop, tx, up_tx) => {}
+            () = drive(client, eventloop, tx, up_tx, counters) => {}
             () = stopped(&mut stop) => {}
         }
     });
@@ -142,6 +143,7 @@ async fn drive(
     mut eventloop: EventLoop,
     tx: mpsc::UnboundedSender<Message>,
     up: watch::Sender<bool>,
+    counters: Arc<oakestra_protocol::metrics::MqttCounters>,
 ) {
     let filters: Vec<SubscribeFilter> = subscriptions()
         .into_iter()
@@ -152,6 +154,7 @@ async fn drive(
         match eventloop.poll().await {
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                 tracing::info!(code = ?ack.code, "connected to the MQTT broker");
+                counters.connected();
                 pause = Duration::from_millis(200);
                 if let Err(e) = client.try_subscribe_many(filters.clone()) {
                     tracing::error!(error = %e, "cannot queue the subscriptions");

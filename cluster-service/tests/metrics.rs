@@ -70,6 +70,16 @@ async fn metrics_need_their_token_and_follow_the_cluster() {
         sample(&text, "oakestra_cluster_broker_connections").unwrap() >= 1.0,
         "{text}"
     );
+    // The worker logged in to the embedded broker; the cluster's own client is in-process and never reconnects.
+    assert!(
+        sample(&text, "oakestra_cluster_broker_logins_total").unwrap() >= 1.0,
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "oakestra_cluster_mqtt_reconnects_total"),
+        Some(0.0),
+        "{text}"
+    );
     assert_eq!(
         sample(&text, "oakestra_cluster_deploy_seconds_count"),
         Some(0.0),

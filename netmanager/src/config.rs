@@ -2,7 +2,7 @@
 //! reference writes it, the environment, and the validated [`Settings`] all three produce (flags > env > file).
 
 use std::{
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
 };
 
@@ -131,6 +131,18 @@ pub struct RunFlags {
     /// connection takes one entry; about 170 bytes of kernel memory each). Also netcfg.json's "EbpfMaxFlows".
     #[arg(long, global = true, env = "NETMANAGER_EBPF_FLOWS", value_name = "N")]
     pub ebpf_flows: Option<u32>,
+    /// Serve Prometheus metrics (`GET /metrics`: packets, bytes and drops per dataplane path, flows, MQTT,
+    /// process) on this address, e.g. 127.0.0.1:9103. Off by default; needs --metrics-token-file.
+    #[arg(long, global = true, env = "NETMANAGER_METRICS_LISTEN", value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// The file holding the bearer token `GET /metrics` asks for (at least 16 characters; keep it 0600).
+    #[arg(
+        long,
+        global = true,
+        env = "NETMANAGER_METRICS_TOKEN_FILE",
+        value_name = "PATH"
+    )]
+    pub metrics_token_file: Option<PathBuf>,
 }
 
 /// Which dataplane forwards established flows.
@@ -303,6 +315,8 @@ pub struct Settings {
     pub dataplane: DataplaneMode,
     /// Capacity of the eBPF flow map.
     pub ebpf_flows: u32,
+    /// The opt-in metrics listener and its token file.
+    pub metrics: Option<(SocketAddr, PathBuf)>,
 }
 
 fn field(field: &'static str, value: impl Into<String>, rule: &'static str) -> ConfigError {
@@ -442,6 +456,17 @@ impl Settings {
                 "must be a number in 1024..=16777216",
             ));
         }
+        let metrics = match (flags.metrics_listen, &flags.metrics_token_file) {
+            (None, _) => None,
+            (Some(addr), Some(path)) => Some((addr, path.clone())),
+            (Some(addr), None) => {
+                return Err(field(
+                    "--metrics-listen",
+                    addr.to_string(),
+                    "needs --metrics-token-file: the metrics port asks for a bearer token",
+                ));
+            }
+        };
         Ok(Self {
             socket: flags
                 .socket
@@ -468,6 +493,7 @@ impl Settings {
             debug: flags.debug || file.debug,
             dataplane,
             ebpf_flows,
+            metrics,
         })
     }
 }

@@ -283,8 +283,10 @@ impl std::fmt::Debug for Worker {
 #[derive(Default)]
 struct Tally {
     tun_rx: u64,
+    tun_rx_bytes: u64,
     tun_tx: u64,
     udp_rx: u64,
+    udp_rx_bytes: u64,
     udp_tx: u64,
     dropped: u64,
     parked: u64,
@@ -298,8 +300,10 @@ impl Tally {
             }
         };
         add(&c.tun_rx, self.tun_rx);
+        add(&c.tun_rx_bytes, self.tun_rx_bytes);
         add(&c.tun_tx, self.tun_tx);
         add(&c.udp_rx, self.udp_rx);
+        add(&c.udp_rx_bytes, self.udp_rx_bytes);
         add(&c.udp_tx, self.udp_tx);
         add(&c.dropped, self.dropped);
         add(&c.parked, self.parked);
@@ -404,6 +408,7 @@ impl Worker {
             for i in 0..n {
                 tally.tun_rx += 1;
                 let size = self.sizes[i];
+                tally.tun_rx_bytes += size as u64;
                 let Some(pkt) = self.rx[i].get_mut(self.offset..self.offset + size) else {
                     continue;
                 };
@@ -472,6 +477,7 @@ impl Worker {
             };
             for (_from, datagram) in self.recv.datagrams() {
                 tally.udp_rx += 1;
+                tally.udp_rx_bytes += datagram.len() as u64;
                 if datagram.len() <= mtu {
                     deliver(datagram, tally);
                     continue;

@@ -12,6 +12,7 @@
 //! - [`fastpath`]: the eBPF fast path (loader, maps, tc attachments); [`plumbing`]: the seam between the daemon and
 //!   every kernel change it makes.
 //! - [`netlink`], [`nft`], [`sysctl`]: host plumbing (links, addresses, routes, namespaces; nftables; sysctls).
+//! - [`metrics`]: the opt-in Prometheus endpoint (packets, bytes, drops per path, flows, MQTT, process).
 
 pub mod api;
 pub mod config;
@@ -20,6 +21,7 @@ pub mod daemon;
 pub mod dataplane;
 pub mod fastpath;
 pub mod frag;
+pub mod metrics;
 pub mod netlink;
 pub mod nft;
 pub mod packet;
@@ -30,7 +32,7 @@ pub mod sysctl;
 pub mod table;
 pub mod udp;
 
-use std::{os::unix::fs::PermissionsExt, time::Duration};
+use std::{os::unix::fs::PermissionsExt, sync::Arc, time::Duration};
 
 pub use config::{Cli, Command, Settings};
 
@@ -99,6 +101,30 @@ pub async fn run(settings: Settings, mut shutdown: tokio::sync::watch::Receiver<
                 .with_graceful_shutdown(stop(shutdown.clone()))
                 .into_future(),
         ));
+    }
+    if let Some((addr, token_file)) = &settings.metrics {
+        let token =
+            oakestra_protocol::metrics::endpoint::read_token(token_file).map_err(|e| Error::Listen {
+                what: format!("metrics on {addr}"),
+                reason: e.to_string(),
+            })?;
+        let tcp = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(listen_err(format!("metrics on {addr}")))?;
+        let metrics = Arc::new(metrics::Metrics::new());
+        let source = daemon.clone();
+        let router = oakestra_protocol::metrics::endpoint::router(token.into(), move || {
+            let (metrics, source) = (Arc::clone(&metrics), source.clone());
+            async move { metrics.render(source.traffic().await.as_ref()) }
+        });
+        tracing::info!(%addr, "serving Prometheus metrics (GET /metrics, bearer token)");
+        let limits = oakestra_protocol::server::ServerLimits::default();
+        servers.push(tokio::spawn(oakestra_protocol::server::serve(
+            tcp,
+            router,
+            limits,
+            stop(shutdown.clone()),
+        )));
     }
     tracing::info!(socket = %socket.display(), port = ?settings.api_port, "waiting for NodeEngine registration");
     let _ = shutdown.wait_for(|v| *v).await;

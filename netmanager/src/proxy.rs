@@ -126,10 +126,14 @@ impl Pending {
 pub struct Counters {
     /// Packets read from the TUN.
     pub tun_rx: AtomicU64,
+    /// Bytes of the packets read from the TUN.
+    pub tun_rx_bytes: AtomicU64,
     /// Packets written to the TUN.
     pub tun_tx: AtomicU64,
     /// Datagrams received from peers.
     pub udp_rx: AtomicU64,
+    /// Bytes of the datagrams received from peers (their payload: the inner packets).
+    pub udp_rx_bytes: AtomicU64,
     /// Datagrams sent to peers.
     pub udp_tx: AtomicU64,
     /// Packets dropped.

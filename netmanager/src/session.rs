@@ -12,7 +12,10 @@ use std::{
     time::Duration,
 };
 
-use oakestra_protocol::mqtt::net::{SubnetResult, TableQueryResult};
+use oakestra_protocol::{
+    metrics::MqttCounters,
+    mqtt::net::{SubnetResult, TableQueryResult},
+};
 use rumqttc::{AsyncClient, ConnectReturnCode, Event, MqttOptions, Packet, QoS};
 use serde::Serialize;
 use tokio::sync::mpsc;
@@ -42,6 +45,7 @@ pub struct Session {
     node_id: String,
     interests: Arc<Mutex<BTreeSet<String>>>,
     connected: Arc<AtomicBool>,
+    counters: Arc<MqttCounters>,
 }
 
 fn updates_topic(job: &str) -> String {
@@ -77,11 +81,13 @@ impl Session {
             node_id: node_id.to_owned(),
             interests: Arc::default(),
             connected: Arc::default(),
+            counters: Arc::default(),
         };
         let subnet_topic = format!("nodes/{node_id}/net/subnetwork/result");
         let table_topic = format!("nodes/{node_id}/net/tablequery/result");
         let interests = session.interests.clone();
         let connected = session.connected.clone();
+        let counters = session.counters.clone();
         let node = node_id.to_owned();
         let pump = tokio::spawn(async move {
             let mut backoff = Duration::from_millis(500);
@@ -96,6 +102,7 @@ impl Session {
                         }
                         backoff = Duration::from_millis(500);
                         connected.store(true, Ordering::Relaxed);
+                        counters.connected();
                         tracing::info!(node = %node, "connected to the cluster broker");
                         let jobs: Vec<String> = interests
                             .lock()
@@ -114,6 +121,7 @@ impl Session {
                         let _ = tx.send(Inbound::Connected);
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
+                        counters.message_in();
                         let msg = if p.topic == subnet_topic {
                             serde_json::from_slice(&p.payload).map(Inbound::Subnet)
                         } else if p.topic == table_topic {
@@ -140,6 +148,7 @@ impl Session {
                             ),
                         }
                     }
+                    Ok(Event::Outgoing(rumqttc::Outgoing::Publish(_))) => counters.message_out(),
                     Ok(_) => {}
                     Err(e) => {
                         if connected.swap(false, Ordering::Relaxed) {
@@ -154,6 +163,11 @@ impl Session {
             }
         });
         (session, rx, pump)
+    }
+
+    /// Connections and messages so far.
+    pub fn counters(&self) -> &MqttCounters {
+        &self.counters
     }
 
     /// Whether the broker connection is up.

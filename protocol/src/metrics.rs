@@ -1,12 +1,21 @@
 //! Prometheus metrics every daemon shares (feature `metrics`): the process collector (resident memory, CPU time,
-//! threads, open files, read from `/proc/self` at each scrape) and the text exposition of a registry.
+//! threads, open files, read from `/proc/self` at each scrape), the text exposition of a registry, counters that
+//! mirror totals kept elsewhere ([`Mirror`]), an MQTT client's connection and message counts ([`MqttCounters`]),
+//! and (with feature `server` too) the token-protected `/metrics` listener of the worker daemons ([`endpoint`]).
 
-use std::sync::{Mutex, PoisonError, atomic::AtomicU64};
+use std::{
+    collections::HashMap,
+    hash::Hash,
+    sync::{
+        Mutex, PoisonError,
+        atomic::{AtomicU64, Ordering},
+    },
+};
 
 pub use prometheus_client;
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
-    metrics::{counter::Counter, gauge::Gauge},
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
 
@@ -43,6 +52,138 @@ pub struct SlotLabel {
 pub struct DirectionLabel {
     /// The direction.
     pub direction: String,
+}
+
+/// A label set with a `path` and a `direction` label (a dataplane path and `egress`/`ingress`).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PathDirectionLabel {
+    /// The path.
+    pub path: String,
+    /// The direction.
+    pub direction: String,
+}
+
+/// A label set with one `path` label.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PathLabel {
+    /// The path.
+    pub path: String,
+}
+
+/// A label set with one `phase` label (an instance's phase on a worker: `deploying`, `running`).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabel {
+    /// The phase.
+    pub phase: String,
+}
+
+/// A label set with one `reason` label.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// The reason.
+    pub reason: String,
+}
+
+/// Counters whose totals are kept elsewhere (atomics on a hot path, a BPF map): [`Mirror::observe`] at scrape time
+/// adds what a total grew by since the last scrape, so the exposed series is a true counter. A total that went
+/// down (its owner restarted) counts again from there.
+#[derive(Debug)]
+pub struct Mirror<L: EncodeLabelSet + Clone + Hash + Eq + std::fmt::Debug + Send + Sync + 'static> {
+    family: Family<L, Counter>,
+    seen: Mutex<HashMap<L, u64>>,
+}
+
+impl<L: EncodeLabelSet + Clone + Hash + Eq + std::fmt::Debug + Send + Sync + 'static> Default for Mirror<L> {
+    fn default() -> Self {
+        Self {
+            family: Family::default(),
+            seen: Mutex::default(),
+        }
+    }
+}
+
+impl<L: EncodeLabelSet + Clone + Hash + Eq + std::fmt::Debug + Send + Sync + 'static> Mirror<L> {
+    /// Registers the counter family as `name` (the exposition adds `_total`).
+    pub fn register(&self, registry: &mut Registry, name: &str, help: &str) {
+        registry.register(name, help, self.family.clone());
+    }
+
+    /// Brings the series `labels` up to `total`.
+    pub fn observe(&self, labels: &L, total: u64) {
+        let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
+        let last = seen.entry(labels.clone()).or_insert(0);
+        let grew = if total >= *last { total - *last } else { total };
+        *last = total;
+        // Create the series even at 0, so a scrape shows every documented series from the start.
+        self.family.get_or_create(labels).inc_by(grew);
+    }
+}
+
+/// One unlabelled counter whose total is kept elsewhere: [`Mirror`] without labels.
+#[derive(Debug, Default)]
+pub struct MirrorCounter {
+    counter: Counter,
+    seen: Mutex<u64>,
+}
+
+impl MirrorCounter {
+    /// Registers the counter as `name` (the exposition adds `_total`).
+    pub fn register(&self, registry: &mut Registry, name: &str, help: &str) {
+        registry.register(name, help, self.counter.clone());
+    }
+
+    /// Brings the counter up to `total`.
+    pub fn observe(&self, total: u64) {
+        let mut last = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
+        let grew = if total >= *last { total - *last } else { total };
+        *last = total;
+        self.counter.inc_by(grew);
+    }
+}
+
+/// An MQTT client's connection and message counts (cheap atomics the client's event loop bumps).
+#[derive(Debug, Default)]
+pub struct MqttCounters {
+    connects: AtomicU64,
+    messages_in: AtomicU64,
+    messages_out: AtomicU64,
+}
+
+impl MqttCounters {
+    /// A successful CONNACK.
+    pub fn connected(&self) {
+        self.connects.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A PUBLISH received.
+    pub fn message_in(&self) {
+        self.messages_in.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A PUBLISH sent.
+    pub fn message_out(&self) {
+        self.messages_out.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Successful connections so far.
+    pub fn connects(&self) -> u64 {
+        self.connects.load(Ordering::Relaxed)
+    }
+
+    /// Connections after the first: how often the session had to come back.
+    pub fn reconnects(&self) -> u64 {
+        self.connects().saturating_sub(1)
+    }
+
+    /// PUBLISH packets received.
+    pub fn messages_in(&self) -> u64 {
+        self.messages_in.load(Ordering::Relaxed)
+    }
+
+    /// PUBLISH packets sent.
+    pub fn messages_out(&self) -> u64 {
+        self.messages_out.load(Ordering::Relaxed)
+    }
 }
 
 /// The value of sample `series` (its name with its labels, exactly as exposed) in an exposition `text`, if present.
@@ -151,9 +292,140 @@ pub fn render(registry: &Registry) -> String {
     out
 }
 
+/// The opt-in `/metrics` listener of the worker daemons (NodeEngine, NetManager): `GET /metrics` with
+/// `Authorization: Bearer <token>`, everything else 404, behind the shared listener's limits.
+#[cfg(feature = "server")]
+pub mod endpoint {
+    use std::{path::Path, sync::Arc};
+
+    use axum::{
+        Router,
+        http::{HeaderMap, StatusCode, header},
+        response::{IntoResponse, Response},
+        routing::get,
+    };
+
+    /// Shortest token accepted.
+    pub const MIN_TOKEN_LEN: usize = 16;
+
+    /// Why a token file cannot be used.
+    #[derive(Debug, thiserror::Error)]
+    pub enum TokenError {
+        /// The file cannot be read.
+        #[error("metrics token file {path}: {source}")]
+        Read {
+            /// The file.
+            path: String,
+            /// The error.
+            source: std::io::Error,
+        },
+        /// The file holds too short a token.
+        #[error(
+            "metrics token file {path}: the token has {len} characters, at least {MIN_TOKEN_LEN} are needed"
+        )]
+        TooShort {
+            /// The file.
+            path: String,
+            /// Its length.
+            len: usize,
+        },
+    }
+
+    /// Reads the bearer token from `path` (surrounding whitespace ignored; at least [`MIN_TOKEN_LEN`] characters).
+    pub fn read_token(path: &Path) -> Result<String, TokenError> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| TokenError::Read {
+            path: shown.clone(),
+            source,
+        })?;
+        let token = text.trim();
+        if token.len() < MIN_TOKEN_LEN {
+            return Err(TokenError::TooShort {
+                path: shown,
+                len: token.len(),
+            });
+        }
+        Ok(token.to_owned())
+    }
+
+    /// The router: `GET /metrics` answers what `render` gives to the bearer of `token`, 401 to anyone else.
+    pub fn router<F, Fut>(token: Arc<str>, render: F) -> Router
+    where
+        F: Fn() -> Fut + Clone + Send + Sync + 'static,
+        Fut: std::future::Future<Output = String> + Send + 'static,
+    {
+        let handler = move |headers: HeaderMap| {
+            let (token, render) = (Arc::clone(&token), render.clone());
+            async move {
+                let presented = headers
+                    .get(header::AUTHORIZATION)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.strip_prefix("Bearer "));
+                if !presented.is_some_and(|t| crate::bearer::same_secret(t, &token)) {
+                    return (
+                        StatusCode::UNAUTHORIZED,
+                        "GET /metrics needs Authorization: Bearer <the metrics token>\n",
+                    )
+                        .into_response();
+                }
+                let body = render().await;
+                Response::builder()
+                    .header(header::CONTENT_TYPE, super::CONTENT_TYPE)
+                    .body(axum::body::Body::from(body))
+                    .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+            }
+        };
+        Router::new()
+            .route("/metrics", get(handler))
+            .fallback(|| async { (StatusCode::NOT_FOUND, "only GET /metrics is served here\n") })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mirrors_follow_totals_and_survive_a_reset() {
+        let mut registry = Registry::default();
+        let mirror: Mirror<PathLabel> = Mirror::default();
+        mirror.register(&mut registry, "t_packets", "test");
+        let proxy = PathLabel { path: "proxy".into() };
+        mirror.observe(&proxy, 0);
+        assert_eq!(
+            sample(&render(&registry), "t_packets_total{path=\"proxy\"}"),
+            Some(0.0)
+        );
+        mirror.observe(&proxy, 10);
+        mirror.observe(&proxy, 15);
+        assert_eq!(
+            sample(&render(&registry), "t_packets_total{path=\"proxy\"}"),
+            Some(15.0)
+        );
+        // The owner restarted and counts from 0 again: the exposed counter still only grows.
+        mirror.observe(&proxy, 4);
+        assert_eq!(
+            sample(&render(&registry), "t_packets_total{path=\"proxy\"}"),
+            Some(19.0)
+        );
+    }
+
+    #[test]
+    fn mqtt_reconnects_are_connects_after_the_first() {
+        let c = MqttCounters::default();
+        assert_eq!(c.reconnects(), 0);
+        c.connected();
+        assert_eq!(c.reconnects(), 0);
+        c.connected();
+        c.connected();
+        c.message_in();
+        c.message_out();
+        c.message_out();
+        assert_eq!(
+            (c.connects(), c.reconnects(), c.messages_in(), c.messages_out()),
+            (3, 2, 1, 2)
+        );
+    }
 
     #[test]
     fn the_process_reads_itself() {

@@ -27,6 +27,7 @@ use crate::overlay::{NetManager, OverlayError};
 use crate::runtime::container::ContainerRuntime;
 use crate::runtime::unikernel::{self, UnikernelConfig, UnikernelRuntime};
 use crate::runtime::{DeployRequest, Ended, Runtime, Runtimes, TaskState};
+use crate::telemetry::Telemetry;
 
 /// The virtualization name the containerd runtime registers under (the reference's name for it).
 pub const CONTAINER_RUNTIME: &str = crate::runtime::container::NAME;
@@ -127,6 +128,14 @@ pub enum AgentError {
         /// What failed.
         reason: String,
     },
+    /// The metrics listener cannot start.
+    #[error("metrics on {addr}: {reason}")]
+    Metrics {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// What failed.
+        reason: String,
+    },
 }
 
 /// How often the NodeEngine checks that its NetManager still has every instance attached.
@@ -163,6 +172,8 @@ pub struct Agent {
     /// Set when an instance started: the next report goes out now rather than at the next tick, since the cluster
     /// marks an instance `RUNNING` when a resources report lists it.
     report_soon: tokio::sync::Notify,
+    /// What the metrics endpoint exposes.
+    telemetry: Arc<Telemetry>,
     /// Every status report, for the unit tests' eyes.
     #[cfg(test)]
     reports: Mutex<Vec<(String, i64, Status, String)>>,
@@ -291,6 +302,7 @@ impl Agent {
     async fn join(
         settings: &Settings,
         body: NodeRegistration,
+        mqtt: Arc<oakestra_protocol::metrics::MqttCounters>,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Option<(
         Identity,
@@ -328,6 +340,7 @@ impl Agent {
                         port,
                         &identity.node_id,
                         &identity.mqtt_password,
+                        mqtt,
                     );
                     return Some((identity, session, rx, pump));
                 }
@@ -360,6 +373,7 @@ impl Agent {
         tracing::info!(job = %job, instance = number, status = status.as_str(), detail, "instance status");
         #[cfg(test)]
         lock(&self.reports).push((job.to_owned(), number, status, detail.to_owned()));
+        self.telemetry.status_reported(status.as_str());
         let msg = JobStatusReport::new(job, number, status.as_str(), lock(&self.public_ip).clone())
             .with_detail(detail);
         match self.session() {
@@ -445,6 +459,7 @@ impl Agent {
                     })
                 };
                 tracing::info!(task = %task, pid, runtime = runtime.name(), elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX), "instance started");
+                self.telemetry.deploy_done(Some(started.elapsed().as_secs_f64()));
                 self.report(&job, number, Status::Created, "");
                 self.report_soon.notify_one();
                 if stop.is_some() {
@@ -454,6 +469,7 @@ impl Agent {
             }
             Err(detail) => {
                 tracing::warn!(task = %task, error = %detail, "deploy failed");
+                self.telemetry.deploy_done(None);
                 // Out of the map first: a watcher already running sees no instance and leaves the report to us.
                 let removed = lock(&self.instances).remove(&task);
                 if let Err(e) = runtime.remove(&task).await {
@@ -857,6 +873,8 @@ impl Agent {
             return;
         };
         let gpu = GpuFields::of(&sample.gpus);
+        self.telemetry
+            .node_load(sample.cpu_percent, sample.memory_percent);
         let info = NodeInformation {
             ip: Some(lock(&self.public_ip).clone()),
             cpu_percent: Some(sample.cpu_percent),
@@ -967,6 +985,45 @@ impl Agent {
         {
             tracing::debug!(path = %path.display(), "cannot write the status file");
         }
+    }
+
+    /// Starts the metrics listener on `addr` (token from `token_file`) until `shutdown`.
+    async fn serve_metrics(
+        self: &Arc<Self>,
+        addr: std::net::SocketAddr,
+        token_file: &Path,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<tokio::task::JoinHandle<std::io::Result<()>>, AgentError> {
+        let failed = |reason: String| AgentError::Metrics { addr, reason };
+        let token = oakestra_protocol::metrics::endpoint::read_token(token_file)
+            .map_err(|e| failed(e.to_string()))?;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        let me = Arc::clone(self);
+        let router = oakestra_protocol::metrics::endpoint::router(token.into(), move || {
+            let me = Arc::clone(&me);
+            async move {
+                let (deploying, running) =
+                    lock(&me.instances)
+                        .values()
+                        .fold((0, 0), |(d, r), i| match i.phase {
+                            Phase::Deploying => (d + 1, r),
+                            Phase::Running { .. } => (d, r + 1),
+                        });
+                let connected = me.session().is_some_and(|s| s.is_connected());
+                me.telemetry.render(deploying, running, connected)
+            }
+        });
+        tracing::info!(%addr, "serving Prometheus metrics (GET /metrics, bearer token)");
+        Ok(tokio::spawn(oakestra_protocol::server::serve(
+            listener,
+            router,
+            oakestra_protocol::server::ServerLimits::default(),
+            async move {
+                let _ = shutdown.wait_for(|v| *v).await;
+            },
+        )))
     }
 
     /// Stops every instance (for `--on-stop stop`), in parallel.
@@ -1155,11 +1212,17 @@ pub async fn run(settings: Settings, mut shutdown: watch::Receiver<bool>) -> Res
         disk: Mutex::new(HashMap::new()),
         sampler: Mutex::new(sampler),
         report_soon: tokio::sync::Notify::new(),
+        telemetry: Arc::new(Telemetry::new()),
         #[cfg(test)]
         reports: Mutex::new(Vec::new()),
     });
+    let metrics_server = match &settings.metrics {
+        Some((addr, token_file)) => Some(agent.serve_metrics(*addr, token_file, shutdown.clone()).await?),
+        None => None,
+    };
     let body = agent.registration(&first, &info);
-    let Some((identity, session, mut inbound, mut pump)) = Agent::join(&settings, body, &mut shutdown).await
+    let Some((identity, session, mut inbound, mut pump)) =
+        Agent::join(&settings, body, agent.telemetry.mqtt(), &mut shutdown).await
     else {
         return Ok(());
     };
@@ -1207,7 +1270,9 @@ pub async fn run(settings: Settings, mut shutdown: watch::Receiver<bool>) -> Res
                         s.disconnect().await;
                     }
                     let body = agent.registration(&lock(&agent.sampler).sample(), &info);
-                    let Some((identity, session, rx, p)) = Agent::join(&settings, body, &mut shutdown).await else {
+                    let Some((identity, session, rx, p)) =
+                        Agent::join(&settings, body, agent.telemetry.mqtt(), &mut shutdown).await
+                    else {
                         break;
                     };
                     *lock(&agent.identity) = Some(identity);
@@ -1231,6 +1296,9 @@ pub async fn run(settings: Settings, mut shutdown: watch::Receiver<bool>) -> Res
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
     pump.abort();
+    if let Some(server) = metrics_server {
+        let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
+    }
     let _ = std::fs::remove_file(settings.state_dir.join("status.json"));
     Ok(())
 }
@@ -1328,6 +1396,7 @@ mod tests {
             disk: Mutex::new(HashMap::new()),
             sampler: Mutex::new(NodeSampler::new()),
             report_soon: tokio::sync::Notify::new(),
+            telemetry: Arc::new(Telemetry::new()),
             reports: Mutex::new(Vec::new()),
         });
         (agent, containers, guests, dir)

@@ -183,6 +183,14 @@ pub struct RunFlags {
         global = true
     )]
     pub join_token: Option<String>,
+    /// Serve Prometheus metrics (`GET /metrics`: instances, deploys and their latency, MQTT messages and
+    /// reconnects, node load, process) on this address, e.g. 127.0.0.1:9102. Off by default; needs
+    /// --metrics-token-file.
+    #[arg(long, env = "OAKESTRA_METRICS_LISTEN", global = true, value_name = "ADDR")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// The file holding the bearer token `GET /metrics` asks for (at least 16 characters; keep it 0600).
+    #[arg(long, env = "OAKESTRA_METRICS_TOKEN_FILE", global = true, value_name = "PATH")]
+    pub metrics_token_file: Option<PathBuf>,
 }
 
 /// A secret that never shows in logs or `Debug` output.
@@ -254,6 +262,8 @@ pub struct Settings {
     pub join_token: Option<Secret>,
     /// The whole conf.json (sent along in the registration's `virtualization`, kept for unknown keys).
     pub conf: ConfFile,
+    /// The opt-in metrics listener and its token file.
+    pub metrics: Option<(std::net::SocketAddr, PathBuf)>,
 }
 
 fn invalid(field: &'static str, value: impl Into<String>, rule: impl Into<String>) -> SettingsError {
@@ -380,6 +390,17 @@ impl Settings {
                 "1 to 256 printable ASCII characters without spaces",
             ));
         }
+        let metrics = match (flags.metrics_listen, &flags.metrics_token_file) {
+            (None, _) => None,
+            (Some(addr), Some(path)) => Some((addr, path.clone())),
+            (Some(addr), None) => {
+                return Err(invalid(
+                    "metrics-listen",
+                    addr.to_string(),
+                    "needs --metrics-token-file: the metrics port asks for a bearer token",
+                ));
+            }
+        };
         Ok(Self {
             cluster_address,
             cluster_port,
@@ -400,6 +421,7 @@ impl Settings {
             node_name,
             join_token: join_token.map(Secret),
             conf,
+            metrics,
         })
     }
 }

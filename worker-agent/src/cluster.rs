@@ -9,6 +9,7 @@ use std::time::Duration;
 use hyper::Method;
 use oakestra_protocol::api::cluster::{NodeRegistered, NodeRegistration, REGISTER_PATH};
 use oakestra_protocol::client;
+use oakestra_protocol::metrics::MqttCounters;
 use oakestra_protocol::mqtt::topics::{Topic, TopicId};
 use oakestra_protocol::mqtt::worker::{ConnectionLost, DeleteCommand, DeployCommand};
 use rumqttc::{AsyncClient, ConnectReturnCode, Event, LastWill, MqttOptions, Packet, QoS};
@@ -185,12 +186,13 @@ pub struct Session {
 impl Session {
     /// Connects (in the background) as `<node_id>-ne` and subscribes to the node's control topics after every
     /// connect. Inbound commands arrive on the returned channel; the pump reconnects with back-off (0.5 s doubling
-    /// to 30 s) for as long as the session lives.
+    /// to 30 s) for as long as the session lives. Connections and messages are counted in `counters`.
     pub fn start(
         host: &str,
         port: u16,
         node_id: &str,
         password: &str,
+        counters: Arc<MqttCounters>,
     ) -> (
         Self,
         mpsc::UnboundedReceiver<Inbound>,
@@ -245,6 +247,7 @@ impl Session {
                         }
                         backoff = Duration::from_millis(500);
                         connected.store(true, Ordering::Relaxed);
+                        counters.connected();
                         tracing::info!(node = %node, "connected to the cluster broker");
                         for topic in [&deploy_topic, &delete_topic] {
                             if let Err(e) = client.try_subscribe(topic.clone(), QoS::AtLeastOnce) {
@@ -254,6 +257,7 @@ impl Session {
                         let _ = tx.send(Inbound::Connected);
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
+                        counters.message_in();
                         let inbound = if p.topic == deploy_topic {
                             serde_json::from_slice::<DeployCommand>(&p.payload)
                                 .map(|c| Inbound::Deploy(Box::new(c)))
@@ -278,6 +282,7 @@ impl Session {
                             ),
                         }
                     }
+                    Ok(Event::Outgoing(rumqttc::Outgoing::Publish(_))) => counters.message_out(),
                     Ok(_) => {}
                     Err(e) => {
                         if connected.swap(false, Ordering::Relaxed) {

@@ -12,6 +12,7 @@
 //! - [`spec`]: the OCI runtime spec of an instance (pure).
 //! - [`overlay`]: the NetManager calls.
 //! - [`metrics`]: node samples, system facts, per-instance cgroup stats and log tails.
+//! - [`telemetry`]: the opt-in Prometheus endpoint (instances, deploys, MQTT, node load, process).
 //! - [`commands`]: `status`, `logs`, `stop`, `version`.
 
 pub mod agent;
@@ -26,5 +27,6 @@ pub mod overlay;
 pub mod registry;
 pub mod runtime;
 pub mod spec;
+pub mod telemetry;
 
 pub use cli::{Cli, Command, Settings};

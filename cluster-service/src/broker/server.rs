@@ -65,6 +65,7 @@ pub struct Embedded {
     credentials: Credentials,
     settings: Settings,
     connections: AtomicUsize,
+    logins: std::sync::atomic::AtomicU64,
     warned_full: AtomicBool,
 }
 
@@ -76,6 +77,7 @@ impl Embedded {
             credentials,
             settings,
             connections: AtomicUsize::new(0),
+            logins: std::sync::atomic::AtomicU64::new(0),
             warned_full: AtomicBool::new(false),
         }
     }
@@ -89,6 +91,11 @@ impl Embedded {
     /// Open network connections.
     pub fn connections(&self) -> usize {
         self.connections.load(Ordering::Relaxed)
+    }
+
+    /// Accepted logins so far (every connect of a worker, reconnects included).
+    pub fn logins(&self) -> u64 {
+        self.logins.load(Ordering::Relaxed)
     }
 
     /// Who a CONNECT is, or the CONNACK return code refusing it.
@@ -269,7 +276,10 @@ async fn connection(stream: TcpStream, peer: SocketAddr, broker: &Embedded, stop
         return;
     }
     let identity = match broker.authenticate(&connect) {
-        Ok(identity) => identity,
+        Ok(identity) => {
+            broker.logins.fetch_add(1, Ordering::Relaxed);
+            identity
+        }
         Err(code) => {
             tracing::warn!(%peer, client_id = ?connect.client_id, user = ?connect.username, code,
                 "MQTT login refused");
