@@ -35,9 +35,9 @@ use crate::{
     Error,
     store::{
         Store,
-        apps::{self, InstanceRow, ServiceRow},
-        clusters::{self, ClusterRow},
-        net, now_ms,
+        apps::{DeletedInstance, DeletedService, InstanceRow, MaintenanceView, NetRecorded, ServiceRow},
+        clusters::ClusterRow,
+        now_ms,
     },
 };
 
@@ -154,7 +154,7 @@ impl Engine {
     /// The clusters as a scheduler plugin sees them (the reference resource abstractor's shape), `active_only`
     /// leaving out those that stopped reporting, `name` only the one so named.
     pub async fn resources(&self, active_only: bool, name: Option<String>) -> Result<Vec<Value>, Error> {
-        let all = self.store.with(|inner| clusters::all(&inner.conn)).await?;
+        let all = self.store.clusters().await?;
         let now = now_ms();
         Ok(all
             .iter()
@@ -193,11 +193,7 @@ impl Engine {
     /// Creates instance `n` (the next number) of `service_id` and schedules it. Returns the instance as it stands
     /// after the scheduling decision.
     pub async fn request_instance(self: &Arc<Self>, service_id: &str) -> Result<InstanceRow, Error> {
-        let id = service_id.to_owned();
-        let row = self
-            .store
-            .with(move |inner| apps::new_instance(&mut inner.conn, &id))
-            .await?;
+        let row = self.store.new_instance(service_id.to_owned()).await?;
         tracing::info!(job = %Escaped(service_id), instance = row.number, "instance requested");
         self.schedule(service_id, row.number, Vec::new()).await
     }
@@ -210,11 +206,7 @@ impl Engine {
         number: i64,
         tried: Vec<String>,
     ) -> Result<InstanceRow, Error> {
-        let id = service_id.to_owned();
-        let (service, all) = self
-            .store
-            .with(move |inner| Ok((apps::service(&inner.conn, &id)?, clusters::all(&inner.conn)?)))
-            .await?;
+        let (service, all) = self.store.service_and_clusters(service_id.to_owned()).await?;
         let Some(service) = service else {
             return Err(Error::NotFound {
                 what: "service",
@@ -234,21 +226,15 @@ impl Engine {
             self.metrics.decided(false, started.elapsed().as_secs_f64());
             let detail = format!("the root_scheduler plugin found no cluster ({})", Escaped(status));
             tracing::info!(job = %Escaped(&service.job_name), instance = number, detail = %detail, "instance not placed");
-            let sid = service_id.to_owned();
-            let tried2 = tried.clone();
             return self
                 .store
-                .with(move |inner| {
-                    apps::unplace_instance(
-                        &inner.conn,
-                        &sid,
-                        number,
-                        Status::NoActiveClusterWithCapacity.as_str(),
-                        &detail,
-                        &tried2,
-                    )?;
-                    apps::instance(&inner.conn, &sid, number)
-                })
+                .unplace_instance(
+                    service_id.to_owned(),
+                    number,
+                    Status::NoActiveClusterWithCapacity,
+                    detail,
+                    tried,
+                )
                 .await?
                 .ok_or_else(|| Error::NotFound {
                     what: "instance",
@@ -296,13 +282,11 @@ impl Engine {
         };
         self.metrics
             .decided(choice.is_ok(), started.elapsed().as_secs_f64());
-        let sid = service_id.to_owned();
         match choice {
             Ok(cluster_id) => {
-                let cid = cluster_id.clone();
                 let placed = self
                     .store
-                    .with(move |inner| apps::place_instance(inner, &sid, number, &cid, &tried))
+                    .place_instance(service_id.to_owned(), number, cluster_id.clone(), tried)
                     .await;
                 let placed = match placed {
                     Ok(row) => row,
@@ -332,12 +316,8 @@ impl Engine {
                     )
                 };
                 tracing::info!(job = %Escaped(&service.job_name), instance = number, %status, detail = %Escaped(&detail), "instance not placed");
-                let detail2 = detail.clone();
                 self.store
-                    .with(move |inner| {
-                        apps::unplace_instance(&inner.conn, &sid, number, status.as_str(), &detail2, &tried)?;
-                        apps::instance(&inner.conn, &sid, number)
-                    })
+                    .unplace_instance(service_id.to_owned(), number, status, detail, tried)
                     .await?
                     .ok_or_else(|| Error::NotFound {
                         what: "instance",
@@ -350,12 +330,7 @@ impl Engine {
     /// Sends the deploy call for instance `number` to `cluster`; a cluster that does not accept it counts as one
     /// that refused it.
     async fn deploy_to(self: Arc<Self>, cluster: ClusterRow, service_id: String, number: i64) {
-        let id = service_id.clone();
-        let service = match self
-            .store
-            .with(move |inner| apps::service(&inner.conn, &id))
-            .await
-        {
+        let service = match self.store.service(service_id.clone()).await {
             Ok(Some(s)) => s,
             Ok(None) => return,
             Err(e) => {
@@ -401,15 +376,9 @@ impl Engine {
         why: &'a str,
     ) -> Pin<Box<dyn Future<Output = Result<(), Error>> + Send + 'a>> {
         Box::pin(async move {
-            let (sid, cid) = (service_id.to_owned(), cluster_id.to_owned());
             let found = self
                 .store
-                .with(move |inner| {
-                    Ok((
-                        apps::instance(&inner.conn, &sid, number)?,
-                        clusters::by_id(&inner.conn, &cid)?,
-                    ))
-                })
+                .instance_and_cluster(service_id.to_owned(), number, cluster_id.to_owned())
                 .await?;
             let (Some(instance), cluster) = found else {
                 return Ok(());
@@ -433,18 +402,13 @@ impl Engine {
     /// Deletes instance `number`: frees its addresses and reservation, undeploys it from its cluster and tells
     /// interested clusters.
     pub async fn delete_instance(self: &Arc<Self>, service: &ServiceRow, number: i64) -> Result<(), Error> {
-        let (sid, job) = (service.id.clone(), service.job_name.clone());
-        let (row, cluster, interested) = self
+        let DeletedInstance {
+            instance: row,
+            cluster,
+            interested,
+        } = self
             .store
-            .with(move |inner| {
-                let interested = interested_clusters(&inner.conn, &job)?;
-                let row = apps::delete_instance(inner, &sid, number)?;
-                let cluster = match &row.cluster_id {
-                    Some(id) => clusters::by_id(&inner.conn, id)?,
-                    None => None,
-                };
-                Ok((row, cluster, interested))
-            })
+            .delete_instance(service.id.clone(), service.job_name.clone(), number)
             .await?;
         self.reservations().release(&key(&service.id, number));
         if let Some(cluster) = cluster {
@@ -456,7 +420,7 @@ impl Engine {
     }
 
     /// Undeploys every instance of services that were just deleted from the store and tells interested clusters.
-    pub async fn services_deleted(self: &Arc<Self>, services: Vec<(ServiceRow, Vec<ClusterRow>)>) {
+    pub async fn services_deleted(self: &Arc<Self>, services: Vec<DeletedService>) {
         for (service, interested) in services {
             let mut on: Vec<String> = service
                 .instances
@@ -468,16 +432,7 @@ impl Engine {
             for instance in &service.instances {
                 self.reservations().release(&key(&service.id, instance.number));
             }
-            let ids = on.clone();
-            let clusters = self
-                .store
-                .with(move |inner| {
-                    ids.iter()
-                        .filter_map(|id| clusters::by_id(&inner.conn, id).transpose())
-                        .collect::<Result<Vec<_>, _>>()
-                })
-                .await
-                .unwrap_or_default();
+            let clusters = self.store.clusters_by_ids(on).await.unwrap_or_default();
             for cluster in clusters {
                 spawn_undeploy(cluster, service.id.clone(), -1);
             }
@@ -501,13 +456,9 @@ impl Engine {
         };
         // The address a cluster registered with never changes through a report.
         aggregate.remove("ip");
-        let id = cluster.id.clone();
         let outcome = self
             .store
-            .with(move |inner| {
-                clusters::record_report(&inner.conn, &id, &aggregate)?;
-                apps::apply_report(&mut inner.conn, &id, &jobs)
-            })
+            .apply_report(cluster.id.clone(), aggregate, jobs)
             .await?;
         {
             let mut reservations = self.reservations();
@@ -540,12 +491,11 @@ impl Engine {
                 ),
             });
         };
-        let (sid, cid) = (job.to_owned(), cluster.id.clone());
         let instance = self
             .store
-            .with(move |inner| apps::instance(&inner.conn, &sid, number))
+            .instance(job.to_owned(), number)
             .await?
-            .filter(|i| i.cluster_id.as_deref() == Some(cid.as_str()))
+            .filter(|i| i.cluster_id.as_deref() == Some(cluster.id.as_str()))
             .ok_or_else(|| Error::NotFound {
                 what: "instance on this cluster",
                 id: key(job, number),
@@ -562,11 +512,8 @@ impl Engine {
             .as_deref()
             .map(|w| format!("worker {w}"))
             .unwrap_or_default();
-        let sid = instance.service_id.clone();
         self.store
-            .with(move |inner| {
-                apps::set_instance_status(&inner.conn, &sid, number, Status::NodeScheduled.as_str(), &detail)
-            })
+            .set_instance_status(instance.service_id, number, Status::NodeScheduled, detail)
             .await
     }
 
@@ -575,25 +522,13 @@ impl Engine {
     pub async fn tick(self: &Arc<Self>) -> Result<(), Error> {
         let now = now_ms();
         self.reservations().expire(u64::try_from(now).unwrap_or(0));
-        let window = self.liveness_ms;
-        let (lost, waiting) = self
-            .store
-            .with(move |inner| {
-                let mut lost = Vec::new();
-                for cluster in clusters::all(&inner.conn)? {
-                    if cluster.is_active(now, window) {
-                        continue;
-                    }
-                    for instance in apps::instances_on_cluster(&inner.conn, &cluster.id)? {
-                        let terminal = instance.status.parse::<Status>().is_ok_and(Status::is_terminal);
-                        if !terminal {
-                            lost.push((cluster.id.clone(), instance));
-                        }
-                    }
-                }
-                Ok((lost, apps::unplaced_instances(&inner.conn)?))
-            })
-            .await?;
+        let MaintenanceView {
+            on_silent_clusters,
+            unplaced: waiting,
+        } = self.store.maintenance_view(now, self.liveness_ms).await?;
+        let lost = on_silent_clusters
+            .into_iter()
+            .filter(|(_, instance)| !instance.status.parse::<Status>().is_ok_and(Status::is_terminal));
         for (cluster_id, instance) in lost {
             tracing::warn!(job = %Escaped(&instance.service_id), instance = instance.number, cluster = %Escaped(&cluster_id), "cluster stopped reporting; rescheduling the instance");
             self.reservations()
@@ -636,22 +571,13 @@ impl Engine {
         job_id: &str,
         instances: Vec<(i64, Map<String, Value>)>,
     ) -> Result<(), Error> {
-        let id = job_id.to_owned();
-        let (service, interested, changed) = self
+        let NetRecorded {
+            service,
+            interested,
+            changed,
+        } = self
             .store
-            .with(move |inner| {
-                let Some(service) = apps::service(&inner.conn, &id)? else {
-                    return Err(Error::NotFound { what: "job", id });
-                };
-                let mut changed = Vec::new();
-                for (number, fields) in &instances {
-                    if apps::set_instance_net(&inner.conn, &id, *number, fields)? {
-                        changed.push(*number);
-                    }
-                }
-                let interested = interested_clusters(&inner.conn, &service.job_name)?;
-                Ok((service, interested, changed))
-            })
+            .record_instance_net(job_id.to_owned(), instances)
             .await?;
         for number in changed {
             notify(
@@ -663,14 +589,6 @@ impl Engine {
         }
         Ok(())
     }
-}
-
-/// The clusters interested in `job_name`.
-pub fn interested_clusters(conn: &rusqlite::Connection, job_name: &str) -> Result<Vec<ClusterRow>, Error> {
-    net::interested(conn, job_name)?
-        .iter()
-        .filter_map(|id| clusters::by_id(conn, id).transpose())
-        .collect()
 }
 
 /// One call to a cluster's manager with retries; `Ok` on a 2xx answer.

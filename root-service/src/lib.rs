@@ -105,6 +105,12 @@ pub enum Error {
         /// What clashes with what.
         message: String,
     },
+    /// Members named in an organization request are no user's.
+    #[error("unknown user ids in member: {}", ids.join(", "))]
+    UnknownUsers {
+        /// The ids that name no user.
+        ids: Vec<String>,
+    },
     /// The request is malformed in a way the body parser could not see.
     #[error("{message}")]
     BadRequest {

@@ -25,8 +25,7 @@ use super::{
 use crate::{
     Error,
     auth::is_admin,
-    engine::interested_clusters,
-    store::apps::{self, AppRow, NewApp, NewService, ServiceRow},
+    store::apps::{AppRow, NewApp, NewService, ServiceRow},
 };
 
 /// The routes of this module.
@@ -115,13 +114,7 @@ fn app_input(app: &Application) -> NewApp {
 
 /// The application `id` if the caller may see it (owner or Admin), else 404.
 async fn owned_app(state: &AppState, claims: &AccessClaims, id: String) -> Result<AppRow, ApiError> {
-    let app = state
-        .store
-        .with({
-            let id = id.clone();
-            move |inner| apps::application(&inner.conn, &id)
-        })
-        .await?;
+    let app = state.store.application(id.clone()).await?;
     match app {
         Some(app) if app.owner == claims.0.sub || is_admin(&claims.0) => Ok(app),
         _ => Err(Error::NotFound {
@@ -134,13 +127,7 @@ async fn owned_app(state: &AppState, claims: &AccessClaims, id: String) -> Resul
 
 /// The service `id` if the caller may see it (owner or Admin), else 404.
 async fn owned_service(state: &AppState, claims: &AccessClaims, id: String) -> Result<ServiceRow, ApiError> {
-    let service = state
-        .store
-        .with({
-            let id = id.clone();
-            move |inner| apps::service(&inner.conn, &id)
-        })
-        .await?;
+    let service = state.store.service(id.clone()).await?;
     match service {
         Some(s) if s.owner == claims.0.sub || is_admin(&claims.0) => Ok(s),
         _ => Err(Error::NotFound { what: "service", id }.into()),
@@ -148,10 +135,7 @@ async fn owned_service(state: &AppState, claims: &AccessClaims, id: String) -> R
 }
 
 async fn apps_of(state: &AppState, owner: Option<String>) -> Result<Json<Vec<Value>>, ApiError> {
-    let apps = state
-        .store
-        .with(move |inner| apps::applications(&inner.conn, owner.as_deref()))
-        .await?;
+    let apps = state.store.applications(owner).await?;
     Ok(Json(apps.iter().map(reference::application).collect()))
 }
 
@@ -175,10 +159,14 @@ async fn create_application(
             .map(|ms| new_service(&app.application_name, &app.application_namespace, ms))
             .collect::<Result<Vec<_>, _>>()?;
         let input = app_input(app);
-        let (owner, org) = (claims.0.sub.clone(), claims.0.organization.clone());
         let result = state
             .store
-            .with(move |inner| apps::create_application(inner, &owner, &org, &input, &services))
+            .create_application(
+                claims.0.sub.clone(),
+                claims.0.organization.clone(),
+                input,
+                services,
+            )
             .await;
         match result {
             Ok((id, _)) => {
@@ -188,10 +176,7 @@ async fn create_application(
             Err(e) => {
                 // All or nothing: take back the applications of this request created so far.
                 for id in created {
-                    let _ = state
-                        .store
-                        .with(move |inner| apps::delete_application(inner, &id))
-                        .await;
+                    let _ = state.store.delete_application(id).await;
                 }
                 return Err(e.into());
             }
@@ -250,10 +235,9 @@ async fn update_application(
             "application_name and application_namespace cannot change while the application has services",
         ));
     }
-    let id = app.id.clone();
     state
         .store
-        .with(move |inner| apps::update_application(&inner.conn, &id, &name, &namespace, &description))
+        .update_application(app.id.clone(), name, namespace, description)
         .await?;
     Ok(Json(json!({"message": "Application is updated"})))
 }
@@ -265,18 +249,7 @@ async fn delete_application(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let app = owned_app(&state, &claims, id).await?;
-    let id = app.id.clone();
-    let deleted = state
-        .store
-        .with(move |inner| {
-            let mut interested = Vec::new();
-            for service in apps::services_of_app(&inner.conn, &id)? {
-                interested.push(interested_clusters(&inner.conn, &service.job_name)?);
-            }
-            let services = apps::delete_application(inner, &id)?;
-            Ok(services.into_iter().zip(interested).collect::<Vec<_>>())
-        })
-        .await?;
+    let deleted = state.store.delete_application(app.id.clone()).await?;
     state.engine.services_deleted(deleted).await;
     tracing::info!(user = %Escaped(&claims.0.sub), app = %app.id, "application deleted");
     Ok(Json(json!({"message": "Application Deleted"})))
@@ -358,11 +331,7 @@ async fn create_services(
         .iter()
         .map(|m| m.microservice_name.clone())
         .collect();
-    let id = app.id.clone();
-    let ids = state
-        .store
-        .with(move |inner| apps::add_services(inner, &id, &services))
-        .await?;
+    let ids = state.store.add_services(app.id.clone(), services).await?;
     Ok(Json(json!({
         "job_id": ids.last(),
         "job_ids": ids,
@@ -401,13 +370,9 @@ async fn delete_service(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let service = owned_service(&state, &claims, id).await?;
-    let (id, job) = (service.id.clone(), service.job_name.clone());
     let deleted = state
         .store
-        .with(move |inner| {
-            let interested = interested_clusters(&inner.conn, &job)?;
-            Ok((apps::delete_service(inner, &id)?, interested))
-        })
+        .delete_service(service.id.clone(), service.job_name.clone())
         .await?;
     state.engine.services_deleted(vec![deleted]).await;
     Ok(Json(json!({"message": "Job deleted"})))
@@ -421,10 +386,7 @@ async fn all_services(
     if !is_admin(&claims.0) {
         return Err(ApiError::not_enough_permissions());
     }
-    let services = state
-        .store
-        .with(|inner| apps::services(&inner.conn, None))
-        .await?;
+    let services = state.store.all_services().await?;
     Ok(Json(services.iter().map(reference::service).collect()))
 }
 
@@ -435,10 +397,7 @@ async fn app_services(
     Path(app_id): Path<String>,
 ) -> Result<Json<Vec<Value>>, ApiError> {
     let app = owned_app(&state, &claims, app_id).await?;
-    let services = state
-        .store
-        .with(move |inner| apps::services_of_app(&inner.conn, &app.id))
-        .await?;
+    let services = state.store.services_of_app(app.id).await?;
     Ok(Json(services.iter().map(reference::service).collect()))
 }
 

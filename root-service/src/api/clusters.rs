@@ -22,7 +22,7 @@ use serde_json::{Value, json};
 use super::{ApiError, AppState, JsonBody, checked, extract::ClusterAuth};
 use crate::{
     Error,
-    store::{clusters, new_id, now_ms},
+    store::{clusters::NewCluster, new_id, now_ms},
 };
 
 /// The routes of this module.
@@ -37,7 +37,7 @@ pub fn routes() -> Vec<(&'static str, MethodRouter<AppState>)> {
 }
 
 async fn list(state: &AppState, only_active: bool) -> Result<Json<Vec<Value>>, ApiError> {
-    let all = state.store.with(|inner| clusters::all(&inner.conn)).await?;
+    let all = state.store.clusters().await?;
     let now = now_ms();
     let window = state.engine.liveness_ms();
     Ok(Json(
@@ -111,19 +111,15 @@ async fn register(
         None => peer.ip().to_canonical().to_string(),
     };
     let token = new_id()? + &new_id()?;
-    let secret = token.clone();
     let row = state
         .store
-        .with(move |inner| {
-            clusters::register(
-                &inner.conn,
-                &body.cluster_name,
-                &body.cluster_location,
-                &address,
-                body.manager_port,
-                body.network_component_port,
-                &secret,
-            )
+        .register_cluster(NewCluster {
+            name: body.cluster_name,
+            location: body.cluster_location,
+            address,
+            manager_port: body.manager_port,
+            network_port: body.network_component_port,
+            token: token.clone(),
         })
         .await?;
     tracing::info!(cluster = %Escaped(&row.name), id = %row.id, address = %Escaped(&row.address), "cluster registered");

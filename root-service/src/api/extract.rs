@@ -110,10 +110,7 @@ impl ClusterAuth {
     pub async fn from_headers(headers: &HeaderMap, state: &AppState) -> Result<Self, ApiError> {
         let refuse = || ApiError::new(StatusCode::UNAUTHORIZED, "missing or unknown cluster token");
         let token = bearer_in(headers).ok_or_else(refuse)?.to_owned();
-        let found = state
-            .store
-            .with(move |inner| crate::store::clusters::by_token(&inner.conn, &token))
-            .await?;
+        let found = state.store.cluster_by_token(token).await?;
         found.map(ClusterAuth).ok_or_else(refuse)
     }
 }

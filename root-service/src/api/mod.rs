@@ -174,6 +174,8 @@ impl From<Error> for ApiError {
             Error::NotFound { .. } => Self::new(StatusCode::NOT_FOUND, e.to_string()),
             Error::Conflict { message } => Self::new(StatusCode::CONFLICT, message.clone()),
             Error::BadRequest { message } => Self::new(StatusCode::BAD_REQUEST, message.clone()),
+            Error::UnknownUsers { ids } => Self::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string())
+                .with("unknown_user_ids", json!(ids)),
             Error::Address(AddrError::Exhausted { .. }) => {
                 tracing::error!(error = %e, "address pool exhausted");
                 Self::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
@@ -309,15 +311,7 @@ async fn metrics(
         ));
     }
     let window = state.engine.liveness_ms();
-    let (by_status, clusters) = state
-        .store
-        .with(|inner| {
-            Ok((
-                crate::store::apps::count_by_status(&inner.conn)?,
-                crate::store::clusters::all(&inner.conn)?,
-            ))
-        })
-        .await?;
+    let (by_status, clusters) = state.store.instance_counts_and_clusters().await?;
     let now = crate::store::now_ms();
     let active = clusters.iter().filter(|c| c.is_active(now, window)).count();
     let m = state.engine.metrics();

@@ -26,13 +26,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use super::{ApiError, AppState, JsonBody, checked, extract::ClusterAuth};
-use crate::{
-    Error,
-    store::{
-        apps::{self, ServiceRow},
-        net,
-    },
-};
+use crate::store::{apps::ServiceRow, net::JobLookup};
 
 /// The routes of this module.
 pub fn routes() -> Vec<(&'static str, MethodRouter<AppState>)> {
@@ -72,11 +66,7 @@ async fn subnet(
     if let Some(w) = &worker {
         checked_worker(w)?;
     }
-    let id = cluster.id.clone();
-    let (v4, v6) = state
-        .store
-        .with(move |inner| net::subnet_for(&mut inner.conn, &mut inner.pools, &id, worker.as_deref()))
-        .await?;
+    let (v4, v6) = state.store.worker_subnet(cluster.id.clone(), worker).await?;
     tracing::info!(cluster = %Escaped(&cluster.name), subnet = %v4, subnet_v6 = %v6, "worker subnet handed out");
     Ok(Json(SubnetAllocation {
         subnet_addr: v4,
@@ -98,11 +88,9 @@ async fn release_subnet(
         ));
     };
     checked_worker(&worker)?;
-    let id = cluster.id.clone();
-    let w = worker.clone();
     let released = state
         .store
-        .with(move |inner| net::release_subnets(&mut inner.conn, &mut inner.pools, &id, &w))
+        .release_worker_subnets(cluster.id.clone(), worker.clone())
         .await?;
     tracing::info!(cluster = %Escaped(&cluster.name), worker = %Escaped(&worker), released, "worker subnet released");
     Ok(Json(json!({"message": "ok", "released": released})))
@@ -159,19 +147,10 @@ fn net_job(service: &ServiceRow) -> NetJob {
 async fn resolve(
     state: &AppState,
     cluster_id: String,
-    lookup: impl FnOnce(&rusqlite::Connection) -> Result<Option<ServiceRow>, Error> + Send + 'static,
+    lookup: JobLookup,
     what: String,
 ) -> Result<Json<NetJob>, ApiError> {
-    let found = state
-        .store
-        .with(move |inner| {
-            let service = lookup(&inner.conn)?;
-            if let Some(s) = &service {
-                net::add_interest(&inner.conn, &s.job_name, &cluster_id)?;
-            }
-            Ok(service)
-        })
-        .await?;
+    let found = state.store.job_for_cluster(lookup, cluster_id).await?;
     match found {
         Some(service) => Ok(Json(net_job(&service))),
         None => Err(ApiError::new(StatusCode::NOT_FOUND, format!("no job {what}"))),
@@ -184,11 +163,10 @@ async fn job_by_name(
     Path(job): Path<String>,
 ) -> Result<Json<NetJob>, ApiError> {
     let name = unescape_path_segment(&job);
-    let key = name.clone();
     resolve(
         &state,
         cluster.id,
-        move |conn| apps::service_by_job_name(conn, &key),
+        JobLookup::Name(name.clone()),
         format!("named {name:?}"),
     )
     .await
@@ -209,10 +187,7 @@ async fn job_by_ip(
     resolve(
         &state,
         cluster.id,
-        move |conn| match net::owner_of_ip(conn, addr)? {
-            Some((service_id, _)) => apps::service(conn, &service_id),
-            None => Ok(None),
-        },
+        JobLookup::Address(addr),
         format!("with address {addr}"),
     )
     .await
@@ -224,10 +199,9 @@ async fn drop_interest(
     Path(job): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let name = unescape_path_segment(&job);
-    let (key, id) = (name.clone(), cluster.id.clone());
     let removed = state
         .store
-        .with(move |inner| net::remove_interest(&inner.conn, &key, &id))
+        .remove_interest(name.clone(), cluster.id.clone())
         .await?;
     if removed {
         Ok(Json(json!({"message": "ok"})))

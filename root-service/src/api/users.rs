@@ -4,7 +4,7 @@
 //! Answers are plain JSON and never carry a password hash. User and organization names are 1–64 characters of
 //! `[A-Za-z0-9_.-]`, passwords 1–1024 bytes, roles one of [`ALL_ROLES`]; anything else is a 422 naming it.
 //! The default data stays usable: user `Admin` cannot be deleted nor lose the `Admin` role in `root`, and `root`
-//! cannot be deleted or renamed.
+//! cannot be deleted or renamed (the checks that read rows run in the store, in the same step as the change).
 
 use std::{
     collections::{HashMap, HashSet},
@@ -30,8 +30,10 @@ use crate::{
     Error,
     auth::{self, is_admin},
     store::{
-        ADMIN_USER, ALL_ROLES, ROOT_ORG,
-        users::{self, Member, Membership, NewUser, OrgRow, UserRow, UserUpdate},
+        ADMIN_USER, ALL_ROLES,
+        users::{
+            Member, Membership, NewUser, OrgRef, OrgRow, PasswordSwap, UserListing, UserRow, UserUpdate,
+        },
     },
 };
 
@@ -73,10 +75,6 @@ pub fn routes() -> Vec<(&'static str, MethodRouter<AppState>)> {
         ),
     ]
 }
-
-/// What a store closure returns when it also checks policy: the outer error is the database's, the inner one the
-/// request's.
-type Checked<T> = Result<Result<T, ApiError>, Error>;
 
 fn unprocessable(message: impl Into<String>) -> ApiError {
     ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, message)
@@ -214,11 +212,13 @@ fn org_doc(org: &OrgRow) -> Value {
     })
 }
 
-/// The documents of every user, or of the members of `org`.
-fn user_docs(conn: &rusqlite::Connection, org: Option<&str>) -> Result<Vec<Value>, Error> {
-    let list = users::users(conn, org)?;
-    let memberships = users::memberships(conn, None)?;
-    Ok(list.iter().map(|u| user_doc(u, &memberships)).collect())
+/// The documents of the listed users.
+fn user_docs(listing: &UserListing) -> Vec<Value> {
+    listing
+        .users
+        .iter()
+        .map(|u| user_doc(u, &listing.memberships))
+        .collect()
 }
 
 fn unix_secs_text() -> String {
@@ -279,26 +279,14 @@ async fn register(
         email,
         created_at,
     };
-    let (org_name, caller_org) = (body.organization, claims.0.organization.clone());
-    let created = state
+    let organization = match body.organization {
+        Some(name) => OrgRef::Name(name),
+        None => OrgRef::Id(claims.0.organization.clone()),
+    };
+    let user = state
         .store
-        .with(move |inner| -> Checked<(UserRow, Vec<String>)> {
-            let org_id = match &org_name {
-                Some(name) => users::organization_id(&inner.conn, name)?,
-                None => users::organization(&inner.conn, &caller_org)?.map(|o| o.id),
-            };
-            let Some(org_id) = org_id else {
-                let shown = org_name.unwrap_or(caller_org);
-                return Ok(Err(ApiError::new(
-                    StatusCode::NOT_FOUND,
-                    format!("organization {shown:?} not found"),
-                )));
-            };
-            let row = users::create_user(&mut inner.conn, &inner.generations, &user, &org_id, &roles)?;
-            Ok(Ok((row, roles)))
-        })
-        .await??;
-    let (user, roles) = created;
+        .register_user(user, organization, roles.clone())
+        .await?;
     tracing::info!(by = %Escaped(&claims.0.sub), user = %Escaped(&user.name), roles = ?roles, "user registered");
     Ok(Json(json!({
         "_id": oid(&user.id),
@@ -316,18 +304,9 @@ async fn permission(
     Path(username): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     require_self_or_admin(&claims, &username)?;
-    let org = claims.0.organization.clone();
     let roles = state
         .store
-        .with(move |inner| {
-            let Some(user) = users::user(&inner.conn, &username)? else {
-                return Err(Error::NotFound {
-                    what: "user",
-                    id: username,
-                });
-            };
-            users::roles_in(&inner.conn, &user.id, &org)
-        })
+        .user_roles_in(username, claims.0.organization.clone())
         .await?;
     Ok(Json(json!({ "roles": roles.unwrap_or_default() })))
 }
@@ -339,20 +318,8 @@ async fn get_user(
     Path(username): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     require_self_or_admin(&claims, &username)?;
-    let doc = state
-        .store
-        .with(move |inner| {
-            let Some(user) = users::user(&inner.conn, &username)? else {
-                return Err(Error::NotFound {
-                    what: "user",
-                    id: username,
-                });
-            };
-            let memberships = users::memberships(&inner.conn, Some(&user.id))?;
-            Ok(user_doc(&user, &memberships))
-        })
-        .await?;
-    Ok(Json(doc))
+    let (user, memberships) = state.store.user_with_memberships(username).await?;
+    Ok(Json(user_doc(&user, &memberships)))
 }
 
 /// Body of `PUT /api/user/{username}`.
@@ -395,27 +362,7 @@ async fn update_user(
         password_hash,
         roles: roles.map(|r| (org.clone(), r)),
     };
-    let name = username.clone();
-    state
-        .store
-        .with(move |inner| -> Checked<()> {
-            if let Some((org_id, roles)) = &update.roles {
-                let Some(org) = users::organization(&inner.conn, org_id)? else {
-                    return Ok(Err(ApiError::new(
-                        StatusCode::NOT_FOUND,
-                        format!("organization {org_id:?} not found"),
-                    )));
-                };
-                if name == ADMIN_USER && org.name == ROOT_ORG && !roles.iter().any(|r| r == "Admin") {
-                    return Ok(Err(conflict(format!(
-                        "user {ADMIN_USER} must keep the Admin role in organization {ROOT_ORG}"
-                    ))));
-                }
-            }
-            users::update_user(&mut inner.conn, &inner.generations, &name, &update)?;
-            Ok(Ok(()))
-        })
-        .await??;
+    state.store.update_user(username.clone(), update).await?;
     tracing::info!(by = %Escaped(&claims.0.sub), user = %Escaped(&username), "user updated");
     Ok(Json(json!({ "message": "ok" })))
 }
@@ -433,16 +380,9 @@ async fn delete_user(
     if username == claims.0.sub {
         return Err(conflict("you cannot delete yourself"));
     }
-    let name = username.clone();
-    let remaining = state
-        .store
-        .with(move |inner| {
-            users::delete_user(&inner.conn, &inner.generations, &name)?;
-            user_docs(&inner.conn, None)
-        })
-        .await?;
+    let remaining = state.store.delete_user(username.clone()).await?;
     tracing::info!(by = %Escaped(&claims.0.sub), user = %Escaped(&username), "user deleted");
-    Ok(Json(remaining))
+    Ok(Json(user_docs(&remaining)))
 }
 
 /// Body of `POST /api/user/{username}`.
@@ -472,10 +412,9 @@ async fn change_password(
         return Err(bad("the new password must differ from the old one"));
     }
     check_password("newPassword", &body.new_password)?;
-    let name = username.clone();
     let old_hash = state
         .store
-        .with(move |inner| users::password_hash(&inner.conn, &name))
+        .password_hash(username.clone())
         .await?
         .ok_or_else(|| Error::NotFound {
             what: "user",
@@ -489,26 +428,19 @@ async fn change_password(
         return Err(bad("the old password is wrong"));
     }
     let new_hash = hash(&state, peer, body.new_password).await?;
-    let name = username.clone();
     let outcome = state
         .store
-        .with(move |inner| -> Result<Option<bool>, Error> {
-            if users::replace_password_hash(&mut inner.conn, &inner.generations, &name, &old_hash, &new_hash)?
-            {
-                return Ok(Some(true));
-            }
-            Ok(users::user_id(&inner.conn, &name)?.map(|_| false))
-        })
+        .replace_password_hash(username.clone(), old_hash, new_hash)
         .await?;
     match outcome {
-        Some(true) => {
+        PasswordSwap::Replaced => {
             tracing::info!(user = %Escaped(&username), "password changed");
             Ok(Json(json!({})))
         }
-        Some(false) => Err(conflict(
+        PasswordSwap::ChangedMeanwhile => Err(conflict(
             "the password was changed by another request meanwhile; try again",
         )),
-        None => Err(Error::NotFound {
+        PasswordSwap::NoSuchUser => Err(Error::NotFound {
             what: "user",
             id: username,
         }
@@ -532,8 +464,8 @@ async fn all_users(
     claims: AccessClaims,
 ) -> Result<Json<Vec<Value>>, ApiError> {
     require_admin(&claims)?;
-    let docs = state.store.with(|inner| user_docs(&inner.conn, None)).await?;
-    Ok(Json(docs))
+    let listing = state.store.user_listing(None).await?;
+    Ok(Json(user_docs(&listing)))
 }
 
 /// `GET /api/users/{organization_id}` (Admin): the members of an organization.
@@ -543,19 +475,8 @@ async fn organization_users(
     Path(org_id): Path<String>,
 ) -> Result<Json<Vec<Value>>, ApiError> {
     require_admin(&claims)?;
-    let docs = state
-        .store
-        .with(move |inner| {
-            if users::organization(&inner.conn, &org_id)?.is_none() {
-                return Err(Error::NotFound {
-                    what: "organization",
-                    id: org_id,
-                });
-            }
-            user_docs(&inner.conn, Some(&org_id))
-        })
-        .await?;
-    Ok(Json(docs))
+    let listing = state.store.user_listing(Some(org_id)).await?;
+    Ok(Json(user_docs(&listing)))
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -602,26 +523,13 @@ fn check_members(members: Vec<MemberRequest>) -> Result<Vec<Member>, ApiError> {
         .collect()
 }
 
-/// 422 naming the member ids that are no user's.
-fn unknown_members(conn: &rusqlite::Connection, members: &[Member]) -> Result<Option<ApiError>, Error> {
-    let ids: Vec<&str> = members.iter().map(|m| m.user_id.as_str()).collect();
-    let missing = users::missing_users(conn, &ids)?;
-    Ok((!missing.is_empty()).then(|| {
-        unprocessable(format!("unknown user ids in member: {}", missing.join(", ")))
-            .with("unknown_user_ids", json!(missing))
-    }))
-}
-
 /// `GET /api/organization/` (Admin): every organization.
 async fn all_organizations(
     State(state): State<AppState>,
     claims: AccessClaims,
 ) -> Result<Json<Vec<Value>>, ApiError> {
     require_admin(&claims)?;
-    let orgs = state
-        .store
-        .with(|inner| users::organizations(&inner.conn))
-        .await?;
+    let orgs = state.store.organizations().await?;
     Ok(Json(orgs.iter().map(org_doc).collect()))
 }
 
@@ -634,13 +542,12 @@ async fn get_organization(
     require_admin(&claims)?;
     let org = state
         .store
-        .with(move |inner| {
-            users::organization(&inner.conn, &id)?.ok_or(Error::NotFound {
-                what: "organization",
-                id,
-            })
-        })
-        .await?;
+        .organization(id.clone())
+        .await?
+        .ok_or(Error::NotFound {
+            what: "organization",
+            id,
+        })?;
     Ok(Json(org_doc(&org)))
 }
 
@@ -654,15 +561,7 @@ async fn create_organization(
     let name = body.name.ok_or_else(|| unprocessable("name is required"))?;
     check_name("organization", &name)?;
     let members = check_members(body.member.unwrap_or_default())?;
-    let org = state
-        .store
-        .with(move |inner| -> Checked<OrgRow> {
-            if let Some(e) = unknown_members(&inner.conn, &members)? {
-                return Ok(Err(e));
-            }
-            Ok(Ok(users::create_organization(&mut inner.conn, &name, &members)?))
-        })
-        .await??;
+    let org = state.store.create_organization(name, members).await?;
     tracing::info!(by = %Escaped(&claims.0.sub), organization = %Escaped(&org.name), id = %org.id, "organization created");
     Ok(Json(org_doc(&org)))
 }
@@ -679,48 +578,7 @@ async fn update_organization(
         check_name("organization", name)?;
     }
     let members = body.member.map(check_members).transpose()?;
-    let name = body.name;
-    let org = state
-        .store
-        .with(move |inner| -> Checked<OrgRow> {
-            let Some(current) = users::organization(&inner.conn, &id)? else {
-                return Err(Error::NotFound {
-                    what: "organization",
-                    id,
-                });
-            };
-            if current.name == ROOT_ORG {
-                if name.as_deref().is_some_and(|n| n != ROOT_ORG) {
-                    return Ok(Err(conflict(format!(
-                        "organization {ROOT_ORG} cannot be renamed"
-                    ))));
-                }
-                if let Some(members) = &members {
-                    let admin_id = users::user_id(&inner.conn, ADMIN_USER)?;
-                    let keeps_admin = members.iter().any(|m| {
-                        Some(&m.user_id) == admin_id.as_ref() && m.roles.iter().any(|r| r == "Admin")
-                    });
-                    if admin_id.is_some() && !keeps_admin {
-                        return Ok(Err(conflict(format!(
-                            "organization {ROOT_ORG} must keep user {ADMIN_USER} with the Admin role"
-                        ))));
-                    }
-                }
-            }
-            if let Some(members) = &members
-                && let Some(e) = unknown_members(&inner.conn, members)?
-            {
-                return Ok(Err(e));
-            }
-            Ok(Ok(users::update_organization(
-                &mut inner.conn,
-                &inner.generations,
-                &id,
-                name.as_deref(),
-                members.as_deref(),
-            )?))
-        })
-        .await??;
+    let org = state.store.update_organization(id, body.name, members).await?;
     tracing::info!(by = %Escaped(&claims.0.sub), organization = %Escaped(&org.name), id = %org.id, "organization updated");
     Ok(Json(org_doc(&org)))
 }
@@ -732,25 +590,7 @@ async fn delete_organization(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     require_admin(&claims)?;
-    let org_id = id.clone();
-    state
-        .store
-        .with(move |inner| -> Checked<()> {
-            let Some(org) = users::organization(&inner.conn, &org_id)? else {
-                return Err(Error::NotFound {
-                    what: "organization",
-                    id: org_id,
-                });
-            };
-            if org.name == ROOT_ORG {
-                return Ok(Err(conflict(format!(
-                    "organization {ROOT_ORG} cannot be deleted"
-                ))));
-            }
-            users::delete_organization(&mut inner.conn, &inner.generations, &org_id)?;
-            Ok(Ok(()))
-        })
-        .await??;
+    state.store.delete_organization(id.clone()).await?;
     tracing::info!(by = %Escaped(&claims.0.sub), organization = %Escaped(&id), "organization deleted");
     Ok(Json(json!({ "message": "ok" })))
 }

@@ -1,13 +1,15 @@
 //! Applications, services (Oakestra "jobs") and their instances: rows, the JSON documents the API shows, and the
-//! atomic updates (instance numbers, placement, reports, cascading deletes with address release).
+//! atomic updates (instance numbers, placement, reports, cascading deletes with address release). The [`Store`]
+//! methods at the end are what handlers and the engine call, each one step under the store's lock.
 
 use oakestra_protocol::status::Status;
 use rusqlite::{Connection, OptionalExtension, Row, Transaction, params};
 use serde_json::{Map, Value, json};
 
 use super::{
-    Inner,
-    net::{self, Owner, PoolKind, Taken},
+    Inner, Store,
+    clusters::{self, ClusterRow},
+    net::{self, Owner, PoolKind, Taken, interested_clusters},
     new_id, now_ms,
 };
 use crate::Error;
@@ -990,4 +992,302 @@ pub fn count_by_status(conn: &Connection) -> Result<Vec<(String, i64)>, Error> {
         .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?
         .collect::<rusqlite::Result<Vec<_>>>()?;
     Ok(rows)
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The store's methods over applications, services and instances
+// ---------------------------------------------------------------------------------------------------------------
+
+/// A deleted service as it was, with the clusters that were interested in it (read before the delete dropped their
+/// interests), so they can be told.
+pub type DeletedService = (ServiceRow, Vec<ClusterRow>);
+
+/// A deleted instance as it was, the cluster it was placed on (if it still exists) and the clusters interested in
+/// its service.
+#[derive(Debug, Clone)]
+pub struct DeletedInstance {
+    /// The instance as it was.
+    pub instance: InstanceRow,
+    /// Its cluster, to undeploy it there.
+    pub cluster: Option<ClusterRow>,
+    /// The clusters to tell.
+    pub interested: Vec<ClusterRow>,
+}
+
+/// What a maintenance round looks at.
+#[derive(Debug, Clone, Default)]
+pub struct MaintenanceView {
+    /// Every instance on a cluster that stopped reporting, with that cluster's id (terminal ones included).
+    pub on_silent_clusters: Vec<(String, InstanceRow)>,
+    /// Every instance waiting for a cluster (see [`unplaced_instances`]).
+    pub unplaced: Vec<InstanceRow>,
+}
+
+/// A cluster's network report recorded for a job's instances.
+#[derive(Debug, Clone)]
+pub struct NetRecorded {
+    /// The job.
+    pub service: ServiceRow,
+    /// The clusters interested in it.
+    pub interested: Vec<ClusterRow>,
+    /// The instances whose network fields were recorded (the others do not exist).
+    pub changed: Vec<i64>,
+}
+
+impl Store {
+    /// The application `id`.
+    pub async fn application(&self, id: String) -> Result<Option<AppRow>, Error> {
+        self.with(move |inner| application(&inner.conn, &id)).await
+    }
+
+    /// The applications of `owner`, or all of them.
+    pub async fn applications(&self, owner: Option<String>) -> Result<Vec<AppRow>, Error> {
+        self.with(move |inner| applications(&inner.conn, owner.as_deref()))
+            .await
+    }
+
+    /// Creates an application with its services (see [`create_application`]); its id and its services' ids.
+    pub async fn create_application(
+        &self,
+        owner: String,
+        organization: String,
+        app: NewApp,
+        services: Vec<NewService>,
+    ) -> Result<(String, Vec<String>), Error> {
+        self.with(move |inner| create_application(inner, &owner, &organization, &app, &services))
+            .await
+    }
+
+    /// Changes an application's name, namespace or description (see [`update_application`]).
+    pub async fn update_application(
+        &self,
+        id: String,
+        name: String,
+        namespace: String,
+        description: String,
+    ) -> Result<(), Error> {
+        self.with(move |inner| update_application(&inner.conn, &id, &name, &namespace, &description))
+            .await
+    }
+
+    /// Deletes an application with its services, instances and addresses; the services as they were.
+    pub async fn delete_application(&self, id: String) -> Result<Vec<DeletedService>, Error> {
+        self.with(move |inner| {
+            let mut interested = Vec::new();
+            for service in services_of_app(&inner.conn, &id)? {
+                interested.push(interested_clusters(&inner.conn, &service.job_name)?);
+            }
+            let services = delete_application(inner, &id)?;
+            Ok(services.into_iter().zip(interested).collect())
+        })
+        .await
+    }
+
+    /// The service `id`.
+    pub async fn service(&self, id: String) -> Result<Option<ServiceRow>, Error> {
+        self.with(move |inner| service(&inner.conn, &id)).await
+    }
+
+    /// Every service.
+    pub async fn all_services(&self) -> Result<Vec<ServiceRow>, Error> {
+        self.with(|inner| services(&inner.conn, None)).await
+    }
+
+    /// The services of application `app_id`.
+    pub async fn services_of_app(&self, app_id: String) -> Result<Vec<ServiceRow>, Error> {
+        self.with(move |inner| services_of_app(&inner.conn, &app_id))
+            .await
+    }
+
+    /// Adds services to application `app_id` (all or nothing); their ids.
+    pub async fn add_services(
+        &self,
+        app_id: String,
+        services: Vec<NewService>,
+    ) -> Result<Vec<String>, Error> {
+        self.with(move |inner| add_services(inner, &app_id, &services))
+            .await
+    }
+
+    /// Deletes service `id` (the job `job_name`) with its instances and addresses.
+    pub async fn delete_service(&self, id: String, job_name: String) -> Result<DeletedService, Error> {
+        self.with(move |inner| {
+            let interested = interested_clusters(&inner.conn, &job_name)?;
+            Ok((delete_service(inner, &id)?, interested))
+        })
+        .await
+    }
+
+    /// Creates the next instance of `service_id` (see [`new_instance`]).
+    pub async fn new_instance(&self, service_id: String) -> Result<InstanceRow, Error> {
+        self.with(move |inner| new_instance(&mut inner.conn, &service_id))
+            .await
+    }
+
+    /// Instance `number` of `service_id`.
+    pub async fn instance(&self, service_id: String, number: i64) -> Result<Option<InstanceRow>, Error> {
+        self.with(move |inner| instance(&inner.conn, &service_id, number))
+            .await
+    }
+
+    /// Instance `number` of `service_id` and the cluster `cluster_id`, read together.
+    pub async fn instance_and_cluster(
+        &self,
+        service_id: String,
+        number: i64,
+        cluster_id: String,
+    ) -> Result<(Option<InstanceRow>, Option<ClusterRow>), Error> {
+        self.with(move |inner| {
+            Ok((
+                instance(&inner.conn, &service_id, number)?,
+                clusters::by_id(&inner.conn, &cluster_id)?,
+            ))
+        })
+        .await
+    }
+
+    /// The service `service_id` and every cluster, read together (what placing one of its instances needs).
+    pub async fn service_and_clusters(
+        &self,
+        service_id: String,
+    ) -> Result<(Option<ServiceRow>, Vec<ClusterRow>), Error> {
+        self.with(move |inner| Ok((service(&inner.conn, &service_id)?, clusters::all(&inner.conn)?)))
+            .await
+    }
+
+    /// Places instance `number` on `cluster_id` (see [`place_instance`]).
+    pub async fn place_instance(
+        &self,
+        service_id: String,
+        number: i64,
+        cluster_id: String,
+        tried: Vec<String>,
+    ) -> Result<InstanceRow, Error> {
+        self.with(move |inner| place_instance(inner, &service_id, number, &cluster_id, &tried))
+            .await
+    }
+
+    /// Takes instance `number` off its cluster with `status` (see [`unplace_instance`]); the instance afterwards.
+    pub async fn unplace_instance(
+        &self,
+        service_id: String,
+        number: i64,
+        status: Status,
+        detail: String,
+        tried: Vec<String>,
+    ) -> Result<Option<InstanceRow>, Error> {
+        self.with(move |inner| {
+            unplace_instance(&inner.conn, &service_id, number, status.as_str(), &detail, &tried)?;
+            instance(&inner.conn, &service_id, number)
+        })
+        .await
+    }
+
+    /// Sets an instance's status (and the job's).
+    pub async fn set_instance_status(
+        &self,
+        service_id: String,
+        number: i64,
+        status: Status,
+        detail: String,
+    ) -> Result<(), Error> {
+        self.with(move |inner| {
+            set_instance_status(&inner.conn, &service_id, number, status.as_str(), &detail)
+        })
+        .await
+    }
+
+    /// Deletes instance `number` of `service_id` (the job `job_name`) and frees its addresses.
+    pub async fn delete_instance(
+        &self,
+        service_id: String,
+        job_name: String,
+        number: i64,
+    ) -> Result<DeletedInstance, Error> {
+        self.with(move |inner| {
+            let interested = interested_clusters(&inner.conn, &job_name)?;
+            let instance = delete_instance(inner, &service_id, number)?;
+            let cluster = match &instance.cluster_id {
+                Some(id) => clusters::by_id(&inner.conn, id)?,
+                None => None,
+            };
+            Ok(DeletedInstance {
+                instance,
+                cluster,
+                interested,
+            })
+        })
+        .await
+    }
+
+    /// Records cluster `cluster_id`'s report: its aggregate (see [`clusters::record_report`]) and its `jobs` (see
+    /// [`apply_report`]), in one step.
+    pub async fn apply_report(
+        &self,
+        cluster_id: String,
+        aggregate: Map<String, Value>,
+        jobs: Vec<Value>,
+    ) -> Result<ReportOutcome, Error> {
+        self.with(move |inner| {
+            clusters::record_report(&inner.conn, &cluster_id, &aggregate)?;
+            apply_report(&mut inner.conn, &cluster_id, &jobs)
+        })
+        .await
+    }
+
+    /// The instances on clusters not active at `now` (no report within `window_ms`) and the unplaced ones.
+    pub async fn maintenance_view(&self, now: i64, window_ms: i64) -> Result<MaintenanceView, Error> {
+        self.with(move |inner| {
+            let mut on_silent_clusters = Vec::new();
+            for cluster in clusters::all(&inner.conn)? {
+                if cluster.is_active(now, window_ms) {
+                    continue;
+                }
+                for instance in instances_on_cluster(&inner.conn, &cluster.id)? {
+                    on_silent_clusters.push((cluster.id.clone(), instance));
+                }
+            }
+            Ok(MaintenanceView {
+                on_silent_clusters,
+                unplaced: unplaced_instances(&inner.conn)?,
+            })
+        })
+        .await
+    }
+
+    /// Merges a cluster's network report into the instances of job `service_id` ([`Error::NotFound`] for an
+    /// unknown job).
+    pub async fn record_instance_net(
+        &self,
+        service_id: String,
+        instances: Vec<(i64, Map<String, Value>)>,
+    ) -> Result<NetRecorded, Error> {
+        self.with(move |inner| {
+            let Some(service) = service(&inner.conn, &service_id)? else {
+                return Err(Error::NotFound {
+                    what: "job",
+                    id: service_id,
+                });
+            };
+            let mut changed = Vec::new();
+            for (number, fields) in &instances {
+                if set_instance_net(&inner.conn, &service_id, *number, fields)? {
+                    changed.push(*number);
+                }
+            }
+            let interested = interested_clusters(&inner.conn, &service.job_name)?;
+            Ok(NetRecorded {
+                service,
+                interested,
+                changed,
+            })
+        })
+        .await
+    }
+
+    /// How many instances are in each status, and every cluster (what the metrics show), read together.
+    pub async fn instance_counts_and_clusters(&self) -> Result<(Vec<(String, i64)>, Vec<ClusterRow>), Error> {
+        self.with(|inner| Ok((count_by_status(&inner.conn)?, clusters::all(&inner.conn)?)))
+            .await
+    }
 }

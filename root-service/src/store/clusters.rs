@@ -1,10 +1,11 @@
 //! Registered clusters: registration (upsert by name, so a name keeps its id), per-cluster secrets, the last
-//! report's aggregate and the CPU/memory history, and liveness by report freshness.
+//! report's aggregate and the CPU/memory history, and liveness by report freshness. The [`Store`] methods at the
+//! end are what handlers and the engine call.
 
 use rusqlite::{Connection, OptionalExtension, Row, params};
 use serde_json::{Map, Value, json};
 
-use super::{new_id, now_ms};
+use super::{Store, new_id, now_ms};
 use crate::Error;
 
 /// How many history points are kept per cluster (as the reference).
@@ -210,6 +211,65 @@ pub fn record_report(conn: &Connection, id: &str, aggregate: &Map<String, Value>
         ],
     )?;
     Ok(true)
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The store's methods over clusters
+// ---------------------------------------------------------------------------------------------------------------
+
+/// A cluster registering (or registering again under its name).
+#[derive(Debug, Clone)]
+pub struct NewCluster {
+    /// Unique name.
+    pub name: String,
+    /// Free text or `LAT,LON,RADIUS_M`.
+    pub location: String,
+    /// Where root reaches it.
+    pub address: String,
+    /// Cluster manager port.
+    pub manager_port: u16,
+    /// Network component port.
+    pub network_port: u16,
+    /// Its new per-cluster secret.
+    pub token: String,
+}
+
+impl Store {
+    /// Every cluster, by name.
+    pub async fn clusters(&self) -> Result<Vec<ClusterRow>, Error> {
+        self.with(|inner| all(&inner.conn)).await
+    }
+
+    /// The clusters with these ids (unknown ids are left out).
+    pub async fn clusters_by_ids(&self, ids: Vec<String>) -> Result<Vec<ClusterRow>, Error> {
+        self.with(move |inner| {
+            ids.iter()
+                .filter_map(|id| by_id(&inner.conn, id).transpose())
+                .collect()
+        })
+        .await
+    }
+
+    /// The cluster holding `token`.
+    pub async fn cluster_by_token(&self, token: String) -> Result<Option<ClusterRow>, Error> {
+        self.with(move |inner| by_token(&inner.conn, &token)).await
+    }
+
+    /// Registers a cluster (see [`register`]).
+    pub async fn register_cluster(&self, cluster: NewCluster) -> Result<ClusterRow, Error> {
+        self.with(move |inner| {
+            register(
+                &inner.conn,
+                &cluster.name,
+                &cluster.location,
+                &cluster.address,
+                cluster.manager_port,
+                cluster.network_port,
+                &cluster.token,
+            )
+        })
+        .await
+    }
 }
 
 #[cfg(test)]

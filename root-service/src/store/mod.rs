@@ -6,6 +6,9 @@
 //! together, so an allocation and the row recording it commit (or roll back) as one step, and read-modify-write
 //! sequences such as taking the next instance number are atomic.
 //!
+//! Handlers and the engine call the named [`Store`] methods (each submodule ends with those over its tables): the
+//! method that takes the lock and hands out the connection is private to this module, so no SQL runs elsewhere.
+//!
 //! - [`apps`]: applications, services (jobs) and instances.
 //! - [`clusters`]: registered clusters and their reports.
 //! - [`net`]: service/instance addresses, worker subnets, interests.
@@ -236,8 +239,9 @@ impl Store {
         &self.path
     }
 
-    /// Runs `f` with the connection and pools on the blocking pool, holding the store's lock.
-    pub async fn with<T, F>(&self, f: F) -> Result<T, Error>
+    /// Runs `f` with the connection and pools on the blocking pool, holding the store's lock. Private to the store:
+    /// everything outside calls the named methods, so no SQL runs outside this module.
+    async fn with<T, F>(&self, f: F) -> Result<T, Error>
     where
         T: Send + 'static,
         F: FnOnce(&mut Inner) -> Result<T, Error> + Send + 'static,

@@ -14,6 +14,11 @@ use oakestra_protocol::addr::{
 };
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
+use super::{
+    Store,
+    apps::{self, ServiceRow},
+    clusters::{self, ClusterRow},
+};
 use crate::Error;
 
 /// Which pool an `addresses` row belongs to.
@@ -387,6 +392,14 @@ pub fn interested(conn: &Connection, job_name: &str) -> Result<Vec<String>, Erro
     Ok(rows.collect::<Result<Vec<String>, _>>()?)
 }
 
+/// The clusters interested in `job_name`.
+pub fn interested_clusters(conn: &Connection, job_name: &str) -> Result<Vec<ClusterRow>, Error> {
+    interested(conn, job_name)?
+        .iter()
+        .filter_map(|id| clusters::by_id(conn, id).transpose())
+        .collect()
+}
+
 /// The service owning `ip` (as its round-robin or instance address), with the instance number for instance
 /// addresses. Any spelling of an IPv6 address matches.
 pub fn owner_of_ip(conn: &Connection, ip: IpAddr) -> Result<Option<(String, Option<i64>)>, Error> {
@@ -397,4 +410,63 @@ pub fn owner_of_ip(conn: &Connection, ip: IpAddr) -> Result<Option<(String, Opti
             |r| Ok((r.get::<_, String>(0)?, r.get::<_, Option<i64>>(1)?)),
         )
         .optional()?)
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The store's methods over addresses and interests
+// ---------------------------------------------------------------------------------------------------------------
+
+/// How a cluster names the job it asks about.
+#[derive(Debug, Clone)]
+pub enum JobLookup {
+    /// By job name.
+    Name(String),
+    /// By one of its service or instance addresses.
+    Address(IpAddr),
+}
+
+impl Store {
+    /// The worker subnet pair of `(cluster_id, worker)` (see [`subnet_for`]).
+    pub async fn worker_subnet(
+        &self,
+        cluster_id: String,
+        worker: Option<String>,
+    ) -> Result<(String, String), Error> {
+        self.with(move |inner| subnet_for(&mut inner.conn, &mut inner.pools, &cluster_id, worker.as_deref()))
+            .await
+    }
+
+    /// Gives `worker`'s subnet pair back to the pools (see [`release_subnets`]); how many subnets were freed.
+    pub async fn release_worker_subnets(&self, cluster_id: String, worker: String) -> Result<usize, Error> {
+        self.with(move |inner| release_subnets(&mut inner.conn, &mut inner.pools, &cluster_id, &worker))
+            .await
+    }
+
+    /// The job `lookup` names, recording `cluster_id`'s interest in it in the same step.
+    pub async fn job_for_cluster(
+        &self,
+        lookup: JobLookup,
+        cluster_id: String,
+    ) -> Result<Option<ServiceRow>, Error> {
+        self.with(move |inner| {
+            let service = match lookup {
+                JobLookup::Name(name) => apps::service_by_job_name(&inner.conn, &name)?,
+                JobLookup::Address(ip) => match owner_of_ip(&inner.conn, ip)? {
+                    Some((service_id, _)) => apps::service(&inner.conn, &service_id)?,
+                    None => None,
+                },
+            };
+            if let Some(s) = &service {
+                add_interest(&inner.conn, &s.job_name, &cluster_id)?;
+            }
+            Ok(service)
+        })
+        .await
+    }
+
+    /// Drops `cluster_id`'s interest in `job_name`; whether there was one.
+    pub async fn remove_interest(&self, job_name: String, cluster_id: String) -> Result<bool, Error> {
+        self.with(move |inner| remove_interest(&inner.conn, &job_name, &cluster_id))
+            .await
+    }
 }

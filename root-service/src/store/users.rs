@@ -2,8 +2,11 @@
 //!
 //! Users are global; roles live in the `memberships` rows, which the database deletes with their user or
 //! organization. Nothing here returns a password hash except [`password_hash`], which the password change needs.
-//! Policy (who may do what, which names and roles are valid, what `root` must keep) is the API's; these functions
-//! only refuse what the schema would (an unknown row: [`Error::NotFound`], a taken name: [`Error::Conflict`]).
+//! Policy (who may do what, which names and roles are valid) is the API's; the functions only refuse what the
+//! schema would (an unknown row: [`Error::NotFound`], a taken name: [`Error::Conflict`]). The [`Store`] methods at
+//! the end are what handlers call: each is one step under the store's lock, and they also keep the default data
+//! usable (organization [`ROOT_ORG`] keeps its name and user [`ADMIN_USER`] with the `Admin` role), because that
+//! check must see the same rows the change then writes.
 //!
 //! The functions that change a password or roles, or delete a user, also revoke the user's tokens (a new token
 //! generation, see [`super::tokens`]) in the same transaction and record it in the [`Generations`] they are given.
@@ -13,7 +16,7 @@ use std::collections::{BTreeSet, HashMap};
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{
-    new_id,
+    ADMIN_USER, ROOT_ORG, Store, new_id,
     tokens::{self, Generations},
 };
 use crate::Error;
@@ -505,6 +508,259 @@ pub fn delete_organization(conn: &mut Connection, gens: &Generations, id: &str) 
             record(gens, &revoked);
             Ok(())
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The store's methods over users and organizations
+// ---------------------------------------------------------------------------------------------------------------
+
+/// Which organization a new user joins.
+#[derive(Debug, Clone)]
+pub enum OrgRef {
+    /// The organization with this name.
+    Name(String),
+    /// The organization with this id (the caller's, from its token).
+    Id(String),
+}
+
+/// Users with every membership of every user (what the user documents are built from).
+#[derive(Debug, Clone, Default)]
+pub struct UserListing {
+    /// The users, in name order.
+    pub users: Vec<UserRow>,
+    /// Every user's memberships, by user id.
+    pub memberships: HashMap<String, Vec<Membership>>,
+}
+
+/// How a password change that expected a given current hash ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PasswordSwap {
+    /// The hash was the expected one and is replaced.
+    Replaced,
+    /// Another request changed the password since the old one was checked.
+    ChangedMeanwhile,
+    /// The user is gone.
+    NoSuchUser,
+}
+
+fn listing(conn: &Connection, org: Option<&str>) -> Result<UserListing, Error> {
+    Ok(UserListing {
+        users: users(conn, org)?,
+        memberships: memberships(conn, None)?,
+    })
+}
+
+/// [`Error::UnknownUsers`] naming the member ids that are no user's.
+fn require_known_members(conn: &Connection, members: &[Member]) -> Result<(), Error> {
+    let ids: Vec<&str> = members.iter().map(|m| m.user_id.as_str()).collect();
+    let missing = missing_users(conn, &ids)?;
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::UnknownUsers { ids: missing })
+    }
+}
+
+fn organization_not_found(id: String) -> Error {
+    Error::NotFound {
+        what: "organization",
+        id,
+    }
+}
+
+fn user_not_found(name: String) -> Error {
+    Error::NotFound {
+        what: "user",
+        id: name,
+    }
+}
+
+impl Store {
+    /// Creates `user` as a member of organization `org` with `roles`; [`Error::NotFound`] naming the organization as
+    /// given when it does not exist.
+    pub async fn register_user(
+        &self,
+        user: NewUser,
+        org: OrgRef,
+        roles: Vec<String>,
+    ) -> Result<UserRow, Error> {
+        self.with(move |inner| {
+            let (org_id, shown) = match org {
+                OrgRef::Name(name) => (organization_id(&inner.conn, &name)?, name),
+                OrgRef::Id(id) => (organization(&inner.conn, &id)?.map(|o| o.id), id),
+            };
+            let org_id = org_id.ok_or_else(|| organization_not_found(shown))?;
+            create_user(&mut inner.conn, &inner.generations, &user, &org_id, &roles)
+        })
+        .await
+    }
+
+    /// The roles of user `name` in organization `org_id` (`None`: not a member); [`Error::NotFound`] for an
+    /// unknown user.
+    pub async fn user_roles_in(&self, name: String, org_id: String) -> Result<Option<Vec<String>>, Error> {
+        self.with(move |inner| {
+            let user = user(&inner.conn, &name)?.ok_or_else(|| user_not_found(name))?;
+            roles_in(&inner.conn, &user.id, &org_id)
+        })
+        .await
+    }
+
+    /// User `name` with its memberships; [`Error::NotFound`] for an unknown user.
+    pub async fn user_with_memberships(
+        &self,
+        name: String,
+    ) -> Result<(UserRow, HashMap<String, Vec<Membership>>), Error> {
+        self.with(move |inner| {
+            let user = user(&inner.conn, &name)?.ok_or_else(|| user_not_found(name))?;
+            let memberships = memberships(&inner.conn, Some(&user.id))?;
+            Ok((user, memberships))
+        })
+        .await
+    }
+
+    /// Applies `update` to user `name`. New roles need an existing organization ([`Error::NotFound`]) and may not
+    /// take the `Admin` role in [`ROOT_ORG`] from [`ADMIN_USER`] ([`Error::Conflict`]).
+    pub async fn update_user(&self, name: String, update: UserUpdate) -> Result<(), Error> {
+        self.with(move |inner| {
+            if let Some((org_id, roles)) = &update.roles {
+                let org = organization(&inner.conn, org_id)?
+                    .ok_or_else(|| organization_not_found(org_id.clone()))?;
+                if name == ADMIN_USER && org.name == ROOT_ORG && !roles.iter().any(|r| r == "Admin") {
+                    return Err(Error::Conflict {
+                        message: format!(
+                            "user {ADMIN_USER} must keep the Admin role in organization {ROOT_ORG}"
+                        ),
+                    });
+                }
+            }
+            update_user(&mut inner.conn, &inner.generations, &name, &update)
+        })
+        .await
+    }
+
+    /// Deletes user `name`; answers the users that remain.
+    pub async fn delete_user(&self, name: String) -> Result<UserListing, Error> {
+        self.with(move |inner| {
+            delete_user(&inner.conn, &inner.generations, &name)?;
+            listing(&inner.conn, None)
+        })
+        .await
+    }
+
+    /// The password hash of user `name`, if the user exists.
+    pub async fn password_hash(&self, name: String) -> Result<Option<String>, Error> {
+        self.with(move |inner| password_hash(&inner.conn, &name)).await
+    }
+
+    /// Replaces user `name`'s password hash if it still is `old` (see [`PasswordSwap`]).
+    pub async fn replace_password_hash(
+        &self,
+        name: String,
+        old: String,
+        new: String,
+    ) -> Result<PasswordSwap, Error> {
+        self.with(move |inner| {
+            if replace_password_hash(&mut inner.conn, &inner.generations, &name, &old, &new)? {
+                return Ok(PasswordSwap::Replaced);
+            }
+            Ok(match user_id(&inner.conn, &name)? {
+                Some(_) => PasswordSwap::ChangedMeanwhile,
+                None => PasswordSwap::NoSuchUser,
+            })
+        })
+        .await
+    }
+
+    /// Every user, or the members of organization `org_id` ([`Error::NotFound`] when it does not exist).
+    pub async fn user_listing(&self, org_id: Option<String>) -> Result<UserListing, Error> {
+        self.with(move |inner| {
+            if let Some(id) = &org_id
+                && organization(&inner.conn, id)?.is_none()
+            {
+                return Err(organization_not_found(id.clone()));
+            }
+            listing(&inner.conn, org_id.as_deref())
+        })
+        .await
+    }
+
+    /// Every organization.
+    pub async fn organizations(&self) -> Result<Vec<OrgRow>, Error> {
+        self.with(|inner| organizations(&inner.conn)).await
+    }
+
+    /// The organization `id`, if any.
+    pub async fn organization(&self, id: String) -> Result<Option<OrgRow>, Error> {
+        self.with(move |inner| organization(&inner.conn, &id)).await
+    }
+
+    /// Creates organization `name` with `members`, all of whom must be users ([`Error::UnknownUsers`]).
+    pub async fn create_organization(&self, name: String, members: Vec<Member>) -> Result<OrgRow, Error> {
+        self.with(move |inner| {
+            require_known_members(&inner.conn, &members)?;
+            create_organization(&mut inner.conn, &name, &members)
+        })
+        .await
+    }
+
+    /// Renames organization `id` and/or replaces its members ([`Error::UnknownUsers`] for members that are no
+    /// user's). [`ROOT_ORG`] keeps its name and [`ADMIN_USER`] with the `Admin` role ([`Error::Conflict`]).
+    pub async fn update_organization(
+        &self,
+        id: String,
+        name: Option<String>,
+        members: Option<Vec<Member>>,
+    ) -> Result<OrgRow, Error> {
+        self.with(move |inner| {
+            let current =
+                organization(&inner.conn, &id)?.ok_or_else(|| organization_not_found(id.clone()))?;
+            if current.name == ROOT_ORG {
+                if name.as_deref().is_some_and(|n| n != ROOT_ORG) {
+                    return Err(Error::Conflict {
+                        message: format!("organization {ROOT_ORG} cannot be renamed"),
+                    });
+                }
+                if let Some(members) = &members {
+                    let admin_id = user_id(&inner.conn, ADMIN_USER)?;
+                    let keeps_admin = members.iter().any(|m| {
+                        Some(&m.user_id) == admin_id.as_ref() && m.roles.iter().any(|r| r == "Admin")
+                    });
+                    if admin_id.is_some() && !keeps_admin {
+                        return Err(Error::Conflict {
+                            message: format!(
+                                "organization {ROOT_ORG} must keep user {ADMIN_USER} with the Admin role"
+                            ),
+                        });
+                    }
+                }
+            }
+            if let Some(members) = &members {
+                require_known_members(&inner.conn, members)?;
+            }
+            update_organization(
+                &mut inner.conn,
+                &inner.generations,
+                &id,
+                name.as_deref(),
+                members.as_deref(),
+            )
+        })
+        .await
+    }
+
+    /// Deletes organization `id`; [`ROOT_ORG`] cannot be deleted ([`Error::Conflict`]).
+    pub async fn delete_organization(&self, id: String) -> Result<(), Error> {
+        self.with(move |inner| {
+            let org = organization(&inner.conn, &id)?.ok_or_else(|| organization_not_found(id.clone()))?;
+            if org.name == ROOT_ORG {
+                return Err(Error::Conflict {
+                    message: format!("organization {ROOT_ORG} cannot be deleted"),
+                });
+            }
+            delete_organization(&mut inner.conn, &inner.generations, &id)
+        })
+        .await
     }
 }
 
