@@ -3,12 +3,15 @@
 //! rescheduling when a cluster stops reporting, cluster reports and results, and job-update fan-out to interested
 //! clusters.
 //!
+//! The decisions themselves (which cluster, what a refusal, a result or a report means, what a maintenance round
+//! moves) are pure functions in [`crate::plan`]; the engine gathers their inputs from the store, the reservations
+//! and the plugin, and carries the decisions out.
+//!
 //! Calls to clusters run in background tasks with a deadline and a few retries; their failures feed back into
 //! placement (an unreachable cluster counts as one that refused), so nothing waits on a dead peer and nothing is
 //! left half-placed.
 
 use std::{
-    collections::BTreeMap,
     future::Future,
     pin::Pin,
     sync::{Arc, Mutex, PoisonError},
@@ -19,13 +22,10 @@ use hyper::Method;
 use oakestra_addons::slots::{Delegation, PluginAnswer, Slots};
 use oakestra_protocol::{
     addons::Slot,
-    api::{
-        federation::{DeployResult, JOB_UPDATE_PATH, JobUpdate, service_instance_path},
-        root::ClusterAggregate,
-    },
+    api::federation::{DeployResult, JOB_UPDATE_PATH, JobUpdate, service_instance_path},
     client::{self, base_url},
     mqtt::net::UpdateType,
-    sched::{self, Candidate, Capacity, Policy, Reservations},
+    sched::{self, Candidate, Policy, Reservations},
     status::Status,
     text::Escaped,
 };
@@ -33,9 +33,13 @@ use serde_json::{Map, Value};
 
 use crate::{
     Error,
+    plan::{
+        self, AfterRefusal, Maintenance, Placement, PlacementDecision, ReportAction, ResultVerdict,
+        candidate, instance_key as key,
+    },
     store::{
         Store,
-        apps::{DeletedInstance, DeletedService, InstanceRow, MaintenanceView, NetRecorded, ServiceRow},
+        apps::{DeletedInstance, DeletedService, InstanceRow, NetRecorded, ServiceRow},
         clusters::ClusterRow,
         now_ms,
     },
@@ -62,49 +66,8 @@ pub struct Engine {
     metrics: Arc<crate::metrics::RootMetrics>,
 }
 
-/// `"<job_id>/<n>"`: the key of an instance's reservation.
-fn key(service_id: &str, number: i64) -> String {
-    format!("{service_id}/{number}")
-}
-
-fn non_negative(v: i64) -> u64 {
-    u64::try_from(v).unwrap_or(0)
-}
-
 fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
-}
-
-/// The placement view of a cluster: its last aggregate and whether it is active.
-pub fn candidate(row: &ClusterRow, active: bool) -> Candidate {
-    let agg: ClusterAggregate =
-        serde_json::from_value(Value::Object(row.aggregate.clone())).unwrap_or_default();
-    let capacity = |vcpus: i64, memory: i64, gpus: i64| Capacity {
-        vcpus: non_negative(vcpus),
-        memory_mib: non_negative(memory),
-        gpus: non_negative(gpus),
-    };
-    let total = capacity(agg.vcpus, agg.memory, agg.vgpus);
-    let max_node = match (agg.max_node_vcpus, agg.max_node_memory) {
-        (Some(v), Some(m)) => Some(capacity(v, m, agg.vgpus)),
-        _ => None,
-    };
-    Candidate {
-        id: row.id.clone(),
-        name: row.name.clone(),
-        active,
-        virtualization: agg.virtualization,
-        cpu_percent: agg.cpu_percent,
-        total,
-        per_arch: agg
-            .aggregation_per_architecture
-            .iter()
-            .map(|(arch, a)| (arch.clone(), capacity(a.vcpus, a.memory, a.vgpus)))
-            .collect::<BTreeMap<_, _>>(),
-        max_node,
-        csi_drivers: agg.csi_drivers,
-        addons: agg.supported_addons,
-    }
 }
 
 impl Engine {
@@ -222,54 +185,22 @@ impl Engine {
         demand.exclude.clone_from(&tried);
         let started = std::time::Instant::now();
         let plugin = self.ask_plugin(&service, number).await;
-        if let Some(PluginAnswer::Refused(status)) = &plugin {
-            self.metrics.decided(false, started.elapsed().as_secs_f64());
-            let detail = format!("the root_scheduler plugin found no cluster ({})", Escaped(status));
-            tracing::info!(job = %Escaped(&service.job_name), instance = number, detail = %detail, "instance not placed");
-            return self
-                .store
-                .unplace_instance(
-                    service_id.to_owned(),
-                    number,
-                    Status::NoActiveClusterWithCapacity,
-                    detail,
-                    tried,
-                )
-                .await?
-                .ok_or_else(|| Error::NotFound {
-                    what: "instance",
-                    id: key(service_id, number),
-                });
-        }
-        let choice = {
+        let PlacementDecision {
+            placement,
+            plugin_fallback,
+        } = {
             let mut reservations = self.reservations();
             reservations.expire(u64::try_from(now).unwrap_or(0));
-            // The plugin's pick must be a known, active, not-yet-tried cluster the demand fits on; otherwise the
-            // built-in policy places (counted as a fallback).
-            let picked = match &plugin {
-                Some(PluginAnswer::Candidate(id)) => {
-                    let fits = candidates.iter().find(|c| &c.id == id).is_some_and(|c| {
-                        sched::place(std::slice::from_ref(c), &demand, &reservations, self.policy).is_ok()
-                    });
-                    if !fits && let Some(slots) = self.slots.get() {
-                        slots.count_fallback(
-                            Slot::RootScheduler,
-                            &demand.key,
-                            &format!(
-                                "the plugin chose cluster {} where the instance cannot go",
-                                Escaped(id)
-                            ),
-                        );
-                    }
-                    fits.then(|| id.clone())
-                }
-                _ => None,
-            };
-            let choice = match picked {
-                Some(id) => Ok(id),
-                None => sched::place(&candidates, &demand, &reservations, self.policy).map(|c| c.id.clone()),
-            };
-            if let Ok(cluster_id) = &choice {
+            let decision = plan::place(
+                &candidates,
+                &demand,
+                &reservations,
+                self.policy,
+                plugin.as_ref(),
+                &tried,
+            );
+            // Reserved under the same lock as the decision, so a concurrent placement sees it.
+            if let Placement::Cluster(cluster_id) = &decision.placement {
                 reservations.reserve(
                     cluster_id,
                     &demand.key,
@@ -278,12 +209,17 @@ impl Engine {
                     u64::try_from(self.liveness_ms.saturating_mul(2)).unwrap_or(u64::MAX),
                 );
             }
-            choice
+            decision
         };
-        self.metrics
-            .decided(choice.is_ok(), started.elapsed().as_secs_f64());
-        match choice {
-            Ok(cluster_id) => {
+        if let (Some(why), Some(slots)) = (plugin_fallback, self.slots.get()) {
+            slots.count_fallback(Slot::RootScheduler, &demand.key, &why);
+        }
+        self.metrics.decided(
+            matches!(placement, Placement::Cluster(_)),
+            started.elapsed().as_secs_f64(),
+        );
+        match placement {
+            Placement::Cluster(cluster_id) => {
                 let placed = self
                     .store
                     .place_instance(service_id.to_owned(), number, cluster_id.clone(), tried)
@@ -303,18 +239,7 @@ impl Engine {
                 }
                 Ok(placed)
             }
-            Err(refusal) => {
-                let (status, detail) = if tried.is_empty() {
-                    (refusal.root_status(), refusal.to_string())
-                } else {
-                    (
-                        Status::NoActiveClusterWithCapacity,
-                        format!(
-                            "no other cluster can run it ({refusal}); refused by {}",
-                            tried.join(", ")
-                        ),
-                    )
-                };
+            Placement::Unplaced { status, detail } => {
                 tracing::info!(job = %Escaped(&service.job_name), instance = number, %status, detail = %Escaped(&detail), "instance not placed");
                 self.store
                     .unplace_instance(service_id.to_owned(), number, status, detail, tried)
@@ -376,26 +301,20 @@ impl Engine {
         why: &'a str,
     ) -> Pin<Box<dyn Future<Output = Result<(), Error>> + Send + 'a>> {
         Box::pin(async move {
-            let found = self
+            let (instance, cluster) = self
                 .store
                 .instance_and_cluster(service_id.to_owned(), number, cluster_id.to_owned())
                 .await?;
-            let (Some(instance), cluster) = found else {
+            let AfterRefusal::Reschedule { exclude } = plan::after_refusal(instance.as_ref(), cluster_id)
+            else {
                 return Ok(());
             };
-            if instance.cluster_id.as_deref() != Some(cluster_id) {
-                return Ok(()); // Already moved on.
-            }
             tracing::info!(job = %Escaped(service_id), instance = number, cluster = %Escaped(cluster_id), why = %Escaped(why), "cluster cannot run the instance; trying the next one");
             self.reservations().release(&key(service_id, number));
             if let Some(cluster) = cluster {
                 spawn_undeploy(cluster, service_id.to_owned(), number);
             }
-            let mut tried = instance.tried;
-            if !tried.iter().any(|t| t == cluster_id) {
-                tried.push(cluster_id.to_owned());
-            }
-            self.schedule(service_id, number, tried).await.map(|_| ())
+            self.schedule(service_id, number, exclude).await.map(|_| ())
         })
     }
 
@@ -456,26 +375,27 @@ impl Engine {
         };
         // The address a cluster registered with never changes through a report.
         aggregate.remove("ip");
-        let outcome = self
+        let applied = self
             .store
             .apply_report(cluster.id.clone(), aggregate, jobs)
             .await?;
-        {
-            let mut reservations = self.reservations();
-            for key in &outcome.settled {
-                reservations.release(key);
+        for action in plan::reconcile(&applied) {
+            match action {
+                ReportAction::Release { key } => {
+                    self.reservations().release(&key);
+                }
+                ReportAction::UndeployJob { job_id } => {
+                    tracing::info!(cluster = %Escaped(&cluster.name), job = %Escaped(&job_id), "cluster runs a job root does not know; deleting it there");
+                    spawn_undeploy(cluster.clone(), job_id, -1);
+                }
+                ReportAction::UndeployInstance { job_id, number } => {
+                    tracing::info!(cluster = %Escaped(&cluster.name), job = %Escaped(&job_id), instance = number, "cluster runs an instance root placed elsewhere; deleting it there");
+                    spawn_undeploy(cluster.clone(), job_id, number);
+                }
+                ReportAction::Refused { job_id, number, why } => {
+                    self.cluster_refused(&job_id, number, &cluster.id, &why).await?;
+                }
             }
-        }
-        for job in outcome.unknown_jobs {
-            tracing::info!(cluster = %Escaped(&cluster.name), job = %Escaped(&job), "cluster runs a job root does not know; deleting it there");
-            spawn_undeploy(cluster.clone(), job, -1);
-        }
-        for (job, number) in outcome.stray_instances {
-            tracing::info!(cluster = %Escaped(&cluster.name), job = %Escaped(&job), instance = number, "cluster runs an instance root placed elsewhere; deleting it there");
-            spawn_undeploy(cluster.clone(), job, number);
-        }
-        for (job, number, status) in outcome.refused {
-            self.cluster_refused(&job, number, &cluster.id, &status).await?;
         }
         Ok(())
     }
@@ -500,21 +420,14 @@ impl Engine {
                 what: "instance on this cluster",
                 id: key(job, number),
             })?;
-        if let Some(status) = result.status.as_deref().filter(|s| !s.is_empty()) {
-            let why = match result.status_detail.as_deref() {
-                Some(detail) if !detail.is_empty() => format!("{status}: {detail}"),
-                _ => status.to_owned(),
-            };
-            return self.cluster_refused(job, number, &cluster.id, &why).await;
+        match plan::deploy_result(result) {
+            ResultVerdict::Refused { why } => self.cluster_refused(job, number, &cluster.id, &why).await,
+            ResultVerdict::Scheduled { detail } => {
+                self.store
+                    .set_instance_status(instance.service_id, number, Status::NodeScheduled, detail)
+                    .await
+            }
         }
-        let detail = result
-            .candidate_id
-            .as_deref()
-            .map(|w| format!("worker {w}"))
-            .unwrap_or_default();
-        self.store
-            .set_instance_status(instance.service_id, number, Status::NodeScheduled, detail)
-            .await
     }
 
     /// One maintenance round: expire reservations, move instances off clusters that stopped reporting, and retry
@@ -522,24 +435,21 @@ impl Engine {
     pub async fn tick(self: &Arc<Self>) -> Result<(), Error> {
         let now = now_ms();
         self.reservations().expire(u64::try_from(now).unwrap_or(0));
-        let MaintenanceView {
-            on_silent_clusters,
-            unplaced: waiting,
-        } = self.store.maintenance_view(now, self.liveness_ms).await?;
-        let lost = on_silent_clusters
-            .into_iter()
-            .filter(|(_, instance)| !instance.status.parse::<Status>().is_ok_and(Status::is_terminal));
-        for (cluster_id, instance) in lost {
-            tracing::warn!(job = %Escaped(&instance.service_id), instance = instance.number, cluster = %Escaped(&cluster_id), "cluster stopped reporting; rescheduling the instance");
-            self.reservations()
-                .release(&key(&instance.service_id, instance.number));
-            self.schedule(&instance.service_id, instance.number, vec![cluster_id])
-                .await?;
-        }
-        for instance in waiting {
-            if now - instance.updated >= self.retry_ms {
-                self.schedule(&instance.service_id, instance.number, Vec::new())
-                    .await?;
+        let view = self.store.maintenance_view(now, self.liveness_ms).await?;
+        for step in plan::maintenance(now, self.retry_ms, &view) {
+            match step {
+                Maintenance::Rescue {
+                    service_id,
+                    number,
+                    from,
+                } => {
+                    tracing::warn!(job = %Escaped(&service_id), instance = number, cluster = %Escaped(&from), "cluster stopped reporting; rescheduling the instance");
+                    self.reservations().release(&key(&service_id, number));
+                    self.schedule(&service_id, number, vec![from]).await?;
+                }
+                Maintenance::Retry { service_id, number } => {
+                    self.schedule(&service_id, number, Vec::new()).await?;
+                }
             }
         }
         Ok(())

@@ -9,7 +9,10 @@
 //! - [`hashing`]: argon2 password hashing on a small bounded pool (threads, queue, a share per client address).
 //! - [`throttle`]: failed-login limits per client address, per user name from an address, and per user name.
 //! - [`metrics`]: the Prometheus metrics (`GET /metrics`).
-//! - [`engine`]: placement on clusters, calls to clusters, fallback and rescheduling, reports.
+//! - [`plan`]: the engine's decisions as pure functions (placement, refusals, results, maintenance, report
+//!   reconciliation), unit-tested without a database or HTTP.
+//! - [`engine`]: carries those decisions out: reservations, store writes, calls to clusters, fallback and
+//!   rescheduling, reports.
 //! - [`api`]: the axum router and handlers, user-facing and cluster-facing on one listener.
 //!
 //! [`run`] binds the configured address; [`serve`] serves an already bound listener (tests use 127.0.0.1:0).
@@ -20,6 +23,7 @@ pub mod config;
 pub mod engine;
 pub mod hashing;
 pub mod metrics;
+pub mod plan;
 pub mod store;
 pub mod throttle;
 

@@ -845,23 +845,36 @@ pub fn metric_text(value: &Value) -> Option<String> {
     }
 }
 
-/// What applying a cluster report found.
+/// What applying a cluster report saw: the facts the engine's reconciliation ([`crate::plan::reconcile`]) decides
+/// on.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct ReportOutcome {
-    /// Jobs the cluster runs that root does not know: the cluster must delete them (`DELETE …/<job>/-1`).
+pub struct ReportApplied {
+    /// Jobs the cluster reported that root does not know.
     pub unknown_jobs: Vec<String>,
-    /// Instances the cluster runs that root placed elsewhere or deleted: `(job id, number)` to delete there.
-    pub stray_instances: Vec<(String, i64)>,
-    /// Instances whose status moved past scheduling: their capacity reservation can go (`"<job>/<n>"` keys).
-    pub settled: Vec<String>,
-    /// Instances the cluster says it cannot place (`NO_WORKER_CAPACITY`, …): `(job id, number, status)`.
-    pub refused: Vec<(String, i64, String)>,
+    /// Every reported instance (with a number) of a job root knows, in report order.
+    pub instances: Vec<ReportedInstance>,
+}
+
+/// One instance as a cluster reported it.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ReportedInstance {
+    /// Its job id.
+    pub job_id: String,
+    /// Its number.
+    pub number: i64,
+    /// Whether root placed it on the reporting cluster; only then was the report recorded.
+    pub placed_here: bool,
+    /// The status it reported (empty: none).
+    pub status: String,
+    /// The status detail it reported (may be empty).
+    pub detail: String,
 }
 
 /// Applies the `jobs` of a cluster report: instance statuses and details for instances root placed on that
-/// cluster, job statuses, and the reconciliation lists.
-pub fn apply_report(conn: &mut Connection, cluster_id: &str, jobs: &[Value]) -> Result<ReportOutcome, Error> {
-    let mut outcome = ReportOutcome::default();
+/// cluster, and job statuses. What the report asks for beyond that (undeploying what root does not have there,
+/// releasing reservations, trying the next cluster) is decided from the returned facts.
+pub fn apply_report(conn: &mut Connection, cluster_id: &str, jobs: &[Value]) -> Result<ReportApplied, Error> {
+    let mut applied = ReportApplied::default();
     let tx = conn.transaction()?;
     let now = now_ms();
     for job in jobs {
@@ -872,7 +885,7 @@ pub fn apply_report(conn: &mut Connection, cluster_id: &str, jobs: &[Value]) -> 
             .query_row("SELECT id FROM services WHERE id = ?1", [job_id], |r| r.get(0))
             .optional()?;
         if known.is_none() {
-            outcome.unknown_jobs.push(job_id.to_owned());
+            applied.unknown_jobs.push(job_id.to_owned());
             continue;
         }
         let reported = job
@@ -884,6 +897,11 @@ pub fn apply_report(conn: &mut Connection, cluster_id: &str, jobs: &[Value]) -> 
             let Some(number) = reported.get("instance_number").and_then(as_i64) else {
                 continue;
             };
+            let status = reported.get("status").and_then(Value::as_str).unwrap_or_default();
+            let detail = reported
+                .get("status_detail")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
             let ours: Option<(Option<String>, String)> = tx
                 .query_row(
                     "SELECT cluster_id, report FROM instances WHERE service_id = ?1 AND number = ?2",
@@ -891,19 +909,21 @@ pub fn apply_report(conn: &mut Connection, cluster_id: &str, jobs: &[Value]) -> 
                     |r| Ok((r.get(0)?, r.get(1)?)),
                 )
                 .optional()?;
-            let Some((Some(placed_on), previous)) = ours else {
-                outcome.stray_instances.push((job_id.to_owned(), number));
+            let previous = match ours {
+                Some((Some(placed_on), previous)) if placed_on == cluster_id => Some(previous),
+                _ => None,
+            };
+            applied.instances.push(ReportedInstance {
+                job_id: job_id.to_owned(),
+                number,
+                placed_here: previous.is_some(),
+                status: status.to_owned(),
+                detail: detail.to_owned(),
+            });
+            // Only the cluster root placed an instance on may report on it.
+            let Some(previous) = previous else {
                 continue;
             };
-            if placed_on != cluster_id {
-                outcome.stray_instances.push((job_id.to_owned(), number));
-                continue;
-            }
-            let status = reported.get("status").and_then(Value::as_str).unwrap_or_default();
-            let detail = reported
-                .get("status_detail")
-                .and_then(Value::as_str)
-                .unwrap_or_default();
             let mut details = reported.as_object().cloned().unwrap_or_default();
             for k in [
                 "instance_number",
@@ -934,20 +954,6 @@ pub fn apply_report(conn: &mut Connection, cluster_id: &str, jobs: &[Value]) -> 
                         now
                     ],
                 )?;
-                let parsed = status.parse::<Status>().ok();
-                if matches!(
-                    parsed,
-                    Some(Status::NoWorkerCapacity | Status::NoQualifiedWorkerFound | Status::NoNodeFound)
-                ) {
-                    let why = if detail.is_empty() {
-                        status.to_owned()
-                    } else {
-                        format!("{status}: {detail}")
-                    };
-                    outcome.refused.push((job_id.to_owned(), number, why));
-                } else if parsed.is_none_or(|s| !s.is_positive_scheduling()) {
-                    outcome.settled.push(format!("{job_id}/{number}"));
-                }
                 last_status = Some((status.to_owned(), detail.to_owned()));
             }
         }
@@ -972,7 +978,7 @@ pub fn apply_report(conn: &mut Connection, cluster_id: &str, jobs: &[Value]) -> 
         )?;
     }
     tx.commit()?;
-    Ok(outcome)
+    Ok(applied)
 }
 
 fn as_i64(v: &Value) -> Option<i64> {
@@ -1227,7 +1233,7 @@ impl Store {
         cluster_id: String,
         aggregate: Map<String, Value>,
         jobs: Vec<Value>,
-    ) -> Result<ReportOutcome, Error> {
+    ) -> Result<ReportApplied, Error> {
         self.with(move |inner| {
             clusters::record_report(&inner.conn, &cluster_id, &aggregate)?;
             apply_report(&mut inner.conn, &cluster_id, &jobs)
