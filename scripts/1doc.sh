@@ -26,6 +26,11 @@ OAK_ADDONS=${OAK_ADDONS:-0}
 OAK_ADMIN_PASSWORD=${OAK_ADMIN_PASSWORD:-}
 OAK_DOCKER=${OAK_DOCKER:-/var/run/docker.sock}
 OAK_REGISTRY_PORT=${OAK_REGISTRY_PORT:-5000}
+OAK_MONITORING=${OAK_MONITORING:-0}
+OAK_PROMETHEUS_PORT=${OAK_PROMETHEUS_PORT:-9090}
+OAK_NODEENGINE_METRICS_PORT=${OAK_NODEENGINE_METRICS_PORT:-9102}
+OAK_NETMANAGER_METRICS_PORT=${OAK_NETMANAGER_METRICS_PORT:-9103}
+OAK_SCRAPE_INTERVAL=${OAK_SCRAPE_INTERVAL:-5s}
 
 logs=$OAK_HOME/logs
 run=$OAK_HOME/run
@@ -83,6 +88,12 @@ run/docker.sock), starts a local registry on 127.0.0.1:OAK_REGISTRY_PORT (5000, 
 addon images (scripts/images/addons.sh) and pushes them there, and starts root and cluster with the addons engine on
 that daemon. Publish examples/addons/*.json to the marketplace (see the README's Addons section). down removes the
 addon containers and stops dockerd and the registry if 1doc started them.
+
+Monitoring (OAK_MONITORING=1): up also installs Debian's prometheus, opens the NodeEngine's and the NetManager's
+metrics ports (127.0.0.1:OAK_NODEENGINE_METRICS_PORT, 9102, and :OAK_NETMANAGER_METRICS_PORT, 9103, with the token in
+OAK_HOME/metrics.token) and starts prometheus on 127.0.0.1:OAK_PROMETHEUS_PORT (9090), scraping all four daemons every
+OAK_SCRAPE_INTERVAL (5s) with scripts/monitoring/prometheus.yml. The Grafana dashboards are
+scripts/monitoring/grafana-*.json (README: Monitoring). down stops prometheus; its data stays under data/prometheus.
 EOF
 }
 
@@ -101,6 +112,8 @@ install_packages() {
     || want+=(llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev binutils)
   # Addons: Docker and a local registry for the sample images.
   [ "$OAK_ADDONS" != 1 ] || want+=(docker.io docker-registry)
+  # Monitoring: Prometheus scrapes the four daemons.
+  [ "$OAK_MONITORING" != 1 ] || want+=(prometheus)
   for p in "${want[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p"); done
   if [ ${#missing[@]} -gt 0 ]; then
     log "installing apt packages: ${missing[*]}"
@@ -219,6 +232,20 @@ addons_up() {
   addon_flags=(--docker-socket "$docker_sock")
 }
 
+# Prometheus on the four daemons' /metrics (OAK_MONITORING=1); the worker's metrics ports are opened by up.
+prometheus_up() {
+  local cfg=$data/prometheus.yml
+  sed -e "s|@DATA@|$data|g" -e "s|@API_PORT@|$OAK_API_PORT|g" -e "s|@CLUSTER_PORT@|$OAK_CLUSTER_PORT|g" \
+    -e "s|@NODEENGINE_PORT@|$OAK_NODEENGINE_METRICS_PORT|g" -e "s|@NETMANAGER_PORT@|$OAK_NETMANAGER_METRICS_PORT|g" \
+    -e "s|@WORKER_TOKEN@|$OAK_HOME/metrics.token|g" -e "s|@INTERVAL@|$OAK_SCRAPE_INTERVAL|g" \
+    "$repo/scripts/monitoring/prometheus.yml" >"$cfg"
+  mkdir -p "$data/prometheus"
+  log "starting prometheus on 127.0.0.1:$OAK_PROMETHEUS_PORT (scrapes root, cluster, NodeEngine, NetManager)"
+  start prometheus prometheus --config.file="$cfg" --storage.tsdb.path="$data/prometheus" \
+    --web.listen-address="127.0.0.1:$OAK_PROMETHEUS_PORT" --storage.tsdb.retention.time=7d
+  wait_for 60 "prometheus" prometheus curl -sf --max-time 2 "http://127.0.0.1:$OAK_PROMETHEUS_PORT/-/ready"
+}
+
 cluster_status() { curl -sf --max-time 2 "http://127.0.0.1:$OAK_CLUSTER_PORT/api/cluster/status"; }
 worker_active() { cluster_status | grep -q '"active_workers":[1-9]'; }
 root_connected() { cluster_status | grep -q '"connected_to_root":true'; }
@@ -260,6 +287,14 @@ up() {
   addon_flags=()
   if [ "$OAK_ADDONS" = 1 ]; then addons_up; fi
 
+  # The worker daemons' metrics ports ask for this token (root and cluster keep theirs in their data dirs).
+  local nm_metrics=() ne_metrics=()
+  if [ "$OAK_MONITORING" = 1 ]; then
+    [ -s "$OAK_HOME/metrics.token" ] || (umask 077; head -c 24 /dev/urandom | base64 | tr -d '/+=' >"$OAK_HOME/metrics.token")
+    nm_metrics=(--metrics-listen "127.0.0.1:$OAK_NETMANAGER_METRICS_PORT" --metrics-token-file "$OAK_HOME/metrics.token")
+    ne_metrics=(--metrics-listen "127.0.0.1:$OAK_NODEENGINE_METRICS_PORT" --metrics-token-file "$OAK_HOME/metrics.token")
+  fi
+
   log "starting root-service on :$OAK_API_PORT"
   OAKESTRA_ADMIN_PASSWORD=$(cat "$OAK_HOME/admin.password") start root-service "$bin/root-service" \
     --listen "0.0.0.0:$OAK_API_PORT" --data-dir "$data/root" "${addon_flags[@]}"
@@ -276,15 +311,16 @@ up() {
   [ -f "$OAK_HOME/netcfg.json" ] || printf '{"NodePublicAddress":"0.0.0.0","NodePublicPort":"50103","ClusterUrl":"127.0.0.1","ClusterMqttPort":"%s"}\n' \
     "$OAK_MQTT_PORT" >"$OAK_HOME/netcfg.json"
   start NetManager "$bin/NetManager" --config "$OAK_HOME/netcfg.json" --socket "$run/netmanager.sock" \
-    --state-dir "$data/netmanager" --log-file none
+    --state-dir "$data/netmanager" --log-file none "${nm_metrics[@]}"
   wait_for 20 "the NetManager's socket" NetManager test -S "$run/netmanager.sock"
   wait_for 10 "the cluster's worker join token" cluster-service test -s "$data/cluster/worker-join.token"
   OAKESTRA_WORKER_JOIN_TOKEN=$(cat "$data/cluster/worker-join.token") \
     start NodeEngine "$bin/NodeEngine" -a 127.0.0.1 -p "$OAK_CLUSTER_PORT" -n "$run/netmanager.sock" \
     -l "$logs/apps" --conf "$data/nodeengine.conf.json" --containerd "$OAK_CONTAINERD" --namespace "$OAK_NAMESPACE" \
-    --state-dir "$data/nodeengine" --log-file none --node-name "$(hostname)-1doc" "${uk_flags[@]}"
+    --state-dir "$data/nodeengine" --log-file none --node-name "$(hostname)-1doc" "${uk_flags[@]}" "${ne_metrics[@]}"
   wait_for 60 "the worker to be active" NodeEngine worker_active
   wait_for 30 "the NetManager to register" NetManager netmanager_registered
+  if [ "$OAK_MONITORING" = 1 ]; then prometheus_up; fi
 
   log "1-DOC is up ($((SECONDS - t0)) s)"
   cat <<EOF
@@ -295,6 +331,7 @@ up() {
               sudo $repo/scripts/install-worker.sh --cluster <this machine> --join-token $(cat "$data/cluster/worker-join.token")
   logs, data  $OAK_HOME
 $(if [ "$OAK_ADDONS" = 1 ]; then printf '  addons      Docker %s, registry 127.0.0.1:%s; publish examples/addons/*.json (README: Addons)' "$docker_sock" "$OAK_REGISTRY_PORT"; fi)
+$(if [ "$OAK_MONITORING" = 1 ]; then printf '  monitoring  Prometheus http://127.0.0.1:%s; Grafana dashboards in %s/scripts/monitoring (README: Monitoring)' "$OAK_PROMETHEUS_PORT" "$repo"; fi)
 
   next:       sudo $repo/scripts/1doc.sh example      deploys the clientsrvr example and shows the client's log
               sudo $repo/scripts/1doc.sh status       sudo $repo/scripts/1doc.sh down
@@ -304,8 +341,8 @@ EOF
 # --- status -------------------------------------------------------------------------------------------------------
 status() {
   local c any=0
-  for c in containerd "${components[@]}" guest-images dockerd registry; do
-    if [[ "$c" =~ ^(guest-images|dockerd|registry)$ ]] && ! alive "$c"; then continue; fi
+  for c in containerd "${components[@]}" guest-images dockerd registry prometheus; do
+    if [[ "$c" =~ ^(guest-images|dockerd|registry|prometheus)$ ]] && ! alive "$c"; then continue; fi
     if alive "$c"; then
       any=1
       printf '  %-16s running  pid %s\n' "$c" "$(pid_of "$c")"
@@ -344,6 +381,7 @@ stop() {
 down() {
   need_root
   log "stopping the 1-DOC"
+  stop prometheus
   # The worker first (the NetManager removes its interfaces), then the control plane.
   stop NodeEngine
   stop NetManager

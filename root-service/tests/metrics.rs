@@ -95,6 +95,17 @@ async fn metrics_need_their_token_and_follow_the_deployment() {
         "{text}"
     );
     assert!(sample(&text, "process_cpu_seconds_total").is_some(), "{text}");
+    // Root's scheduler slot is exposed without a plugin (no Docker here), at 0.
+    for family in [
+        "oakestra_root_plugin_placements",
+        "oakestra_root_plugin_fallbacks",
+    ] {
+        assert_eq!(
+            sample(&text, &format!("{family}{{slot=\"root_scheduler\"}}")),
+            Some(0.0),
+            "{text}"
+        );
+    }
     assert!(text.ends_with("# EOF\n"));
     server.stop().await;
 }

@@ -3,8 +3,11 @@
 //! local images, deploy both services, see RUNNING and the page the client fetched from 10.30.55.55 in its log; a
 //! one-shot service completes and is not redeployed; deleting the applications removes every container and veth;
 //! `1doc.sh example` does the walkthrough again; with `OAK_ADDONS=1` (1doc's own dockerd and registry in the
-//! namespace) the sample extension is published, approved, installed and serves its page; `1doc.sh down` removes
-//! the rest (addon containers, docker0 and the addon networks included), and the host's namespace is unchanged.
+//! namespace) the sample extension is published, approved, installed and serves its page; with `OAK_MONITORING=1`
+//! a real Prometheus scrapes all four daemons: every target is up, every series the README documents and every
+//! metric the Grafana dashboards use exists, and the overlay's packet counters saw the walkthrough's traffic;
+//! `1doc.sh down` removes the rest (addon containers, docker0 and the addon networks included), and the host's
+//! namespace is unchanged.
 #![allow(clippy::unwrap_used, reason = "test code: a panic is the clearest failure")]
 
 use std::{
@@ -36,6 +39,9 @@ fn onedoc(ns: &Netns, home: &Path, cmd: &str) -> Output {
         // Addons on: 1doc's own dockerd (nothing answers on OAK_DOCKER) and registry, inside the namespace.
         .env("OAK_ADDONS", "1")
         .env("OAK_DOCKER", home.join("no-docker.sock"))
+        // Monitoring on: Debian's prometheus scrapes the four daemons every second.
+        .env("OAK_MONITORING", "1")
+        .env("OAK_SCRAPE_INTERVAL", "1s")
         .output()
         .unwrap()
 }
@@ -282,6 +288,8 @@ async fn one_doc_runs_the_seed_walkthrough_and_cleans_up() {
     println!("the client's log:\n{page}");
     assert!(page.contains("oakestra-rs local image"), "{page}");
 
+    monitoring_sees_everything(&home).await;
+
     // A one-shot service completes and stays completed.
     let once = json!({"sla_version": "v2.0", "customerID": "Admin", "applications": [{
         "applicationID": "", "application_name": "once", "application_namespace": "test",
@@ -414,4 +422,109 @@ async fn one_doc_runs_the_seed_walkthrough_and_cleans_up() {
     assert!(text(&down).contains("removed addon container"), "{}", text(&down));
     host_before.assert_unchanged(&HostSnapshot::take());
     let _ = std::fs::remove_dir_all(&home);
+}
+
+/// Every metric name the README's metrics reference lists (histograms as their `_bucket` series).
+fn documented_series() -> Vec<String> {
+    let readme = std::fs::read_to_string(workspace_root().join("README.md")).unwrap();
+    let section = readme
+        .split("### Metrics reference")
+        .nth(1)
+        .expect("README has a Metrics reference section");
+    let section = section.split("\n## ").next().unwrap_or(section);
+    let section = section.split("\n### ").next().unwrap_or(section);
+    let mut names = Vec::new();
+    for line in section.lines().filter(|l| l.starts_with("| `")) {
+        let name = line[3..].split('`').next().unwrap().to_owned();
+        let kind = line.split('|').nth(2).unwrap_or_default().trim().to_owned();
+        names.push(if kind == "histogram" {
+            format!("{name}_bucket")
+        } else {
+            name
+        });
+    }
+    assert!(names.len() >= 30, "the reference lists the metrics: {names:?}");
+    names
+}
+
+/// Every metric name the Grafana dashboards' queries use.
+fn grafana_series() -> Vec<String> {
+    let mut names = Vec::new();
+    for file in ["grafana-control-plane.json", "grafana-worker.json"] {
+        let text = std::fs::read_to_string(workspace_root().join("scripts/monitoring").join(file)).unwrap();
+        let dashboard: Value = serde_json::from_str(&text).unwrap();
+        for panel in dashboard["panels"].as_array().unwrap() {
+            for target in panel["targets"].as_array().into_iter().flatten() {
+                let expr = target["expr"].as_str().unwrap();
+                for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                    if (word.starts_with("oakestra_") || word.starts_with("process_"))
+                        && !names.iter().any(|n| n == word)
+                    {
+                        names.push(word.to_owned());
+                    }
+                }
+            }
+        }
+    }
+    assert!(names.len() >= 30, "the dashboards query the metrics: {names:?}");
+    names
+}
+
+/// Prometheus (OAK_MONITORING=1) scrapes all four daemons, and sees every documented and every dashboard series.
+async fn monitoring_sees_everything(home: &Path) {
+    let prometheus = "http://127.0.0.1:9090";
+    let targets = until(60, "all four Prometheus targets up", home, || async {
+        let r = call("GET", &format!("{prometheus}/api/v1/targets"), None, None).await;
+        let active = r.body["data"]["activeTargets"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let up = active.iter().filter(|t| t["health"] == "up").count();
+        (active.len() == 4 && up == 4).then_some(active)
+    })
+    .await;
+    let jobs: Vec<&str> = targets
+        .iter()
+        .map(|t| t["labels"]["job"].as_str().unwrap())
+        .collect();
+    for job in ["root-service", "cluster-service", "nodeengine", "netmanager"] {
+        assert!(jobs.contains(&job), "{job} in {jobs:?}");
+    }
+    let mut wanted = documented_series();
+    wanted.extend(grafana_series());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let r = call(
+            "GET",
+            &format!("{prometheus}/api/v1/label/__name__/values"),
+            None,
+            None,
+        )
+        .await;
+        let names: Vec<String> = serde_json::from_value(r.body["data"].clone()).unwrap_or_default();
+        let missing: Vec<&String> = wanted.iter().filter(|w| !names.contains(w)).collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "series Prometheus never saw: {missing:?}\nit has: {names:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // The walkthrough's curl → nginx went over the overlay: the NetManager counted its packets.
+    let packets = until(30, "the overlay's packets counted", home, || async {
+        let q = "sum(oakestra_netmanager_packets_total)";
+        let r = call("GET", &format!("{prometheus}/api/v1/query?query={q}"), None, None).await;
+        let value = r.body["data"]["result"][0]["value"][1]
+            .as_str()?
+            .parse::<f64>()
+            .ok()?;
+        (value > 0.0).then_some(value)
+    })
+    .await;
+    println!(
+        "Prometheus: 4 targets up, {} series checked, {packets} overlay packets",
+        wanted.len()
+    );
 }

@@ -320,6 +320,12 @@ async fn metrics(
         i64::try_from(active).unwrap_or(i64::MAX),
         i64::try_from(clusters.len() - active).unwrap_or(i64::MAX),
     );
+    // Root's own slot is always exposed (0 without a plugin), so dashboards and alerts find the series.
+    let root_slot = crate::metrics::SlotLabel {
+        slot: oakestra_protocol::addons::Slot::RootScheduler.name().into(),
+    };
+    m.plugin_delegated.get_or_create(&root_slot).set(0);
+    m.plugin_fallbacks.get_or_create(&root_slot).set(0);
     if let Some(slots) = state.engine.slots() {
         for (slot, stats) in slots.stats() {
             let label = crate::metrics::SlotLabel {
