@@ -27,9 +27,10 @@ SKIP_EBPF="${OAKESTRA_SKIP_EBPF:-0}"
 # nginx, curl, python3: the 1-DOC test builds the example images (scripts/images/build.sh) and runs scripts/1doc.sh;
 # busybox-static also goes into the sample addon images (scripts/images/addons.sh); python3-venv: the oak-cli test
 # installs oak-cli from PyPI into a virtualenv of its own; chromium, chromium-driver: the browser test drives a
-# headless Chromium through chromedriver.
+# headless Chromium through chromedriver; prometheus: the 1-DOC test runs with OAK_MONITORING=1 (1doc.sh starts
+# Prometheus inside the test's network namespace).
 packages=(gcc libc6-dev pkg-config mosquitto docker-registry skopeo busybox-static containerd runc protobuf-compiler
-  nftables iproute2 iperf3 sockperf nginx curl python3 python3-venv chromium chromium-driver)
+  nftables iproute2 iperf3 sockperf nginx curl python3 python3-venv chromium chromium-driver prometheus)
 # The eBPF build (netmanager/build.rs): LLVM 22 for bpf-linker (scripts/ebpf-toolchain.sh does the rest).
 [ "$SKIP_EBPF" = 1 ] || packages+=(llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev binutils)
 missing=()
@@ -38,8 +39,14 @@ for p in "${packages[@]}"; do
 done
 if [ ${#missing[@]} -gt 0 ]; then
   log "installing apt packages: ${missing[*]}"
+  # A policy-rc.d keeps Debian's packages (nginx, mosquitto, prometheus, ...) from starting daemons on the host.
+  policy=/usr/sbin/policy-rc.d own_policy=0
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' | as_root tee "$policy" >/dev/null && as_root chmod 0755 "$policy" && own_policy=1
+  fi
   as_root apt-get -o DPkg::Lock::Timeout=900 update -qq
   as_root apt-get -o DPkg::Lock::Timeout=900 install -y -qq --no-install-recommends "${missing[@]}"
+  [ "$own_policy" = 0 ] || as_root rm -f "$policy"
 fi
 # docker.io: the addons tests start their own dockerd inside a network namespace of theirs (tests/src/docker.rs).
 # Installed with a policy-rc.d that keeps Debian's package from starting a daemon (and a docker0 bridge) on the host.
