@@ -188,7 +188,7 @@ pub fn router(
     router
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(axum::middleware::map_response(
-            oakestra_protocol::server::json_errors,
+            oakestra_runtime::server::json_errors,
         ))
         .with_state(state)
 }

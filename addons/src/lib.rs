@@ -109,22 +109,9 @@ const TOKEN_FILE: &str = "addons-plugin.token";
 /// Reads the persisted plugin token, or makes and saves one (so plugins keep working across tier restarts).
 fn plugin_token(dir: &Path) -> Result<String, Error> {
     let path = dir.join(TOKEN_FILE);
-    let io = |source| Error::Io {
-        path: path.clone(),
-        source,
-    };
-    match std::fs::read_to_string(&path) {
-        Ok(t) if t.trim().len() >= 32 => return Ok(t.trim().to_owned()),
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io(e)),
-    }
-    let mut bytes = [0_u8; 32];
-    getrandom::fill(&mut bytes).map_err(|e| Error::Random(e.to_string()))?;
-    let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    oakestra_protocol::owner_only::create_private_file(&path).map_err(io)?;
-    std::fs::write(&path, &token).map_err(io)?;
-    Ok(token)
+    oakestra_runtime::secret::load_or_create(&path, 32, 32)
+        .map(|t| t.token)
+        .map_err(|source| Error::Io { path, source })
 }
 
 impl Addons {

@@ -517,7 +517,7 @@ async fn fill_slots(addons: &Addons, docker: &Docker) -> Result<(), crate::Error
                     Endpoint {
                         addon_id: addon.id.clone(),
                         container: name,
-                        url: oakestra_protocol::client::base_url(ip, port),
+                        url: oakestra_runtime::client::base_url(ip, port),
                     },
                 );
             }

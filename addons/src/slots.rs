@@ -16,7 +16,8 @@ use std::{
 };
 
 use hyper::Method;
-use oakestra_protocol::{addons::Slot, bearer::same_secret, client};
+use oakestra_protocol::{addons::Slot, bearer::same_secret};
+use oakestra_runtime::client;
 use serde::Serialize;
 use serde_json::Value;
 use tokio::sync::oneshot;

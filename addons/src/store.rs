@@ -4,7 +4,6 @@
 use std::{
     path::Path,
     sync::{Arc, Mutex, PoisonError},
-    time::{SystemTime, UNIX_EPOCH},
 };
 
 use oakestra_protocol::addons::{AddonSpec, AddonStatus, MarketplaceStatus};
@@ -75,23 +74,11 @@ pub struct AddonStore {
 }
 
 /// Current time in milliseconds since the Unix epoch.
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .ok()
-        .and_then(|d| i64::try_from(d.as_millis()).ok())
-        .unwrap_or(0)
-}
+pub use oakestra_runtime::time::now_ms;
 
 /// A fresh id in MongoDB ObjectId shape (24 hex digits: 4 bytes of Unix seconds, 8 random bytes).
 pub fn new_id() -> Result<String, Error> {
-    let mut bytes = [0_u8; 12];
-    let secs = now_ms() / 1000;
-    // ObjectIds keep the low 32 bits of the timestamp by design.
-    let secs = u32::try_from(secs & i64::from(u32::MAX)).unwrap_or(0);
-    bytes[..4].copy_from_slice(&secs.to_be_bytes());
-    getrandom::fill(&mut bytes[4..]).map_err(|e| Error::Random(e.to_string()))?;
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+    oakestra_runtime::secret::object_id().map_err(|e| Error::Random(e.to_string()))
 }
 
 fn json_text<T: Serialize>(v: &T) -> String {
@@ -141,8 +128,8 @@ impl AddonStore {
     /// Opens the tier's database at `path` (already created by the tier) and applies the addons' migrations.
     pub fn open(path: &Path) -> Result<Self, Error> {
         let db = |e: rusqlite::Error| Error::Db(format!("{}: {e}", path.display()));
-        let (mut conn, _mode) = oakestra_protocol::sqlite::open(path).map_err(db)?;
-        for version in oakestra_protocol::sqlite::migrate_in(&mut conn, "addons_schema_version", MIGRATIONS)
+        let (mut conn, _mode) = oakestra_runtime::sqlite::open(path).map_err(db)?;
+        for version in oakestra_runtime::sqlite::migrate_in(&mut conn, "addons_schema_version", MIGRATIONS)
             .map_err(db)?
         {
             tracing::info!(version, "applied addons schema migration");

@@ -44,7 +44,8 @@ use axum::{
     extract::DefaultBodyLimit,
     http::{Method, StatusCode, Uri},
 };
-use oakestra_protocol::{api::cluster::NodeRegistered, client};
+use oakestra_protocol::api::cluster::NodeRegistered;
+use oakestra_runtime::client;
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, NetworkOptions, Outgoing, Packet, QoS};
 use serde_json::{Value, json};
 use tokio::{

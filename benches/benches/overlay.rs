@@ -259,7 +259,7 @@ fn setup_netmanagers(
         .build()
         .map_err(|e| e.to_string())?;
     rt.block_on(async {
-        use oakestra_protocol::client::call_unix;
+        use oakestra_runtime::client::call_unix;
         let post = |sock: PathBuf, path: &'static str, body: serde_json::Value| async move {
             for _ in 0..100 {
                 match call_unix(

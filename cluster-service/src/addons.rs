@@ -6,7 +6,8 @@ use std::{path::Path, sync::Arc, time::Duration};
 use axum::http::{HeaderMap, StatusCode};
 use hyper::Method;
 use oakestra_addons::api::{Caller, Gate, Lookup, RemoteMarketplace};
-use oakestra_protocol::{bearer, client};
+use oakestra_protocol::bearer;
+use oakestra_runtime::client;
 
 use crate::{Error, engine::Engine, store};
 

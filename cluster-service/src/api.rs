@@ -122,7 +122,7 @@ async fn metrics(State(engine): State<Arc<Engine>>, headers: HeaderMap) -> Resul
     m.broker_connections
         .set(i64::try_from(connections).unwrap_or(i64::MAX));
     Ok((
-        [(header::CONTENT_TYPE, oakestra_protocol::metrics::CONTENT_TYPE)],
+        [(header::CONTENT_TYPE, oakestra_runtime::metrics::CONTENT_TYPE)],
         m.render(engine.broker.embedded().map(|b| b.logins())),
     )
         .into_response())
@@ -202,7 +202,7 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route") })
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         // Outermost: every error answer (405, 413, path and body rejections, …) becomes `{"message": …}`.
-        .layer(axum::middleware::map_response(oakestra_protocol::server::json_errors))
+        .layer(axum::middleware::map_response(oakestra_runtime::server::json_errors))
         .with_state(engine)
 }
 

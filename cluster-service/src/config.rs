@@ -252,7 +252,7 @@ pub struct Config {
     /// Workers may register without the join token.
     pub open_registration: bool,
     /// The HTTP listener's timeouts and connection cap.
-    pub http: oakestra_protocol::server::ServerLimits,
+    pub http: oakestra_runtime::server::ServerLimits,
     /// Self-healing clocks.
     pub timing: Timing,
     /// Worker ranking.
@@ -444,7 +444,7 @@ impl Config {
                 "must be at least 1",
             ));
         }
-        let http = oakestra_protocol::server::ServerLimits {
+        let http = oakestra_runtime::server::ServerLimits {
             header_read_timeout: Duration::from_millis(seconds(
                 "--header-read-timeout",
                 cli.header_read_timeout,

@@ -3,7 +3,7 @@
 
 use std::{
     sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::Duration,
 };
 
 use hyper::Method;
@@ -12,12 +12,13 @@ use oakestra_protocol::{
         cluster::{NodeRegistered, NodeRegistration},
         federation::{DEPLOY_RESULT_PATH, DeployResult},
     },
-    bearer, client,
+    bearer,
     mqtt::{
         topics::{Topic, TopicId},
         worker::{ControlError, JobStatusReport, NodeInformation, ResourcesReport},
     },
 };
+use oakestra_runtime::client;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 use tokio::sync::{Notify, mpsc, watch};
@@ -36,10 +37,7 @@ const TRIM_EVERY: Duration = Duration::from_secs(10);
 
 /// Milliseconds since 1970 (the clock every state decision uses).
 pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
+    u64::try_from(oakestra_runtime::time::now_ms()).unwrap_or(0)
 }
 
 /// Who may register as a worker.
@@ -589,11 +587,8 @@ pub(crate) fn decode<T: DeserializeOwned>(topic: &Topic, payload: &[u8]) -> Opti
 
 /// A fresh node id: 24 random hex digits, shaped like the reference's Mongo ObjectIds.
 fn new_node_id() -> String {
-    let mut bytes = [0u8; 12];
-    if getrandom::fill(&mut bytes).is_err() {
+    oakestra_runtime::secret::random_hex(12).unwrap_or_else(|_| {
         // Practically unreachable (the OS RNG failed); fall back to the clock, still unique per registration.
-        let now = now_ms().to_be_bytes();
-        bytes[..8].copy_from_slice(&now);
-    }
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+        format!("{:024x}", now_ms())
+    })
 }

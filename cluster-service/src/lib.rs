@@ -88,7 +88,7 @@ pub enum Error {
     Task(#[from] tokio::task::JoinError),
     /// Root could not be reached.
     #[error("calling root: {0}")]
-    Call(#[from] oakestra_protocol::client::ClientError),
+    Call(#[from] oakestra_runtime::client::ClientError),
     /// Root answered with an error.
     #[error("{url}: root answered HTTP {status}: {body}")]
     Root {
@@ -285,7 +285,7 @@ pub async fn start(config: Config) -> Result<Running, Error> {
         let mut stop = stop_rx.clone();
         let (router, limits) = (addons_router(), config.http);
         tokio::spawn(async move {
-            oakestra_protocol::server::serve(l, router, limits, async move {
+            oakestra_runtime::server::serve(l, router, limits, async move {
                 let _ = stop.wait_for(|s| *s).await;
             })
             .await
@@ -295,7 +295,7 @@ pub async fn start(config: Config) -> Result<Running, Error> {
     let mut server_stop = stop_rx;
     let limits = config.http;
     let server = tokio::spawn(async move {
-        oakestra_protocol::server::serve(listener, app, limits, async move {
+        oakestra_runtime::server::serve(listener, app, limits, async move {
             let _ = server_stop.wait_for(|s| *s).await;
         })
         .await

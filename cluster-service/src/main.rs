@@ -5,10 +5,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use oakestra_cluster_service::{Cli, Config, Error};
-use tracing_subscriber::EnvFilter;
-
-/// sysexits `EX_USAGE`: the command line or the environment is wrong.
-const EXIT_USAGE: u8 = 64;
+use oakestra_runtime::signal::EXIT_USAGE;
 
 fn main() -> ExitCode {
     oakestra_cluster_service::memory::limit_arenas();
@@ -20,11 +17,7 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    oakestra_runtime::logging::init("info", None);
     let config = match Config::from_cli(cli) {
         Ok(config) => config,
         Err(e) => {
@@ -44,7 +37,7 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(oakestra_cluster_service::run(
         config,
-        oakestra_protocol::signal::shutdown_signal(),
+        oakestra_runtime::signal::shutdown_signal(),
     )) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&e, 1),

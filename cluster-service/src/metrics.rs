@@ -5,8 +5,8 @@
 
 use std::sync::Arc;
 
-pub use oakestra_protocol::metrics::{DirectionLabel, OutcomeLabel, StateLabel, StatusLabel};
-use oakestra_protocol::metrics::{
+pub use oakestra_runtime::metrics::{DirectionLabel, OutcomeLabel, StateLabel, StatusLabel};
+use oakestra_runtime::metrics::{
     MirrorCounter, MqttCounters, ProcessMetrics,
     prometheus_client::{
         metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
@@ -125,6 +125,6 @@ impl ClusterMetrics {
         self.process.update();
         self.mqtt_reconnects.observe(self.mqtt.reconnects());
         self.broker_logins.observe(broker_logins.unwrap_or(0));
-        oakestra_protocol::metrics::render(&self.registry)
+        oakestra_runtime::metrics::render(&self.registry)
     }
 }

@@ -107,7 +107,7 @@ pub fn start(
     host: &str,
     port: u16,
     password: &str,
-    counters: Arc<oakestra_protocol::metrics::MqttCounters>,
+    counters: Arc<oakestra_runtime::metrics::MqttCounters>,
     mut stop: watch::Receiver<bool>,
 ) -> (Publisher, mpsc::UnboundedReceiver<Message>, watch::Receiver<bool>) {
     let mut options = MqttOptions::new(CLUSTER_USER, host, port);
@@ -143,7 +143,7 @@ async fn drive(
     mut eventloop: EventLoop,
     tx: mpsc::UnboundedSender<Message>,
     up: watch::Sender<bool>,
-    counters: Arc<oakestra_protocol::metrics::MqttCounters>,
+    counters: Arc<oakestra_runtime::metrics::MqttCounters>,
 ) {
     let filters: Vec<SubscribeFilter> = subscriptions()
         .into_iter()

@@ -7,10 +7,10 @@
 use std::time::Duration;
 
 use hyper::Method;
-use oakestra_protocol::{
-    api::federation::{CLUSTER_REGISTER_PATH, ClusterRegistered, ClusterRegistration, information_path},
-    client,
+use oakestra_protocol::api::federation::{
+    CLUSTER_REGISTER_PATH, ClusterRegistered, ClusterRegistration, information_path,
 };
+use oakestra_runtime::client;
 use serde_json::{Map, Value};
 
 use crate::{

@@ -101,35 +101,20 @@ pub fn private_dir(dir: &Path) -> Result<(), Error> {
 
 /// The token kept in `path`: the one there (16 characters at least), or a new random one written there (0600).
 pub fn load_or_create_secret(path: &Path) -> Result<String, Error> {
-    let token = match std::fs::read_to_string(path) {
-        Ok(t) if t.trim().len() >= 16 => t.trim().to_owned(),
-        _ => crate::broker::new_secret(),
-    };
-    write_secret(path, &token)?;
-    Ok(token)
+    oakestra_runtime::secret::load_or_create(path, 16, 32)
+        .map(|t| t.token)
+        .map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })
 }
 
 /// Writes a secret to `path` with mode 0600 (also when the file existed with a looser mode).
 pub fn write_secret(path: &Path, text: &str) -> Result<(), Error> {
-    use std::{
-        io::Write as _,
-        os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _},
-    };
-    let io = |source| Error::Io {
+    oakestra_runtime::secret::write(path, text).map_err(|source| Error::Io {
         path: path.to_path_buf(),
         source,
-    };
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(io)?;
-    file.set_permissions(std::fs::Permissions::from_mode(0o600))
-        .map_err(io)?;
-    file.write_all(text.as_bytes()).map_err(io)?;
-    file.write_all(b"\n").map_err(io)
+    })
 }
 
 impl Store {
@@ -141,7 +126,7 @@ impl Store {
     fn open_blocking(data_dir: &Path) -> Result<Self, Error> {
         private_dir(data_dir)?;
         let path = data_dir.join("cluster.db");
-        let (mut conn, mode) = oakestra_protocol::sqlite::open(&path)?;
+        let (mut conn, mode) = oakestra_runtime::sqlite::open(&path)?;
         if !mode.eq_ignore_ascii_case("wal") {
             tracing::warn!(%mode, path = %path.display(), "SQLite refused WAL mode");
         }
@@ -326,7 +311,7 @@ fn json<T: serde::Serialize>(value: &T) -> Result<String, Error> {
 
 /// Applies the migrations the database has not seen yet.
 fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
-    for version in oakestra_protocol::sqlite::migrate(conn, MIGRATIONS)? {
+    for version in oakestra_runtime::sqlite::migrate(conn, MIGRATIONS)? {
         tracing::info!(version, "applied schema migration");
     }
     Ok(())

@@ -6,7 +6,7 @@
 mod support;
 
 use hyper::Method;
-use oakestra_protocol::metrics::sample;
+use oakestra_runtime::metrics::sample;
 use serde_json::json;
 use support::{
     BrokerKind, FakeRoot, FakeWorker, TempDir, call, eventually, fast_args, job_doc, set_flag, start_cluster,

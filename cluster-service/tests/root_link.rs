@@ -156,7 +156,7 @@ async fn registration_waits_for_root_and_can_be_stopped() {
 }
 
 async fn reqwest_like_get(url: &str) -> serde_json::Value {
-    oakestra_protocol::client::call::<()>(
+    oakestra_runtime::client::call::<()>(
         hyper::Method::GET,
         url,
         None,

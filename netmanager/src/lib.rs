@@ -104,7 +104,7 @@ pub async fn run(settings: Settings, mut shutdown: tokio::sync::watch::Receiver<
     }
     if let Some((addr, token_file)) = &settings.metrics {
         let token =
-            oakestra_protocol::metrics::endpoint::read_token(token_file).map_err(|e| Error::Listen {
+            oakestra_runtime::metrics::endpoint::read_token(token_file).map_err(|e| Error::Listen {
                 what: format!("metrics on {addr}"),
                 reason: e.to_string(),
             })?;
@@ -113,13 +113,13 @@ pub async fn run(settings: Settings, mut shutdown: tokio::sync::watch::Receiver<
             .map_err(listen_err(format!("metrics on {addr}")))?;
         let metrics = Arc::new(metrics::Metrics::new());
         let source = daemon.clone();
-        let router = oakestra_protocol::metrics::endpoint::router(token.into(), move || {
+        let router = oakestra_runtime::metrics::endpoint::router(token.into(), move || {
             let (metrics, source) = (Arc::clone(&metrics), source.clone());
             async move { metrics.render(source.traffic().await.as_ref()) }
         });
         tracing::info!(%addr, "serving Prometheus metrics (GET /metrics, bearer token)");
-        let limits = oakestra_protocol::server::ServerLimits::default();
-        servers.push(tokio::spawn(oakestra_protocol::server::serve(
+        let limits = oakestra_runtime::server::ServerLimits::default();
+        servers.push(tokio::spawn(oakestra_runtime::server::serve(
             tcp,
             router,
             limits,
@@ -139,7 +139,7 @@ pub async fn run(settings: Settings, mut shutdown: tokio::sync::watch::Receiver<
 
 /// `NetManager status`: asks the running daemon and returns its state.
 pub async fn status(settings: &Settings) -> Result<serde_json::Value, Error> {
-    let r = oakestra_protocol::client::call_unix::<()>(
+    let r = oakestra_runtime::client::call_unix::<()>(
         "GET".parse().unwrap_or_default(),
         &settings.socket,
         api::PATH_STATUS,

@@ -42,7 +42,8 @@ fn runtime() -> Result<tokio::runtime::Runtime, (String, u8)> {
 }
 
 fn status(cli: &Cli) -> Result<(), (String, u8)> {
-    let (settings, _) = Settings::resolve(&cli.run).map_err(|e| (e.to_string(), 64))?;
+    let (settings, _) =
+        Settings::resolve(&cli.run).map_err(|e| (e.to_string(), oakestra_runtime::signal::EXIT_USAGE))?;
     let state = runtime()?
         .block_on(oakestra_netmanager::status(&settings))
         .map_err(|e| (e.to_string(), 3))?;
@@ -54,8 +55,12 @@ fn status(cli: &Cli) -> Result<(), (String, u8)> {
 }
 
 fn run(cli: &Cli) -> Result<(), (String, u8)> {
-    let (settings, found) = Settings::resolve(&cli.run).map_err(|e| (e.to_string(), 64))?;
-    init_tracing(settings.log_file.as_deref(), settings.debug);
+    let (settings, found) =
+        Settings::resolve(&cli.run).map_err(|e| (e.to_string(), oakestra_runtime::signal::EXIT_USAGE))?;
+    let level = if settings.debug { "debug" } else { "info" };
+    if !oakestra_runtime::logging::init(level, settings.log_file.as_deref()) {
+        tracing::warn!(file = ?settings.log_file, "cannot open the log file; logging to stderr only");
+    }
     if !found {
         tracing::warn!(
             path = %cli.run.config.as_deref().map_or(oakestra_netmanager::config::DEFAULT_CONFIG_PATH.into(), |p| p.display().to_string()),
@@ -64,37 +69,8 @@ fn run(cli: &Cli) -> Result<(), (String, u8)> {
     }
     // The control plane is light (HTTP API, MQTT, timers); the packet path runs on its own threads.
     runtime()?.block_on(async {
-        let (tx, rx) = tokio::sync::watch::channel(false);
-        tokio::spawn(async move {
-            oakestra_protocol::signal::shutdown_signal().await;
-            let _ = tx.send(true);
-        });
-        oakestra_netmanager::run(settings, rx)
+        oakestra_netmanager::run(settings, oakestra_runtime::signal::shutdown_watch())
             .await
             .map_err(|e| (e.to_string(), 1))
     })
-}
-
-fn init_tracing(log_file: Option<&std::path::Path>, debug: bool) {
-    use tracing_subscriber::fmt::writer::MakeWriterExt;
-    let default = if debug { "debug" } else { "info" };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let file = log_file.and_then(|p| {
-        if let Some(dir) = p.parent() {
-            let _ = std::fs::create_dir_all(dir);
-        }
-        std::fs::OpenOptions::new().create(true).append(true).open(p).ok()
-    });
-    match file {
-        Some(f) => tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_ansi(false)
-            .with_writer(std::io::stderr.and(std::sync::Mutex::new(f)))
-            .init(),
-        None => tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_writer(std::io::stderr)
-            .init(),
-    }
 }

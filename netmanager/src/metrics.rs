@@ -2,7 +2,7 @@
 //! path (the TUN proxy and the eBPF fast path), what the fast path hands to the slow path, flows, MQTT and the
 //! process, read at each scrape from the counters the dataplane keeps anyway.
 
-use oakestra_protocol::metrics::{
+use oakestra_runtime::metrics::{
     DirectionLabel, Mirror, MirrorCounter, PathDirectionLabel, PathLabel, ProcessMetrics, ReasonLabel,
     prometheus_client::{
         metrics::{family::Family, gauge::Gauge},
@@ -72,7 +72,7 @@ pub struct Metrics {
     process: std::sync::Arc<ProcessMetrics>,
 }
 
-/// The MQTT counters mirrored from the session's [`oakestra_protocol::metrics::MqttCounters`] (the session is
+/// The MQTT counters mirrored from the session's [`oakestra_runtime::metrics::MqttCounters`] (the session is
 /// replaced on every registration; the mirrors keep counting up).
 #[derive(Debug, Default)]
 struct MirrorMqtt {
@@ -255,7 +255,7 @@ impl Metrics {
 
 #[cfg(test)]
 mod tests {
-    use oakestra_protocol::metrics::sample;
+    use oakestra_runtime::metrics::sample;
 
     use super::*;
     use crate::fastpath::Count;

@@ -12,10 +12,8 @@ use std::{
     time::Duration,
 };
 
-use oakestra_protocol::{
-    metrics::MqttCounters,
-    mqtt::net::{SubnetResult, TableQueryResult},
-};
+use oakestra_protocol::mqtt::net::{SubnetResult, TableQueryResult};
+use oakestra_runtime::metrics::MqttCounters;
 use rumqttc::{AsyncClient, ConnectReturnCode, Event, MqttOptions, Packet, QoS};
 use serde::Serialize;
 use tokio::sync::mpsc;

@@ -9,10 +9,6 @@
 //!   ([`mqtt::net`]).
 //! - [`api`]: HTTP bodies: worker registration at the cluster ([`api::cluster`]), the NetManager local API
 //!   ([`api::netmanager`]) and the cluster → root report with its worker aggregation ([`api::root`]).
-//! - `client` (feature `client`): the small HTTP/1.1 JSON client tiers use to call each other; `sqlite` (feature
-//!   `sqlite`): how the root and cluster stores open SQLite and migrate; `signal` (feature `signal`): waiting for
-//!   SIGTERM/SIGINT, shared by every daemon; `server` (feature `server`): the HTTP/1.1 server of every API listener
-//!   (header-read and idle timeouts, a connection cap, JSON error bodies). The only I/O here, all opt-in.
 //! - [`addons`]: the addons contract: marketplace descriptors and their validation, statuses, container naming
 //!   and labels, and the plugin slots.
 //! - [`addr`]: the overlay address plan, the balancing-policy encoding of IPv6 service addresses and the address
@@ -21,9 +17,11 @@
 //! - [`bearer`]: the `Authorization: Bearer` token and constant-time secret comparison.
 //! - [`sched`]: the placement policy both tiers share (root picks a cluster, a cluster picks a worker), with
 //!   capacity reservations and the reading of a job's demand.
-//! - [`owner_only`]: owner-only files and directories (0600/0700), created so or tightened to it.
 //! - [`text`]: client-supplied text made safe to log (control and bidi characters escaped, long strings cut).
 //! - [`time`]: Unix milliseconds as the reference's ISO 8601 UTC text.
+//!
+//! What every daemon does with I/O (the HTTP client and server, signals, SQLite, files, metrics, logging) lives in
+//! `oakestra-runtime`, beside this crate.
 //!
 //! Field names on the wire are spelled exactly as the reference implementation spells them (including its
 //! inconsistencies, e.g. `MQTT_BROKER_PORT`, `nsAddressv6`), so that Oakestra peers interoperate with ours.
@@ -33,22 +31,11 @@ pub mod addr;
 pub mod api;
 pub mod backoff;
 pub mod bearer;
-#[cfg(feature = "client")]
-pub mod client;
-#[cfg(feature = "metrics")]
-pub mod metrics;
 pub mod mqtt;
 pub mod naming;
-pub mod owner_only;
 pub mod sched;
 pub mod serde_util;
-#[cfg(feature = "server")]
-pub mod server;
-#[cfg(feature = "signal")]
-pub mod signal;
 pub mod sla;
-#[cfg(feature = "sqlite")]
-pub mod sqlite;
 pub mod status;
 #[cfg(test)]
 mod test_util;

@@ -5,7 +5,7 @@
 use std::{
     io::Write,
     path::{Path, PathBuf},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::Duration,
 };
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
@@ -111,7 +111,7 @@ impl Keys {
         };
         match std::fs::read(&path) {
             Ok(bytes) if bytes.len() == KEY_LEN => {
-                crate::keep_private(&path, oakestra_protocol::owner_only::FILE_MODE)?;
+                crate::keep_private(&path, oakestra_runtime::owner_only::FILE_MODE)?;
                 return Ok(Self::from_secret(&bytes));
             }
             Ok(bytes) => {
@@ -196,10 +196,7 @@ fn write_private(path: &PathBuf, bytes: &[u8]) -> std::io::Result<()> {
 
 /// Seconds since the Unix epoch.
 pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    oakestra_runtime::time::unix_secs()
 }
 
 /// Whether `claims` still hold: the user exists and its token generation is the one the token was issued with.

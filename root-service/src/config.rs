@@ -3,7 +3,8 @@
 use std::{fmt, net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::Parser;
-use oakestra_protocol::{sched::Policy, server::ServerLimits};
+use oakestra_protocol::sched::Policy;
+use oakestra_runtime::server::ServerLimits;
 
 use crate::{Error, hashing::PoolSize, throttle::LoginLimits};
 
@@ -103,7 +104,7 @@ pub struct Cli {
     pub idle_timeout: u64,
 
     /// Connections served at once; beyond that new connections wait to be accepted.
-    #[arg(long, value_name = "N", default_value_t = oakestra_protocol::server::DEFAULT_MAX_CONNECTIONS)]
+    #[arg(long, value_name = "N", default_value_t = oakestra_runtime::server::DEFAULT_MAX_CONNECTIONS)]
     pub max_connections: usize,
 
     /// Threads hashing passwords (argon2id, 7 MiB of memory each). Default: the number of cores (at most 8).
@@ -155,7 +156,7 @@ pub const DEFAULT_HEADER_READ_SECS: u64 = 10;
 /// Default `--idle-timeout`.
 pub const DEFAULT_IDLE_SECS: u64 = 60;
 /// Default `--body-read-timeout`.
-pub const DEFAULT_BODY_READ_SECS: u64 = oakestra_protocol::server::DEFAULT_BODY_READ_TIMEOUT.as_secs();
+pub const DEFAULT_BODY_READ_SECS: u64 = oakestra_runtime::server::DEFAULT_BODY_READ_TIMEOUT.as_secs();
 
 /// Default liveness window: 30 s, the reference's (two cluster report intervals).
 pub const DEFAULT_LIVENESS_SECS: u64 = 30;

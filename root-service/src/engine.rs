@@ -23,12 +23,12 @@ use oakestra_addons::slots::{Delegation, PluginAnswer, Slots};
 use oakestra_protocol::{
     addons::Slot,
     api::federation::{DeployResult, JOB_UPDATE_PATH, JobUpdate, service_instance_path},
-    client::{self, base_url},
     mqtt::net::UpdateType,
     sched::{self, Candidate, Policy, Reservations},
     status::Status,
     text::Escaped,
 };
+use oakestra_runtime::client::{self, base_url};
 use serde_json::{Map, Value};
 
 use crate::{

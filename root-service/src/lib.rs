@@ -210,7 +210,7 @@ pub async fn build_state(config: &Config) -> Result<AppState, Error> {
 /// Tightens the file or directory `path` to `mode` (0600 secrets, 0700 the data directory) if others may read it,
 /// logging the mode it had.
 pub(crate) fn keep_private(path: &std::path::Path, mode: u32) -> Result<(), Error> {
-    let tightened = oakestra_protocol::owner_only::restrict(path, mode).map_err(|source| Error::Io {
+    let tightened = oakestra_runtime::owner_only::restrict(path, mode).map_err(|source| Error::Io {
         path: path.to_path_buf(),
         source,
     })?;
@@ -228,27 +228,31 @@ pub(crate) fn keep_private(path: &std::path::Path, mode: u32) -> Result<(), Erro
 /// File of the generated metrics token inside the data directory (Prometheus: `authorization.credentials_file`).
 pub const METRICS_TOKEN_FILE: &str = "metrics.token";
 
-/// Reads `<data-dir>/<file>`, or creates it (mode 0600) with a random token.
-fn load_or_create_secret(data_dir: &std::path::Path, file: &str) -> Result<String, Error> {
+/// Reads `<data-dir>/<file>`, or creates it (mode 0600) with a random token; logs a mode it had to tighten.
+fn token_file(data_dir: &std::path::Path, file: &str) -> Result<oakestra_runtime::secret::TokenFile, Error> {
     let path = data_dir.join(file);
-    let io = |source| Error::Io {
+    let loaded = oakestra_runtime::secret::load_or_create(&path, 16, 24).map_err(|source| Error::Io {
         path: path.clone(),
         source,
-    };
-    match std::fs::read_to_string(&path) {
-        Ok(text) if text.trim().len() >= 16 => {
-            keep_private(&path, oakestra_protocol::owner_only::FILE_MODE)?;
-            return Ok(text.trim().to_owned());
-        }
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io(e)),
+    })?;
+    if let Some(was) = loaded.tightened_from {
+        tracing::warn!(
+            path = %path.display(),
+            was = format_args!("{was:04o}"),
+            now = "0600",
+            "others could read this: tightened its mode"
+        );
     }
-    let token = store::new_id()? + &store::new_id()?;
-    oakestra_protocol::owner_only::create_private_file(&path).map_err(io)?;
-    std::fs::write(&path, format!("{token}\n")).map_err(io)?;
-    tracing::info!(file = %path.display(), "generated a token");
-    Ok(token)
+    Ok(loaded)
+}
+
+/// Reads `<data-dir>/<file>`, or creates it (mode 0600) with a random token.
+fn load_or_create_secret(data_dir: &std::path::Path, file: &str) -> Result<String, Error> {
+    let loaded = token_file(data_dir, file)?;
+    if loaded.created {
+        tracing::info!(file = %data_dir.join(file).display(), "generated a token");
+    }
+    Ok(loaded.token)
 }
 
 /// File of the generated join token inside the data directory.
@@ -256,39 +260,18 @@ pub const JOIN_TOKEN_FILE: &str = "join.token";
 
 /// Reads `<data-dir>/join.token`, or creates it (mode 0600) with a random token and logs the token once.
 fn load_or_create_join_token(data_dir: &std::path::Path) -> Result<String, Error> {
-    let path = data_dir.join(JOIN_TOKEN_FILE);
-    let io = |source| Error::Io {
-        path: path.clone(),
-        source,
-    };
-    match std::fs::read_to_string(&path) {
-        Ok(text) if text.trim().len() >= 16 => {
-            keep_private(&path, oakestra_protocol::owner_only::FILE_MODE)?;
-            tracing::info!(file = %path.display(), "clusters join with the token in this file");
-            return Ok(text.trim().to_owned());
-        }
-        Ok(_) => {
-            return Err(Error::Corrupt {
-                path,
-                what: "the join token is shorter than 16 characters".into(),
-            });
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io(e)),
+    let loaded = token_file(data_dir, JOIN_TOKEN_FILE)?;
+    let file = data_dir.join(JOIN_TOKEN_FILE);
+    if loaded.created {
+        tracing::warn!(
+            file = %file.display(),
+            join_token = %loaded.token,
+            "generated the cluster join token: give it to clusters (cluster-service --join-token)"
+        );
+    } else {
+        tracing::info!(file = %file.display(), "clusters join with the token in this file");
     }
-    let token = store::new_id()? + &store::new_id()?;
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let mut file = options.open(&path).map_err(io)?;
-    std::io::Write::write_all(&mut file, format!("{token}\n").as_bytes()).map_err(io)?;
-    tracing::warn!(
-        file = %path.display(),
-        join_token = %token,
-        "generated the cluster join token: give it to clusters (cluster-service --join-token)"
-    );
-    Ok(token)
+    Ok(loaded.token)
 }
 
 /// Serves the API on an already bound listener until `shutdown` completes, then finishes in-flight requests.
@@ -306,7 +289,7 @@ pub async fn serve(
     );
     let monitor = tokio::spawn(oakestra_addons::monitor::run(Arc::clone(&state.addons), stop_rx));
     let limits = state.http;
-    let served = oakestra_protocol::server::serve(listener, api::router(state), limits, shutdown)
+    let served = oakestra_runtime::server::serve(listener, api::router(state), limits, shutdown)
         .await
         .map_err(Error::Serve);
     let _ = stop_tx.send(true);
@@ -342,7 +325,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
         let router = api::addons_router(&state);
         let limits = state.http;
         tracing::warn!(%addr, "addons API also served on a reference port");
-        extra.push(tokio::spawn(oakestra_protocol::server::serve(
+        extra.push(tokio::spawn(oakestra_runtime::server::serve(
             l,
             router,
             limits,

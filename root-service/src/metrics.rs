@@ -4,8 +4,8 @@
 
 use std::sync::Arc;
 
-pub use oakestra_protocol::metrics::{OutcomeLabel, SlotLabel, StateLabel, StatusLabel};
-use oakestra_protocol::metrics::{
+pub use oakestra_runtime::metrics::{OutcomeLabel, SlotLabel, StateLabel, StatusLabel};
+use oakestra_runtime::metrics::{
     ProcessMetrics,
     prometheus_client::{
         metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
@@ -118,6 +118,6 @@ impl RootMetrics {
     /// The exposition text, with the process metrics read now.
     pub fn render(&self) -> String {
         self.process.update();
-        oakestra_protocol::metrics::render(&self.registry)
+        oakestra_runtime::metrics::render(&self.registry)
     }
 }

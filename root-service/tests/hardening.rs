@@ -13,8 +13,8 @@ use std::{
     time::Duration,
 };
 
-use oakestra_protocol::server::ServerLimits;
 use oakestra_root_service::{hashing::PoolSize, throttle::LoginLimits};
+use oakestra_runtime::server::ServerLimits;
 use serde_json::{Value, json};
 use support::{Server, TempDir};
 use tokio::{

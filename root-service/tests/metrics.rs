@@ -7,7 +7,7 @@
 mod support;
 
 use hyper::Method;
-use oakestra_protocol::metrics::sample;
+use oakestra_runtime::metrics::sample;
 use serde_json::json;
 use support::{FakeCluster, Server, TempDir, one_service_sla};
 

@@ -627,7 +627,7 @@ pub const HELLO_TEXT: &str = "hello from an oakestra-rs extension";
 
 /// One `GET` of the sample extension's page (2 s at most): its body, or `None` while it does not answer.
 pub async fn hello_page() -> Option<String> {
-    let r = oakestra_protocol::client::call::<serde_json::Value>(
+    let r = oakestra_runtime::client::call::<serde_json::Value>(
         "GET".parse().ok()?,
         HELLO_URL,
         None,

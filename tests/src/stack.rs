@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use oakestra_protocol::client;
+use oakestra_runtime::client;
 use serde_json::{Value, json};
 
 use crate::containerd::Containerd;

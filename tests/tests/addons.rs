@@ -17,7 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use oakestra_protocol::client;
+use oakestra_runtime::client;
 use oakestra_tests::{
     docker::{Dockerd, HELLO_IMAGE, HELLO_TEXT, Registry, SCHEDULER_IMAGE, addon_images, hello_page},
     harness::{Proc, eventually, free_port},

@@ -15,7 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use oakestra_protocol::client;
+use oakestra_runtime::client;
 use oakestra_tests::{
     harness::Proc,
     netns::{HostSnapshot, Netns, require_root},

@@ -7,7 +7,8 @@
 
 use std::time::Duration;
 
-use oakestra_protocol::{api::cluster::NodeRegistered, client};
+use oakestra_protocol::api::cluster::NodeRegistered;
+use oakestra_runtime::client;
 use oakestra_tests::harness::{Proc, eventually, free_port};
 use oakestra_tests::stack::{cluster_args, root_args};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};

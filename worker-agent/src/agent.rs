@@ -302,7 +302,7 @@ impl Agent {
     async fn join(
         settings: &Settings,
         body: NodeRegistration,
-        mqtt: Arc<oakestra_protocol::metrics::MqttCounters>,
+        mqtt: Arc<oakestra_runtime::metrics::MqttCounters>,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Option<(
         Identity,
@@ -995,13 +995,13 @@ impl Agent {
         mut shutdown: watch::Receiver<bool>,
     ) -> Result<tokio::task::JoinHandle<std::io::Result<()>>, AgentError> {
         let failed = |reason: String| AgentError::Metrics { addr, reason };
-        let token = oakestra_protocol::metrics::endpoint::read_token(token_file)
-            .map_err(|e| failed(e.to_string()))?;
+        let token =
+            oakestra_runtime::metrics::endpoint::read_token(token_file).map_err(|e| failed(e.to_string()))?;
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| failed(e.to_string()))?;
         let me = Arc::clone(self);
-        let router = oakestra_protocol::metrics::endpoint::router(token.into(), move || {
+        let router = oakestra_runtime::metrics::endpoint::router(token.into(), move || {
             let me = Arc::clone(&me);
             async move {
                 let (deploying, running) =
@@ -1016,10 +1016,10 @@ impl Agent {
             }
         });
         tracing::info!(%addr, "serving Prometheus metrics (GET /metrics, bearer token)");
-        Ok(tokio::spawn(oakestra_protocol::server::serve(
+        Ok(tokio::spawn(oakestra_runtime::server::serve(
             listener,
             router,
-            oakestra_protocol::server::ServerLimits::default(),
+            oakestra_runtime::server::ServerLimits::default(),
             async move {
                 let _ = shutdown.wait_for(|v| *v).await;
             },

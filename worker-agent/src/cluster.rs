@@ -8,10 +8,10 @@ use std::time::Duration;
 
 use hyper::Method;
 use oakestra_protocol::api::cluster::{NodeRegistered, NodeRegistration, REGISTER_PATH};
-use oakestra_protocol::client;
-use oakestra_protocol::metrics::MqttCounters;
 use oakestra_protocol::mqtt::topics::{Topic, TopicId};
 use oakestra_protocol::mqtt::worker::{ConnectionLost, DeleteCommand, DeployCommand};
+use oakestra_runtime::client;
+use oakestra_runtime::metrics::MqttCounters;
 use rumqttc::{AsyncClient, ConnectReturnCode, Event, LastWill, MqttOptions, Packet, QoS};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;

@@ -40,44 +40,20 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: &Cli) -> Result<(), (String, u8)> {
-    // 64 = EX_USAGE: the configuration is wrong, restarting will not help.
-    let settings = Settings::resolve(&cli.run).map_err(|e| (e.to_string(), 64))?;
-    init_tracing(settings.log_file.as_deref());
+    let settings =
+        Settings::resolve(&cli.run).map_err(|e| (e.to_string(), oakestra_runtime::signal::EXIT_USAGE))?;
+    // Logs go to stderr and, when it can be opened, to the log file too (what `NodeEngine logs` prints).
+    if !oakestra_runtime::logging::init("info", settings.log_file.as_deref()) {
+        tracing::warn!(file = ?settings.log_file, "cannot open the log file; logging to stderr only");
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .map_err(|e| (format!("cannot start the runtime: {e}"), 1))?;
     runtime.block_on(async {
-        let (tx, rx) = tokio::sync::watch::channel(false);
-        tokio::spawn(async move {
-            oakestra_protocol::signal::shutdown_signal().await;
-            let _ = tx.send(true);
-        });
-        agent::run(settings, rx).await.map_err(|e| (e.to_string(), 1))
+        agent::run(settings, oakestra_runtime::signal::shutdown_watch())
+            .await
+            .map_err(|e| (e.to_string(), 1))
     })
-}
-
-/// Logs to stderr and, when it can be opened, appended to the log file (what `NodeEngine logs` prints).
-fn init_tracing(log_file: Option<&std::path::Path>) {
-    use tracing_subscriber::fmt::writer::MakeWriterExt;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let file = log_file.and_then(|p| {
-        if let Some(dir) = p.parent() {
-            let _ = std::fs::create_dir_all(dir);
-        }
-        std::fs::OpenOptions::new().create(true).append(true).open(p).ok()
-    });
-    match file {
-        Some(f) => tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_ansi(false)
-            .with_writer(std::io::stderr.and(std::sync::Mutex::new(f)))
-            .init(),
-        None => tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_writer(std::io::stderr)
-            .init(),
-    }
 }

@@ -12,7 +12,7 @@ use oakestra_protocol::api::netmanager::{
     PATH_REGISTER, PATH_STATUS, PATH_UNIKERNEL_DEPLOY, PATH_UNIKERNEL_UNDEPLOY, RegisterRequest,
     UndeployRequest,
 };
-use oakestra_protocol::client::{self, Response};
+use oakestra_runtime::client::{self, Response};
 use serde::Serialize;
 use serde_json::Value;
 

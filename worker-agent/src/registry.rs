@@ -508,17 +508,7 @@ fn check_digest(digest: &str) -> Result<(), RegistryError> {
 }
 
 fn sha256_digest(data: &[u8]) -> String {
-    format!("sha256:{}", hex(&Sha256::digest(data)))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write as _;
-    bytes
-        .iter()
-        .fold(String::with_capacity(bytes.len() * 2), |mut out, b| {
-            let _ = write!(out, "{b:02x}");
-            out
-        })
+    format!("sha256:{}", oakestra_runtime::hex::encode(&Sha256::digest(data)))
 }
 
 // --- platforms -----------------------------------------------------------------------------------------------------
@@ -2192,7 +2182,10 @@ impl BlobStream {
                 actual: self.received,
             });
         }
-        let actual = format!("sha256:{}", hex(&std::mem::take(&mut self.hasher).finalize()));
+        let actual = format!(
+            "sha256:{}",
+            oakestra_runtime::hex::encode(&std::mem::take(&mut self.hasher).finalize())
+        );
         if actual != self.expected_digest {
             return Err(RegistryError::DigestMismatch {
                 url: self.url.clone(),

@@ -294,23 +294,12 @@ pub fn chain_ids(diff_ids: &[String]) -> Vec<String> {
             None => diff.clone(),
             Some(parent) => {
                 let digest = Sha256::digest(format!("{parent} {diff}").as_bytes());
-                format!("sha256:{}", hex(&digest))
+                format!("sha256:{}", oakestra_runtime::hex::encode(&digest))
             }
         };
         out.push(next);
     }
     out
-}
-
-/// Lower-case hex of `bytes`.
-pub fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    bytes
-        .iter()
-        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
 }
 
 #[cfg(test)]
@@ -431,7 +420,10 @@ mod tests {
         let ids = chain_ids(&[a.clone(), b.clone()]);
         assert_eq!(ids[0], a);
         use sha2::{Digest, Sha256};
-        let expect = format!("sha256:{}", hex(&Sha256::digest(b"sha256:aaaa sha256:bbbb")));
+        let expect = format!(
+            "sha256:{}",
+            oakestra_runtime::hex::encode(&Sha256::digest(b"sha256:aaaa sha256:bbbb"))
+        );
         assert_eq!(ids[1], expect);
         assert!(chain_ids(&[]).is_empty());
     }

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use oakestra_protocol::metrics::{
+use oakestra_runtime::metrics::{
     DirectionLabel, Mirror, MirrorCounter, MqttCounters, OutcomeLabel, PhaseLabel, ProcessMetrics,
     StatusLabel,
     prometheus_client::{
@@ -197,7 +197,7 @@ impl Telemetry {
 
 #[cfg(test)]
 mod tests {
-    use oakestra_protocol::metrics::sample;
+    use oakestra_runtime::metrics::sample;
 
     use super::*;
 

@@ -29,7 +29,7 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{get, post},
 };
-use oakestra_protocol::client;
+use oakestra_runtime::client;
 use serde_json::{Value, json};
 
 /// Largest job document accepted.
@@ -192,24 +192,17 @@ async fn serve(config: Config) -> std::io::Result<()> {
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(Arc::new(config));
     axum::serve(listener, app)
-        .with_graceful_shutdown(oakestra_protocol::signal::shutdown_signal())
+        .with_graceful_shutdown(oakestra_runtime::signal::shutdown_signal())
         .await
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .init();
+    oakestra_runtime::logging::init("info", None);
     let config = match Config::from_env() {
         Ok(c) => c,
         Err(e) => {
             tracing::error!("invalid configuration: {e}");
-            return ExitCode::from(64);
+            return ExitCode::from(oakestra_runtime::signal::EXIT_USAGE);
         }
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()

@@ -105,12 +105,11 @@ pub fn verify_password(hash: &str, password: &str) -> bool {
 /// # Panics
 /// If the OS random source fails (see [`hash_password`]).
 pub fn new_secret() -> String {
-    let mut bytes = [0u8; 32];
-    fill_random(&mut bytes);
-    bytes.iter().fold(String::with_capacity(64), |mut hex, b| {
-        let _ = write!(hex, "{b:02x}");
-        hex
-    })
+    #[allow(
+        clippy::expect_used,
+        reason = "a secret without OS randomness must not exist; Linux's getrandom does not fail"
+    )]
+    oakestra_runtime::secret::random_hex(32).expect("the OS random source failed")
 }
 
 fn fill_random(buf: &mut [u8]) {

@@ -32,12 +32,12 @@ use axum::{
 use oakestra_cluster_service::{Cli, Config, Running};
 use oakestra_protocol::{
     api::cluster::NodeRegistered,
-    client,
     mqtt::{
         topics::{Topic, TopicId},
         worker::ConnectionLost,
     },
 };
+use oakestra_runtime::client;
 use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, QoS};
 use serde_json::{Value, json};
 use tokio::{net::TcpListener, sync::mpsc, task::JoinHandle};

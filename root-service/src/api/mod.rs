@@ -2,7 +2,7 @@
 //!
 //! Every route answers with and without a trailing slash. Errors are JSON `{"message": …}` (plus details such as
 //! the SLA problems), also axum's own rejections (a bad path segment or query string, 405, 413): the router's
-//! outermost layer is [`oakestra_protocol::server::json_errors`]. A malformed body is a 4xx naming the problem,
+//! outermost layer is [`oakestra_runtime::server::json_errors`]. A malformed body is a 4xx naming the problem,
 //! never a 500.
 //!
 //! - [`addons`]: the addons API's gate, the routes scheduler plugins call, the marketplace lookup of clusters (the
@@ -72,7 +72,7 @@ pub struct AppState {
     /// The token clusters register with.
     pub join_token: Arc<str>,
     /// Timeouts and the connection cap of the listener.
-    pub http: oakestra_protocol::server::ServerLimits,
+    pub http: oakestra_runtime::server::ServerLimits,
     /// The password-hashing pool.
     pub hasher: Arc<HashPool>,
     /// Failed-login limits.
@@ -279,7 +279,7 @@ pub fn router(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         // Outermost: whatever answers an error (a handler, an extractor's rejection, the 405 of a known path)
         // answers JSON.
-        .layer(axum::middleware::map_response(oakestra_protocol::server::json_errors))
+        .layer(axum::middleware::map_response(oakestra_runtime::server::json_errors))
         .with_state(state.clone())
         .merge(addons_routes)
         // Outermost of all: preflights never reach a route, and every answer (errors, 404s, the addons routes)
@@ -342,7 +342,7 @@ async fn metrics(
     Ok((
         [(
             axum::http::header::CONTENT_TYPE,
-            oakestra_protocol::metrics::CONTENT_TYPE,
+            oakestra_runtime::metrics::CONTENT_TYPE,
         )],
         m.render(),
     )

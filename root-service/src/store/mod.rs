@@ -190,7 +190,7 @@ impl Store {
     /// tightened to) 0700, the database files 0600. Blocking: call it from a blocking context.
     pub fn open_blocking(data_dir: &Path) -> Result<Self, Error> {
         let tightened =
-            oakestra_protocol::owner_only::create_private_dir(data_dir).map_err(|source| Error::Io {
+            oakestra_runtime::owner_only::create_private_dir(data_dir).map_err(|source| Error::Io {
                 path: data_dir.to_path_buf(),
                 source,
             })?;
@@ -206,7 +206,7 @@ impl Store {
             path: path.clone(),
             source,
         };
-        let (mut conn, mode) = oakestra_protocol::sqlite::open(&path).map_err(db)?;
+        let (mut conn, mode) = oakestra_runtime::sqlite::open(&path).map_err(db)?;
         if !mode.eq_ignore_ascii_case("wal") {
             tracing::warn!(%mode, path = %path.display(), "SQLite refused WAL mode");
         }
@@ -442,33 +442,17 @@ fn user_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<User> {
 
 /// Applies the migrations the database has not seen yet.
 pub(crate) fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
-    for version in oakestra_protocol::sqlite::migrate(conn, MIGRATIONS)? {
+    for version in oakestra_runtime::sqlite::migrate(conn, MIGRATIONS)? {
         tracing::info!(version, "applied schema migration");
     }
     Ok(())
 }
 
-/// A fresh id in MongoDB ObjectId shape: 24 lowercase hex digits (4 bytes of Unix seconds, 8 random bytes).
-pub fn new_id() -> Result<String, Error> {
-    let mut bytes = [0_u8; 12];
-    let secs = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    // ObjectIds keep the low 32 bits of the timestamp by design (they wrap in 2106).
-    let secs = u32::try_from(secs & u64::from(u32::MAX)).unwrap_or(0);
-    bytes[..4].copy_from_slice(&secs.to_be_bytes());
-    getrandom::fill(&mut bytes[4..]).map_err(|e| Error::Random(e.to_string()))?;
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
-}
+pub use oakestra_runtime::time::now_ms;
 
-/// Current time in milliseconds since the Unix epoch.
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .ok()
-        .and_then(|d| i64::try_from(d.as_millis()).ok())
-        .unwrap_or(0)
+/// A fresh id in MongoDB ObjectId shape (24 lowercase hex digits).
+pub fn new_id() -> Result<String, Error> {
+    oakestra_runtime::secret::object_id().map_err(|e| Error::Random(e.to_string()))
 }
 
 /// Current time as seconds since the Unix epoch, stored as text (no calendar crate needed).

@@ -26,8 +26,8 @@ use axum::{
     http::{HeaderMap, Method, StatusCode, Uri},
     response::IntoResponse,
 };
-use oakestra_protocol::client;
 use oakestra_root_service::Config;
+use oakestra_runtime::client;
 use serde_json::{Value, json};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},

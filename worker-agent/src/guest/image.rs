@@ -150,18 +150,8 @@ pub struct ImageCache {
     inflight: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
 }
 
-fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write as _;
-    bytes
-        .iter()
-        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
-}
-
 fn url_key(url: &str) -> String {
-    hex(&Sha256::digest(url.as_bytes()))
+    oakestra_runtime::hex::encode(&Sha256::digest(url.as_bytes()))
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -262,7 +252,7 @@ impl ImageCache {
             .map_err(|e| fail(GuestError::io(&part, &e)))?;
         drop(file);
         progress(body.received(), body.length());
-        let digest = hex(&hasher.finalize());
+        let digest = oakestra_runtime::hex::encode(&hasher.finalize());
         let cache = self.clone();
         let url_owned = url.to_owned();
         let part_owned = part.clone();
@@ -640,7 +630,7 @@ mod tests {
         ]);
         let part = dir.join("a.tar.gz");
         std::fs::write(&part, &data).unwrap();
-        let digest = hex(&Sha256::digest(&data));
+        let digest = oakestra_runtime::hex::encode(&Sha256::digest(&data));
         let img = cache.install("http://h/a.tar.gz", &part, &digest).unwrap();
         assert_eq!(std::fs::read(&img.kernel).unwrap(), b"KERNEL");
         assert_eq!(std::fs::read(img.initramfs.as_ref().unwrap()).unwrap(), b"CPIO");
@@ -682,7 +672,11 @@ mod tests {
         let part = dir.join("a.tar.gz");
         std::fs::write(&part, &data).unwrap();
         let img = cache
-            .install("http://h/a", &part, &hex(&Sha256::digest(&data)))
+            .install(
+                "http://h/a",
+                &part,
+                &oakestra_runtime::hex::encode(&Sha256::digest(&data)),
+            )
             .unwrap();
         cache.acquire(&img, "t").unwrap();
         cache.release("t");
@@ -713,7 +707,11 @@ mod tests {
             let part = dir.join(name);
             std::fs::write(&part, &data).unwrap();
             let e = cache
-                .install(&format!("http://h/{name}"), &part, &hex(&Sha256::digest(&data)))
+                .install(
+                    &format!("http://h/{name}"),
+                    &part,
+                    &oakestra_runtime::hex::encode(&Sha256::digest(&data)),
+                )
                 .unwrap_err()
                 .to_string();
             assert!(e.contains(want) && e.contains(name), "{name}: {e}");

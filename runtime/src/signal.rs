@@ -27,3 +27,18 @@ pub async fn shutdown_signal() {
         () = term => tracing::info!("SIGTERM received, shutting down"),
     }
 }
+
+/// A watch that turns true at the first SIGTERM or SIGINT: what a daemon's `run` takes to stop (call inside the
+/// runtime).
+pub fn shutdown_watch() -> tokio::sync::watch::Receiver<bool> {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = tx.send(true);
+    });
+    rx
+}
+
+/// sysexits' `EX_USAGE`: the exit code of a daemon whose command line, environment or configuration is wrong
+/// (restarting it will not help).
+pub const EXIT_USAGE: u8 = 64;

@@ -361,7 +361,7 @@ pub mod endpoint {
                     .get(header::AUTHORIZATION)
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| v.strip_prefix("Bearer "));
-                if !presented.is_some_and(|t| crate::bearer::same_secret(t, &token)) {
+                if !presented.is_some_and(|t| oakestra_protocol::bearer::same_secret(t, &token)) {
                     return (
                         StatusCode::UNAUTHORIZED,
                         "GET /metrics needs Authorization: Bearer <the metrics token>\n",
