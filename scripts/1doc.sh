@@ -124,6 +124,10 @@ install_packages() {
     DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=900 install -y -qq --no-install-recommends \
       "${missing[@]}" >/dev/null
     [ "$own_policy" = 1 ] && rm -f "$policy"
+    # Debian enables prometheus.service (0.0.0.0:9090, no authentication) for the next boot: 1doc runs its own.
+    if [[ " ${missing[*]} " == *" prometheus "* ]] && command -v systemctl >/dev/null; then
+      systemctl disable --now prometheus >/dev/null 2>&1 || true
+    fi
   fi
   if [ -z "$OAK_BIN_DIR" ] && ! command -v cargo >/dev/null && [ ! -x "$HOME/.cargo/bin/cargo" ]; then
     log "installing a Rust toolchain with rustup (stable, minimal profile)"
@@ -240,10 +244,17 @@ prometheus_up() {
     -e "s|@WORKER_TOKEN@|$OAK_HOME/metrics.token|g" -e "s|@INTERVAL@|$OAK_SCRAPE_INTERVAL|g" \
     "$repo/scripts/monitoring/prometheus.yml" >"$cfg"
   mkdir -p "$data/prometheus"
+  local url="http://127.0.0.1:$OAK_PROMETHEUS_PORT"
+  if ! alive prometheus && curl -sf --max-time 2 "$url/-/ready" >/dev/null; then
+    die "something else already answers on 127.0.0.1:$OAK_PROMETHEUS_PORT (Debian's prometheus.service? systemctl disable --now prometheus), or set OAK_PROMETHEUS_PORT"
+  fi
   log "starting prometheus on 127.0.0.1:$OAK_PROMETHEUS_PORT (scrapes root, cluster, NodeEngine, NetManager)"
   start prometheus prometheus --config.file="$cfg" --storage.tsdb.path="$data/prometheus" \
     --web.listen-address="127.0.0.1:$OAK_PROMETHEUS_PORT" --storage.tsdb.retention.time=7d
-  wait_for 60 "prometheus" prometheus curl -sf --max-time 2 "http://127.0.0.1:$OAK_PROMETHEUS_PORT/-/ready"
+  wait_for 60 "prometheus" prometheus curl -sf --max-time 2 "$url/-/ready"
+  # Ours, with our configuration (not another Prometheus that won the port).
+  curl -sf --max-time 2 "$url/api/v1/status/config" | grep -q 'job_name: netmanager' \
+    || die "the Prometheus on $url does not run $cfg; see $logs/prometheus.log"
 }
 
 cluster_status() { curl -sf --max-time 2 "http://127.0.0.1:$OAK_CLUSTER_PORT/api/cluster/status"; }

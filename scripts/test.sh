@@ -47,6 +47,10 @@ if [ ${#missing[@]} -gt 0 ]; then
   as_root apt-get -o DPkg::Lock::Timeout=900 update -qq
   as_root apt-get -o DPkg::Lock::Timeout=900 install -y -qq --no-install-recommends "${missing[@]}"
   [ "$own_policy" = 0 ] || as_root rm -f "$policy"
+  # Debian enables prometheus.service (0.0.0.0:9090, no authentication) for the next boot; the tests run their own.
+  if [[ " ${missing[*]} " == *" prometheus "* ]] && command -v systemctl >/dev/null; then
+    as_root systemctl disable --now prometheus >/dev/null 2>&1 || true
+  fi
 fi
 # docker.io: the addons tests start their own dockerd inside a network namespace of theirs (tests/src/docker.rs).
 # Installed with a policy-rc.d that keeps Debian's package from starting a daemon (and a docker0 bridge) on the host.

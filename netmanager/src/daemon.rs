@@ -1253,32 +1253,40 @@ impl<P: Plumbing> Daemon<P> {
         }
     }
 
-    /// What the metrics endpoint exposes; `None` before registration.
+    /// What the metrics endpoint exposes; `None` before registration. The fast path's counters (a walk of the BPF
+    /// maps) are read off the runtime, after the node's lock is released.
     pub async fn traffic(&self) -> Option<crate::metrics::Traffic> {
-        let guard = self.node.lock().await;
-        let node = guard.as_ref()?;
-        let c = &node.shared.counters;
-        let get = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
-        let mqtt = node.session.counters();
-        Some(crate::metrics::Traffic {
-            proxy: crate::metrics::ProxyTotals {
-                tun_rx: get(&c.tun_rx),
-                tun_rx_bytes: get(&c.tun_rx_bytes),
-                udp_rx: get(&c.udp_rx),
-                udp_rx_bytes: get(&c.udp_rx_bytes),
-                tun_tx: get(&c.tun_tx),
-                udp_tx: get(&c.udp_tx),
-                dropped: get(&c.dropped),
-                flows_created: get(&c.flows),
-                flows: node.shared.conn.len() as u64,
-            },
-            fast: node.fast.as_ref().map(|f| f.stats()),
-            instances: node.locals.len() as u64,
-            mqtt_connected: node.session.is_connected(),
-            mqtt_connects: mqtt.connects(),
-            mqtt_messages_in: mqtt.messages_in(),
-            mqtt_messages_out: mqtt.messages_out(),
-        })
+        let (mut traffic, fast) = {
+            let guard = self.node.lock().await;
+            let node = guard.as_ref()?;
+            let c = &node.shared.counters;
+            let get = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+            let mqtt = node.session.counters();
+            let traffic = crate::metrics::Traffic {
+                proxy: crate::metrics::ProxyTotals {
+                    tun_rx: get(&c.tun_rx),
+                    tun_rx_bytes: get(&c.tun_rx_bytes),
+                    udp_rx: get(&c.udp_rx),
+                    udp_rx_bytes: get(&c.udp_rx_bytes),
+                    tun_tx: get(&c.tun_tx),
+                    udp_tx: get(&c.udp_tx),
+                    dropped: get(&c.dropped),
+                    flows_created: get(&c.flows),
+                    flows: node.shared.conn.len() as u64,
+                },
+                fast: None,
+                instances: node.locals.len() as u64,
+                mqtt_connected: node.session.is_connected(),
+                mqtt_connects: mqtt.connects(),
+                mqtt_messages_in: mqtt.messages_in(),
+                mqtt_messages_out: mqtt.messages_out(),
+            };
+            (traffic, node.fast.clone())
+        };
+        if let Some(fast) = fast {
+            traffic.fast = tokio::task::spawn_blocking(move || fast.stats()).await.ok();
+        }
+        Some(traffic)
     }
 
     /// `GET /status`.

@@ -72,8 +72,7 @@ pub struct Metrics {
     process: std::sync::Arc<ProcessMetrics>,
 }
 
-/// The MQTT counters mirrored from the session's [`oakestra_runtime::metrics::MqttCounters`] (the session is
-/// replaced on every registration; the mirrors keep counting up).
+/// The MQTT counters mirrored from the session's [`oakestra_runtime::metrics::MqttCounters`].
 #[derive(Debug, Default)]
 struct MirrorMqtt {
     connections: MirrorCounter,
@@ -168,7 +167,7 @@ impl Metrics {
         mqtt.reconnects.register(
             &mut registry,
             "oakestra_netmanager_mqtt_reconnects",
-            "Connections to the cluster broker after the first of a registration",
+            "Connections to the cluster broker after the first",
         );
         mqtt.messages.register(
             &mut registry,

@@ -1,15 +1,16 @@
 //! Instants as Oakestra's documents spell them: Unix milliseconds to ISO 8601 UTC text (no calendar crate needed).
 
-/// `ms` since the Unix epoch as `YYYY-MM-DDTHH:MM:SS.ffffff` in UTC: the spelling of Python's
-/// `datetime.isoformat()` that the reference writes into `cpu_history` and `memory_history` (microseconds, no
-/// zone suffix). Instants before 1970 are clamped to the epoch.
+/// `ms` since the Unix epoch as `YYYY-MM-DDTHH:MM:SS.ffffffZ`: the spelling of Python's `datetime.isoformat()`
+/// that the reference writes into `cpu_history` and `memory_history` (microseconds), with the `Z` the reference
+/// leaves out, so a browser reads the instant as UTC rather than as its local time. Instants before 1970 are
+/// clamped to the epoch.
 pub fn iso8601_utc(ms: i64) -> String {
     let ms = ms.max(0);
     let (days, ms_of_day) = (ms.div_euclid(86_400_000), ms.rem_euclid(86_400_000));
     let (year, month, day) = civil_from_days(days);
     let secs = ms_of_day / 1000;
     format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:06}",
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z",
         secs / 3600,
         secs / 60 % 60,
         secs % 60,
@@ -37,14 +38,14 @@ mod tests {
 
     #[test]
     fn known_instants() {
-        assert_eq!(iso8601_utc(0), "1970-01-01T00:00:00.000000");
-        assert_eq!(iso8601_utc(-5), "1970-01-01T00:00:00.000000");
+        assert_eq!(iso8601_utc(0), "1970-01-01T00:00:00.000000Z");
+        assert_eq!(iso8601_utc(-5), "1970-01-01T00:00:00.000000Z");
         // 2000-02-29 (a leap day of a century leap year), 12:34:56.789.
-        assert_eq!(iso8601_utc(951_827_696_789), "2000-02-29T12:34:56.789000");
+        assert_eq!(iso8601_utc(951_827_696_789), "2000-02-29T12:34:56.789000Z");
         // 2026-12-04T15:00:00Z.
-        assert_eq!(iso8601_utc(1_796_396_400_000), "2026-12-04T15:00:00.000000");
+        assert_eq!(iso8601_utc(1_796_396_400_000), "2026-12-04T15:00:00.000000Z");
         // The last millisecond of 1999.
-        assert_eq!(iso8601_utc(946_684_799_999), "1999-12-31T23:59:59.999000");
+        assert_eq!(iso8601_utc(946_684_799_999), "1999-12-31T23:59:59.999000Z");
     }
 
     proptest::proptest! {

@@ -616,7 +616,7 @@ async fn organization_membership_changes_revoke() {
         )
         .await;
     assert_eq!(status, 200, "{org}");
-    let org_id = org["_id"]["$oid"].as_str().unwrap().to_owned();
+    let org_id: String = serde_json::from_str(org.as_str().unwrap()).unwrap();
     let login = |user: &'static str| json!({ "username": user, "password": format!("{user}-pw"), "organization_name": "edge" });
     let (_, bob_tokens) = server
         .json("POST", "/api/auth/login", None, Some(login("bob")))

@@ -193,16 +193,19 @@ async fn every_route_the_tools_read_is_reference_shaped() {
         )
         .await;
     assert_eq!(status, 200, "{org}");
-    assert_shape("POST /api/organization/", &org, "organization", &[]);
-    assert_eq!(org["member"][0]["user_id"], bob["_id"]["$oid"]);
-    get_shaped(
+    // The reference answers the new id JSON-encoded inside a JSON string; the dashboard `JSON.parse`s it.
+    assert_shape("POST /api/organization/", &org, "organization_created", &[]);
+    let org_id: String = serde_json::from_str(org.as_str().unwrap()).unwrap();
+    assert_eq!(org_id.len(), 24, "{org}");
+    let edge = get_shaped(
         &root,
         &token,
-        &format!("/api/organization/{}", org["_id"]["$oid"].as_str().unwrap()),
+        &format!("/api/organization/{org_id}"),
         "organization",
         &[],
     )
     .await;
+    assert_eq!(edge["member"][0]["user_id"], bob["_id"]["$oid"]);
 
     // Applications.
     let (status, apps) = root.post("/api/application/", &token, &sla()).await;
@@ -324,8 +327,8 @@ async fn every_route_the_tools_read_is_reference_shaped() {
     );
     let stamp = instance["cpu_history"][0]["timestamp"].as_str().unwrap();
     assert!(
-        stamp.len() == 26 && stamp.as_bytes()[10] == b'T' && stamp.starts_with("20"),
-        "ISO 8601 timestamp: {stamp}"
+        stamp.len() == 27 && stamp.as_bytes()[10] == b'T' && stamp.starts_with("20") && stamp.ends_with('Z'),
+        "ISO 8601 UTC timestamp: {stamp}"
     );
     get_shaped(&root, &token, &format!("/api/services/{app_id}"), "service", &[]).await;
     get_shaped(&root, &token, "/api/services/", "service", &[]).await;

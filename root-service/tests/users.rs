@@ -186,7 +186,12 @@ async fn user_documents_are_self_or_admin_and_hold_no_hash() {
     assert_eq!(orgs[0]["roles"], json!(["Application_Provider"]));
     let mut keys: Vec<&str> = doc.as_object().unwrap().keys().map(String::as_str).collect();
     keys.sort_unstable();
-    assert_eq!(keys, ["_id", "created_at", "email", "name", "organizations"]);
+    assert_eq!(
+        keys,
+        ["_id", "created_at", "email", "name", "organizations", "roles"]
+    );
+    // The roles in the caller's organization, as the reference adds them (the dashboard reads `user.roles`).
+    assert_eq!(doc["roles"], json!(["Application_Provider"]));
 
     let (status, res) = server.request("GET", "/api/user/alice", Some(&bob), None).await;
     assert_eq!(status, 403, "{res}");
@@ -436,16 +441,22 @@ async fn organizations_lifecycle() {
     assert_eq!(orgs[0]["member"].as_array().unwrap().len(), 2, "{orgs}");
 
     let body = json!({ "name": "edge", "member": [{ "user_id": bob_id, "roles": ["Organization_Admin"] }] });
-    let (status, edge) = server
+    let (status, created) = server
         .request("POST", "/api/organization", Some(&admin), Some(body))
         .await;
+    assert_eq!(status, 200, "{created}");
+    // The reference's answer: the new id, JSON-encoded inside a JSON string.
+    let edge_id: String = serde_json::from_str(created.as_str().unwrap()).unwrap();
+    let (status, edge) = server
+        .request("GET", &format!("/api/organization/{edge_id}"), Some(&admin), None)
+        .await;
     assert_eq!(status, 200, "{edge}");
+    assert_eq!(edge["_id"]["$oid"], json!(edge_id));
     assert_eq!(edge["name"], "edge");
     assert_eq!(
         edge["member"],
         json!([{ "user_id": bob_id, "roles": ["Organization_Admin"] }])
     );
-    let edge_id = edge["_id"]["$oid"].as_str().unwrap().to_owned();
 
     // Bob can log in to it and holds the roles given there.
     let (status, res) = server.login_as("bob", "bob-pw", Some("edge")).await;

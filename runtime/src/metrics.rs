@@ -85,8 +85,8 @@ pub struct ReasonLabel {
 }
 
 /// Counters whose totals are kept elsewhere (atomics on a hot path, a BPF map): [`Mirror::observe`] at scrape time
-/// adds what a total grew by since the last scrape, so the exposed series is a true counter. A total that went
-/// down (its owner restarted) counts again from there.
+/// adds what a total grew by since the highest total seen, so the exposed series is a true counter. A lower total
+/// (a failed read that came back as 0) adds nothing, so nothing is ever counted twice.
 #[derive(Debug)]
 pub struct Mirror<L: EncodeLabelSet + Clone + Hash + Eq + std::fmt::Debug + Send + Sync + 'static> {
     family: Family<L, Counter>,
@@ -111,9 +111,9 @@ impl<L: EncodeLabelSet + Clone + Hash + Eq + std::fmt::Debug + Send + Sync + 'st
     /// Brings the series `labels` up to `total`.
     pub fn observe(&self, labels: &L, total: u64) {
         let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
-        let last = seen.entry(labels.clone()).or_insert(0);
-        let grew = if total >= *last { total - *last } else { total };
-        *last = total;
+        let highest = seen.entry(labels.clone()).or_insert(0);
+        let grew = total.saturating_sub(*highest);
+        *highest = (*highest).max(total);
         // Create the series even at 0, so a scrape shows every documented series from the start.
         self.family.get_or_create(labels).inc_by(grew);
     }
@@ -132,12 +132,11 @@ impl MirrorCounter {
         registry.register(name, help, self.counter.clone());
     }
 
-    /// Brings the counter up to `total`.
+    /// Brings the counter up to `total` (a lower total adds nothing).
     pub fn observe(&self, total: u64) {
-        let mut last = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
-        let grew = if total >= *last { total - *last } else { total };
-        *last = total;
-        self.counter.inc_by(grew);
+        let mut highest = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
+        self.counter.inc_by(total.saturating_sub(*highest));
+        *highest = (*highest).max(total);
     }
 }
 
@@ -379,6 +378,70 @@ pub mod endpoint {
             .route("/metrics", get(handler))
             .fallback(|| async { (StatusCode::NOT_FOUND, "only GET /metrics is served here\n") })
     }
+
+    #[cfg(test)]
+    mod tests {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        use super::*;
+
+        /// One request with `auth` as the Authorization header (if any); the status and the body.
+        async fn get(addr: std::net::SocketAddr, path: &str, auth: Option<&str>) -> (u16, String) {
+            let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let header = auth
+                .map(|a| format!("Authorization: {a}\r\n"))
+                .unwrap_or_default();
+            let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\n{header}Connection: close\r\n\r\n");
+            stream.write_all(request.as_bytes()).await.unwrap();
+            let mut raw = String::new();
+            stream.read_to_string(&mut raw).await.unwrap();
+            let status = raw.split(' ').nth(1).unwrap().parse().unwrap();
+            (status, raw.split_once("\r\n\r\n").unwrap().1.to_owned())
+        }
+
+        #[tokio::test]
+        async fn only_the_token_reads_the_metrics() {
+            let token = "0123456789abcdef0123";
+            let router = router(token.into(), || async { "m_total 1\n# EOF\n".to_owned() });
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            tokio::spawn(async move { axum::serve(listener, router).await });
+            for auth in [
+                None,
+                Some("Bearer wrong-token-0123456789"),
+                Some("bearer 0123456789abcdef0123"),
+                Some("Basic 0123456789abcdef0123"),
+                Some("Bearer 0123456789abcdef012"),
+            ] {
+                let (status, body) = get(addr, "/metrics", auth).await;
+                assert_eq!(status, 401, "{auth:?}: {body}");
+                assert!(!body.contains("m_total"), "{auth:?}: {body}");
+            }
+            let (status, body) = get(addr, "/metrics", Some("Bearer 0123456789abcdef0123")).await;
+            assert_eq!((status, body.as_str()), (200, "m_total 1\n# EOF\n"));
+            let (status, _) = get(addr, "/other", Some("Bearer 0123456789abcdef0123")).await;
+            assert_eq!(status, 404);
+        }
+
+        #[test]
+        fn token_files_are_read_and_checked() {
+            let dir = std::env::temp_dir().join(format!("oak-metrics-token-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let path = dir.join("t");
+            std::fs::write(&path, "  0123456789abcdef0123\n").unwrap();
+            assert_eq!(read_token(&path).unwrap(), "0123456789abcdef0123");
+            std::fs::write(&path, "short\n").unwrap();
+            assert!(matches!(
+                read_token(&path),
+                Err(TokenError::TooShort { len: 5, .. })
+            ));
+            assert!(matches!(
+                read_token(&dir.join("missing")),
+                Err(TokenError::Read { .. })
+            ));
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -386,7 +449,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn mirrors_follow_totals_and_survive_a_reset() {
+    fn mirrors_follow_totals_and_never_count_twice() {
         let mut registry = Registry::default();
         let mirror: Mirror<PathLabel> = Mirror::default();
         mirror.register(&mut registry, "t_packets", "test");
@@ -402,11 +465,16 @@ mod tests {
             sample(&render(&registry), "t_packets_total{path=\"proxy\"}"),
             Some(15.0)
         );
-        // The owner restarted and counts from 0 again: the exposed counter still only grows.
-        mirror.observe(&proxy, 4);
+        // A failed read comes back as a lower total: nothing is added, the next good read adds only the growth.
+        mirror.observe(&proxy, 0);
         assert_eq!(
             sample(&render(&registry), "t_packets_total{path=\"proxy\"}"),
-            Some(19.0)
+            Some(15.0)
+        );
+        mirror.observe(&proxy, 20);
+        assert_eq!(
+            sample(&render(&registry), "t_packets_total{path=\"proxy\"}"),
+            Some(20.0)
         );
     }
 

@@ -1,6 +1,7 @@
 //! Harness for the cross-binary tests: finding the workspace's binaries and running them as real processes.
 //!
 //! # Layout
+//! - [`apt`]: the Debian packages a suite needs, installed when missing.
 //! - [`harness`]: free ports, child processes killed on drop, `eventually`.
 //! - [`incontainer`]: netprobe clients and servers inside a container's network namespace, containers' pids.
 //! - [`containerd`]: a private containerd daemon, the busybox test image, a local registry.
@@ -12,6 +13,7 @@
 //! The suites live in `tests/tests/*.rs`. They expect the binaries to be built first (`cargo build --bins`, which
 //! `./scripts/test.sh` does) and fail with a message saying so when they are not.
 
+pub mod apt;
 pub mod containerd;
 pub mod docker;
 pub mod harness;

@@ -1,7 +1,7 @@
 //! A real browser against root-service: headless Chromium, driven through chromedriver (W3C WebDriver over HTTP),
 //! loads `tests/browser/dashboard-calls.html` from another origin than the API's and runs the calls the Oakestra
 //! dashboard makes (login, read the user, create an application with the dashboard's SLA, list applications, add
-//! a service, deploy, list instances). Everything runs in a network namespace of the test's own, which has only
+//! a service, deploy, list instances, the users page with their roles, create and rename an organization). Everything runs in a network namespace of the test's own, which has only
 //! `lo`: the browser cannot reach anything else.
 //!
 //! root-service allows exactly the page's origin (`--cors-origins http://localhost:<page port>`): from there the
@@ -11,7 +11,7 @@
 
 use std::{
     path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::{Child, Stdio},
     time::{Duration, Instant},
 };
 
@@ -40,31 +40,11 @@ impl Drop for Killed {
 
 /// The browser packages, installed when missing (scripts/test.sh installs them too).
 fn ensure_chromium() {
-    let have = |bin: &str| {
-        Command::new("sh")
-            .args(["-c", &format!("command -v {bin}")])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    };
-    if have("chromium") && have("chromedriver") {
-        return;
-    }
-    let status = Command::new("apt-get")
-        .args([
-            "-o",
-            "DPkg::Lock::Timeout=900",
-            "install",
-            "-y",
-            "-qq",
-            "--no-install-recommends",
-        ])
-        .args(["chromium", "chromium-driver"])
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .status()
-        .unwrap();
-    assert!(
-        status.success(),
-        "apt-get install chromium chromium-driver failed"
+    use oakestra_tests::apt::{ensure, on_path};
+    ensure(
+        &["chromium", "chromium-driver"],
+        || on_path("chromium") && on_path("chromedriver"),
+        &[],
     );
 }
 
@@ -241,8 +221,19 @@ fn the_dashboards_calls_work_from_a_browser_on_another_origin() {
         instances[0]["status"].as_str().is_some_and(|s| !s.is_empty()),
         "{seen}"
     );
+    assert!(
+        instances[0]["status_detail"]
+            .as_str()
+            .is_some_and(|s| !s.is_empty()),
+        "{seen}"
+    );
     assert_eq!(instances[0]["cpu_points"], 0);
     assert_eq!(seen["clusters"], 0);
+    // The users page and the organization editor get what they read.
+    let roles = seen["my_roles"].as_array().unwrap();
+    assert!(roles.contains(&json!("Admin")), "{seen}");
+    assert_eq!(seen["organization_created"], true, "{seen}");
+    assert_eq!(seen["organization_renamed"], "browserorg2", "{seen}");
 
     // The same page from an origin root does not allow: the browser refuses to hand it the answers.
     let (title, text) = refused;

@@ -427,39 +427,12 @@ async fn one_doc_runs_the_seed_walkthrough_and_cleans_up() {
 }
 
 /// Debian's prometheus, installed when missing (scripts/test.sh installs it too; 1doc.sh runs with OAK_NO_INSTALL=1
-/// here), with a policy-rc.d so the package does not start a Prometheus on the host.
+/// here); its system service stays off.
 fn ensure_prometheus() {
-    if Command::new("prometheus")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success())
-    {
-        return;
-    }
-    let policy = Path::new("/usr/sbin/policy-rc.d");
-    let own_policy = !policy.exists() && std::fs::write(policy, "#!/bin/sh\nexit 101\n").is_ok();
-    if own_policy {
-        use std::os::unix::fs::PermissionsExt;
-        let _ = std::fs::set_permissions(policy, std::fs::Permissions::from_mode(0o755));
-    }
-    let status = Command::new("apt-get")
-        .args([
-            "-o",
-            "DPkg::Lock::Timeout=900",
-            "install",
-            "-y",
-            "-qq",
-            "--no-install-recommends",
-            "prometheus",
-        ])
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .status();
-    if own_policy {
-        let _ = std::fs::remove_file(policy);
-    }
-    assert!(
-        status.is_ok_and(|s| s.success()),
-        "apt-get install prometheus failed"
+    oakestra_tests::apt::ensure(
+        &["prometheus"],
+        || oakestra_tests::apt::on_path("prometheus"),
+        &["prometheus"],
     );
 }
 
@@ -492,7 +465,14 @@ fn grafana_series() -> Vec<String> {
     for file in ["grafana-control-plane.json", "grafana-worker.json"] {
         let text = std::fs::read_to_string(workspace_root().join("scripts/monitoring").join(file)).unwrap();
         let dashboard: Value = serde_json::from_str(&text).unwrap();
-        for panel in dashboard["panels"].as_array().unwrap() {
+        // Rows may hold their panels (a collapsed row does).
+        let mut panels: Vec<Value> = dashboard["panels"].as_array().unwrap().clone();
+        let nested: Vec<Value> = panels
+            .iter()
+            .flat_map(|p| p["panels"].as_array().cloned().unwrap_or_default())
+            .collect();
+        panels.extend(nested);
+        for panel in &panels {
             for target in panel["targets"].as_array().into_iter().flatten() {
                 let expr = target["expr"].as_str().unwrap();
                 for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
@@ -523,6 +503,11 @@ async fn monitoring_sees_everything(home: &Path) -> (usize, f64) {
         (active.len() == 4 && up == 4).then_some(active)
     })
     .await;
+    // The worker's metrics ports ask for the token like root's and the cluster's do.
+    for port in [9102, 9103] {
+        let r = call("GET", &format!("http://127.0.0.1:{port}/metrics"), None, None).await;
+        assert_eq!(r.status, 401, "port {port} without a token: {}", r.body);
+    }
     let jobs: Vec<&str> = targets
         .iter()
         .map(|t| t["labels"]["job"].as_str().unwrap())

@@ -388,7 +388,7 @@ async fn the_overlay_is_attached_between_create_and_start_and_orphans_go() {
         .await
         .iter()
         .find(|a| a["application_name"] == json!("ovl"))
-        .unwrap()["_id"]
+        .unwrap()["applicationID"]
         .as_str()
         .unwrap()
         .to_owned();

@@ -402,6 +402,7 @@ impl Agent {
                 let detail = format!(
                     "invalid deploy: job_name {job:?} must be app.appns.svc.svcns and instance_number {number} a non-negative integer"
                 );
+                self.telemetry.deploy_done(None);
                 self.report(&job, number, Status::Failed, &detail);
                 return;
             }
@@ -417,6 +418,7 @@ impl Agent {
                 cmd.virtualization.trim(),
                 self.runtimes.names().join(", ")
             );
+            self.telemetry.deploy_done(None);
             self.report(&job, number, Status::Failed, &detail);
             return;
         };

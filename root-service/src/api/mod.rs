@@ -324,8 +324,8 @@ async fn metrics(
     let root_slot = crate::metrics::SlotLabel {
         slot: oakestra_protocol::addons::Slot::RootScheduler.name().into(),
     };
-    m.plugin_delegated.get_or_create(&root_slot).set(0);
-    m.plugin_fallbacks.get_or_create(&root_slot).set(0);
+    let _ = m.plugin_delegated.get_or_create(&root_slot);
+    let _ = m.plugin_fallbacks.get_or_create(&root_slot);
     if let Some(slots) = state.engine.slots() {
         for (slot, stats) in slots.stats() {
             let label = crate::metrics::SlotLabel {

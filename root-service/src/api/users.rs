@@ -187,14 +187,21 @@ fn memberships_json(memberships: &[Membership]) -> Value {
         .collect()
 }
 
-/// The user document: `{_id, name, email, created_at, organizations}`.
-fn user_doc(user: &UserRow, memberships: &HashMap<String, Vec<Membership>>) -> Value {
+/// The user document: `{_id, name, email, created_at, roles, organizations}`. `roles` are the user's roles in
+/// organization `org` (an id or a name; `[]` when not a member), as the reference adds them for the organization
+/// in question: the dashboard reads them without a check.
+fn user_doc(user: &UserRow, memberships: &HashMap<String, Vec<Membership>>, org: &str) -> Value {
     let mine = memberships.get(&user.id).map_or(&[][..], Vec::as_slice);
+    let roles = mine
+        .iter()
+        .find(|m| m.org_id == org || m.org_name == org)
+        .map_or_else(Vec::new, |m| m.roles.clone());
     json!({
         "_id": oid(&user.id),
         "name": user.name,
         "email": user.email,
         "created_at": user.created_at,
+        "roles": roles,
         "organizations": memberships_json(mine),
     })
 }
@@ -213,11 +220,11 @@ fn org_doc(org: &OrgRow) -> Value {
 }
 
 /// The documents of the listed users.
-fn user_docs(listing: &UserListing) -> Vec<Value> {
+fn user_docs(listing: &UserListing, org: &str) -> Vec<Value> {
     listing
         .users
         .iter()
-        .map(|u| user_doc(u, &listing.memberships))
+        .map(|u| user_doc(u, &listing.memberships, org))
         .collect()
 }
 
@@ -319,7 +326,7 @@ async fn get_user(
 ) -> Result<Json<Value>, ApiError> {
     require_self_or_admin(&claims, &username)?;
     let (user, memberships) = state.store.user_with_memberships(username).await?;
-    Ok(Json(user_doc(&user, &memberships)))
+    Ok(Json(user_doc(&user, &memberships, &claims.0.organization)))
 }
 
 /// Body of `PUT /api/user/{username}`.
@@ -382,7 +389,7 @@ async fn delete_user(
     }
     let remaining = state.store.delete_user(username.clone()).await?;
     tracing::info!(by = %Escaped(&claims.0.sub), user = %Escaped(&username), "user deleted");
-    Ok(Json(user_docs(&remaining)))
+    Ok(Json(user_docs(&remaining, &claims.0.organization)))
 }
 
 /// Body of `POST /api/user/{username}`.
@@ -465,7 +472,7 @@ async fn all_users(
 ) -> Result<Json<Vec<Value>>, ApiError> {
     require_admin(&claims)?;
     let listing = state.store.user_listing(None).await?;
-    Ok(Json(user_docs(&listing)))
+    Ok(Json(user_docs(&listing, &claims.0.organization)))
 }
 
 /// `GET /api/users/{organization_id}` (Admin): the members of an organization.
@@ -475,8 +482,8 @@ async fn organization_users(
     Path(org_id): Path<String>,
 ) -> Result<Json<Vec<Value>>, ApiError> {
     require_admin(&claims)?;
-    let listing = state.store.user_listing(Some(org_id)).await?;
-    Ok(Json(user_docs(&listing)))
+    let listing = state.store.user_listing(Some(org_id.clone())).await?;
+    Ok(Json(user_docs(&listing, &org_id)))
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -563,7 +570,9 @@ async fn create_organization(
     let members = check_members(body.member.unwrap_or_default())?;
     let org = state.store.create_organization(name, members).await?;
     tracing::info!(by = %Escaped(&claims.0.sub), organization = %Escaped(&org.name), id = %org.id, "organization created");
-    Ok(Json(org_doc(&org)))
+    // The reference answers the new id JSON-encoded inside a JSON string (`"\"<id>\""`), and the dashboard
+    // decodes exactly that (it `JSON.parse`s a string answer and builds `_id: {$oid: id}` from it).
+    Ok(Json(Value::String(Value::String(org.id).to_string())))
 }
 
 /// `PUT /api/organization/{id}` (Admin): renames and/or replaces the members.

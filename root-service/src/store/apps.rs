@@ -809,7 +809,7 @@ pub const HISTORY_LEN: usize = 100;
 
 /// Appends this report's `cpu_percent` and `memory_percent` to the instance's bounded `cpu_history` and
 /// `memory_history` (`{value, timestamp}` with the value as text and an ISO 8601 UTC timestamp, as the reference
-/// keeps them), carried over from the `previous` report. A history a cluster sends along is ignored: root keeps its
+/// keeps them), carried over from the `previous` report (a new placement starts them afresh). A history a cluster sends along is ignored: root keeps its
 /// own, so a reference cluster cannot make it grow beyond the bound.
 fn record_history(details: &mut Map<String, Value>, previous: &Map<String, Value>, now: i64) {
     for (metric, history) in [
