@@ -1277,9 +1277,7 @@ impl<P: Plumbing> Daemon<P> {
                 fast: None,
                 instances: node.locals.len() as u64,
                 mqtt_connected: node.session.is_connected(),
-                mqtt_connects: mqtt.connects(),
-                mqtt_messages_in: mqtt.messages_in(),
-                mqtt_messages_out: mqtt.messages_out(),
+                mqtt,
             };
             (traffic, node.fast.clone())
         };

@@ -3,7 +3,7 @@
 //! process, read at each scrape from the counters the dataplane keeps anyway.
 
 use oakestra_runtime::metrics::{
-    DirectionLabel, Mirror, MirrorCounter, PathDirectionLabel, PathLabel, ProcessMetrics, ReasonLabel,
+    Mirror, MqttCounters, MqttMetrics, PathDirectionLabel, PathLabel, ProcessMetrics, ReasonLabel,
     prometheus_client::{
         metrics::{family::Family, gauge::Gauge},
         registry::Registry,
@@ -37,7 +37,7 @@ pub struct ProxyTotals {
 }
 
 /// One reading of everything exposed.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default)]
 pub struct Traffic {
     /// The TUN proxy.
     pub proxy: ProxyTotals,
@@ -47,12 +47,8 @@ pub struct Traffic {
     pub instances: u64,
     /// Whether the MQTT session is up.
     pub mqtt_connected: bool,
-    /// Successful MQTT connections.
-    pub mqtt_connects: u64,
-    /// PUBLISH packets received.
-    pub mqtt_messages_in: u64,
-    /// PUBLISH packets sent.
-    pub mqtt_messages_out: u64,
+    /// The session's connection and message counts.
+    pub mqtt: std::sync::Arc<MqttCounters>,
 }
 
 /// The registry and its metrics.
@@ -67,17 +63,8 @@ pub struct Metrics {
     flows_created: Mirror<PathLabel>,
     instances: Gauge,
     registered: Gauge,
-    mqtt_connected: Gauge,
-    mqtt: MirrorMqtt,
+    mqtt: MqttMetrics,
     process: std::sync::Arc<ProcessMetrics>,
-}
-
-/// The MQTT counters mirrored from the session's [`oakestra_runtime::metrics::MqttCounters`].
-#[derive(Debug, Default)]
-struct MirrorMqtt {
-    connections: MirrorCounter,
-    reconnects: MirrorCounter,
-    messages: Mirror<DirectionLabel>,
 }
 
 fn label(path: &str) -> PathLabel {
@@ -153,27 +140,7 @@ impl Metrics {
             "oakestra_netmanager_registered",
             "1 once the NodeEngine registered this NetManager and it joined the cluster",
         );
-        let mqtt_connected = gauge(
-            &mut registry,
-            "oakestra_netmanager_mqtt_connected",
-            "1 while the session with the cluster broker is up",
-        );
-        let mqtt = MirrorMqtt::default();
-        mqtt.connections.register(
-            &mut registry,
-            "oakestra_netmanager_mqtt_connections",
-            "Successful connections to the cluster broker",
-        );
-        mqtt.reconnects.register(
-            &mut registry,
-            "oakestra_netmanager_mqtt_reconnects",
-            "Connections to the cluster broker after the first",
-        );
-        mqtt.messages.register(
-            &mut registry,
-            "oakestra_netmanager_mqtt_messages",
-            "MQTT PUBLISH packets, by direction (in, out)",
-        );
+        let mqtt = MqttMetrics::register(&mut registry, "oakestra_netmanager");
         Self {
             registry,
             packets,
@@ -184,7 +151,6 @@ impl Metrics {
             flows_created,
             instances,
             registered,
-            mqtt_connected,
             mqtt,
             process,
         }
@@ -237,17 +203,7 @@ impl Metrics {
         self.flows.get_or_create(&label("fastpath")).set(gauge(f.flows));
         self.flows_created.observe(&label("proxy"), p.flows_created);
         self.instances.set(gauge(t.instances));
-        self.mqtt_connected.set(i64::from(t.mqtt_connected));
-        self.mqtt.connections.observe(t.mqtt_connects);
-        self.mqtt.reconnects.observe(t.mqtt_connects.saturating_sub(1));
-        for (direction, count) in [("in", t.mqtt_messages_in), ("out", t.mqtt_messages_out)] {
-            self.mqtt.messages.observe(
-                &DirectionLabel {
-                    direction: direction.into(),
-                },
-                count,
-            );
-        }
+        self.mqtt.observe(t.mqtt_connected, &t.mqtt);
         render(&self.registry)
     }
 }
@@ -307,9 +263,16 @@ mod tests {
             }),
             instances: 2,
             mqtt_connected: true,
-            mqtt_connects: 3,
-            mqtt_messages_in: 8,
-            mqtt_messages_out: 9,
+            mqtt: {
+                let mqtt = std::sync::Arc::new(MqttCounters::default());
+                for _ in 0..3 {
+                    mqtt.connected();
+                }
+                for _ in 0..8 {
+                    mqtt.message_in();
+                }
+                mqtt
+            },
         };
         let text = m.render(Some(&traffic));
         for (series, value) in [

@@ -164,8 +164,8 @@ impl Session {
     }
 
     /// Connections and messages so far.
-    pub fn counters(&self) -> &MqttCounters {
-        &self.counters
+    pub fn counters(&self) -> Arc<MqttCounters> {
+        Arc::clone(&self.counters)
     }
 
     /// Whether the broker connection is up.

@@ -138,6 +138,23 @@ fn running_report(worker: &str, cpu: f64, memory: f64) -> Value {
     serde_json::to_value(report).unwrap()
 }
 
+/// A fake cluster that joined and reported room, and one instance of `job` placed on it: the cluster and root's
+/// answer to the placement.
+async fn one_instance_on_a_cluster(root: &Server, token: &str, job: &str) -> (FakeCluster, Value) {
+    let cluster = FakeCluster::start(root, "edge").await;
+    cluster.report(root, 4, 8000, json!([])).await;
+    let (status, deployed) = root
+        .call(
+            Method::POST,
+            &format!("/api/service/{job}/instance"),
+            Some(token),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{deployed}");
+    (cluster, deployed)
+}
+
 async fn login(root: &Server, user: &str, password: &str) -> Value {
     let (status, body) = root
         .call(
@@ -274,17 +291,7 @@ async fn every_route_the_tools_read_is_reference_shaped() {
     assert_eq!(services[0]["_id"], json!({"$oid": job}));
 
     // A cluster runs one instance and reports it, as our cluster-service does.
-    let cluster = FakeCluster::start(&root, "edge").await;
-    cluster.report(&root, 4, 8000, json!([])).await;
-    let (status, deployed) = root
-        .call(
-            Method::POST,
-            &format!("/api/service/{job}/instance"),
-            Some(&token),
-            None,
-        )
-        .await;
-    assert_eq!(status, 200, "{deployed}");
+    let (cluster, deployed) = one_instance_on_a_cluster(&root, &token, &job).await;
     assert_shape("POST /api/service/<id>/instance", &deployed, "message", &[]);
     // The deploy document root sends the cluster keeps a plain string `_id` (a reference worker decodes a string).
     let deploy = cluster
@@ -371,17 +378,7 @@ async fn histories_keep_the_last_hundred_samples() {
     let (status, apps) = root.post("/api/application/", &token, &sla()).await;
     assert_eq!(status, 200, "{apps}");
     let job = apps[0]["microservices"][0].as_str().unwrap().to_owned();
-    let cluster = FakeCluster::start(&root, "edge").await;
-    cluster.report(&root, 4, 8000, json!([])).await;
-    let (status, _) = root
-        .call(
-            Method::POST,
-            &format!("/api/service/{job}/instance"),
-            Some(&token),
-            None,
-        )
-        .await;
-    assert_eq!(status, 200);
+    let (cluster, _) = one_instance_on_a_cluster(&root, &token, &job).await;
     for i in 0..105 {
         let mut instance = running_report("w", f64::from(i), 0.5);
         // A reference cluster sends its own (unbounded here) history: root keeps its own instead.

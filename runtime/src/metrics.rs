@@ -140,6 +140,60 @@ impl MirrorCounter {
     }
 }
 
+/// The metrics of a daemon's MQTT session with its cluster, mirrored from [`MqttCounters`] at each scrape:
+/// `<prefix>_mqtt_connected`, `<prefix>_mqtt_connections_total`, `<prefix>_mqtt_reconnects_total` and
+/// `<prefix>_mqtt_messages_total{direction}`.
+#[derive(Debug, Default)]
+pub struct MqttMetrics {
+    connected: Gauge,
+    connections: MirrorCounter,
+    reconnects: MirrorCounter,
+    messages: Mirror<DirectionLabel>,
+}
+
+impl MqttMetrics {
+    /// Registers the four metrics as `<prefix>_mqtt_…` (e.g. `oakestra_worker`).
+    pub fn register(registry: &mut Registry, prefix: &str) -> Self {
+        let me = Self::default();
+        registry.register(
+            format!("{prefix}_mqtt_connected"),
+            "1 while the MQTT session with the cluster broker is up",
+            me.connected.clone(),
+        );
+        me.connections.register(
+            registry,
+            &format!("{prefix}_mqtt_connections"),
+            "Successful connections to the cluster broker",
+        );
+        me.reconnects.register(
+            registry,
+            &format!("{prefix}_mqtt_reconnects"),
+            "Connections to the cluster broker after the first",
+        );
+        me.messages.register(
+            registry,
+            &format!("{prefix}_mqtt_messages"),
+            "MQTT PUBLISH packets, by direction (in, out)",
+        );
+        me
+    }
+
+    /// Takes a reading: whether the session is up now, and its counters.
+    pub fn observe(&self, connected: bool, counters: &MqttCounters) {
+        self.connected.set(i64::from(connected));
+        self.connections.observe(counters.connects());
+        self.reconnects.observe(counters.reconnects());
+        for (direction, count) in [("in", counters.messages_in()), ("out", counters.messages_out())] {
+            self.messages.observe(
+                &DirectionLabel {
+                    direction: direction.into(),
+                },
+                count,
+            );
+        }
+    }
+}
+
 /// An MQTT client's connection and message counts (cheap atomics the client's event loop bumps).
 #[derive(Debug, Default)]
 pub struct MqttCounters {

@@ -2,10 +2,13 @@
 //! suite run alone installs its own): under a policy-rc.d, so no package starts a daemon on the host, with one
 //! `apt-get update` when the package lists are missing, and the services Debian enables for the next boot disabled.
 
-use std::{path::Path, process::Command};
+use std::{path::Path, process::Command, sync::Mutex};
 
-/// Installs `packages` unless `present` says they are there; then disables (and stops) `services`.
+/// Installs `packages` unless `present` says they are there (one install at a time in this process; apt's own lock
+/// orders it against other processes); then disables (and stops) `services`. Panics when that fails.
 pub fn ensure(packages: &[&str], present: impl Fn() -> bool, services: &[&str]) {
+    static APT: Mutex<()> = Mutex::new(());
+    let _guard = APT.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     if present() {
         return;
     }
@@ -49,10 +52,9 @@ pub fn ensure(packages: &[&str], present: impl Fn() -> bool, services: &[&str]) 
     assert!(present(), "{packages:?} installed, but still not usable");
 }
 
-/// Whether `program` is on the PATH.
+/// Whether `program` is an executable file in a directory of the PATH.
 pub fn on_path(program: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {program}")])
-        .output()
-        .is_ok_and(|o| o.status.success())
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()))
+        .unwrap_or(false)
 }

@@ -17,8 +17,8 @@ use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::netns::{MARK_ENV, output_ok};
@@ -43,53 +43,15 @@ fn note(msg: &str) {
     eprintln!("docker harness: {msg}");
 }
 
-fn on_path(binary: &str) -> bool {
-    std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(binary).is_file()))
-        .unwrap_or(false)
-}
-
-/// Installs Debian `package` with apt-get unless `binary` is on the PATH (one install at a time in this process;
-/// apt's own lock orders it against other processes). Panics when that fails.
+/// Installs Debian `package` unless `binary` is on the PATH (see [`crate::apt::ensure`]: no daemon is started on the
+/// host, and Debian's service for it stays off).
 pub fn install_if_missing(binary: &str, package: &str) {
-    static APT: Mutex<()> = Mutex::new(());
-    let _guard = APT.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    if on_path(binary) {
-        return;
-    }
-    let install = || {
-        Command::new("apt-get")
-            .args([
-                "-o",
-                "DPkg::Lock::Timeout=900",
-                "install",
-                "-y",
-                "--no-install-recommends",
-                package,
-            ])
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .stdin(Stdio::null())
-            .output()
+    let services: &[&str] = if package == "docker.io" {
+        &["docker", "docker.socket"]
+    } else {
+        &[]
     };
-    let ok = |o: &std::io::Result<std::process::Output>| o.as_ref().is_ok_and(|o| o.status.success());
-    let mut out = install();
-    if !ok(&out) {
-        // A stale package list is the usual cause.
-        let _ = Command::new("apt-get")
-            .arg("update")
-            .stdin(Stdio::null())
-            .output();
-        out = install();
-    }
-    match out {
-        Ok(o) if o.status.success() && on_path(binary) => {}
-        Ok(o) => panic!(
-            "`{binary}` is missing and `apt-get install {package}` did not provide it ({}): {}",
-            o.status,
-            tail(&String::from_utf8_lossy(&o.stderr), 20)
-        ),
-        Err(e) => panic!("`{binary}` is missing and apt-get cannot run: {e}"),
-    }
+    crate::apt::ensure(&[package], || crate::apt::on_path(binary), services);
 }
 
 /// The last `lines` lines of `text`.

@@ -5,8 +5,7 @@
 use std::sync::Arc;
 
 use oakestra_runtime::metrics::{
-    DirectionLabel, Mirror, MirrorCounter, MqttCounters, OutcomeLabel, PhaseLabel, ProcessMetrics,
-    StatusLabel,
+    MqttCounters, MqttMetrics, OutcomeLabel, PhaseLabel, ProcessMetrics, StatusLabel,
     prometheus_client::{
         metrics::{
             counter::Counter,
@@ -28,10 +27,7 @@ pub struct Telemetry {
     deploy_seconds: Histogram,
     status_reports: Family<StatusLabel, Counter>,
     mqtt: Arc<MqttCounters>,
-    mqtt_connected: Gauge,
-    mqtt_connections: MirrorCounter,
-    mqtt_reconnects: MirrorCounter,
-    mqtt_messages: Mirror<DirectionLabel>,
+    mqtt_metrics: MqttMetrics,
     node_cpu: Gauge<f64, std::sync::atomic::AtomicU64>,
     node_memory: Gauge<f64, std::sync::atomic::AtomicU64>,
     process: Arc<ProcessMetrics>,
@@ -73,30 +69,7 @@ impl Telemetry {
             "Instance status reports sent to the cluster, by status",
             status_reports.clone(),
         );
-        let mqtt_connected = Gauge::default();
-        registry.register(
-            "oakestra_worker_mqtt_connected",
-            "1 while the MQTT session with the cluster broker is up",
-            mqtt_connected.clone(),
-        );
-        let mqtt_connections = MirrorCounter::default();
-        mqtt_connections.register(
-            &mut registry,
-            "oakestra_worker_mqtt_connections",
-            "Successful connections to the cluster broker",
-        );
-        let mqtt_reconnects = MirrorCounter::default();
-        mqtt_reconnects.register(
-            &mut registry,
-            "oakestra_worker_mqtt_reconnects",
-            "Connections to the cluster broker after the first",
-        );
-        let mqtt_messages = Mirror::default();
-        mqtt_messages.register(
-            &mut registry,
-            "oakestra_worker_mqtt_messages",
-            "MQTT PUBLISH packets, by direction (in: commands; out: status and resource reports)",
-        );
+        let mqtt_metrics = MqttMetrics::register(&mut registry, "oakestra_worker");
         let node_cpu = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
         registry.register(
             "oakestra_worker_node_cpu_percent",
@@ -116,10 +89,7 @@ impl Telemetry {
             deploy_seconds,
             status_reports,
             mqtt: Arc::default(),
-            mqtt_connected,
-            mqtt_connections,
-            mqtt_reconnects,
-            mqtt_messages,
+            mqtt_metrics,
             node_cpu,
             node_memory,
             process,
@@ -180,17 +150,7 @@ impl Telemetry {
                 })
                 .inc_by(0);
         }
-        self.mqtt_connected.set(i64::from(mqtt_connected));
-        self.mqtt_connections.observe(self.mqtt.connects());
-        self.mqtt_reconnects.observe(self.mqtt.reconnects());
-        for (direction, count) in [("in", self.mqtt.messages_in()), ("out", self.mqtt.messages_out())] {
-            self.mqtt_messages.observe(
-                &DirectionLabel {
-                    direction: direction.into(),
-                },
-                count,
-            );
-        }
+        self.mqtt_metrics.observe(mqtt_connected, &self.mqtt);
         render(&self.registry)
     }
 }
