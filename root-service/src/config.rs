@@ -193,7 +193,7 @@ pub struct Config {
     /// The addons engine.
     pub addons: AddonsSettings,
     /// Browser origins allowed to call the API.
-    pub cors: crate::api::cors::Origins,
+    pub cors: crate::origins::Origins,
     /// The metrics token, if given (else read or generated in the data directory).
     pub metrics_token: Option<String>,
 }
@@ -249,7 +249,7 @@ impl Config {
             hashing: PoolSize::default(),
             login: LoginLimits::default(),
             addons: AddonsSettings::default(),
-            cors: crate::api::cors::Origins::Any,
+            cors: crate::origins::Origins::Any,
             metrics_token: None,
         }
     }
@@ -371,11 +371,10 @@ impl Config {
                 return Err(invalid(flag, value.to_string(), "must be between 1 and 1000000"));
             }
         }
-        let cors =
-            crate::api::cors::Origins::parse(&cli.cors_origins).map_err(|rule| Error::InvalidCors {
-                value: cli.cors_origins.clone(),
-                rule,
-            })?;
+        let cors = crate::origins::Origins::parse(&cli.cors_origins).map_err(|rule| Error::InvalidCors {
+            value: cli.cors_origins.clone(),
+            rule,
+        })?;
         let addons = cli
             .addons
             .validate()

@@ -2,6 +2,7 @@
 //!
 //! # Layout
 //! - [`config`]: the command-line flags (with environment fallbacks) and the validated [`Config`].
+//! - [`origins`]: which browser origins may call the API (`--cors-origins`), as pure policy.
 //! - [`store`]: the embedded SQLite database (`<data-dir>/root.db`, WAL), migrations, users/organizations and the
 //!   default data (`Admin` in `root`), applications/services/instances, clusters, addresses.
 //! - [`auth`]: the persisted HS256 key (`<data-dir>/jwt.key`), token issuing and verification, revocation checks
@@ -23,6 +24,7 @@ pub mod config;
 pub mod engine;
 pub mod hashing;
 pub mod metrics;
+pub mod origins;
 pub mod plan;
 pub mod store;
 pub mod throttle;
