@@ -60,10 +60,7 @@ fn body<T: DeserializeOwned>(bytes: &Bytes) -> Result<T, ApiError> {
 
 /// The token of an `Authorization: Bearer <token>` header, if the request has one.
 pub(crate) fn bearer_of(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(bearer::token)
+    oakestra_runtime::server::bearer(headers)
 }
 
 /// Checks `Authorization: Bearer <cluster secret>` (the secret root gave this cluster).
@@ -87,9 +84,8 @@ fn root_only(engine: &Engine, headers: &HeaderMap) -> Result<(), ApiError> {
 
 /// `GET /metrics`: the Prometheus exposition, for the metrics token only.
 async fn metrics(State(engine): State<Arc<Engine>>, headers: HeaderMap) -> Result<Response, ApiError> {
-    let presented = bearer_of(&headers);
     let token = engine.metrics_token.get().map(String::as_str).unwrap_or_default();
-    if token.is_empty() || !presented.is_some_and(|t| bearer::same_secret(t, token)) {
+    if !oakestra_runtime::metrics::endpoint::allowed(&headers, token) {
         return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             "GET /metrics needs Authorization: Bearer <the token in <data-dir>/metrics.token>",
@@ -98,25 +94,23 @@ async fn metrics(State(engine): State<Arc<Engine>>, headers: HeaderMap) -> Resul
     let m = &engine.metrics;
     {
         let state = engine.state();
-        let mut by_status: std::collections::BTreeMap<String, i64> = std::collections::BTreeMap::new();
+        let mut by_status: std::collections::BTreeMap<String, usize> = std::collections::BTreeMap::new();
         for job in state.jobs() {
             for i in job.instances.values() {
                 *by_status.entry(i.status.as_str().to_owned()).or_default() += 1;
             }
         }
-        m.instances.clear();
-        for (status, n) in by_status {
-            m.instances
-                .get_or_create(&crate::metrics::StatusLabel { status })
-                .set(n);
-        }
+        let by_status = by_status
+            .into_iter()
+            .map(|(status, n)| (crate::metrics::StatusLabel { status }, n));
+        oakestra_runtime::metrics::set_counts(&m.instances, by_status);
         let alive = state.nodes().filter(|n| n.alive).count();
         let all = state.nodes().count();
-        for (s, n) in [("alive", alive), ("dead", all - alive)] {
-            m.workers
-                .get_or_create(&crate::metrics::StateLabel { state: s.into() })
-                .set(i64::try_from(n).unwrap_or(i64::MAX));
-        }
+        let label = |s: &str| crate::metrics::StateLabel { state: s.into() };
+        oakestra_runtime::metrics::set_counts(
+            &m.workers,
+            [(label("alive"), alive), (label("dead"), all - alive)],
+        );
     }
     let connections = engine.broker.embedded().map_or(0, |b| b.connections());
     m.broker_connections

@@ -101,12 +101,7 @@ impl Default for ClusterMetrics {
 impl ClusterMetrics {
     /// Counts a placement decision.
     pub fn decided(&self, placed: bool) {
-        let outcome = if placed { "placed" } else { "refused" };
-        self.decisions
-            .get_or_create(&OutcomeLabel {
-                outcome: outcome.into(),
-            })
-            .inc();
+        self.decisions.get_or_create(&OutcomeLabel::of(placed)).inc();
     }
 
     /// Counts an MQTT message.

@@ -11,6 +11,7 @@ use oakestra_runtime::metrics::{
         metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
         registry::Registry,
     },
+    set_counts,
 };
 
 /// Every metric root exposes.
@@ -85,34 +86,28 @@ impl Default for RootMetrics {
 impl RootMetrics {
     /// Counts one scheduling decision.
     pub fn decided(&self, placed: bool, seconds: f64) {
-        let outcome = if placed { "placed" } else { "refused" };
-        self.decisions
-            .get_or_create(&OutcomeLabel {
-                outcome: outcome.into(),
-            })
-            .inc();
+        self.decisions.get_or_create(&OutcomeLabel::of(placed)).inc();
         self.decision_seconds.observe(seconds);
     }
 
     /// Sets the instance gauges from `(status, count)` rows, dropping statuses no instance has any more.
     pub fn set_instances(&self, rows: &[(String, i64)]) {
-        self.instances.clear();
-        for (status, n) in rows {
-            self.instances
-                .get_or_create(&StatusLabel {
-                    status: status.clone(),
-                })
-                .set(*n);
-        }
+        let rows = rows.iter().map(|(status, n)| {
+            let labels = StatusLabel {
+                status: status.clone(),
+            };
+            (labels, usize::try_from(*n).unwrap_or(0))
+        });
+        set_counts(&self.instances, rows);
     }
 
     /// Sets the cluster gauges.
-    pub fn set_clusters(&self, active: i64, inactive: i64) {
-        for (state, n) in [("active", active), ("inactive", inactive)] {
-            self.clusters
-                .get_or_create(&StateLabel { state: state.into() })
-                .set(n);
-        }
+    pub fn set_clusters(&self, active: usize, inactive: usize) {
+        let state = |s: &str| StateLabel { state: s.into() };
+        set_counts(
+            &self.clusters,
+            [(state("active"), active), (state("inactive"), inactive)],
+        );
     }
 
     /// The exposition text, with the process metrics read now.

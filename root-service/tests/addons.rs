@@ -8,20 +8,7 @@ mod support;
 
 use hyper::Method;
 use serde_json::{Value, json};
-use support::{Server, TempDir};
-
-async fn login(server: &Server, user: &str, password: &str) -> String {
-    let (status, body) = server
-        .call(
-            Method::POST,
-            "/api/auth/login",
-            None,
-            Some(&json!({"username": user, "password": password})),
-        )
-        .await;
-    assert_eq!(status, 200, "{body}");
-    body["token"].as_str().unwrap().to_owned()
-}
+use support::{Server, TempDir, login};
 
 fn hello() -> Value {
     json!({"name": "hello", "services": [{"service_name": "hello", "image": "127.0.0.1:5000/oakestra/addon-hello:latest"}]})

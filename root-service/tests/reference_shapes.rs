@@ -11,7 +11,7 @@ mod support;
 use axum::http::Method;
 use oakestra_protocol::api::root::InstanceReport;
 use serde_json::{Map, Value, json};
-use support::{FakeCluster, Server, TempDir, config, eventually};
+use support::{FakeCluster, Server, TempDir, config, eventually, login, login_answer};
 
 /// The reference-shaped fixture `name`.
 fn fixture(name: &str) -> Value {
@@ -155,26 +155,13 @@ async fn one_instance_on_a_cluster(root: &Server, token: &str, job: &str) -> (Fa
     (cluster, deployed)
 }
 
-async fn login(root: &Server, user: &str, password: &str) -> Value {
-    let (status, body) = root
-        .call(
-            Method::POST,
-            "/api/auth/login",
-            None,
-            Some(&json!({"username": user, "password": password})),
-        )
-        .await;
-    assert_eq!(status, 200, "login: {body}");
-    body
-}
-
 #[tokio::test]
 async fn every_route_the_tools_read_is_reference_shaped() {
     let dir = TempDir::new();
     let root = Server::start(config(&dir.0, false)).await;
 
     // Login: token + refresh_token; the JWT carries sub, roles and organization.
-    let tokens = login(&root, "Admin", "Admin").await;
+    let tokens = login_answer(&root, "Admin", "Admin").await;
     assert_shape("POST /api/auth/login", &tokens, "login", &["message"]);
     let token = tokens["token"].as_str().unwrap().to_owned();
     let claims = token.split('.').nth(1).unwrap();
@@ -371,10 +358,7 @@ async fn every_route_the_tools_read_is_reference_shaped() {
 async fn histories_keep_the_last_hundred_samples() {
     let dir = TempDir::new();
     let root = Server::start(config(&dir.0, false)).await;
-    let token = login(&root, "Admin", "Admin").await["token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let token = login(&root, "Admin", "Admin").await;
     let (status, apps) = root.post("/api/application/", &token, &sla()).await;
     assert_eq!(status, 200, "{apps}");
     let job = apps[0]["microservices"][0].as_str().unwrap().to_owned();

@@ -40,6 +40,29 @@ pub struct OutcomeLabel {
     pub outcome: String,
 }
 
+impl OutcomeLabel {
+    /// `placed` or `refused`.
+    pub fn of(placed: bool) -> Self {
+        Self {
+            outcome: if placed { "placed" } else { "refused" }.into(),
+        }
+    }
+}
+
+/// Sets `family` to exactly the counts in `rows`, dropping series `rows` no longer has: the numbers a daemon counts
+/// at each scrape (instances by status, workers by liveness).
+pub fn set_counts<L>(family: &Family<L, Gauge>, rows: impl IntoIterator<Item = (L, usize)>)
+where
+    L: EncodeLabelSet + Clone + Hash + Eq + std::fmt::Debug + Send + Sync + 'static,
+{
+    family.clear();
+    for (labels, n) in rows {
+        family
+            .get_or_create(&labels)
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+}
+
 /// A label set with one `slot` label (a plugin slot's name).
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SlotLabel {
@@ -361,6 +384,14 @@ pub mod endpoint {
     /// Shortest token accepted.
     pub const MIN_TOKEN_LEN: usize = 16;
 
+    /// Whether a request to `GET /metrics` presents `token` (an empty `token` admits nobody): the one check of every
+    /// daemon's metrics, the worker listener's and root's and the cluster's routes alike.
+    pub fn allowed(headers: &HeaderMap, token: &str) -> bool {
+        !token.is_empty()
+            && crate::server::bearer(headers)
+                .is_some_and(|t| oakestra_protocol::bearer::same_secret(t, token))
+    }
+
     /// Why a token file cannot be used.
     #[derive(Debug, thiserror::Error)]
     pub enum TokenError {
@@ -410,11 +441,7 @@ pub mod endpoint {
         let handler = move |headers: HeaderMap| {
             let (token, render) = (Arc::clone(&token), render.clone());
             async move {
-                let presented = headers
-                    .get(header::AUTHORIZATION)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.strip_prefix("Bearer "));
-                if !presented.is_some_and(|t| oakestra_protocol::bearer::same_secret(t, &token)) {
+                if !allowed(&headers, &token) {
                     return (
                         StatusCode::UNAUTHORIZED,
                         "GET /metrics needs Authorization: Bearer <the metrics token>\n",
@@ -463,7 +490,6 @@ pub mod endpoint {
             for auth in [
                 None,
                 Some("Bearer wrong-token-0123456789"),
-                Some("bearer 0123456789abcdef0123"),
                 Some("Basic 0123456789abcdef0123"),
                 Some("Bearer 0123456789abcdef012"),
             ] {
@@ -471,8 +497,11 @@ pub mod endpoint {
                 assert_eq!(status, 401, "{auth:?}: {body}");
                 assert!(!body.contains("m_total"), "{auth:?}: {body}");
             }
-            let (status, body) = get(addr, "/metrics", Some("Bearer 0123456789abcdef0123")).await;
-            assert_eq!((status, body.as_str()), (200, "m_total 1\n# EOF\n"));
+            // The scheme is case-insensitive (RFC 7235), as on root's and the cluster's /metrics.
+            for auth in ["Bearer 0123456789abcdef0123", "bearer 0123456789abcdef0123"] {
+                let (status, body) = get(addr, "/metrics", Some(auth)).await;
+                assert_eq!((status, body.as_str()), (200, "m_total 1\n# EOF\n"), "{auth}");
+            }
             let (status, _) = get(addr, "/other", Some("Bearer 0123456789abcdef0123")).await;
             assert_eq!(status, 404);
         }

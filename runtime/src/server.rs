@@ -457,6 +457,12 @@ fn is_json(headers: &HeaderMap) -> bool {
         .is_some_and(|mime| mime == "application/json" || mime.ends_with("+json"))
 }
 
+/// The token of a request's `Authorization: Bearer <token>` header, if it has one.
+pub fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
+    let value = headers.get(axum::http::header::AUTHORIZATION)?.to_str().ok()?;
+    oakestra_protocol::bearer::token(value)
+}
+
 #[cfg(test)]
 mod tests {
     use axum::{http::StatusCode, response::IntoResponse, routing::get};

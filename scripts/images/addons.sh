@@ -42,23 +42,14 @@ HELLO_LINE='hello from an oakestra-rs extension'
 
 usage() { sed -n '/^# Usage:/,/^#   --load/p' "$0" | sed 's/^# \{0,1\}//'; }
 
-if [ -n "${XDG_CACHE_HOME:-}" ]; then
-  out=$XDG_CACHE_HOME/oakestra-rs/images
-elif [ "$(id -u)" -eq 0 ]; then
-  out=/var/cache/oakestra-rs/images
-else
-  out=${HOME:?HOME is unset}/.cache/oakestra-rs/images
-fi
+out=$(oci_default_out)
 scheduler=
 socket=
-value() { # OPTION WHAT ARGS...: fails unless the option has a non-empty value
-  if [ $# -lt 4 ] || [ -z "$4" ]; then die "$1 needs $2"; fi
-}
 while [ $# -gt 0 ]; do
   case "$1" in
-    --out) value "$1" "a directory" "$@"; out=$2; shift 2 ;;
-    --scheduler) value "$1" "a binary" "$@"; scheduler=$2; shift 2 ;;
-    --load) value "$1" "a docker socket path" "$@"; socket=$2; shift 2 ;;
+    --out) oci_need_value "$1" "a directory" "$@"; out=$2; shift 2 ;;
+    --scheduler) oci_need_value "$1" "a binary" "$@"; scheduler=$2; shift 2 ;;
+    --load) oci_need_value "$1" "a docker socket path" "$@"; socket=$2; shift 2 ;;
     -h | --help) usage; exit 0 ;;
     *) usage >&2; die "unknown argument: $1" ;;
   esac

@@ -46,24 +46,15 @@ WELCOME='Welcome to nginx! (oakestra-rs local image)'
 
 usage() { sed -n '/^# Usage:/,/^#   --address/p' "$0" | sed 's/^# \{0,1\}//'; }
 
-if [ -n "${XDG_CACHE_HOME:-}" ]; then
-  out=$XDG_CACHE_HOME/oakestra-rs/images
-elif [ "$(id -u)" -eq 0 ]; then
-  out=/var/cache/oakestra-rs/images
-else
-  out=${HOME:?HOME is unset}/.cache/oakestra-rs/images
-fi
+out=$(oci_default_out)
 namespace=
 address=/run/containerd/containerd.sock
 address_set=
-value() { # OPTION WHAT ARGS...: fails unless the option has a non-empty value
-  if [ $# -lt 4 ] || [ -z "$4" ]; then die "$1 needs $2"; fi
-}
 while [ $# -gt 0 ]; do
   case "$1" in
-    --out) value "$1" "a directory" "$@"; out=$2; shift 2 ;;
-    --import) value "$1" "a containerd namespace" "$@"; namespace=$2; shift 2 ;;
-    --address) value "$1" "a socket path" "$@"; address=$2; address_set=1; shift 2 ;;
+    --out) oci_need_value "$1" "a directory" "$@"; out=$2; shift 2 ;;
+    --import) oci_need_value "$1" "a containerd namespace" "$@"; namespace=$2; shift 2 ;;
+    --address) oci_need_value "$1" "a socket path" "$@"; address=$2; address_set=1; shift 2 ;;
     -h | --help) usage; exit 0 ;;
     *) usage >&2; die "unknown argument: $1" ;;
   esac

@@ -1,6 +1,8 @@
 # shellcheck shell=bash
 # Helpers for writing OCI images by hand (no registry, no docker/buildah), sourced by scripts/images/build.sh.
 # The same approach as scripts/testbed/mk-oci-image.sh, split into reusable steps:
+#   oci_default_out                   the default output directory of the image scripts
+#   oci_need_value OPT WHAT ARGS...   dies unless OPT (in an argument loop) has a non-empty value
 #   oci_platform                      sets OCI_ARCH / OCI_VARIANT for this machine (amd64, arm64, arm/v7)
 #   oci_rootfs ROOT                   a skeleton root: the host's usr-merge links (bin -> usr/bin, ...), /dev /etc
 #                                     /proc /root /run /sys /tmp (1777)
@@ -24,6 +26,23 @@
 # Deterministic for given inputs: sorted tar, owner 0, mtime $SOURCE_DATE_EPOCH (default 0), gzip -n.
 # Errors call oci_die, which prints "$OCI_PROG: message" and exits 1.
 # Needs: GNU tar, gzip, sha256sum, ldd, realpath (coreutils).
+
+# Where the image scripts write by default: $XDG_CACHE_HOME/oakestra-rs/images, else /var/cache/oakestra-rs/images
+# for root and ~/.cache/oakestra-rs/images for others.
+oci_default_out() {
+  if [ -n "${XDG_CACHE_HOME:-}" ]; then
+    printf '%s\n' "$XDG_CACHE_HOME/oakestra-rs/images"
+  elif [ "$(id -u)" -eq 0 ]; then
+    printf '%s\n' /var/cache/oakestra-rs/images
+  else
+    printf '%s\n' "${HOME:?HOME is unset}/.cache/oakestra-rs/images"
+  fi
+}
+
+# OPTION WHAT ARGS...: dies unless the option (the first of ARGS) has a non-empty value after it.
+oci_need_value() {
+  if [ $# -lt 4 ] || [ -z "$4" ]; then oci_die "$1 needs $2"; fi
+}
 
 oci_die() {
   printf '%s: %s\n' "${OCI_PROG:-lib-oci}" "$*" >&2

@@ -28,6 +28,33 @@ pub async fn call(method: &str, url: &str, bearer: Option<&str>, body: Option<&V
     .expect("the HTTP call")
 }
 
+/// Logs `user` in at the root API `root_url`, retrying while root starts (20 s at most, failing early if `root`
+/// exits); returns the access token.
+pub async fn login(root_url: &str, user: &str, password: &str, root: &Proc) -> String {
+    let url = format!("{root_url}/api/auth/login");
+    let body = eventually(20, "root to accept a login", &[root], || {
+        let url = url.clone();
+        async move {
+            let body = json!({"username": user, "password": password});
+            let r = client::call(
+                "POST".parse().expect("a method"),
+                &url,
+                None,
+                Some(&body),
+                Duration::from_secs(2),
+            )
+            .await
+            .ok()?;
+            (r.status == 200).then_some(r.body)
+        }
+    })
+    .await;
+    body["token"]
+        .as_str()
+        .expect("a token in the login answer")
+        .to_owned()
+}
+
 /// `GET url` with `bearer`, 2 s at most; `None` on a transport error (e.g. the server is restarting).
 pub async fn try_get(url: &str, bearer: &str) -> Option<client::Response> {
     client::call::<Value>(
@@ -161,24 +188,7 @@ impl Stack {
         );
         cluster_args.extend(extra.iter().map(|a| (*a).to_owned()));
         let cluster = Proc::start("cluster-service", &cluster_args, dir.join("cluster.log"));
-        let login = eventually(20, "root to accept a login", &[&root], || {
-            let url = format!("{root_url}/api/auth/login");
-            async move {
-                let body = json!({"username": "Admin", "password": "Admin"});
-                let r = client::call(
-                    "POST".parse().expect("stack"),
-                    &url,
-                    None,
-                    Some(&body),
-                    Duration::from_secs(2),
-                )
-                .await
-                .ok()?;
-                (r.status == 200).then_some(r.body)
-            }
-        })
-        .await;
-        let token = login["token"].as_str().expect("stack").to_owned();
+        let token = login(&root_url, "Admin", "Admin", &root).await;
         Self {
             dir: dir.to_owned(),
             root_url,

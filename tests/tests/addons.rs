@@ -22,6 +22,7 @@ use oakestra_tests::{
     docker::{Dockerd, HELLO_IMAGE, HELLO_TEXT, Registry, SCHEDULER_IMAGE, addon_images, hello_page},
     harness::{Proc, eventually, free_port},
     netns::{Netns, output_ok, require_root},
+    stack::login,
 };
 use serde_json::{Value, json};
 use tokio::{
@@ -128,28 +129,6 @@ impl Root {
 fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
-}
-
-async fn login(url: &str, user: &str, password: &str, proc: &Proc) -> String {
-    let url = format!("{url}/api/auth/login");
-    let body = eventually(20, "root to accept a login", &[proc], || {
-        let url = url.clone();
-        async move {
-            let body = json!({"username": user, "password": password});
-            let r = client::call(
-                "POST".parse().unwrap(),
-                &url,
-                None,
-                Some(&body),
-                Duration::from_secs(2),
-            )
-            .await
-            .ok()?;
-            (r.status == 200).then_some(r.body)
-        }
-    })
-    .await;
-    body["token"].as_str().unwrap().to_owned()
 }
 
 /// A stand-in cluster: registered and reporting like a cluster-service, answering root's calls with 200.

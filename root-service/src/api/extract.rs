@@ -20,8 +20,7 @@ use crate::{
 
 /// The token of an `Authorization: Bearer <token>` header among `headers`, if any.
 pub fn bearer_in(headers: &HeaderMap) -> Option<&str> {
-    let value = headers.get(axum::http::header::AUTHORIZATION)?.to_str().ok()?;
-    oakestra_protocol::bearer::token(value)
+    oakestra_runtime::server::bearer(headers)
 }
 
 impl From<TokenError> for ApiError {

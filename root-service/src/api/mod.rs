@@ -303,8 +303,7 @@ async fn metrics(
     axum::extract::State(state): axum::extract::State<AppState>,
     headers: axum::http::HeaderMap,
 ) -> Result<Response, ApiError> {
-    let presented = extract::bearer_in(&headers);
-    if !presented.is_some_and(|t| oakestra_protocol::bearer::same_secret(t, &state.metrics_token)) {
+    if !oakestra_runtime::metrics::endpoint::allowed(&headers, &state.metrics_token) {
         return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             "GET /metrics needs Authorization: Bearer <the token in <data-dir>/metrics.token>",
@@ -316,10 +315,7 @@ async fn metrics(
     let active = clusters.iter().filter(|c| c.is_active(now, window)).count();
     let m = state.engine.metrics();
     m.set_instances(&by_status);
-    m.set_clusters(
-        i64::try_from(active).unwrap_or(i64::MAX),
-        i64::try_from(clusters.len() - active).unwrap_or(i64::MAX),
-    );
+    m.set_clusters(active, clusters.len() - active);
     // Root's own slot is always exposed (0 without a plugin), so dashboards and alerts find the series.
     let root_slot = crate::metrics::SlotLabel {
         slot: oakestra_protocol::addons::Slot::RootScheduler.name().into(),

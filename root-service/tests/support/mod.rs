@@ -234,6 +234,28 @@ impl Server {
     }
 }
 
+/// Logs `user` in (200 expected) and returns root's whole answer (`token`, `refresh_token`).
+pub async fn login_answer(server: &Server, user: &str, password: &str) -> Value {
+    let (status, body) = server
+        .call(
+            Method::POST,
+            "/api/auth/login",
+            None,
+            Some(&json!({"username": user, "password": password})),
+        )
+        .await;
+    assert_eq!(status, 200, "login {user}: {body}");
+    body
+}
+
+/// Logs `user` in and returns the access token.
+pub async fn login(server: &Server, user: &str, password: &str) -> String {
+    login_answer(server, user, password).await["token"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
 /// The seed's clientsrvr SLA.
 pub fn clientsrvr() -> Value {
     let path = concat!(
