@@ -720,8 +720,17 @@ mod tests {
             tokio::spawn(async move { pool.verify(Some(peer), "wrong".into(), hash).await })
         };
         let first = [verify(flooder), verify(flooder)];
-        // Give both time to take their slots.
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        // Wait until both hold their slots (a fixed sleep lost this race on a loaded machine). One verification
+        // takes ~30 ms on the pool's one thread, so the second still holds its slot when the third comes.
+        let key = address_key(flooder);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while pool.per_address.lock().unwrap().get(&key).copied().unwrap_or(0) < 2 {
+            assert!(
+                Instant::now() < deadline,
+                "the flooder's two jobs never took their slots"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
         match verify(flooder).await.unwrap() {
             Err(HashError::AddressBusy { address, max: 2 }) => assert_eq!(address, flooder),
             other => panic!("a third job from the flooder: {other:?}"),
